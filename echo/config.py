@@ -1,0 +1,74 @@
+"""Checks a composed config before anything is built, with one clear line per mistake."""
+
+from __future__ import annotations
+
+from echo.data import windows_per_sequence
+from echo.models import MODELS
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says what is wrong and how to fix it."""
+
+
+def _positive_int(cfg, path: str) -> int:
+    value = cfg
+    for key in path.split("."):
+        value = value[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{path}={value!r} must be a whole number >= 1: set {path}=<n>")
+    return value
+
+
+def _fraction(cfg, key: str, optional: bool = False) -> None:
+    value = cfg[key]
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        hint = " or null" if optional else ""
+        raise ConfigError(f"{key}={value!r} must be a fraction in (0, 1]{hint}: e.g. {key}=0.99")
+
+
+def validate(cfg) -> None:
+    """Raise ConfigError for the first setting that cannot work."""
+    for path in (
+        "task.length",
+        "task.n_unique",
+        "task.n_in",
+        "task.n_out",
+        "task.sequences_per_epoch",
+        "task.eval_windows",
+        "model.hidden_size",
+        "model.batch_size",
+        "trainer.max_epochs",
+        "threads",
+    ):
+        _positive_int(cfg, path)
+    task, model = cfg.task, cfg.model
+    if task.n_out > task.n_in:
+        raise ConfigError(
+            f"task.n_out={task.n_out} is larger than task.n_in={task.n_in}: the echo is the oldest n_out "
+            f"items of the input window, so set task.n_out <= task.n_in"
+        )
+    if task.n_in > task.length:
+        raise ConfigError(
+            f"task.n_in={task.n_in} is longer than the sequence (task.length={task.length}): "
+            f"set task.length >= task.n_in"
+        )
+    if task.framing not in ("drop", "mask"):
+        raise ConfigError(f"task.framing={task.framing!r} is unknown: use task.framing=drop or task.framing=mask")
+    if model.name not in MODELS:
+        raise ConfigError(f"model.name={model.name!r} is unknown: choose model={' or model='.join(MODELS)}")
+    if not (isinstance(model.lr, (int, float)) and model.lr > 0):
+        raise ConfigError(f"model.lr={model.lr!r} must be a positive number: e.g. model.lr=1e-3")
+    rows = windows_per_sequence(task)
+    if model.stateful and rows % model.batch_size:
+        divisors = [d for d in range(1, rows + 1) if rows % d == 0]
+        raise ConfigError(
+            f"model.batch_size={model.batch_size} does not divide the {rows} windows of a sequence, which a "
+            f"stateful model needs: use one of {divisors}, or model.stateful=false"
+        )
+    _fraction(cfg, "target")
+    _fraction(cfg, "stop_at", optional=True)
+    check_val = cfg.trainer.get("check_val_every_n_epoch", 1)
+    if not isinstance(check_val, int) or check_val < 1:
+        raise ConfigError(f"trainer.check_val_every_n_epoch={check_val!r} must be a whole number >= 1")

@@ -1,0 +1,142 @@
+"""The echo problem's data: random sequences, one-hot codes, supervised windows, batches.
+
+Everything is vectorised in torch and can be generated directly on the training device.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+PAD = -1  # token id of a missing observation (masked framing); never a target
+
+
+def generate_sequences(n_seq: int, length: int, n_unique: int, generator: torch.Generator | None = None) -> Tensor:
+    """`n_seq` sequences of `length` integers drawn uniformly from [0, n_unique-1]."""
+    device = generator.device if generator is not None else None
+    return torch.randint(0, n_unique, (n_seq, length), generator=generator, device=device)
+
+
+def one_hot_encode(tokens: Tensor, n_unique: int) -> Tensor:
+    """One-hot float codes, `n_unique` wide; a PAD token becomes the all-zero vector."""
+    return torch.nn.functional.one_hot(tokens.clamp(min=0), n_unique).float() * (tokens >= 0).unsqueeze(-1)
+
+
+def one_hot_decode(codes: Tensor) -> Tensor:
+    """Integers back from one-hot codes (or scores): the argmax of the last axis."""
+    return codes.argmax(-1)
+
+
+def to_windows(seqs: Tensor, n_in: int, n_out: int, framing: str = "drop") -> tuple[Tensor, Tensor]:
+    """Frame sequences as the tutorial's `to_supervised` does.
+
+    Row t is `X = seq[t-n_in+1 .. t]` (oldest first) and `y = X[:n_out]`, the oldest `n_out`
+    items of the window. `framing="drop"` drops the rows with missing history
+    (`length - n_in + 1` rows); `framing="mask"` keeps them, left-padded with PAD (`length` rows).
+    `seqs` is (n_seq, length); returns X (n_seq, rows, n_in) and y (n_seq, rows, n_out).
+    """
+    if framing == "mask":
+        seqs = torch.nn.functional.pad(seqs, (n_in - 1, 0), value=PAD)
+    x = seqs.unfold(1, n_in, 1)
+    return x, x[..., :n_out]
+
+
+def to_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tuple[Tensor, Tensor]]:
+    """Split windows of shape (n_seq, rows, ...) into the optimizer steps of one epoch.
+
+    Each step holds `batch_size` windows of every sequence. Stateful: in sequence order, so
+    row i of batch b+1 is the window that follows row i of batch b (Keras `stateful=True`
+    with `shuffle=False`); `batch_size` must divide `rows`. Stateless: consecutive chunks of
+    all windows, the last one possibly smaller.
+    """
+    n_seq, rows = x.shape[:2]
+    if not stateful:
+        flat_x, flat_y = x.reshape(n_seq * rows, -1), y.reshape(n_seq * rows, -1)
+        return list(zip(flat_x.split(n_seq * batch_size), flat_y.split(n_seq * batch_size)))
+
+    def interleave(t: Tensor) -> Tensor:
+        steps = rows // batch_size
+        return t.reshape(n_seq, steps, batch_size, -1).transpose(0, 1).reshape(steps, n_seq * batch_size, -1)
+
+    return list(zip(interleave(x).unbind(), interleave(y).unbind()))
+
+
+class Batches:
+    """Prepared batches as one data loader (Lightning reads a plain list as several)."""
+
+    def __init__(self, batches: list[tuple[Tensor, Tensor]]):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class FreshSequences:
+    """An epoch's worth of batches from fresh random sequences, new at every `iter()`.
+
+    Lightning calls `iter()` once per epoch, so the network never sees a sequence twice.
+    """
+
+    def __init__(self, task, batch_size: int, stateful: bool, generator: torch.Generator):
+        self.task, self.batch_size, self.stateful, self.generator = task, batch_size, stateful, generator
+        rows = windows_per_sequence(task)
+        self.steps = rows // batch_size if stateful else -(-rows // batch_size)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        t = self.task
+        seqs = generate_sequences(t.sequences_per_epoch, t.length, t.n_unique, self.generator)
+        x, y = to_windows(seqs, t.n_in, t.n_out, t.framing)
+        return iter(to_batches(x, y, self.batch_size, self.stateful))
+
+
+def windows_per_sequence(task) -> int:
+    return task.length if task.framing == "mask" else task.length - task.n_in + 1
+
+
+def held_out(task, n_seq: int, seed: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """A fixed set of windows from `n_seq` fresh sequences drawn with their own seed."""
+    seqs = generate_sequences(n_seq, task.length, task.n_unique, torch.Generator().manual_seed(seed))
+    x, y = to_windows(seqs.to(device), task.n_in, task.n_out, task.framing)
+    return x, y
+
+
+class EchoData(pl.LightningDataModule):
+    """Fresh training sequences every epoch; fixed validation and test windows.
+
+    `task` holds length, n_unique, n_in, n_out, framing, sequences_per_epoch, and the
+    held-out sets' size (eval_windows) and seeds. Data is generated on the trainer's device.
+    """
+
+    def __init__(self, task, batch_size: int, stateful: bool, seed: int):
+        super().__init__()
+        self.task, self.batch_size, self.stateful, self.seed = task, batch_size, stateful, seed
+
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        self.train_generator = torch.Generator(device).manual_seed(self.seed)
+        n_seq = -(-self.task.eval_windows // windows_per_sequence(self.task))
+        self.val = held_out(self.task, n_seq, self.task.val_seed, device)
+        self.test = held_out(self.task, n_seq, self.task.test_seed, device)
+
+    def train_dataloader(self) -> FreshSequences:
+        return FreshSequences(self.task, self.batch_size, self.stateful, self.train_generator)
+
+    def val_dataloader(self) -> Batches:
+        return Batches(self.eval_batches(*self.val))
+
+    def test_dataloader(self) -> Batches:
+        return Batches(self.eval_batches(*self.test))
+
+    def eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Stateful models are evaluated as they were trained, batch by batch with state
+        carried; stateless ones see every window at once."""
+        if self.stateful:
+            return to_batches(x, y, self.batch_size, stateful=True)
+        return to_batches(x, y, x.shape[1], stateful=False)

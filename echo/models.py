@@ -1,0 +1,69 @@
+"""The networks: plain nn.Modules with explicit sizes; they never see the config.
+
+Every network maps input features (batch, n_in, n_features) and a recurrent state (None for
+a fresh zero state) to scores (batch, n_out, n_classes) and its new state, so a caller can
+carry the state to the next batch the way a Keras `stateful=True` layer does.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+State = tuple  # nested tuples of (h, c) tensors, one pair per LSTM
+
+
+class Seq2Seq(nn.Module):
+    """Listing A: `LSTM(hidden, return_sequences)` → `TimeDistributed(Dense(n_classes))`.
+
+    One output per input step; the first `n_out` steps are the echo (with `n_out == n_in`,
+    the whole window, as in the tutorial).
+    """
+
+    def __init__(self, n_features: int, hidden_size: int, n_classes: int, n_out: int):
+        super().__init__()
+        self.n_out = n_out
+        self.lstm = nn.LSTM(n_features, hidden_size, batch_first=True)
+        self.head = nn.Linear(hidden_size, n_classes)
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        h, state = self.lstm(x, state)
+        return self.head(h[:, : self.n_out]), state
+
+
+class EncoderDecoder(nn.Module):
+    """Listing B: `LSTM(hidden)` encoder (last output only) → `RepeatVector(n_out)` →
+    `LSTM(hidden, return_sequences)` decoder → `TimeDistributed(Dense(n_classes))`.
+
+    As in Keras, the decoder starts from its own state, not the encoder's; the encoder's
+    last output is its input at every step.
+    """
+
+    def __init__(self, n_features: int, hidden_size: int, n_classes: int, n_out: int):
+        super().__init__()
+        self.n_out = n_out
+        self.encoder = nn.LSTM(n_features, hidden_size, batch_first=True)
+        self.decoder = nn.LSTM(hidden_size, hidden_size, batch_first=True)
+        self.head = nn.Linear(hidden_size, n_classes)
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        enc_state, dec_state = state if state is not None else (None, None)
+        h, enc_state = self.encoder(x, enc_state)
+        repeated = h[:, -1:].expand(-1, self.n_out, -1)
+        h, dec_state = self.decoder(repeated, dec_state)
+        return self.head(h), (enc_state, dec_state)
+
+
+MODELS = {"seq2seq": Seq2Seq, "encdec": EncoderDecoder}
+
+
+def detach_state(state: State | Tensor | None):
+    """The same state with no gradient history: no gradient flows across batches."""
+    if state is None:
+        return None
+    if isinstance(state, Tensor):
+        return state.detach()
+    return tuple(detach_state(s) for s in state)
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())

@@ -1,0 +1,147 @@
+"""The LightningModule: loss, metrics, and Keras-style stateful state handling."""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from echo.data import PAD, one_hot_encode
+from echo.models import detach_state
+
+
+class EchoModule(pl.LightningModule):
+    """Trains a network to echo windows of integers.
+
+    Stateful (`stateful=True`): row i of batch b+1 starts from the final LSTM state of row i
+    of batch b; no gradient crosses batches; the state is reset at each new epoch (new
+    sequences) and before every evaluation. Stateless: every batch starts from zeros.
+
+    Metrics are accumulated on the device and read back once per validation, so the
+    training loop never waits on the host. `history` holds (name, epoch, value) rows.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        n_unique: int,
+        lr: float,
+        stateful: bool,
+        windows_per_epoch: int,
+        target: float = 0.99,
+        stop_at: float | None = None,
+    ):
+        super().__init__()
+        self.net, self.n_unique, self.lr, self.stateful = net, n_unique, lr, stateful
+        self.windows_per_epoch, self.target, self.stop_at = windows_per_epoch, target, stop_at
+        self.history: list[tuple[str, int, float]] = []
+        self.summary: dict[str, float] = {}
+        self._train_state = self._eval_state = None
+        self._train_sums: list[tuple[int, Tensor]] = []  # (epoch, [loss*tokens, correct, tokens])
+
+    # -- the network on token ids ------------------------------------------------------
+    def forward(self, x: Tensor, state=None) -> tuple[Tensor, object]:
+        return self.net(one_hot_encode(x, self.n_unique), state)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def _scores(self, logits: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+        """Summed loss, correct tokens, counted tokens and exactly echoed rows of a batch.
+        PAD targets count nowhere."""
+        real = y != PAD
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=PAD, reduction="sum")
+        correct = (logits.argmax(-1) == y) & real
+        exact = (correct | ~real).all(-1) & real.any(-1)
+        return loss, correct.sum(), real.sum(), exact.sum(), real.any(-1).sum()
+
+    # -- training ----------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_start(self) -> None:
+        self._train_state = None  # a new epoch is a new sequence: reset_states()
+        self._epoch_sums = torch.zeros(3, device=self.device)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits, state = self(x, self._train_state if self.stateful else None)
+        self._train_state = detach_state(state)
+        loss_sum, correct, tokens, _, _ = self._scores(logits, y)
+        loss = loss_sum / tokens
+        self._epoch_sums += torch.stack([loss_sum.detach(), correct, tokens])
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._train_sums.append((self.current_epoch + 1, self._epoch_sums))
+
+    def flush_train_metrics(self) -> None:
+        """Move the per-epoch training metrics accumulated on the device into `history`."""
+        if not self._train_sums:
+            return
+        sums = torch.stack([s for _, s in self._train_sums]).tolist()
+        for (epoch, _), (loss_sum, correct, tokens) in zip(self._train_sums, sums):
+            self.history += [("train/loss", epoch, loss_sum / tokens), ("train/acc", epoch, correct / tokens)]
+        self._train_sums = []
+
+    # -- evaluation --------------------------------------------------------------------
+    def _eval_start(self) -> None:
+        self._eval_state = None
+        self._eval_sums = torch.zeros(5, device=self.device)
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor]) -> None:
+        x, y = batch
+        logits, state = self(x, self._eval_state if self.stateful else None)
+        self._eval_state = state
+        self._eval_sums += torch.stack(self._scores(logits, y)).float()
+
+    def _eval_metrics(self, prefix: str) -> dict[str, float]:
+        loss_sum, correct, tokens, exact, rows = self._eval_sums.tolist()
+        return {
+            f"{prefix}/loss": loss_sum / tokens,
+            f"{prefix}/token_acc": correct / tokens,
+            f"{prefix}/exact_match": exact / rows,
+        }
+
+    on_validation_epoch_start = on_test_epoch_start = _eval_start
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        metrics = self._eval_metrics("val")
+        epoch = self.current_epoch + 1  # epochs trained so far
+        self.history += [(name, epoch, value) for name, value in metrics.items()]
+        self.summary.update(metrics)
+        exact = metrics["val/exact_match"]
+        if exact >= self.target and "epochs_to_target" not in self.summary:
+            self.summary.update(
+                time_to_target_s=time.perf_counter() - self._t0,
+                epochs_to_target=epoch,
+                samples_to_target=epoch * self.windows_per_epoch,
+            )
+        if self.stop_at is not None and exact >= self.stop_at:
+            self.trainer.should_stop = True
+
+    def on_test_epoch_end(self) -> None:
+        metrics = self._eval_metrics("test")
+        del metrics["test/loss"]
+        self.summary.update(metrics)
+
+    @torch.no_grad()
+    def predict_windows(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Predicted tokens for evaluation batches, with state carried and reset first."""
+        self.eval()
+        state, preds = None, []
+        for x, _ in batches:
+            logits, state = self(x, state if self.stateful else None)
+            preds.append(logits.argmax(-1))
+        return torch.cat(preds)
