@@ -6,18 +6,23 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from echo.config import ConfigError, validate
+from echo.tracking import run_name_and_tags, start_tracker
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from echo.config import ConfigError
-    from echo.tracking import run_name_and_tags
-    from echo.train import train
-
     try:
-        metrics = train(cfg, *run_name_and_tags(HydraConfig.get()))
+        validate(cfg)
     except ConfigError as error:
         print(f"echo: bad config: {error}", file=sys.stderr)
         sys.exit(2)
+    # Start tracking before the heavy imports: MLflow loads on the other core meanwhile.
+    run_name, tags = run_name_and_tags(HydraConfig.get())
+    tracker = start_tracker(cfg, run_name, tags) if cfg.logger.name == "mlflow" else None
+    from echo.train import train
+
+    metrics = train(cfg, run_name, tags, tracker=tracker)
     return metrics.get("val/exact_match", 0.0)  # what a sweeper maximises
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from echo.data import windows_per_sequence
-from echo.models import MODELS
-
 
 class ConfigError(ValueError):
     """A config that cannot run; the message says what is wrong and how to fix it."""
@@ -26,6 +23,11 @@ def _fraction(cfg, key: str, optional: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         hint = " or null" if optional else ""
         raise ConfigError(f"{key}={value!r} must be a fraction in (0, 1]{hint}: e.g. {key}=0.99")
+
+
+def windows_per_sequence(task) -> int:
+    """Windows framed from one sequence: rows with missing history are dropped or masked."""
+    return task.length if task.framing == "mask" else task.length - task.n_in + 1
 
 
 def validate(cfg) -> None:
@@ -56,6 +58,8 @@ def validate(cfg) -> None:
         )
     if task.framing not in ("drop", "mask"):
         raise ConfigError(f"task.framing={task.framing!r} is unknown: use task.framing=drop or task.framing=mask")
+    from echo.models import MODELS
+
     if model.name not in MODELS:
         raise ConfigError(f"model.name={model.name!r} is unknown: choose model={' or model='.join(MODELS)}")
     if not (isinstance(model.lr, (int, float)) and model.lr > 0):

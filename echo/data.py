@@ -9,6 +9,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from echo.config import windows_per_sequence
+
 PAD = -1  # token id of a missing observation (masked framing); never a target
 
 
@@ -94,10 +96,6 @@ class FreshSequences:
         seqs = generate_sequences(t.sequences_per_epoch, t.length, t.n_unique, self.generator)
         x, y = to_windows(seqs, t.n_in, t.n_out, t.framing)
         return iter(to_batches(x, y, self.batch_size, self.stateful))
-
-
-def windows_per_sequence(task) -> int:
-    return task.length if task.framing == "mask" else task.length - task.n_in + 1
 
 
 def held_out(task, n_seq: int, seed: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:

@@ -1,17 +1,19 @@
 """MLflow tracking: where runs go, what they are called, and what they hold.
 
-Metrics are buffered and written in batches (one SQLite or HTTP call per thousand values),
-so logging costs almost nothing per epoch. mlflow itself is imported only when a run starts.
+A run is written by a worker process (echo/tracking_worker.py) that batches metrics (one
+SQLite or HTTP call per thousand values), so logging costs training almost nothing.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
 from hydra.experimental.callback import Callback
 
 PARENT_RUN_ENV = "ECHO_PARENT_RUN_ID"  # set by the sweep callback for its jobs
@@ -36,95 +38,85 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def experiment_id(client, name: str) -> str:
-    """The id of experiment `name`, created if missing (tolerating a parallel creator)."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # another job created it first
-        return client.get_experiment_by_name(name).experiment_id
-
-
 class Tracker:
-    """One MLflow run: params at the start, buffered metrics, artifacts, a final status."""
+    """One MLflow run, written by a worker process (`echo.tracking_worker`).
 
-    def __init__(self, experiment: str, run_name: str, tags: dict[str, str] | None = None, flush_every_s: float = 10.0):
+    Calls return at once: messages go down a pipe, and the worker, started before training,
+    imports mlflow and writes on the other core. `end` waits until the run is complete.
+    """
+
+    def __init__(self, experiment: str, run_name: str, tags: dict[str, str] | None = None):
         self.experiment, self.run_name, self.tags = experiment, run_name, dict(tags or {})
-        self.flush_every_s = flush_every_s
-        self._buffer: list = []
-        self.run_id: str | None = None
+        self._run_id: str | None = None
+        self._worker: subprocess.Popen | None = None
 
     def start(self, params: dict[str, object]) -> None:
-        from mlflow import MlflowClient
-        from mlflow.entities import Param, RunTag
-
-        self.client = MlflowClient(tracking_uri())
+        self._worker = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("tracking_worker.py"))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # Ctrl-C reaches training, which then ends the run as KILLED
+        )
         tags = dict(self.tags)
         if parent := os.environ.get(PARENT_RUN_ENV):
             tags["mlflow.parentRunId"] = parent
-        run = self.client.create_run(experiment_id(self.client, self.experiment), run_name=self.run_name, tags=tags)
-        self.run_id = run.info.run_id
-        items = [Param(k, str(v)) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
-        self._RunTag, self._last_flush = RunTag, time.monotonic()
+        params = {k: str(v) for k, v in params.items()}
+        self._send(
+            op="start", uri=tracking_uri(), experiment=self.experiment, run_name=self.run_name, tags=tags, params=params
+        )
 
-    def log_metrics(self, rows: list[tuple[str, int, float]], force: bool = False) -> None:
-        """Queue (name, step, value) rows; write them when due (or `force`)."""
-        now_ms = int(time.time() * 1000)
-        self._buffer += [(name, step, value, now_ms) for name, step, value in rows]
-        if force or time.monotonic() - self._last_flush > self.flush_every_s:
-            self.flush()
+    @property
+    def run_id(self) -> str | None:
+        if self._run_id is None and self._worker is not None:
+            self._run_id = self._worker.stdout.readline().strip() or None
+        return self._run_id
 
-    def flush(self) -> None:
-        from mlflow.entities import Metric
+    def _send(self, **message) -> None:
+        try:
+            self._worker.stdin.write(json.dumps(message) + "\n")
+            self._worker.stdin.flush()
+        except (BrokenPipeError, ValueError):  # the worker died; it said why on stderr
+            pass
 
-        metrics = [Metric(name, float(value), ts, step) for name, step, value, ts in self._buffer]
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
-        self._buffer, self._last_flush = [], time.monotonic()
+    def log_metrics(self, rows: list[tuple[str, int, float]]) -> None:
+        """(name, step, value) rows; the worker writes them in batches."""
+        if rows:
+            self._send(op="metrics", rows=rows, ms=int(time.time() * 1000))
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self._send(op="text", text=text, name=name)
 
-    def log_figure(self, figure, name: str) -> None:
-        self.client.log_figure(self.run_id, figure, name)
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self._send(op="artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
+
+    def log_learning_curve(self, history: list[tuple[str, int, float]], target: float) -> None:
+        self._send(op="curve", history=history, target=target)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[self._RunTag(k, str(v)) for k, v in tags.items()])
+        self._send(op="tags", tags=tags)
 
-    def end(self, status: str = "FINISHED") -> None:
-        """Write what is buffered and close the run as FINISHED, FAILED or KILLED."""
-        if self.run_id is None:
+    def end(self, status: str = "FINISHED", error: str | None = None, timeout: float = 300) -> None:
+        """Close the run as FINISHED, FAILED or KILLED once everything sent is written."""
+        if self._worker is None:
             return
+        self._send(op="end", status=status, error=error)
         try:
-            self.flush()
-        finally:
-            self.client.set_terminated(self.run_id, status)
+            self._worker.stdin.close()
+        except BrokenPipeError:
+            pass
+        if self._worker.wait(timeout) != 0:
+            print(f"echo: MLflow tracking failed (see above); tracking URI {tracking_uri()}", file=sys.stderr)
+        self._worker = None
 
 
-class TrackingCallback(pl.Callback):
-    """Hands the module's new metric rows to the tracker after every validation."""
+def start_tracker(cfg, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
+    """Start tracking a run of `cfg`: its params are the resolved config, flattened with dots."""
+    from omegaconf import OmegaConf
 
-    def __init__(self, tracker: Tracker):
-        self.tracker, self._sent = tracker, 0
-
-    def send(self, module, force: bool = False) -> None:
-        module.flush_train_metrics()
-        rows, self._sent = module.history[self._sent :], len(module.history)
-        self.tracker.log_metrics(rows, force=force)
-
-    def on_validation_end(self, trainer, module) -> None:
-        if not trainer.sanity_checking:
-            self.send(module)
-
-    def on_train_end(self, trainer, module) -> None:
-        self.send(module)
-
-    def on_exception(self, trainer, module, exception) -> None:
-        self.send(module)  # keep the metrics so far of a crashed or interrupted run
+    tracker = Tracker(cfg.logger.experiment, run_name, tags)
+    tracker.start(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    return tracker
 
 
 def run_name_and_tags(hydra_cfg) -> tuple[str, dict[str, str]]:
@@ -149,6 +141,8 @@ class SweepCallback(Callback):
         if config.logger.name != "mlflow":
             return
         from mlflow import MlflowClient
+
+        from echo.tracking_worker import experiment_id
 
         sweep = Path(config.hydra.sweep.dir).name
         overrides = " ".join(config.hydra.overrides.task)

@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import time
+import traceback
 import warnings
 from contextlib import contextmanager
 
@@ -13,25 +14,49 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from echo.config import validate
-from echo.data import EchoData, held_out, windows_per_sequence
+from echo.config import validate, windows_per_sequence
+from echo.data import EchoData, held_out
 from echo.models import MODELS
 from echo.module import EchoModule
-from echo.tracking import Tracker, TrackingCallback, flatten, tracking_uri
+from echo.tracking import Tracker, start_tracker, tracking_uri
 
 
-def train(cfg: DictConfig, run_name: str = "default", tags: dict[str, str] | None = None) -> dict[str, float]:
+def train(
+    cfg: DictConfig, run_name: str = "default", tags: dict[str, str] | None = None, tracker: Tracker | None = None
+) -> dict[str, float]:
     """Train one echo model as `cfg` says; return its final metrics.
 
     Raises `echo.config.ConfigError` before anything is built or tracked if `cfg` cannot run.
+    With `logger=mlflow` the run is tracked by `tracker`, or by a new one named `run_name`.
     """
     validate(cfg)
+    if tracker is None and cfg.logger.name == "mlflow":
+        tracker = start_tracker(cfg, run_name, tags)
+    status, error = "FAILED", None
+    try:
+        with _sigterm_as_interrupt():
+            summary, interrupted = _fit_and_test(cfg, tracker)
+        status = "KILLED" if interrupted else "FINISHED"
+        if tracker and not interrupted:
+            print(f"MLflow run '{tracker.run_name}' ({tracker.run_id}) in {tracking_uri()}: see it with `mlflow ui`")
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        error = traceback.format_exc()
+        raise
+    finally:
+        if tracker:
+            tracker.end(status, error)
+
+
+def _fit_and_test(cfg: DictConfig, tracker: Tracker | None) -> tuple[dict[str, float], bool]:
+    """Build, fit, test and report; returns the summary and whether training was interrupted."""
     _quiet_lightning()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     task, model = cfg.task, cfg.model
-
-    rows = windows_per_sequence(task)
     net = MODELS[model.name](
         n_features=task.n_unique, hidden_size=model.hidden_size, n_classes=task.n_unique, n_out=task.n_out
     )
@@ -40,13 +65,11 @@ def train(cfg: DictConfig, run_name: str = "default", tags: dict[str, str] | Non
         task.n_unique,
         model.lr,
         model.stateful,
-        windows_per_epoch=task.sequences_per_epoch * rows,
+        windows_per_epoch=task.sequences_per_epoch * windows_per_sequence(task),
         target=cfg.target,
         stop_at=cfg.stop_at,
     )
     data = EchoData(task, model.batch_size, model.stateful, seed=cfg.seed)
-
-    tracker = Tracker(cfg.logger.experiment, run_name, tags) if cfg.logger.name == "mlflow" else None
     callbacks = [EpochProgress()] if cfg.progress else []
     callbacks += [TrackingCallback(tracker)] if tracker else []
     trainer = pl.Trainer(
@@ -58,39 +81,24 @@ def train(cfg: DictConfig, run_name: str = "default", tags: dict[str, str] | Non
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    if tracker:
-        tracker.start(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    start = time.perf_counter()
+    trainer.fit(module, data)
+    train_time = time.perf_counter() - start
+    if trainer.interrupted:  # Ctrl-C or SIGTERM: Lightning stopped cleanly; the metrics so far are sent
+        return module.summary, True
+    trainer.test(module, data, verbose=False)
 
-    status = "FAILED"
-    try:
-        with _sigterm_as_interrupt():
-            start = time.perf_counter()
-            trainer.fit(module, data)
-            train_time = time.perf_counter() - start
-            if not trainer.interrupted:
-                trainer.test(module, data, verbose=False)
-        if trainer.interrupted:
-            status = "KILLED"
-            return module.summary
-        summary = {**module.summary, "train_time_s": train_time, "epochs": trainer.current_epoch}
-        table = expected_predicted(module, data, task, seed=cfg.seed)
-        print(table)
-        print(_summary_line(summary))
-        if tracker:
-            tracker.log_metrics([(k, trainer.current_epoch, v) for k, v in summary.items()])
-            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            tracker.log_text(table + "\n", "expected_predicted.txt")
-            tracker.log_figure(learning_curve(module.history, cfg.target), "learning_curve.png")
-            print(f"MLflow run '{run_name}' ({tracker.run_id}) in {tracking_uri()}: see it with `mlflow ui`")
-        status = "FINISHED"
-        return summary
-    except BaseException as error:
-        if isinstance(error, KeyboardInterrupt) or trainer.interrupted:
-            status = "KILLED"
-        raise
-    finally:
-        if tracker:
-            tracker.end(status)
+    summary = {**module.summary, "train_time_s": train_time, "epochs": trainer.current_epoch}
+    table = expected_predicted(module, data, task, seed=cfg.seed)
+    print(table)
+    print(_summary_line(summary))
+    if tracker:
+        final = [(k, trainer.current_epoch, v) for k, v in summary.items() if not k.startswith("val/")]
+        tracker.log_metrics(final)  # val/* is in the history already
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        tracker.log_text(table + "\n", "expected_predicted.txt")
+        tracker.log_learning_curve(module.history, cfg.target)
+    return summary, False
 
 
 def expected_predicted(module: EchoModule, data: EchoData, task, seed: int) -> str:
@@ -98,32 +106,6 @@ def expected_predicted(module: EchoModule, data: EchoData, task, seed: int) -> s
     x, y = held_out(task, 1, seed=10_000 + seed, device=module.device)
     pred = module.predict_windows(data.eval_batches(x, y))
     return "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[0].tolist(), pred.tolist()))
-
-
-def learning_curve(history: list[tuple[str, int, float]], target: float):
-    """Loss and accuracy against epochs, as a matplotlib figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    series: dict[str, tuple[list, list]] = {}
-    for name, epoch, value in history:
-        series.setdefault(name, ([], []))
-        series[name][0].append(epoch)
-        series[name][1].append(value)
-    for name, (epochs, values) in sorted(series.items()):
-        ax = ax_loss if name.endswith("loss") else ax_acc
-        ax.plot(epochs, values, label=name)
-    ax_acc.axhline(target, color="grey", linestyle=":", label=f"target {target}")
-    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.legend()
-    ax_loss.set_yscale("log")
-    fig.tight_layout()
-    return fig
 
 
 def _summary_line(s: dict[str, float]) -> str:
@@ -157,6 +139,27 @@ class EpochProgress(pl.Callback):
     def on_exception(self, trainer, module, exception) -> None:
         if hasattr(self, "bar"):
             self.bar.close()
+
+
+class TrackingCallback(pl.Callback):
+    """Hands the module's new metric rows to the tracker after every validation."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker, self._sent = tracker, 0
+
+    def send(self, module: EchoModule) -> None:
+        module.flush_train_metrics()
+        rows, self._sent = module.history[self._sent :], len(module.history)
+        self.tracker.log_metrics(rows)
+
+    def on_validation_end(self, trainer, module) -> None:
+        self.send(module)
+
+    def on_train_end(self, trainer, module) -> None:
+        self.send(module)
+
+    def on_exception(self, trainer, module, exception) -> None:
+        self.send(module)  # keep the metrics so far of a crashed or interrupted run
 
 
 def _quiet_lightning() -> None:

@@ -1,0 +1,121 @@
+"""The process that writes one run to MLflow: `python echo/tracking_worker.py`.
+
+The training process starts it first thing and sends it JSON lines on stdin; it imports
+mlflow, creates the run and writes metrics in batches on the other CPU core while training
+runs, so tracking costs training almost nothing. If the training process dies without
+saying how the run ended (killed, even with SIGKILL), stdin closes and the run ends KILLED.
+
+Messages: start (uri, experiment, run_name, tags, params), metrics (rows of name, step,
+value), text (text, name), artifact (path), tags (tags), curve (history, target),
+end (status, error). The worker answers `start` with the run id on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created if missing (tolerating a parallel creator)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another job created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def learning_curve(history: list[list], target: float):
+    """Loss and accuracy against epochs, as a matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    series: dict[str, tuple[list, list]] = {}
+    for name, epoch, value in history:
+        epochs, values = series.setdefault(name, ([], []))
+        epochs.append(epoch)
+        values.append(value)
+    for name, (epochs, values) in sorted(series.items()):
+        (ax_loss if name.endswith("loss") else ax_acc).plot(epochs, values, label=name)
+    ax_acc.axhline(target, color="grey", linestyle=":", label=f"target {target}")
+    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.legend()
+    ax_loss.set_yscale("log")
+    fig.tight_layout()
+    return fig
+
+
+class RunWriter:
+    """Writes one run: params at the start, metrics in batches, artifacts, the status."""
+
+    def __init__(self, flush_every_s: float = 10.0):
+        self.flush_every_s, self.pending, self.run_id = flush_every_s, [], None
+
+    def start(self, uri, experiment, run_name, tags, params) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param, RunTag
+
+        self.Metric, self.RunTag = Metric, RunTag
+        self.client = MlflowClient(uri)
+        run = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        print(self.run_id, flush=True)
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        self.last_flush = time.monotonic()
+
+    def metrics(self, rows, ms) -> None:
+        self.pending += [self.Metric(name, float(value), ms, step) for name, step, value in rows]
+        if len(self.pending) >= 1000 or time.monotonic() - self.last_flush > self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self.pending), 1000):
+            self.client.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
+        self.pending, self.last_flush = [], time.monotonic()
+
+    def text(self, text, name) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def artifact(self, path, artifact_path=None) -> None:
+        self.client.log_artifact(self.run_id, path, artifact_path)
+
+    def tags(self, tags) -> None:
+        self.client.log_batch(self.run_id, tags=[self.RunTag(k, str(v)) for k, v in tags.items()])
+
+    def curve(self, history, target) -> None:
+        self.client.log_figure(self.run_id, learning_curve(history, target), "learning_curve.png")
+
+    def end(self, status, error=None) -> None:
+        try:
+            self.flush()
+            if error:
+                self.text(error, "error.txt")
+                self.tags({"echo.error": error.strip().splitlines()[-1][:500]})
+        finally:
+            self.client.set_terminated(self.run_id, status)
+            self.run_id = None
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the training process decides how the run ends
+    writer = RunWriter()
+    for line in sys.stdin:
+        message = json.loads(line)
+        getattr(writer, message.pop("op"))(**message)
+    if writer.run_id is not None:  # the training process went away without a word
+        writer.end("KILLED")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Whole runs: the listings' models learn, runs land in MLflow, bad configs stop early."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from echo.config import ConfigError
+from echo.train import train
+from tests.conftest import make_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_listing_a_model_learns_the_full_echo():
+    summary = train(make_cfg("logger=none", "trainer.max_epochs=40", "task.sequences_per_epoch=8", "model.lr=1e-2"))
+    assert summary["val/token_acc"] > 0.5  # chance is 0.01
+    assert summary["test/token_acc"] > 0.5
+
+
+def test_listing_b_model_learns_the_partial_echo():
+    summary = train(make_cfg("logger=none", "model=encdec", "task=partial", "trainer.max_epochs=100"))
+    assert summary["val/token_acc"] > 0.25  # chance is 0.01
+    assert summary["test/token_acc"] > 0.25
+
+
+def test_a_run_lands_in_mlflow_with_params_metrics_and_artifacts(store, capsys):
+    train(make_cfg("trainer.max_epochs=20", "model.hidden_size=12"), run_name="tiny")
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("echo").experiment_id])
+    assert run.info.run_name == "tiny" and run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.hidden_size"] == "12" and params["task.n_in"] == "5" and params["trainer.max_epochs"] == "20"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 20
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/exact_match")] == [10, 20]
+    for name in ("train/acc", "val/loss", "val/token_acc", "test/token_acc", "test/exact_match", "train_time_s"):
+        assert name in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "expected_predicted.txt", "learning_curve.png"} <= artifacts
+    assert "Expected: [" in capsys.readouterr().out
+
+
+def test_reaching_the_target_is_recorded_and_stops_training(store):
+    cfg = make_cfg("trainer.max_epochs=200", "task.sequences_per_epoch=8", "model.lr=1e-2", "target=0.2", "stop_at=0.3")
+    summary = train(cfg)
+    assert summary["val/exact_match"] >= 0.3 and summary["epochs"] < 200
+    assert summary["epochs_to_target"] <= summary["epochs"]
+    assert summary["samples_to_target"] == summary["epochs_to_target"] * 8 * 21
+    assert 0 < summary["time_to_target_s"] <= summary["train_time_s"]
+
+
+BAD_CONFIGS = {
+    "task.n_out=6": "task.n_out=6 is larger than task.n_in=5",
+    "task.n_in=30": "task.n_in=30 is longer than the sequence",
+    "model.batch_size=5": "model.batch_size=5 does not divide the 21 windows",
+    "model.hidden_size=0": "model.hidden_size=0 must be a whole number >= 1",
+    "task.n_unique=-3": "task.n_unique=-3 must be a whole number >= 1",
+    "trainer.max_epochs=0": "trainer.max_epochs=0 must be a whole number >= 1",
+    "model.name=transformer": "model.name='transformer' is unknown",
+    "model.lr=-1": "model.lr=-1 must be a positive number",
+    "stop_at=2": "stop_at=2 must be a fraction",
+}
+
+
+@pytest.mark.parametrize("override", BAD_CONFIGS)
+def test_a_bad_config_fails_before_training_with_one_clear_line(override, store):
+    with pytest.raises(ConfigError, match=BAD_CONFIGS[override]):
+        train(make_cfg(override))
+    assert not Path("mlflow.db").exists()  # nothing was tracked
+
+
+def run_cli(*args, cwd, env_uri):
+    env = {"PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": env_uri, "HOME": str(cwd)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_the_cli_reports_a_bad_config_in_one_line_and_exits_non_zero(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_cli("model=encdec", "model.batch_size=4", cwd=tmp_path, env_uri=uri)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith("echo: bad config: model.batch_size=4 does not divide")
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_sweep_makes_one_finished_run_per_value_grouped_under_a_parent(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_cli(
+        "-m", "model.hidden_size=8,16", "trainer.max_epochs=3", "progress=false", cwd=tmp_path, env_uri=uri
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Expected: [") == 2 * 21
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("echo").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("echo.sweep_parent") == "true"]
+    children = [r for r in runs if r not in parents]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.data.params["model.hidden_size"] for r in children) == ["16", "8"]
+    names = {r.info.run_name for r in children}
+    assert names == {"model.hidden_size=8,trainer.max_epochs=3", "model.hidden_size=16,trainer.max_epochs=3"}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.data.tags["echo.sweep"] == parents[0].data.tags["echo.sweep"]
+        assert "test/exact_match" in child.data.metrics
