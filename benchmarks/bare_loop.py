@@ -94,7 +94,7 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     model = (EncDec if a.model == "encdec" else Seq2Seq)(a.n_unique, a.hidden, a.n_out)
-    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=a.lr, fused=True)
     rows = a.length - a.n_in + 1
     n_eval = -(-a.eval_windows // rows)
 
