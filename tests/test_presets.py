@@ -1,0 +1,89 @@
+"""The presets say what the tutorial says; every preset composes into a valid config."""
+
+from pathlib import Path
+
+import pytest
+
+from echo.config import validate
+from echo.train import train
+from tests.conftest import CONF, make_cfg
+
+EXPERIMENTS = sorted(p.stem for p in Path(CONF, "experiment").glob("*.yaml"))
+
+
+def settings(cfg) -> dict:
+    return {
+        "model": cfg.model.name,
+        "hidden_size": cfg.model.hidden_size,
+        "stateful": cfg.model.stateful,
+        "batch_size": cfg.model.batch_size,
+        "lr": cfg.model.lr,
+        "n_in": cfg.task.n_in,
+        "n_out": cfg.task.n_out,
+        "length": cfg.task.length,
+        "n_unique": cfg.task.n_unique,
+        "sequences_per_epoch": cfg.task.sequences_per_epoch,
+        "epochs": cfg.trainer.max_epochs,
+        "stop_at": cfg.stop_at,
+    }
+
+
+LISTING_A = dict(
+    model="seq2seq",
+    hidden_size=20,
+    stateful=True,
+    batch_size=7,
+    lr=1e-3,
+    n_in=5,
+    n_out=5,
+    length=25,
+    n_unique=100,
+    sequences_per_epoch=1,
+    epochs=500,
+    stop_at=None,
+)
+LISTING_B = dict(
+    model="encdec",
+    hidden_size=150,
+    stateful=True,
+    batch_size=21,
+    lr=1e-3,
+    n_in=5,
+    n_out=2,
+    length=25,
+    n_unique=100,
+    sequences_per_epoch=1,
+    epochs=5000,
+    stop_at=None,
+)
+
+
+def test_tutorial_presets_are_the_listings_exactly():
+    assert settings(make_cfg("experiment=tutorial_full_echo")) == LISTING_A
+    assert settings(make_cfg("experiment=tutorial_partial_echo")) == LISTING_B
+
+
+def test_the_default_run_is_listing_a_with_an_early_stop():
+    assert settings(make_cfg()) == {**LISTING_A, "stop_at": 0.995}
+
+
+def test_model_encdec_brings_listing_b_network_with_the_fast_regime():
+    cfg = settings(make_cfg("model=encdec", "task.n_out=2"))
+    assert cfg == {**LISTING_B, "sequences_per_epoch": 8, "lr": 1e-2, "epochs": 1000, "stop_at": 0.995}
+
+
+def test_any_setting_is_one_override_away():
+    cfg = make_cfg("model=encdec", "trainer.max_epochs=50", "seed=3", "task.sequences_per_epoch=1")
+    assert (cfg.trainer.max_epochs, cfg.seed, cfg.task.sequences_per_epoch) == (50, 3, 1)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_preset_is_a_valid_config(name):
+    validate(make_cfg(f"experiment={name}"))
+
+
+@pytest.mark.slow
+def test_the_tutorial_full_echo_preset_reaches_the_tutorials_accuracy():
+    summary = train(make_cfg("experiment=tutorial_full_echo", "logger=none"))
+    assert summary["epochs"] == 500
+    assert summary["test/exact_match"] >= 0.99
