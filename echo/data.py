@@ -5,8 +5,11 @@ Everything is vectorised in torch and can be generated directly on the training 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from echo.config import windows_per_sequence
@@ -114,6 +117,8 @@ class EchoData(pl.LightningDataModule):
 
     def __init__(self, task, batch_size: int, stateful: bool, seed: int):
         super().__init__()
+        if isinstance(task, DictConfig):  # plain attributes: read every epoch, and DictConfig is slow
+            task = SimpleNamespace(**OmegaConf.to_container(task, resolve=True))
         self.task, self.batch_size, self.stateful, self.seed = task, batch_size, stateful, seed
 
     def setup(self, stage: str) -> None:

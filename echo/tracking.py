@@ -145,7 +145,8 @@ class SweepCallback(Callback):
         from echo.tracking_worker import experiment_id
 
         sweep = Path(config.hydra.sweep.dir).name
-        overrides = " ".join(config.hydra.overrides.task)
+        excluded = set(config.hydra.job.config.override_dirname.exclude_keys)
+        overrides = " ".join(o for o in config.hydra.overrides.task if o.split("=")[0] not in excluded)
         self.client = MlflowClient(tracking_uri())
         run = self.client.create_run(
             experiment_id(self.client, config.logger.experiment),
