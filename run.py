@@ -1,5 +1,7 @@
 """Command line: `python run.py [overrides]`, `python run.py -m <sweep>` (see README)."""
 
+import logging
+import os
 import sys
 
 import hydra
@@ -28,3 +30,9 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     main()
+    # Every run is written (its tracking worker has exited): skip the interpreter's slow
+    # teardown of torch and Lightning (about 0.8 s).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -29,14 +29,19 @@ def experiment_id(client, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def learning_curve(history: list[list], target: float):
-    """Loss and accuracy against epochs, as a matplotlib figure."""
+def pyplot():
+    """matplotlib.pyplot, drawing to files only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    return plt
+
+
+def learning_curve(history: list[list], target: float):
+    """Loss and accuracy against epochs, as a matplotlib figure."""
+    fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 4))
     series: dict[str, tuple[list, list]] = {}
     for name, epoch, value in history:
         epochs, values = series.setdefault(name, ([], []))
@@ -73,6 +78,7 @@ class RunWriter:
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
             self.client.log_batch(self.run_id, params=items[i : i + 100])
         self.last_flush = time.monotonic()
+        pyplot()  # load matplotlib now, while training runs, not at the end
 
     def metrics(self, rows, ms) -> None:
         self.pending += [self.Metric(name, float(value), ms, step) for name, step, value in rows]
@@ -94,7 +100,9 @@ class RunWriter:
         self.client.log_batch(self.run_id, tags=[self.RunTag(k, str(v)) for k, v in tags.items()])
 
     def curve(self, history, target) -> None:
-        self.client.log_figure(self.run_id, learning_curve(history, target), "learning_curve.png")
+        figure = learning_curve(history, target)
+        self.client.log_figure(self.run_id, figure, "learning_curve.png")
+        pyplot().close(figure)
 
     def end(self, status, error=None) -> None:
         try:
