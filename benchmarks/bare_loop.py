@@ -22,6 +22,7 @@ class Seq2Seq(nn.Module):
         self.n_out = n_out
         self.lstm = nn.LSTM(n_unique, hidden, batch_first=True)
         self.head = nn.Linear(hidden, n_unique)
+        init_like_keras(self)
 
     def forward(self, x, state):
         h, state = self.lstm(x, state)
@@ -35,12 +36,31 @@ class EncDec(nn.Module):
         self.encoder = nn.LSTM(n_unique, hidden, batch_first=True)
         self.decoder = nn.LSTM(hidden, hidden, batch_first=True)
         self.head = nn.Linear(hidden, n_unique)
+        init_like_keras(self)
 
     def forward(self, x, state):
         enc, dec = state if state is not None else (None, None)
         h, enc = self.encoder(x, enc)
         h, dec = self.decoder(h[:, -1:].expand(-1, self.n_out, -1), dec)
         return self.head(h), (enc, dec)
+
+
+def init_like_keras(net):
+    """Keras' initialisers, as the tutorial's networks had (and the harness's have)."""
+    for m in net.modules():
+        if isinstance(m, nn.LSTM):
+            for name, p in m.named_parameters():
+                if name.startswith("weight_ih"):
+                    nn.init.xavier_uniform_(p)
+                elif name.startswith("weight_hh"):
+                    nn.init.orthogonal_(p)
+                else:
+                    nn.init.zeros_(p)
+                    if name.startswith("bias_ih"):
+                        p.data.chunk(4)[1].fill_(1.0)
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def detach(state):

@@ -95,10 +95,12 @@ class FreshSequences:
         return self.steps
 
     def __iter__(self):
+        # A generator: nothing is drawn until the first batch is asked for (Lightning calls
+        # iter() once just to check that it can), so seed s gives the same data everywhere.
         t = self.task
         seqs = generate_sequences(t.sequences_per_epoch, t.length, t.n_unique, self.generator)
         x, y = to_windows(seqs, t.n_in, t.n_out, t.framing)
-        return iter(to_batches(x, y, self.batch_size, self.stateful))
+        yield from to_batches(x, y, self.batch_size, self.stateful)
 
 
 def held_out(task, n_seq: int, seed: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:

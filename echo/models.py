@@ -24,6 +24,7 @@ class Seq2Seq(nn.Module):
         self.n_out = n_out
         self.lstm = nn.LSTM(n_features, hidden_size, batch_first=True)
         self.head = nn.Linear(hidden_size, n_classes)
+        init_like_keras(self)
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         h, state = self.lstm(x, state)
@@ -44,6 +45,7 @@ class EncoderDecoder(nn.Module):
         self.encoder = nn.LSTM(n_features, hidden_size, batch_first=True)
         self.decoder = nn.LSTM(hidden_size, hidden_size, batch_first=True)
         self.head = nn.Linear(hidden_size, n_classes)
+        init_like_keras(self)
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         enc_state, dec_state = state if state is not None else (None, None)
@@ -54,6 +56,27 @@ class EncoderDecoder(nn.Module):
 
 
 MODELS = {"seq2seq": Seq2Seq, "encdec": EncoderDecoder}
+
+
+def init_like_keras(net: nn.Module) -> None:
+    """Initialise as Keras does, as the tutorial's networks were: Glorot-uniform input
+    kernels, orthogonal recurrent kernels, zero biases but 1 for the forget gate
+    (`unit_forget_bias`), Glorot-uniform dense layers. It learns the echo about twice as fast
+    as PyTorch's default uniform init (README, Performance)."""
+    for module in net.modules():
+        if isinstance(module, nn.LSTM):
+            for name, param in module.named_parameters():
+                if name.startswith("weight_ih"):
+                    nn.init.xavier_uniform_(param)  # Keras' kernel: (inputs, 4 * units)
+                elif name.startswith("weight_hh"):
+                    nn.init.orthogonal_(param)
+                else:
+                    nn.init.zeros_(param)
+                    if name.startswith("bias_ih"):
+                        param.data.chunk(4)[1].fill_(1.0)  # gates: input, forget, cell, output
+        elif isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 def detach_state(state: State | Tensor | None):
