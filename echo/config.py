@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from omegaconf import OmegaConf
+
 from echo.data import windows_per_sequence
-from echo.models import MODELS
+from echo.models import MODELS, can_mask
+from echo.module import REPRESENTATIONS
+
+# `${add:${task.n_in},20}`: sums in presets (e.g. a sequence length that follows n_in)
+OmegaConf.register_new_resolver("add", lambda *terms: sum(terms), replace=True)
 
 
 class ConfigError(ValueError):
@@ -58,6 +64,15 @@ def validate(cfg) -> None:
         raise ConfigError(f"task.framing={task.framing!r} is unknown: use task.framing=drop or task.framing=mask")
     if model.name not in MODELS:
         raise ConfigError(f"model.name={model.name!r} is unknown: choose model={' or model='.join(MODELS)}")
+    representation = task.get("representation", "onehot")
+    if representation not in REPRESENTATIONS:
+        choices = " or ".join(f"task.representation={r}" for r in REPRESENTATIONS)
+        raise ConfigError(f"task.representation={representation!r} is unknown: use {choices}")
+    if task.framing == "mask" and not can_mask(model.name):
+        raise ConfigError(
+            f"model={model.name} reads the window in one step and cannot mask padded items: "
+            f"use task.framing=drop, or a recurrent topology (model=seq2seq, encdec or many_to_one)"
+        )
     if not (isinstance(model.lr, (int, float)) and model.lr > 0):
         raise ConfigError(f"model.lr={model.lr!r} must be a positive number: e.g. model.lr=1e-3")
     rows = windows_per_sequence(task)

@@ -13,6 +13,47 @@ from echo.data import PAD, one_hot_encode
 from echo.models import detach_state
 
 
+class OneHot:
+    """The tutorial's representation: one-hot inputs, `n_unique` class scores per output item,
+    cross-entropy loss, argmax decode. A PAD input is the all-zero vector."""
+
+    def __init__(self, n_unique: int):
+        self.n_unique = self.n_features = self.n_outputs = n_unique
+
+    def encode(self, tokens: Tensor) -> Tensor:
+        return one_hot_encode(tokens, self.n_unique)
+
+    def loss_sum(self, outputs: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(outputs.flatten(0, 1), y.flatten(), ignore_index=PAD, reduction="sum")
+
+    def decode(self, outputs: Tensor) -> Tensor:
+        return outputs.argmax(-1)
+
+
+class LinearScale:
+    """Extension 1: each integer as one number scaled to [0, 1] (a PAD input is -1, outside
+    that range), one regression output per item, squared-error loss, decoded by rounding
+    back to the nearest integer in [0, n_unique-1]."""
+
+    n_features = n_outputs = 1
+
+    def __init__(self, n_unique: int):
+        self.n_unique, self.scale = n_unique, float(max(n_unique - 1, 1))
+
+    def encode(self, tokens: Tensor) -> Tensor:
+        return torch.where(tokens >= 0, tokens / self.scale, -1.0).unsqueeze(-1)
+
+    def loss_sum(self, outputs: Tensor, y: Tensor) -> Tensor:
+        error = outputs.squeeze(-1) - y / self.scale
+        return (error.square() * (y != PAD)).sum()
+
+    def decode(self, outputs: Tensor) -> Tensor:
+        return (outputs.squeeze(-1) * self.scale).round().clamp(0, self.n_unique - 1).long()
+
+
+REPRESENTATIONS = {"onehot": OneHot, "linear": LinearScale}
+
+
 class EchoModule(pl.LightningModule):
     """Trains a network to echo windows of integers.
 
@@ -22,6 +63,9 @@ class EchoModule(pl.LightningModule):
 
     Metrics are accumulated on the device and read back once per validation, so the
     training loop never waits on the host. `history` holds (name, epoch, value) rows.
+
+    `representation` encodes tokens, scores outputs and decodes them (default: one-hot);
+    `mask_inputs` hands the network a mask of the real (non-PAD) input items.
     """
 
     def __init__(
@@ -33,10 +77,13 @@ class EchoModule(pl.LightningModule):
         windows_per_epoch: int,
         target: float = 0.99,
         stop_at: float | None = None,
+        representation: OneHot | LinearScale | None = None,
+        mask_inputs: bool = False,
     ):
         super().__init__()
         self.net, self.n_unique, self.lr, self.stateful = net, n_unique, lr, stateful
         self.windows_per_epoch, self.target, self.stop_at = windows_per_epoch, target, stop_at
+        self.rep, self.mask_inputs = representation or OneHot(n_unique), mask_inputs
         self.history: list[tuple[str, int, float]] = []
         self.summary: dict[str, float] = {}
         self._train_state = self._eval_state = None
@@ -44,7 +91,9 @@ class EchoModule(pl.LightningModule):
 
     # -- the network on token ids ------------------------------------------------------
     def forward(self, x: Tensor, state=None) -> tuple[Tensor, object]:
-        return self.net(one_hot_encode(x, self.n_unique), state)
+        if self.mask_inputs:
+            return self.net(self.rep.encode(x), state, mask=x != PAD)
+        return self.net(self.rep.encode(x), state)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
@@ -53,8 +102,8 @@ class EchoModule(pl.LightningModule):
         """Summed loss, correct tokens, counted tokens and exactly echoed rows of a batch.
         PAD targets count nowhere."""
         real = y != PAD
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=PAD, reduction="sum")
-        correct = (logits.argmax(-1) == y) & real
+        loss = self.rep.loss_sum(logits, y)
+        correct = (self.rep.decode(logits) == y) & real
         exact = (correct | ~real).all(-1) & real.any(-1)
         return loss, correct.sum(), real.sum(), exact.sum(), real.any(-1).sum()
 
@@ -143,5 +192,5 @@ class EchoModule(pl.LightningModule):
         state, preds = None, []
         for x, _ in batches:
             logits, state = self(x, state if self.stateful else None)
-            preds.append(logits.argmax(-1))
+            preds.append(self.rep.decode(logits))
         return torch.cat(preds)

@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from echo.config import validate
 from echo.data import EchoData, held_out, windows_per_sequence
-from echo.models import MODELS
-from echo.module import EchoModule
+from echo.models import build_net
+from echo.module import REPRESENTATIONS, EchoModule
 from echo.tracking import Tracker, TrackingCallback, flatten, tracking_uri
 
 
@@ -32,8 +32,14 @@ def train(cfg: DictConfig, run_name: str = "default", tags: dict[str, str] | Non
     task, model = cfg.task, cfg.model
 
     rows = windows_per_sequence(task)
-    net = MODELS[model.name](
-        n_features=task.n_unique, hidden_size=model.hidden_size, n_classes=task.n_unique, n_out=task.n_out
+    rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
+    net = build_net(
+        model.name,
+        n_in=task.n_in,
+        n_features=rep.n_features,
+        hidden_size=model.hidden_size,
+        n_classes=rep.n_outputs,
+        n_out=task.n_out,
     )
     module = EchoModule(
         net,
@@ -43,6 +49,8 @@ def train(cfg: DictConfig, run_name: str = "default", tags: dict[str, str] | Non
         windows_per_epoch=task.sequences_per_epoch * rows,
         target=cfg.target,
         stop_at=cfg.stop_at,
+        representation=rep,
+        mask_inputs=task.framing == "mask",
     )
     data = EchoData(task, model.batch_size, model.stateful, seed=cfg.seed)
 
