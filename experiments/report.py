@@ -55,9 +55,7 @@ def load_runs(client, study: str) -> list[dict]:
         return []
     latest = max(r.data.tags[SWEEP_TAG] for r in runs)
     return [
-        {**r.data.params, **r.data.metrics, "run_id": r.info.run_id}
-        for r in runs
-        if r.data.tags[SWEEP_TAG] == latest
+        {**r.data.params, **r.data.metrics, "run_id": r.info.run_id} for r in runs if r.data.tags[SWEEP_TAG] == latest
     ]
 
 
