@@ -1,15 +1,19 @@
 """The tutorial's extensions: linear representation, masking, topologies, stateless batch 1,
 longer echoes. Tiny configs, a few CPU-seconds each."""
 
+import itertools
+from pathlib import Path
+
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from echo.config import ConfigError, validate
-from echo.data import PAD, to_windows
+from echo.data import PAD, FreshSequences, to_windows
 from echo.models import EncoderDecoder, ManyToOne, OneToOne, Seq2Seq, build_net, masked_lstm
 from echo.module import EchoModule, LinearScale, OneHot
 from echo.train import train
-from tests.conftest import make_cfg
+from tests.conftest import CONF, make_cfg
 
 TINY = ["logger=none", "task.eval_windows=84", "trainer.check_val_every_n_epoch=5", "stop_at=null"]
 
@@ -161,3 +165,25 @@ def test_long_echo_sequence_length_follows_n_in():
 def test_onehot_is_the_tutorial_representation():
     rep = OneHot(5)
     assert rep.encode(torch.tensor([PAD, 2])).tolist() == [[0] * 5, [0, 0, 1, 0, 0]]
+
+
+def test_stateless_batch_1_updates_after_every_window():
+    cfg = make_cfg("model.stateful=false", "model.batch_size=1")
+    batches = list(FreshSequences(cfg.task, 1, False, torch.Generator().manual_seed(0)))
+    assert len(batches) == 21 and all(x.shape == (1, 5) for x, _ in batches)
+
+
+# -- the study presets ----------------------------------------------------------------------
+@pytest.mark.parametrize("study", sorted(p.stem for p in Path(CONF, "experiment").glob("study_*.yaml")))
+def test_every_variant_of_every_study_is_a_valid_config(study):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        hydra_cfg = compose("config", overrides=[f"experiment={study}"], return_hydra_config=True)
+        sweep = {k: str(v).split(",") for k, v in hydra_cfg.hydra.sweeper.params.items() if k != "seed"}
+        assert (
+            "seed" in hydra_cfg.hydra.sweeper.params and len(str(hydra_cfg.hydra.sweeper.params.seed).split(",")) >= 3
+        )
+        for values in itertools.product(*sweep.values()):
+            overrides = [f"{k}={v}" for k, v in zip(sweep, values)]
+            cfg = compose("config", overrides=[f"experiment={study}", *overrides])
+            validate(cfg)
+            assert cfg.logger.experiment == study
