@@ -180,6 +180,7 @@ def capacity_plot(runs: list[dict]):
         ax.plot(ns, [mean(by_n[n]) for n in ns], "-o", color=f"C{i}", label=f"hidden {hidden}")
         for n in ns:
             ax.scatter([n + (i - 1) * 0.06] * len(by_n[n]), by_n[n], color=f"C{i}", s=10, alpha=0.6)
+    ax.set_xticks(sorted({int(r["task.n_in"]) for r in runs}))
     ax.axhline(TARGET, color="grey", ls=":", lw=1, label=f"{TARGET}")
     ax.set(
         xlabel="n (n_in = n_out)",
