@@ -34,6 +34,16 @@ def test_linear_loss_is_squared_error_on_real_targets_only():
     assert rep.loss_sum(outputs, y).item() == pytest.approx(0.2**2)
 
 
+def test_linear_metrics_count_predictions_that_round_to_the_target():
+    net = Seq2Seq(1, 3, 1, 2)
+    module = EchoModule(net, 100, 1e-3, stateful=False, windows_per_epoch=1, representation=LinearScale(100))
+    y = torch.tensor([[10, 20], [PAD, 30]])
+    off_by = torch.tensor([[0.4, -0.4], [50.0, 0.6]])  # in integer units: rounds right, right; PAD; wrong
+    outputs = ((y.clamp(min=0) + off_by) / 99).unsqueeze(-1)
+    _, correct, tokens, exact, rows = module._scores(outputs, y)
+    assert (correct.item(), tokens.item(), exact.item(), rows.item()) == (2, 3, 1, 2)
+
+
 def test_linear_representation_learns_a_bit():
     cfg = make_cfg(*TINY, "task.representation=linear", "model.lr=1e-2", "trainer.max_epochs=60")
     metrics = train(cfg)
