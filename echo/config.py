@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from omegaconf import OmegaConf
-
+import echo.resolvers  # noqa: F401  (the presets' ${add:...})
 from echo.data import windows_per_sequence
 from echo.models import MODELS, can_mask
 from echo.module import REPRESENTATIONS
-
-# `${add:${task.n_in},20}`: sums in presets (e.g. a sequence length that follows n_in)
-OmegaConf.register_new_resolver("add", lambda *terms: sum(terms), replace=True)
 
 
 class ConfigError(ValueError):
