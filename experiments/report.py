@@ -2,6 +2,7 @@
 
     python experiments/report.py                  # every study in the store
     python experiments/report.py study_masking    # one study
+    (and automatically at the end of `python run.py -m experiment=study_...`: ReportCallback)
 
 Reads the runs of each study's MLflow experiment (`MLFLOW_TRACKING_URI`, else ./mlflow.db), keeps
 the finished child runs of its latest sweep, and writes `experiments/results/<study>.md` (one row
@@ -18,6 +19,7 @@ from pathlib import Path
 from statistics import mean
 
 import matplotlib
+from hydra.experimental.callback import Callback
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -225,19 +227,33 @@ def update_readme(study: str, text: str) -> None:
         README.write_text(pattern.sub(lambda m: m.group(1) + text + m.group(2), readme))
 
 
+def regenerate(studies: list[str]) -> None:
+    """Write the tables and plots of `studies` from the store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    for study in studies:
+        text = report(client, study)
+        if text:
+            update_readme(study, text)
+
+
+class ReportCallback(Callback):
+    """Hydra callback of the study presets: when the sweep ends, regenerate its table and plot."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if config.logger.name == "mlflow" and config.logger.experiment in STUDIES:
+            regenerate([config.logger.experiment])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("studies", nargs="*", default=list(STUDIES), help="default: all")
     args = parser.parse_args()
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri())
     for study in args.studies:
         if study not in STUDIES:
             parser.error(f"unknown study {study!r}: choose from {', '.join(STUDIES)}")
-        text = report(client, study)
-        if text:
-            update_readme(study, text)
+    regenerate(args.studies)
 
 
 if __name__ == "__main__":
