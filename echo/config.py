@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import echo.resolvers  # noqa: F401  (the presets' ${add:...}, registered with the checks)
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message says what is wrong and how to fix it."""
@@ -58,10 +60,20 @@ def validate(cfg) -> None:
         )
     if task.framing not in ("drop", "mask"):
         raise ConfigError(f"task.framing={task.framing!r} is unknown: use task.framing=drop or task.framing=mask")
-    from echo.models import MODELS
+    from echo.encoding import REPRESENTATIONS  # torch, not Lightning
+    from echo.models import MODELS, can_mask
 
     if model.name not in MODELS:
         raise ConfigError(f"model.name={model.name!r} is unknown: choose model={' or model='.join(MODELS)}")
+    representation = task.get("representation", "onehot")
+    if representation not in REPRESENTATIONS:
+        choices = " or ".join(f"task.representation={r}" for r in REPRESENTATIONS)
+        raise ConfigError(f"task.representation={representation!r} is unknown: use {choices}")
+    if task.framing == "mask" and not can_mask(model.name):
+        raise ConfigError(
+            f"model={model.name} reads the window in one step and cannot mask padded items: "
+            f"use task.framing=drop, or a recurrent topology (model=seq2seq, encdec or many_to_one)"
+        )
     if not (isinstance(model.lr, (int, float)) and model.lr > 0):
         raise ConfigError(f"model.lr={model.lr!r} must be a positive number: e.g. model.lr=1e-3")
     rows = windows_per_sequence(task)

@@ -13,24 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from echo.config import windows_per_sequence
-
-PAD = -1  # token id of a missing observation (masked framing); never a target
+from echo.encoding import PAD, one_hot_decode, one_hot_encode  # noqa: F401 (the data's codes)
 
 
 def generate_sequences(n_seq: int, length: int, n_unique: int, generator: torch.Generator | None = None) -> Tensor:
     """`n_seq` sequences of `length` integers drawn uniformly from [0, n_unique-1]."""
     device = generator.device if generator is not None else None
     return torch.randint(0, n_unique, (n_seq, length), generator=generator, device=device)
-
-
-def one_hot_encode(tokens: Tensor, n_unique: int) -> Tensor:
-    """One-hot float codes, `n_unique` wide; a PAD token becomes the all-zero vector."""
-    return torch.nn.functional.one_hot(tokens.clamp(min=0), n_unique).float() * (tokens >= 0).unsqueeze(-1)
-
-
-def one_hot_decode(codes: Tensor) -> Tensor:
-    """Integers back from one-hot codes (or scores): the argmax of the last axis."""
-    return codes.argmax(-1)
 
 
 def to_windows(seqs: Tensor, n_in: int, n_out: int, framing: str = "drop") -> tuple[Tensor, Tensor]:

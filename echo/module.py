@@ -6,10 +6,9 @@ import time
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from echo.data import PAD, one_hot_encode
+from echo.encoding import PAD, LinearScale, OneHot
 from echo.models import detach_state
 
 
@@ -22,6 +21,9 @@ class EchoModule(pl.LightningModule):
 
     Metrics are accumulated on the device and read back once per validation, so the
     training loop never waits on the host. `history` holds (name, epoch, value) rows.
+
+    `representation` encodes tokens, scores outputs and decodes them (default: one-hot);
+    `mask_inputs` hands the network a mask of the real (non-PAD) input items.
     """
 
     def __init__(
@@ -33,10 +35,13 @@ class EchoModule(pl.LightningModule):
         windows_per_epoch: int,
         target: float = 0.99,
         stop_at: float | None = None,
+        representation: OneHot | LinearScale | None = None,
+        mask_inputs: bool = False,
     ):
         super().__init__()
         self.net, self.n_unique, self.lr, self.stateful = net, n_unique, lr, stateful
         self.windows_per_epoch, self.target, self.stop_at = windows_per_epoch, target, stop_at
+        self.rep, self.mask_inputs = representation or OneHot(n_unique), mask_inputs
         self.history: list[tuple[str, int, float]] = []
         self.summary: dict[str, float] = {}
         self._train_state = self._eval_state = None
@@ -47,7 +52,9 @@ class EchoModule(pl.LightningModule):
 
     # -- the network on token ids ------------------------------------------------------
     def forward(self, x: Tensor, state=None) -> tuple[Tensor, object]:
-        return self.net(one_hot_encode(x, self.n_unique), state)
+        if self.mask_inputs:
+            return self.net(self.rep.encode(x), state, mask=x != PAD)
+        return self.net(self.rep.encode(x), state)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr, fused=True)  # one kernel per step
@@ -56,8 +63,8 @@ class EchoModule(pl.LightningModule):
         """Summed loss, correct tokens, counted tokens and exactly echoed rows of a batch.
         PAD targets count nowhere."""
         real = y != PAD
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=PAD, reduction="sum")
-        correct = (logits.argmax(-1) == y) & real
+        loss = self.rep.loss_sum(logits, y)
+        correct = (self.rep.decode(logits) == y) & real
         exact = (correct | ~real).all(-1) & real.any(-1)
         return loss, correct.sum(), real.sum(), exact.sum(), real.any(-1).sum()
 
@@ -73,14 +80,15 @@ class EchoModule(pl.LightningModule):
         x, y = batch
         logits, state = self(x, self._train_state if self.stateful else None)
         self._train_state = detach_state(state)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=PAD)
+        tokens = (y != PAD).sum()
+        loss_sum = self.rep.loss_sum(logits, y)
+        loss = loss_sum / tokens
         optimizer = self.optimizers()
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
-        tokens = (y != PAD).sum()
-        correct = (logits.detach().argmax(-1) == y).sum()  # PAD (-1) never equals a prediction
-        self._epoch_sums += torch.stack([loss.detach() * tokens, correct, tokens])
+        correct = (self.rep.decode(logits.detach()) == y).sum()  # PAD (-1) is never a prediction
+        self._epoch_sums += torch.stack([loss_sum.detach(), correct, tokens])
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -151,5 +159,5 @@ class EchoModule(pl.LightningModule):
         state, preds = None, []
         for x, _ in batches:
             logits, state = self(x, state if self.stateful else None)
-            preds.append(logits.argmax(-1))
+            preds.append(self.rep.decode(logits))
         return torch.cat(preds)

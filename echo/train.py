@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from echo.config import validate, windows_per_sequence
 from echo.data import EchoData, held_out
-from echo.models import MODELS
+from echo.encoding import REPRESENTATIONS
+from echo.models import build_net
 from echo.module import EchoModule
 from echo.tracking import Tracker, start_tracker, tracking_uri
 
@@ -57,8 +58,14 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None) -> tuple[dict[str, f
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     task, model = cfg.task, cfg.model
-    net = MODELS[model.name](
-        n_features=task.n_unique, hidden_size=model.hidden_size, n_classes=task.n_unique, n_out=task.n_out
+    rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
+    net = build_net(
+        model.name,
+        n_in=task.n_in,
+        n_features=rep.n_features,
+        hidden_size=model.hidden_size,
+        n_classes=rep.n_outputs,
+        n_out=task.n_out,
     )
     module = EchoModule(
         net,
@@ -68,6 +75,8 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None) -> tuple[dict[str, f
         windows_per_epoch=task.sequences_per_epoch * windows_per_sequence(task),
         target=cfg.target,
         stop_at=cfg.stop_at,
+        representation=rep,
+        mask_inputs=task.framing == "mask",
     )
     data = EchoData(task, model.batch_size, model.stateful, seed=cfg.seed)
     callbacks = [EpochProgress()] if cfg.progress else []

@@ -1,0 +1,63 @@
+"""How integers are shown to a network and read back: one-hot (the tutorial) or linear.
+
+Imports torch only, so a config can be checked without loading Lightning.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PAD = -1  # token id of a missing observation (masked framing); never a target
+
+
+def one_hot_encode(tokens: Tensor, n_unique: int) -> Tensor:
+    """One-hot float codes, `n_unique` wide; a PAD token becomes the all-zero vector."""
+    return torch.nn.functional.one_hot(tokens.clamp(min=0), n_unique).float() * (tokens >= 0).unsqueeze(-1)
+
+
+def one_hot_decode(codes: Tensor) -> Tensor:
+    """Integers back from one-hot codes (or scores): the argmax of the last axis."""
+    return codes.argmax(-1)
+
+
+class OneHot:
+    """The tutorial's representation: one-hot inputs, `n_unique` class scores per output item,
+    cross-entropy loss, argmax decode. A PAD input is the all-zero vector."""
+
+    def __init__(self, n_unique: int):
+        self.n_unique = self.n_features = self.n_outputs = n_unique
+
+    def encode(self, tokens: Tensor) -> Tensor:
+        return one_hot_encode(tokens, self.n_unique)
+
+    def loss_sum(self, outputs: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(outputs.flatten(0, 1), y.flatten(), ignore_index=PAD, reduction="sum")
+
+    def decode(self, outputs: Tensor) -> Tensor:
+        return one_hot_decode(outputs)
+
+
+class LinearScale:
+    """Extension 1: each integer as one number scaled to [0, 1] (a PAD input is -1, outside
+    that range), one regression output per item, squared-error loss, decoded by rounding
+    back to the nearest integer in [0, n_unique-1]."""
+
+    n_features = n_outputs = 1
+
+    def __init__(self, n_unique: int):
+        self.n_unique, self.scale = n_unique, float(max(n_unique - 1, 1))
+
+    def encode(self, tokens: Tensor) -> Tensor:
+        return torch.where(tokens >= 0, tokens / self.scale, -1.0).unsqueeze(-1)
+
+    def loss_sum(self, outputs: Tensor, y: Tensor) -> Tensor:
+        error = outputs.squeeze(-1) - y / self.scale
+        return (error.square() * (y != PAD)).sum()
+
+    def decode(self, outputs: Tensor) -> Tensor:
+        return (outputs.squeeze(-1) * self.scale).round().clamp(0, self.n_unique - 1).long()
+
+
+REPRESENTATIONS = {"onehot": OneHot, "linear": LinearScale}

@@ -1,0 +1,260 @@
+"""Tables and plots of the extension studies, from the MLflow store.
+
+    python experiments/report.py                  # every study in the store
+    python experiments/report.py study_masking    # one study
+    (and automatically at the end of `python run.py -m experiment=study_...`: ReportCallback)
+
+Reads the runs of each study's MLflow experiment (`MLFLOW_TRACKING_URI`, else ./mlflow.db), keeps
+the finished child runs of its latest sweep, and writes `experiments/results/<study>.md` (one row
+per variant, aggregated over seeds) and `experiments/results/<study>.png`; it also replaces the
+table between `<!-- <study> -->` and `<!-- /<study> -->` in experiments/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from statistics import mean
+
+import matplotlib
+from hydra.experimental.callback import Callback
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from echo.encoding import REPRESENTATIONS  # noqa: E402
+from echo.models import build_net, count_parameters  # noqa: E402
+from echo.tracking import SWEEP_TAG, tracking_uri  # noqa: E402
+
+RESULTS = ROOT / "experiments" / "results"
+README = ROOT / "experiments" / "README.md"
+TARGET = 0.99
+
+# study -> the swept settings (besides the seed) that make a variant
+STUDIES = {
+    "study_linear": ["task.representation", "model.hidden_size", "model.lr"],
+    "study_masking": ["task.framing"],
+    "study_long": ["model.name", "task.n_in"],
+    "study_capacity": ["model.hidden_size", "task.n_in"],
+    "study_stateless": ["model.stateful", "model.batch_size"],
+    "study_topology": ["model.name", "model.hidden_size"],
+}
+
+
+def load_runs(client, study: str) -> list[dict]:
+    """The finished jobs of the study's latest sweep, as flat dicts of params and metrics."""
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'", max_results=10_000)
+    runs = [r for r in runs if SWEEP_TAG in r.data.tags and "echo.sweep_parent" not in r.data.tags]
+    if not runs:
+        return []
+    latest = max(r.data.tags[SWEEP_TAG] for r in runs)
+    return [
+        {**r.data.params, **r.data.metrics, "run_id": r.info.run_id} for r in runs if r.data.tags[SWEEP_TAG] == latest
+    ]
+
+
+def parameters(run: dict) -> int:
+    rep = REPRESENTATIONS[run.get("task.representation", "onehot")](int(run["task.n_unique"]))
+    net = build_net(
+        run["model.name"],
+        n_in=int(run["task.n_in"]),
+        n_features=rep.n_features,
+        hidden_size=int(run["model.hidden_size"]),
+        n_classes=rep.n_outputs,
+        n_out=int(run["task.n_out"]),
+    )
+    return count_parameters(net)
+
+
+def steps_per_epoch(run: dict) -> int:
+    rows = int(run["task.length"]) - (0 if run["task.framing"] == "mask" else int(run["task.n_in"]) - 1)
+    batch = int(run["model.batch_size"])
+    return rows // batch if run["model.stateful"] == "True" else -(-rows // batch)
+
+
+def group(runs: list[dict], keys: list[str]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for run in sorted(runs, key=lambda r: [_sortable(r[k]) for k in keys] + [int(r["seed"])]):
+        groups.setdefault(tuple(run[k] for k in keys), []).append(run)
+    return groups
+
+
+def _sortable(value: str):
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(mean(values), fmt)} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+
+
+def table(runs: list[dict], keys: list[str]) -> str:
+    """One row per variant: mean (min–max over seeds) of the final metrics."""
+    head = [
+        *keys,
+        "seeds",
+        "params",
+        "test exact match",
+        "test token acc",
+        "reached 0.99",
+        "epochs to 0.99",
+        "steps to 0.99",
+        "epochs run",
+        "train s",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, rs in group(runs, keys).items():
+        reached = [r for r in rs if "epochs_to_target" in r]
+        row = [
+            *variant,
+            ",".join(r["seed"] for r in rs),
+            f"{parameters(rs[0]):,}",
+            _spread([r["test/exact_match"] for r in rs], ".3f"),
+            _spread([r["test/token_acc"] for r in rs], ".3f"),
+            f"{len(reached)}/{len(rs)}",
+            _spread([r["epochs_to_target"] for r in reached], ".0f"),
+            _spread([r["epochs_to_target"] * steps_per_epoch(r) for r in reached], ".0f"),
+            _spread([r["epochs"] for r in rs], ".0f"),
+            _spread([r["train_time_s"] for r in rs], ".1f"),
+        ]
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def capacity_table(runs: list[dict]) -> str:
+    """Per hidden size: the largest n (n_in = n_out) echoed at >= 0.99 test exact match, per seed."""
+    lines = [
+        f"| model.hidden_size | largest n at ≥ {TARGET} test exact match, per seed | all seeds | n tried |",
+        "|---|---|---|---|",
+    ]
+    for (hidden,), rs in group(runs, ["model.hidden_size"]).items():
+        seeds = sorted({int(r["seed"]) for r in rs})
+        best = []
+        for seed in seeds:
+            ok = [int(r["task.n_in"]) for r in rs if int(r["seed"]) == seed and r["test/exact_match"] >= TARGET]
+            best.append(max(ok, default=0))
+        tried = sorted({int(r["task.n_in"]) for r in rs})
+        per_seed = ", ".join(f"seed {s}: {b}" for s, b in zip(seeds, best))
+        lines.append(f"| {hidden} | {per_seed} | {min(best)} | {','.join(map(str, tried))} |")
+    return "\n".join(lines) + "\n"
+
+
+def learning_curves(client, runs: list[dict], keys: list[str], title: str):
+    """val/exact_match and val/token_acc against epochs: a colour per variant, a line per seed."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric in zip(axes, ("val/exact_match", "val/token_acc")):
+        for i, (variant, rs) in enumerate(group(runs, keys).items()):
+            label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, variant))
+            for j, run in enumerate(rs):
+                history = sorted((m.step, m.value) for m in client.get_metric_history(run["run_id"], metric))
+                if history:
+                    steps, values = zip(*history)
+                    ax.plot(steps, values, color=f"C{i}", alpha=0.8, lw=1.2, label=label if j == 0 else None)
+        ax.axhline(TARGET, color="grey", ls=":", lw=1)
+        ax.set(xlabel="epoch", ylabel=metric, title=f"{title}: {metric}", ylim=(-0.02, 1.02))
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def capacity_plot(runs: list[dict]):
+    """test/exact_match against n (n_in = n_out), one line per hidden size (mean; dots: seeds)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, ((hidden,), rs) in enumerate(group(runs, ["model.hidden_size"]).items()):
+        by_n: dict[int, list[float]] = {}
+        for r in rs:
+            by_n.setdefault(int(r["task.n_in"]), []).append(r["test/exact_match"])
+        ns = sorted(by_n)
+        ax.plot(ns, [mean(by_n[n]) for n in ns], "-o", color=f"C{i}", label=f"hidden {hidden}")
+        for n in ns:
+            ax.scatter([n + (i - 1) * 0.06] * len(by_n[n]), by_n[n], color=f"C{i}", s=10, alpha=0.6)
+    ax.set_xticks(sorted({int(r["task.n_in"]) for r in runs}))
+    ax.axhline(TARGET, color="grey", ls=":", lw=1, label=f"{TARGET}")
+    ax.set(
+        xlabel="n (n_in = n_out)",
+        ylabel="test/exact_match",
+        title="encoder-decoder capacity in a fixed budget",
+        ylim=(-0.02, 1.02),
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def report(client, study: str) -> str | None:
+    runs = load_runs(client, study)
+    if not runs:
+        print(f"{study}: no finished sweep in {tracking_uri()}; run `python run.py -m experiment={study}`")
+        return None
+    keys = STUDIES[study]
+    text = table(runs, keys)
+    if study == "study_capacity":
+        text += "\n" + capacity_table(runs)
+        fig = capacity_plot(runs)
+    else:
+        fig = learning_curves(client, runs, keys, study)
+    sweep = client.get_run(runs[0]["run_id"]).data.tags[SWEEP_TAG]
+    text = f"Sweep `{sweep}`, {len(runs)} runs; mean (min–max) over seeds.\n\n" + text
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{study}.md").write_text(text)
+    fig.savefig(RESULTS / f"{study}.png", dpi=110)
+    plt.close(fig)
+    print(f"{study}: {len(runs)} runs -> {RESULTS.relative_to(ROOT)}/{study}.md, .png")
+    return text
+
+
+def update_readme(study: str, text: str) -> None:
+    """Replace the table between `<!-- study -->` and `<!-- /study -->` in experiments/README.md."""
+    if not README.exists():
+        return
+    readme = README.read_text()
+    pattern = re.compile(rf"(<!-- {study} -->\n).*?(<!-- /{study} -->)", re.S)
+    if pattern.search(readme):
+        README.write_text(pattern.sub(lambda m: m.group(1) + text + m.group(2), readme))
+
+
+def regenerate(studies: list[str]) -> None:
+    """Write the tables and plots of `studies` from the store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    for study in studies:
+        text = report(client, study)
+        if text:
+            update_readme(study, text)
+
+
+class ReportCallback(Callback):
+    """Hydra callback of the study presets: when the sweep ends, regenerate its table and plot."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if config.logger.name == "mlflow" and config.logger.experiment in STUDIES:
+            regenerate([config.logger.experiment])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("studies", nargs="*", default=list(STUDIES), help="default: all")
+    args = parser.parse_args()
+    for study in args.studies:
+        if study not in STUDIES:
+            parser.error(f"unknown study {study!r}: choose from {', '.join(STUDIES)}")
+    regenerate(args.studies)
+
+
+if __name__ == "__main__":
+    main()
