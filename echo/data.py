@@ -56,40 +56,24 @@ def to_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tu
     return list(zip(interleave(x).unbind(), interleave(y).unbind()))
 
 
-class Batches:
-    """Prepared batches as one data loader (Lightning reads a plain list as several)."""
+class Epochs:
+    """A data loader with one item per epoch: the epoch's batches, in order.
 
-    def __init__(self, batches: list[tuple[Tensor, Tensor]]):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-class FreshSequences:
-    """An epoch's worth of batches from fresh random sequences, new at every `iter()`.
-
-    Lightning calls `iter()` once per epoch, so the network never sees a sequence twice.
+    The tutorial's epoch is one `fit()` on one fresh sequence: a few batches, an update after
+    each, LSTM state carried between them. The LightningModule trains such an epoch in one
+    step, so Lightning's per-step bookkeeping is paid once per epoch, not once per batch.
+    `make_batches()` is called at every `iter()`, lazily: nothing is drawn until the epoch is
+    asked for (Lightning calls `iter()` once just to check that it can).
     """
 
-    def __init__(self, task, batch_size: int, stateful: bool, generator: torch.Generator):
-        self.task, self.batch_size, self.stateful, self.generator = task, batch_size, stateful, generator
-        rows = windows_per_sequence(task)
-        self.steps = rows // batch_size if stateful else -(-rows // batch_size)
+    def __init__(self, make_batches):
+        self.make_batches = make_batches
 
     def __len__(self) -> int:
-        return self.steps
+        return 1
 
     def __iter__(self):
-        # A generator: nothing is drawn until the first batch is asked for (Lightning calls
-        # iter() once just to check that it can), so seed s gives the same data everywhere.
-        t = self.task
-        seqs = generate_sequences(t.sequences_per_epoch, t.length, t.n_unique, self.generator)
-        x, y = to_windows(seqs, t.n_in, t.n_out, t.framing)
-        yield from to_batches(x, y, self.batch_size, self.stateful)
+        yield self.make_batches()
 
 
 def held_out(task, n_seq: int, seed: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
@@ -119,14 +103,23 @@ class EchoData(pl.LightningDataModule):
         self.val = held_out(self.task, n_seq, self.task.val_seed, device)
         self.test = held_out(self.task, n_seq, self.task.test_seed, device)
 
-    def train_dataloader(self) -> FreshSequences:
-        return FreshSequences(self.task, self.batch_size, self.stateful, self.train_generator)
+    def train_dataloader(self) -> Epochs:
+        return Epochs(self.fresh_batches)
 
-    def val_dataloader(self) -> Batches:
-        return Batches(self.eval_batches(*self.val))
+    def fresh_batches(self) -> list[tuple[Tensor, Tensor]]:
+        """One epoch: `sequences_per_epoch` fresh sequences, framed and batched."""
+        t = self.task
+        seqs = generate_sequences(t.sequences_per_epoch, t.length, t.n_unique, self.train_generator)
+        x, y = to_windows(seqs, t.n_in, t.n_out, t.framing)
+        return to_batches(x, y, self.batch_size, self.stateful)
 
-    def test_dataloader(self) -> Batches:
-        return Batches(self.eval_batches(*self.test))
+    def val_dataloader(self) -> Epochs:
+        batches = self.eval_batches(*self.val)
+        return Epochs(lambda: batches)
+
+    def test_dataloader(self) -> Epochs:
+        batches = self.eval_batches(*self.test)
+        return Epochs(lambda: batches)
 
     def eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Stateful models are evaluated as they were trained, batch by batch with state

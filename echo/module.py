@@ -19,7 +19,9 @@ class EchoModule(pl.LightningModule):
     of batch b; no gradient crosses batches; the state is reset at each new epoch (new
     sequences) and before every evaluation. Stateless: every batch starts from zeros.
 
-    Metrics are accumulated on the device and read back once per validation, so the
+    One Lightning step is one tutorial epoch (a list of batches from fresh sequences), with
+    an optimizer step after each batch, so Lightning's per-step bookkeeping is paid once per
+    epoch. Metrics are accumulated on the device and read back once per validation, so the
     training loop never waits on the host. `history` holds (name, epoch, value) rows.
 
     `representation` encodes tokens, scores outputs and decodes them (default: one-hot);
@@ -44,10 +46,9 @@ class EchoModule(pl.LightningModule):
         self.rep, self.mask_inputs = representation or OneHot(n_unique), mask_inputs
         self.history: list[tuple[str, int, float]] = []
         self.summary: dict[str, float] = {}
-        self._train_state = self._eval_state = None
         self._train_sums: list[tuple[int, Tensor]] = []  # (epoch, [loss*tokens, correct, tokens])
-        # One optimizer step per batch, written out: Lightning's automatic optimization adds
-        # hooks and a closure that cost more than a whole step of these small networks.
+        # Several optimizer steps per Lightning step, written out (manual optimization); it
+        # also skips automatic optimization's closure and hooks, costly next to these steps.
         self.automatic_optimization = False
 
     # -- the network on token ids ------------------------------------------------------
@@ -59,40 +60,42 @@ class EchoModule(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr, fused=True)  # one kernel per step
 
-    def _scores(self, logits: Tensor, y: Tensor) -> tuple[Tensor, ...]:
-        """Summed loss, correct tokens, counted tokens and exactly echoed rows of a batch.
-        PAD targets count nowhere."""
+    def _scores(self, scores: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+        """Summed loss, correct tokens, counted tokens, exactly echoed rows and rows of a
+        batch. PAD targets count nowhere."""
         real = y != PAD
-        loss = self.rep.loss_sum(logits, y)
-        correct = (self.rep.decode(logits) == y) & real
+        loss = self.rep.loss_sum(scores, y)
+        correct = (self.rep.decode(scores) == y) & real
         exact = (correct | ~real).all(-1) & real.any(-1)
         return loss, correct.sum(), real.sum(), exact.sum(), real.any(-1).sum()
+
+    def _forward_batches(self, batches: list[tuple[Tensor, Tensor]]):
+        """Yield (scores, targets) batch by batch. Stateful: the state runs on from batch to
+        batch, detached (no gradient crosses batches), and starts from zeros with every call,
+        which is a new sequence (Keras `reset_states()`). Stateless: zeros every batch."""
+        state = None
+        for x, y in batches:
+            scores, state = self(x, state if self.stateful else None)
+            yield scores, y
+            state = detach_state(state)
 
     # -- training ----------------------------------------------------------------------
     def on_train_start(self) -> None:
         self._t0 = time.perf_counter()
 
-    def on_train_epoch_start(self) -> None:
-        self._train_state = None  # a new epoch is a new sequence: reset_states()
-        self._epoch_sums = torch.zeros(3, device=self.device)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        logits, state = self(x, self._train_state if self.stateful else None)
-        self._train_state = detach_state(state)
-        tokens = (y != PAD).sum()
-        loss_sum = self.rep.loss_sum(logits, y)
-        loss = loss_sum / tokens
+    def training_step(self, batches: list[tuple[Tensor, Tensor]], batch_idx: int) -> None:
+        """One tutorial epoch: its batches in order, an optimizer step after each."""
         optimizer = self.optimizers()
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        optimizer.step()
-        correct = (self.rep.decode(logits.detach()) == y).sum()  # PAD (-1) is never a prediction
-        self._epoch_sums += torch.stack([loss_sum.detach(), correct, tokens])
-        return loss
-
-    def on_train_epoch_end(self) -> None:
-        self._train_sums.append((self.current_epoch + 1, self._epoch_sums))
+        sums = []
+        for scores, y in self._forward_batches(batches):
+            tokens = (y != PAD).sum()
+            loss_sum = self.rep.loss_sum(scores, y)
+            optimizer.zero_grad()
+            self.manual_backward(loss_sum / tokens)
+            optimizer.step()
+            correct = (self.rep.decode(scores.detach()) == y).sum()  # PAD (-1) is never a prediction
+            sums.append(torch.stack([loss_sum.detach(), correct, tokens]))
+        self._train_sums.append((self.current_epoch + 1, torch.stack(sums).sum(0)))
 
     def flush_train_metrics(self) -> None:
         """Move the per-epoch training metrics accumulated on the device into `history`."""
@@ -104,15 +107,11 @@ class EchoModule(pl.LightningModule):
         self._train_sums = []
 
     # -- evaluation --------------------------------------------------------------------
-    def _eval_start(self) -> None:
-        self._eval_state = None
-        self._eval_sums = torch.zeros(5, device=self.device)
+    def _eval_step(self, batches: list[tuple[Tensor, Tensor]], batch_idx: int) -> None:
+        """Evaluate as the model was trained: batch by batch, state carried, reset first."""
+        self._eval_sums = sum(torch.stack(self._scores(s, y)).float() for s, y in self._forward_batches(batches))
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor]) -> None:
-        x, y = batch
-        logits, state = self(x, self._eval_state if self.stateful else None)
-        self._eval_state = state
-        self._eval_sums += torch.stack(self._scores(logits, y)).float()
+    validation_step = test_step = _eval_step
 
     def _eval_metrics(self, prefix: str) -> dict[str, float]:
         loss_sum, correct, tokens, exact, rows = self._eval_sums.tolist()
@@ -121,14 +120,6 @@ class EchoModule(pl.LightningModule):
             f"{prefix}/token_acc": correct / tokens,
             f"{prefix}/exact_match": exact / rows,
         }
-
-    on_validation_epoch_start = on_test_epoch_start = _eval_start
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -156,8 +147,4 @@ class EchoModule(pl.LightningModule):
     def predict_windows(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
         """Predicted tokens for evaluation batches, with state carried and reset first."""
         self.eval()
-        state, preds = None, []
-        for x, _ in batches:
-            logits, state = self(x, state if self.stateful else None)
-            preds.append(self.rep.decode(logits))
-        return torch.cat(preds)
+        return torch.cat([self.rep.decode(scores) for scores, _ in self._forward_batches(batches)])

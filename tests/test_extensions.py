@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from echo.config import ConfigError, validate
-from echo.data import PAD, FreshSequences, to_windows
+from echo.data import PAD, EchoData, to_windows
 from echo.encoding import LinearScale, OneHot
 from echo.models import EncoderDecoder, ManyToOne, OneToOne, Seq2Seq, build_net, masked_lstm
 from echo.module import EchoModule
@@ -180,7 +180,10 @@ def test_onehot_is_the_tutorial_representation():
 
 def test_stateless_batch_1_updates_after_every_window():
     cfg = make_cfg("model.stateful=false", "model.batch_size=1")
-    batches = list(FreshSequences(cfg.task, 1, False, torch.Generator().manual_seed(0)))
+    data = EchoData(cfg.task, 1, False, seed=0)
+    data.trainer = None
+    data.setup("fit")
+    batches = data.fresh_batches()
     assert len(batches) == 21 and all(x.shape == (1, 5) for x, _ in batches)
 
 
