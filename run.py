@@ -9,16 +9,25 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    from echo.checkpoints import resumed_config
     from echo.config import ConfigError
-    from echo.tracking import run_name_and_tags
+    from echo.faults import TrainingError
+    from echo.sweeps import job_name_and_tags, objective_value
     from echo.train import train
 
     try:
-        metrics = train(cfg, *run_name_and_tags(HydraConfig.get()))
+        if cfg.get("resume"):
+            cfg = resumed_config(cfg, HydraConfig.get().overrides.task)
+        metrics = train(cfg, *job_name_and_tags(HydraConfig.get(), cfg))
     except ConfigError as error:
         print(f"echo: bad config: {error}", file=sys.stderr)
         sys.exit(2)
-    return metrics.get("val/exact_match", 0.0)  # what a sweeper maximises
+    except TrainingError as error:
+        print(f"echo: run failed: {error}", file=sys.stderr)
+        if HydraConfig.get().mode.name == "MULTIRUN":  # one diverged trial scores worst; the sweep goes on
+            return objective_value({}, cfg.objective)
+        sys.exit(1)
+    return objective_value(metrics, cfg.objective)  # what a sweeper optimises
 
 
 if __name__ == "__main__":

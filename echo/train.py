@@ -13,8 +13,10 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from echo.checkpoints import RESUMED_FROM, Checkpointer, download_checkpoint
 from echo.config import validate
 from echo.data import EchoData, held_out, windows_per_sequence
+from echo.faults import NonFiniteGuard, interrupted, record_error
 from echo.models import MODELS
 from echo.module import EchoModule
 from echo.tracking import Tracker, TrackingCallback, flatten, tracking_uri
@@ -26,6 +28,10 @@ def train(cfg: DictConfig, run_name: str = "default", tags: dict[str, str] | Non
     Raises `echo.config.ConfigError` before anything is built or tracked if `cfg` cannot run.
     """
     validate(cfg)
+    resume = cfg.get("resume")
+    checkpoint = download_checkpoint(resume) if resume else None  # before anything is tracked
+    if resume:
+        tags = {**(tags or {}), RESUMED_FROM: str(resume)}
     _quiet_lightning()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -49,6 +55,9 @@ def train(cfg: DictConfig, run_name: str = "default", tags: dict[str, str] | Non
     tracker = Tracker(cfg.logger.experiment, run_name, tags) if cfg.logger.name == "mlflow" else None
     callbacks = [EpochProgress()] if cfg.progress else []
     callbacks += [TrackingCallback(tracker)] if tracker else []
+    callbacks += [NonFiniteGuard(model.lr)]
+    if tracker:
+        callbacks += [Checkpointer(tracker, OmegaConf.to_yaml(cfg, resolve=True), cfg.get("checkpoint_every"))]
     trainer = pl.Trainer(
         **cfg.trainer,
         logger=False,
@@ -65,7 +74,7 @@ def train(cfg: DictConfig, run_name: str = "default", tags: dict[str, str] | Non
     try:
         with _sigterm_as_interrupt():
             start = time.perf_counter()
-            trainer.fit(module, data)
+            trainer.fit(module, data, ckpt_path=checkpoint)
             train_time = time.perf_counter() - start
             if not trainer.interrupted:
                 trainer.test(module, data, verbose=False)
@@ -85,8 +94,10 @@ def train(cfg: DictConfig, run_name: str = "default", tags: dict[str, str] | Non
         status = "FINISHED"
         return summary
     except BaseException as error:
-        if isinstance(error, KeyboardInterrupt) or trainer.interrupted:
+        if interrupted(error):
             status = "KILLED"
+        elif tracker:
+            record_error(tracker, error)
         raise
     finally:
         if tracker:
