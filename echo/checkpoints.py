@@ -9,6 +9,7 @@ checkpoint's epoch with the old run's config; the old run keeps its own status a
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -51,6 +52,17 @@ class Checkpointer(pl.Callback):
     def on_exception(self, trainer, module, exception) -> None:
         if not isinstance(exception, TrainingError):  # a diverged model is not worth resuming
             self.save(trainer)
+            print(
+                f"echo: stopped at epoch {trainer.current_epoch + 1}; checkpoint saved: continue with "
+                f"`python run.py resume={self.tracker.run_id}`",
+                file=sys.stderr,
+            )
+
+    def on_train_start(self, trainer, module) -> None:
+        if trainer.ckpt_path:
+            # resumed from a checkpoint taken mid-epoch (an interrupt), Lightning continues that
+            # epoch without its epoch-start hook: start it as a fresh epoch (new sequence, new state)
+            module.on_train_epoch_start()
 
     def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         checkpoint["echo"] = {"summary": dict(module.summary), "run_id": self.tracker.run_id}

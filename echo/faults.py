@@ -24,7 +24,8 @@ class NonFiniteGuard(pl.Callback):
 
     def check(self, module) -> None:
         module.flush_train_metrics()
-        for name, epoch, value in module.history[self._checked :]:
+        new = sorted(module.history[self._checked :], key=lambda row: (row[1], not row[0].startswith("train")))
+        for name, epoch, value in new:  # the earliest epoch first, and there the training loss
             if name.endswith("loss") and not math.isfinite(value):
                 raise TrainingError(
                     f"{name} became {value} at epoch {epoch}: training diverged; "
