@@ -58,17 +58,34 @@ class Checkpointer(pl.Callback):
                 file=sys.stderr,
             )
 
-    def on_train_start(self, trainer, module) -> None:
-        if trainer.ckpt_path:
-            # resumed from a checkpoint taken mid-epoch (an interrupt), Lightning continues that
-            # epoch without its epoch-start hook: start it as a fresh epoch (new sequence, new state)
-            module.on_train_epoch_start()
-
     def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         checkpoint["echo"] = {"summary": dict(module.summary), "run_id": self.tracker.run_id}
 
     def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         module.summary.update(checkpoint.get("echo", {}).get("summary", {}))
+        _restart_interrupted_epoch(checkpoint)
+
+
+def _restart_interrupted_epoch(checkpoint: dict) -> None:
+    """Make a checkpoint taken mid-epoch (an interrupt) resume at the start of that epoch.
+
+    An epoch here is a few optimizer steps on a fresh sequence, so redoing it costs nothing, while
+    resuming halfway (after its training steps, or during its validation) would skip the module's
+    epoch-start and leave its per-epoch sums empty.
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit:
+        return
+    total = fit["epoch_progress"]["total"]
+    if total["processed"] == total["started"]:
+        return  # the epoch's training and validation are done: Lightning resumes at the next one
+    done = total["completed"]
+    for counters in (fit["epoch_progress"]["total"], fit["epoch_progress"]["current"]):
+        counters.update(ready=done, started=done, processed=done, completed=done)
+    for loop in ("epoch_loop.batch_progress", "epoch_loop.val_loop.batch_progress"):
+        if loop in fit:
+            fit[loop]["current"].update(ready=0, started=0, processed=0, completed=0)
+            fit[loop]["is_last_batch"] = False
 
 
 def _download(run_id: str, name: str, folder: str) -> str:

@@ -147,3 +147,26 @@ def test_sigterm_to_a_sweep_ends_the_parent_and_the_running_job_killed(tmp_path)
         proc.kill()
     runs = all_runs(uri)
     assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]  # the parent and job 0; job 1 never ran
+
+
+@pytest.mark.parametrize("hook", ["training_step", "validation_step"])
+def test_a_run_interrupted_mid_epoch_resumes_by_redoing_that_epoch(store, monkeypatch, hook):
+    original = getattr(EchoModule, hook)
+
+    def ctrl_c_in_epoch_10(self, *args):
+        if self.current_epoch == 9:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(EchoModule, hook, ctrl_c_in_epoch_10)
+    settings = ["trainer.max_epochs=12", "trainer.check_val_every_n_epoch=5", "stop_at=null", "progress=false"]
+    with pytest.raises(SystemExit):  # Lightning exits after a KeyboardInterrupt
+        train(make_cfg(*settings))
+    monkeypatch.setattr(EchoModule, hook, original)
+    (killed,) = all_runs(store)
+    assert killed.info.status == "KILLED" and _steps(store, killed.info.run_id) == list(range(1, 10))
+
+    assert train(make_cfg(*settings, f"resume={killed.info.run_id}"))["epochs"] == 12
+    new = next(r for r in all_runs(store) if r.info.run_id != killed.info.run_id)
+    assert _steps(store, new.info.run_id) == [10, 11, 12]
+    assert _steps(store, new.info.run_id, "val/exact_match")[0] == 10
