@@ -82,16 +82,13 @@ def test_resuming_an_unknown_run_or_one_without_a_checkpoint_is_a_config_error(s
     assert len(all_runs(store)) == 1  # no half-written run
 
 
-def _wait_for_running_run(uri, proc, timeout=120, children=False):
+def _wait_for_running_run(uri, proc, timeout=120, children=0):
+    """The first running run, once `children` sweep jobs (if any) are running."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stdout.read()
-        running = [
-            r
-            for r in all_runs(uri)
-            if r.info.status == "RUNNING" and (not children or "mlflow.parentRunId" in r.data.tags)
-        ]
-        if running:
+        running = [r for r in all_runs(uri) if r.info.status == "RUNNING"]
+        if running and sum("mlflow.parentRunId" in r.data.tags for r in running) >= children:
             return running[0]
         time.sleep(0.5)
     raise AssertionError("no run started")
@@ -133,20 +130,26 @@ def test_sigterm_ends_a_run_killed_with_its_metrics_and_it_resumes_from_its_chec
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_sweep_ends_the_parent_and_the_running_job_killed(tmp_path):
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_sigterm_to_a_sweep_ends_the_parent_and_its_running_jobs_killed(tmp_path, launcher):
+    if launcher == "joblib":
+        pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     _fresh_store(uri)
-    long_runs = ["-m", "model.hidden_size=10,20", "trainer.max_epochs=100000", "stop_at=null", "progress=false"]
+    long_runs = ["-m", f"hydra/launcher={launcher}", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["-m"]
+    long_runs += ["model.hidden_size=10,20", "trainer.max_epochs=100000", "stop_at=null", "progress=false"]
     proc = start_run_py(*long_runs, cwd=tmp_path, uri=uri)
+    running = 2 if launcher == "joblib" else 1  # basic: job 1 waits for job 0
     try:
-        _wait_for_running_run(uri, proc, children=True)
+        _wait_for_running_run(uri, proc, children=running)
         time.sleep(2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) != 0
     finally:
         proc.kill()
-    runs = all_runs(uri)
-    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]  # the parent and job 0; job 1 never ran
+    time.sleep(1)  # let parallel workers finish closing their runs
+    statuses = sorted(r.info.status for r in all_runs(uri))
+    assert statuses == ["KILLED"] * (1 + running)  # never RUNNING; a job that never started has no run
 
 
 @pytest.mark.parametrize("hook", ["training_step", "validation_step"])
