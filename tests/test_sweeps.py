@@ -166,3 +166,14 @@ def test_ray_runs_a_sweep_on_a_local_ray(tmp_path):
     result = run_py(*args, cwd=tmp_path, uri=uri)
     assert result.returncode == 0, result.stderr[-3000:]
     _check_finished_sweep(uri, {"10", "20"})
+
+
+def test_the_slurm_preset_asks_for_one_cpu_per_job():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert (cfg.hydra.launcher.cpus_per_task, cfg.threads) == (1, 1)
