@@ -10,23 +10,42 @@ from omegaconf import DictConfig
 
 import echo.resolvers  # noqa: F401  (registered before Hydra composes and resolves)
 from echo.config import ConfigError, validate
-from echo.tracking import run_name_and_tags, start_tracker
+from echo.sweeps import job_name_and_tags, objective_value
+from echo.tracking import start_tracker
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
     try:
+        if cfg.get("resume"):
+            from echo.checkpoints import resumed_config
+
+            cfg = resumed_config(cfg, hydra_cfg.overrides.task)
         validate(cfg)
     except ConfigError as error:
         print(f"echo: bad config: {error}", file=sys.stderr)
         sys.exit(2)
-    # Start tracking before the heavy imports: MLflow loads on the other core meanwhile.
-    run_name, tags = run_name_and_tags(HydraConfig.get())
-    tracker = start_tracker(cfg, run_name, tags) if cfg.logger.name == "mlflow" else None
+    run_name, tags = job_name_and_tags(hydra_cfg, cfg)
+    tracker = None
+    if cfg.logger.name == "mlflow" and not cfg.get("resume"):
+        # Start tracking before the heavy imports: MLflow loads on the other core meanwhile.
+        # (A resumed run is tracked by train() once its checkpoint is found.)
+        tracker = start_tracker(cfg, run_name, tags)
+    from echo.faults import TrainingError
     from echo.train import train
 
-    metrics = train(cfg, run_name, tags, tracker=tracker)
-    return metrics.get("val/exact_match", 0.0)  # what a sweeper maximises
+    try:
+        metrics = train(cfg, run_name, tags, tracker=tracker)
+    except ConfigError as error:
+        print(f"echo: bad config: {error}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingError as error:
+        print(f"echo: run failed: {error}", file=sys.stderr)
+        if hydra_cfg.mode.name == "MULTIRUN":  # one diverged trial scores worst; the sweep goes on
+            return objective_value({}, cfg.objective)
+        sys.exit(1)
+    return objective_value(metrics, cfg.objective)  # what a sweeper optimises
 
 
 if __name__ == "__main__":

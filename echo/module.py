@@ -95,7 +95,10 @@ class EchoModule(pl.LightningModule):
             optimizer.step()
             correct = (self.rep.decode(scores.detach()) == y).sum()  # PAD (-1) is never a prediction
             sums.append(torch.stack([loss_sum.detach(), correct, tokens]))
-        self._train_sums.append((self.current_epoch + 1, torch.stack(sums).sum(0)))
+        self._epoch_sums = torch.stack(sums).sum(0)
+
+    def on_train_epoch_end(self) -> None:  # after the epoch's validation: the epoch is complete
+        self._train_sums.append((self.current_epoch + 1, self._epoch_sums))
 
     def flush_train_metrics(self) -> None:
         """Move the per-epoch training metrics accumulated on the device into `history`."""

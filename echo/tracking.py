@@ -6,15 +6,12 @@ SQLite or HTTP call per thousand values), so logging costs training almost nothi
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-from hydra.experimental.callback import Callback
 
 PARENT_RUN_ENV = "ECHO_PARENT_RUN_ID"  # set by the sweep callback for its jobs
 SWEEP_TAG = "echo.sweep"
@@ -127,60 +124,3 @@ def run_name_and_tags(hydra_cfg) -> tuple[str, dict[str, str]]:
     if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
         tags = {SWEEP_TAG: Path(hydra_cfg.sweep.dir).name, "echo.job": str(hydra_cfg.job.num)}
     return name, tags
-
-
-class SweepCallback(Callback):
-    """A multirun is one parent MLflow run; its jobs are children (`mlflow.parentRunId`).
-
-    The parent is created in the launching process before any job starts, which also
-    creates the store and the experiment once (parallel jobs racing on a fresh SQLite
-    file crash). At the end the parent gets a table of its children and the best one.
-    """
-
-    def on_multirun_start(self, config, **kwargs) -> None:
-        if config.logger.name != "mlflow":
-            return
-        from mlflow import MlflowClient
-
-        from echo.tracking_worker import experiment_id
-
-        sweep = Path(config.hydra.sweep.dir).name
-        excluded = set(config.hydra.job.config.override_dirname.exclude_keys)
-        overrides = " ".join(o for o in config.hydra.overrides.task if o.split("=")[0] not in excluded)
-        self.client = MlflowClient(tracking_uri())
-        run = self.client.create_run(
-            experiment_id(self.client, config.logger.experiment),
-            run_name=f"sweep {overrides}",
-            tags={SWEEP_TAG: sweep, "echo.sweep_parent": "true", "echo.overrides": overrides},
-        )
-        self.parent = run.info.run_id
-        os.environ[PARENT_RUN_ENV] = self.parent
-        atexit.register(self._end, "KILLED")  # if the sweep dies before on_multirun_end
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        if getattr(self, "parent", None):
-            self.client.log_text(self.parent, sweep_table(self.client, self.parent), "sweep.md")
-            self._end("FINISHED")
-
-    def _end(self, status: str) -> None:
-        if self.parent is not None:
-            self.client.set_terminated(self.parent, status)
-            os.environ.pop(PARENT_RUN_ENV, None)
-            self.parent = None
-
-
-def sweep_table(client, parent_run_id: str, metric: str = "val/exact_match") -> str:
-    """A Markdown table of a sweep's child runs, best `metric` first."""
-    parent = client.get_run(parent_run_id)
-    children = client.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10_000
-    )
-    children.sort(key=lambda r: -r.data.metrics.get(metric, -1.0))
-    columns = ["val/exact_match", "test/exact_match", "time_to_target_s", "train_time_s"]
-    lines = ["| run | status | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
-    for run in children:
-        values = [f"{run.data.metrics[c]:.4g}" if c in run.data.metrics else "" for c in columns]
-        lines.append(f"| {run.info.run_name} | {run.info.status} | " + " | ".join(values) + " |")
-    if children:
-        client.set_tag(parent_run_id, "echo.best_run", children[0].info.run_name)
-    return "\n".join(lines) + "\n"

@@ -14,9 +14,11 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from echo.checkpoints import RESUMED_FROM, Checkpointer, download_checkpoint
 from echo.config import validate, windows_per_sequence
 from echo.data import EchoData, held_out
 from echo.encoding import REPRESENTATIONS
+from echo.faults import NonFiniteGuard, interrupted
 from echo.models import build_net
 from echo.module import EchoModule
 from echo.tracking import Tracker, start_tracker, tracking_uri
@@ -31,28 +33,32 @@ def train(
     With `logger=mlflow` the run is tracked by `tracker`, or by a new one named `run_name`.
     """
     validate(cfg)
+    checkpoint = None
+    if resume := cfg.get("resume"):  # a new run, linked to the one it continues
+        checkpoint = download_checkpoint(resume)  # ConfigError if there is none: before anything is tracked
+        tags = {**(tags or {}), RESUMED_FROM: str(resume)}
     if tracker is None and cfg.logger.name == "mlflow":
         tracker = start_tracker(cfg, run_name, tags)
     status, error = "FAILED", None
     try:
         with _sigterm_as_interrupt():
-            summary, interrupted = _fit_and_test(cfg, tracker)
-        status = "KILLED" if interrupted else "FINISHED"
-        if tracker and not interrupted:
+            summary, stopped = _fit_and_test(cfg, tracker, checkpoint)
+        status = "KILLED" if stopped else "FINISHED"
+        if tracker and not stopped:
             print(f"MLflow run '{tracker.run_name}' ({tracker.run_id}) in {tracking_uri()}: see it with `mlflow ui`")
         return summary
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except BaseException:
-        error = traceback.format_exc()
+    except BaseException as exception:
+        if interrupted(exception):  # Ctrl-C or SIGTERM (Lightning turns it into sys.exit(1))
+            status = "KILLED"
+        else:
+            error = traceback.format_exc()
         raise
     finally:
         if tracker:
             tracker.end(status, error)
 
 
-def _fit_and_test(cfg: DictConfig, tracker: Tracker | None) -> tuple[dict[str, float], bool]:
+def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | None) -> tuple[dict[str, float], bool]:
     """Build, fit, test and report; returns the summary and whether training was interrupted."""
     _quiet_lightning()
     torch.set_num_threads(cfg.threads)
@@ -81,6 +87,9 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None) -> tuple[dict[str, f
     data = EchoData(task, model.batch_size, model.stateful, seed=cfg.seed)
     callbacks = [EpochProgress()] if cfg.progress else []
     callbacks += [TrackingCallback(tracker)] if tracker else []
+    callbacks += [NonFiniteGuard(model.lr)]
+    if tracker:
+        callbacks += [Checkpointer(tracker, OmegaConf.to_yaml(cfg, resolve=True), cfg.get("checkpoint_every"))]
     trainer = pl.Trainer(
         **cfg.trainer,
         logger=False,
@@ -91,7 +100,7 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None) -> tuple[dict[str, f
         num_sanity_val_steps=0,
     )
     start = time.perf_counter()
-    trainer.fit(module, data)
+    trainer.fit(module, data, ckpt_path=checkpoint)
     train_time = time.perf_counter() - start
     if trainer.interrupted:  # Ctrl-C or SIGTERM: Lightning stopped cleanly; the metrics so far are sent
         return module.summary, True

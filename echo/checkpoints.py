@@ -1,0 +1,134 @@
+"""Checkpoints in the run's MLflow artifacts, and `resume=<run id>` from the last one.
+
+A run saves `checkpoints/last.ckpt` (weights, optimizer, epoch, the run's summary so far) and
+`checkpoints/config.yaml` into its artifacts when it is interrupted (Ctrl-C, SIGTERM) or fails,
+and every `checkpoint_every` epochs if that is set (off by default: saving costs time). A
+resumed run is a new MLflow run tagged `echo.resumed_from=<old run id>` that starts from the
+checkpoint's epoch with the old run's config; the old run keeps its own status and metrics.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from echo.config import ConfigError
+from echo.faults import TrainingError
+from echo.tracking import tracking_uri
+
+FOLDER = "checkpoints"
+RESUMED_FROM = "echo.resumed_from"
+GROUPS = ("task", "model", "trainer", "logger", "experiment", "hparams_search")
+
+
+class Checkpointer(pl.Callback):
+    """Saves the trainer's state into the tracker's run: every `every` epochs, on interrupt or error."""
+
+    def __init__(self, tracker, config_yaml: str, every: int | None = None):
+        self.tracker, self.config_yaml, self.every = tracker, config_yaml, every
+
+    def save(self, trainer: pl.Trainer) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "last.ckpt"
+            trainer.save_checkpoint(path)
+            (Path(folder) / "config.yaml").write_text(self.config_yaml)
+            self._client().log_artifacts(self.tracker.run_id, folder, FOLDER)
+
+    def _client(self):
+        if not hasattr(self, "client"):
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri())
+        return self.client
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if self.every and (trainer.current_epoch + 1) % self.every == 0:
+            self.save(trainer)
+
+    def on_exception(self, trainer, module, exception) -> None:
+        if not isinstance(exception, TrainingError):  # a diverged model is not worth resuming
+            self.save(trainer)
+            print(
+                f"echo: stopped at epoch {trainer.current_epoch + 1}; checkpoint saved: continue with "
+                f"`python run.py resume={self.tracker.run_id}`",
+                file=sys.stderr,
+            )
+
+    def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        checkpoint["echo"] = {"summary": dict(module.summary), "run_id": self.tracker.run_id}
+
+    def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        module.summary.update(checkpoint.get("echo", {}).get("summary", {}))
+        _restart_interrupted_epoch(checkpoint)
+
+
+def _restart_interrupted_epoch(checkpoint: dict) -> None:
+    """Make a checkpoint taken mid-epoch (an interrupt) resume at the start of that epoch.
+
+    An epoch here is a few optimizer steps on a fresh sequence, so redoing it costs nothing, while
+    resuming halfway (after its training steps, or during its validation) would skip the module's
+    epoch-start and leave its per-epoch sums empty.
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit:
+        return
+    total = fit["epoch_progress"]["total"]
+    if total["processed"] == total["started"]:
+        return  # the epoch's training and validation are done: Lightning resumes at the next one
+    done = total["completed"]
+    for counters in (fit["epoch_progress"]["total"], fit["epoch_progress"]["current"]):
+        counters.update(ready=done, started=done, processed=done, completed=done)
+    for loop in ("epoch_loop.batch_progress", "epoch_loop.val_loop.batch_progress"):
+        if loop in fit:
+            fit[loop]["current"].update(ready=0, started=0, processed=0, completed=0)
+            fit[loop]["is_last_batch"] = False
+
+
+def _download(run_id: str, name: str, folder: str) -> str:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    try:
+        client.get_run(run_id)
+    except Exception:
+        raise ConfigError(
+            f"resume={run_id}: no such MLflow run in {tracking_uri()}; copy a run id from `mlflow ui`"
+        ) from None
+    try:
+        return client.download_artifacts(run_id, f"{FOLDER}/{name}", folder)
+    except Exception:
+        raise ConfigError(
+            f"resume={run_id}: the run has no checkpoint (runs save one when interrupted or failed, or every "
+            f"checkpoint_every epochs)"
+        ) from None
+
+
+def download_checkpoint(run_id: str) -> str:
+    """The local path of run `run_id`'s last checkpoint (ConfigError if it has none)."""
+    return _download(str(run_id), "last.ckpt", tempfile.mkdtemp(prefix="echo-resume-"))
+
+
+def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The config of the run being resumed, with this command's plain `key=value` overrides on top
+    (e.g. `trainer.max_epochs=2000` to train longer); a group override cannot change a resumed run."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    run_id = str(cfg.resume)
+    with tempfile.TemporaryDirectory() as folder:
+        saved = OmegaConf.load(_download(run_id, "config.yaml", folder))
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if key == "resume" or key.startswith("hydra"):
+            continue
+        if key in GROUPS:
+            raise ConfigError(
+                f"{override.input_line}: a resumed run keeps its config; only settings like trainer.max_epochs=... "
+                f"can change (start a new run to change {key})"
+            )
+        OmegaConf.update(saved, key, override.value(), force_add=False)
+    saved.resume = run_id
+    return saved

@@ -1,0 +1,175 @@
+"""Runs that go wrong end honestly: KILLED with their metrics so far, FAILED with the error,
+stopped on a diverged loss, and resumable from their last checkpoint."""
+
+import signal
+import time
+
+import pytest
+import torch
+from conftest import make_cfg
+from helpers import TINY, all_runs, artifacts, run_py, start_run_py
+
+from echo.config import ConfigError
+from echo.faults import TrainingError
+from echo.module import EchoModule
+from echo.train import train
+
+
+def _only_run(uri):
+    (run,) = all_runs(uri)
+    return run
+
+
+def _steps(uri, run_id, metric="train/loss") -> list[int]:
+    from mlflow import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, metric))
+
+
+def test_an_exception_ends_the_run_failed_with_the_error_recorded(store, monkeypatch):
+    step = EchoModule.training_step
+
+    def breaks_at_epoch_4(self, batch, batch_idx):
+        if self.current_epoch == 3:
+            raise RuntimeError("the disk is on fire")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(EchoModule, "training_step", breaks_at_epoch_4)
+    with pytest.raises(RuntimeError, match="the disk is on fire"):
+        train(make_cfg(*TINY, "trainer.check_val_every_n_epoch=1"))
+    run = _only_run(store)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["echo.error"] == "RuntimeError: the disk is on fire"
+    assert {"error.txt", "checkpoints"} <= set(artifacts(store, run.info.run_id))
+    assert _steps(store, run.info.run_id) == [1, 2, 3]  # the metrics so far are kept
+
+
+def test_a_nan_loss_stops_the_run_with_a_clear_message(store, monkeypatch):
+    forward = EchoModule.forward
+
+    def diverges_at_epoch_3(self, x, state=None):
+        scores, state = forward(self, x, state)
+        return (scores * torch.nan if self.training and self.current_epoch >= 2 else scores), state
+
+    monkeypatch.setattr(EchoModule, "forward", diverges_at_epoch_3)
+    with pytest.raises(TrainingError, match=r"(train|val)/loss became nan at epoch 3: training diverged; lower"):
+        train(make_cfg(*TINY, "trainer.check_val_every_n_epoch=1"))
+    run = _only_run(store)
+    assert run.info.status == "FAILED" and "diverged" in run.data.tags["echo.error"]
+    assert "checkpoints" not in artifacts(store, run.info.run_id)  # nothing worth resuming
+
+
+def test_checkpoints_every_n_epochs_and_resume_continues_as_a_linked_run(store):
+    first = train(make_cfg(*TINY, "checkpoint_every=5", "trainer.check_val_every_n_epoch=1"))
+    (run,) = all_runs(store)
+    assert set(artifacts(store, run.info.run_id, "checkpoints")) == {"checkpoints/last.ckpt", "checkpoints/config.yaml"}
+    resumed = train(
+        make_cfg(*TINY, "trainer.check_val_every_n_epoch=1", "trainer.max_epochs=15", f"resume={run.info.run_id}")
+    )
+    assert resumed["epochs"] == 15 and first["epochs"] == 10
+    new = next(r for r in all_runs(store) if r.info.run_id != run.info.run_id)
+    assert new.info.status == "FINISHED" and new.data.tags["echo.resumed_from"] == run.info.run_id
+    assert _steps(store, new.info.run_id) == list(range(11, 16))  # epochs 11..15, not from scratch
+
+
+def test_resuming_an_unknown_run_or_one_without_a_checkpoint_is_a_config_error(store):
+    with pytest.raises(ConfigError, match="resume=nope: no such MLflow run"):
+        train(make_cfg(*TINY, "resume=nope"))
+    train(make_cfg(*TINY))
+    (run,) = all_runs(store)
+    with pytest.raises(ConfigError, match="the run has no checkpoint"):
+        train(make_cfg(*TINY, f"resume={run.info.run_id}"))
+    assert len(all_runs(store)) == 1  # no half-written run
+
+
+def _wait_for_running_run(uri, proc, timeout=120, children=0):
+    """The first running run, once `children` sweep jobs (if any) are running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        running = [r for r in all_runs(uri) if r.info.status == "RUNNING"]
+        if running and sum("mlflow.parentRunId" in r.data.tags for r in running) >= children:
+            return running[0]
+        time.sleep(0.5)
+    raise AssertionError("no run started")
+
+
+def _fresh_store(uri):
+    """Create the schema here, once, so that polling it never races the run's own creation."""
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).create_experiment("echo")
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_run_killed_with_its_metrics_and_it_resumes_from_its_checkpoint(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _fresh_store(uri)
+    long_run = ["trainer.max_epochs=100000", "stop_at=null", "trainer.check_val_every_n_epoch=5", "progress=false"]
+    proc = start_run_py(*long_run, cwd=tmp_path, uri=uri)
+    try:
+        run = _wait_for_running_run(uri, proc)
+        time.sleep(3)  # train some epochs
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    run = _only_run(uri)
+    assert run.info.status == "KILLED"  # not RUNNING
+    last = _steps(uri, run.info.run_id)[-1]
+    assert last >= 5 and "val/exact_match" in run.data.metrics  # its metrics so far
+    assert f"python run.py resume={run.info.run_id}" in proc.stdout.read()
+
+    result = run_py(f"resume={run.info.run_id}", f"trainer.max_epochs={last + 10}", cwd=tmp_path, uri=uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    new = next(r for r in all_runs(uri) if r.info.run_id != run.info.run_id)
+    assert new.info.status == "FINISHED" and new.data.tags["echo.resumed_from"] == run.info.run_id
+    assert new.data.params["stop_at"] == "None"  # the killed run's config, not this command's defaults
+    steps = _steps(uri, new.info.run_id)
+    assert last <= steps[0] <= last + 1 and steps[-1] == last + 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_sigterm_to_a_sweep_ends_the_parent_and_its_running_jobs_killed(tmp_path, launcher):
+    if launcher == "joblib":
+        pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _fresh_store(uri)
+    long_runs = ["-m", f"hydra/launcher={launcher}", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["-m"]
+    long_runs += ["model.hidden_size=10,20", "trainer.max_epochs=100000", "stop_at=null", "progress=false"]
+    proc = start_run_py(*long_runs, cwd=tmp_path, uri=uri)
+    running = 2 if launcher == "joblib" else 1  # basic: job 1 waits for job 0
+    try:
+        _wait_for_running_run(uri, proc, children=running)
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        proc.kill()
+    time.sleep(1)  # let parallel workers finish closing their runs
+    statuses = sorted(r.info.status for r in all_runs(uri))
+    assert statuses == ["KILLED"] * (1 + running)  # never RUNNING; a job that never started has no run
+
+
+@pytest.mark.parametrize("hook", ["training_step", "validation_step"])
+def test_a_run_interrupted_mid_epoch_resumes_by_redoing_that_epoch(store, monkeypatch, hook):
+    original = getattr(EchoModule, hook)
+
+    def ctrl_c_in_epoch_10(self, *args):
+        if self.current_epoch == 9:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(EchoModule, hook, ctrl_c_in_epoch_10)
+    settings = ["trainer.max_epochs=12", "trainer.check_val_every_n_epoch=5", "stop_at=null", "progress=false"]
+    with pytest.raises(SystemExit):  # Lightning exits after a KeyboardInterrupt
+        train(make_cfg(*settings))
+    monkeypatch.setattr(EchoModule, hook, original)
+    (killed,) = all_runs(store)
+    assert killed.info.status == "KILLED" and _steps(store, killed.info.run_id) == list(range(1, 10))
+
+    assert train(make_cfg(*settings, f"resume={killed.info.run_id}"))["epochs"] == 12
+    new = next(r for r in all_runs(store) if r.info.run_id != killed.info.run_id)
+    assert _steps(store, new.info.run_id) == [10, 11, 12]
+    assert _steps(store, new.info.run_id, "val/exact_match")[0] == 10

@@ -1,0 +1,95 @@
+"""A shared tracking server: parallel jobs over HTTP lose nothing, and metrics stay buffered."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import make_cfg
+from helpers import TINY, artifacts, run_py, sweep_runs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend and an artifact destination."""
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--workers", "1"]
+    command += ["--artifacts-destination", str(tmp_path / "artifacts")]
+    # its own process group: the server's workers are stopped with it
+    server = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_eight_parallel_jobs_against_a_server_lose_nothing(mlflow_server, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sizes = [str(h) for h in range(10, 90, 10)]
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"model.hidden_size={','.join(sizes)}", *TINY]
+    result = run_py(*args, cwd=tmp_path, uri=mlflow_server)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    parent, children = sweep_runs(mlflow_server)
+    assert parent.info.status == "FINISHED"
+    assert sorted(c.data.params["model.hidden_size"] for c in children) == sorted(sizes)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"val/exact_match", "test/exact_match", "train_time_s"} <= set(child.data.metrics)
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")] == list(range(1, 11))
+        assert "learning_curve.png" in artifacts(mlflow_server, child.info.run_id)
+    assert {"sweep.md", "sweep.png"} <= set(artifacts(mlflow_server, parent.info.run_id))
+
+
+def test_metrics_are_buffered_not_sent_every_epoch(store, monkeypatch):
+    """Over HTTP each call costs ~55 ms (FACTS.md): a run must not make one per epoch."""
+    from mlflow import MlflowClient
+
+    calls = []
+    log_batch = MlflowClient.log_batch
+
+    def counting(self, run_id, metrics=(), *args, **kwargs):
+        if metrics:
+            calls.append(len(metrics))
+        return log_batch(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counting)
+    from echo.train import train
+
+    train(make_cfg("trainer.max_epochs=40", "trainer.check_val_every_n_epoch=1", "progress=false"))
+    assert sum(calls) >= 40 * 5  # train/loss, train/acc and three val metrics per epoch all arrived
+    assert len(calls) <= 3, calls

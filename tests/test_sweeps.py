@@ -1,0 +1,179 @@
+"""A sweep is one parent MLflow run with a child per job, summarised at the end, whatever
+launcher or sweeper runs it."""
+
+import math
+
+import pytest
+from conftest import make_cfg
+from helpers import TINY, artifacts, run_py, sweep_runs
+
+from echo.sweeps import MISSED_TARGET, job_name_and_tags, objective_value, parent_of_sweep, summarize_sweep
+from echo.tracking import PARENT_RUN_ENV, SWEEP_TAG
+
+
+def test_objective_is_the_metric_or_the_worst_value():
+    assert objective_value({"val/exact_match": 0.5}, "val/exact_match") == 0.5
+    assert objective_value({}, "val/exact_match") == 0.0
+    assert objective_value({"time_to_target_s": 3.0}, "time_to_target_s") == 3.0
+    assert objective_value({}, "time_to_target_s") == MISSED_TARGET
+    assert objective_value({"val/exact_match": math.nan}, "val/exact_match") == 0.0
+
+
+def _fake_sweep(uri: str, results: dict[int, float | None]) -> tuple[object, str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("echo")
+    parent = client.create_run(experiment, run_name="sweep", tags={"echo.sweep_parent": "true"}).info.run_id
+    for hidden, exact in results.items():
+        run = client.create_run(experiment, run_name=f"h{hidden}", tags={"mlflow.parentRunId": parent}).info.run_id
+        client.log_param(run, "model.hidden_size", hidden)
+        client.log_param(run, "seed", 0)
+        if exact is not None:
+            client.log_metric(run, "val/exact_match", exact)
+        client.set_terminated(run, "FINISHED")
+    return client, parent
+
+
+def test_summary_names_the_best_child_and_tables_and_plots_the_swept_values(store):
+    client, parent = _fake_sweep(store, {20: 0.4, 50: 0.9, 100: 0.7, 150: None})
+    summary = summarize_sweep(client, parent)
+    assert summary["swept"] == ["model.hidden_size"]  # seed did not vary
+    run = client.get_run(parent)
+    assert run.data.tags["echo.best_run"] == "h50" and run.data.tags["echo.best.model.hidden_size"] == "50"
+    assert run.data.metrics["best/val/exact_match"] == 0.9
+    assert {"sweep.md", "sweep.png"} <= set(artifacts(store, parent))
+    table = open(client.download_artifacts(parent, "sweep.md", str(store).split("///")[1].rsplit("/", 1)[0])).read()
+    rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]]
+    assert rows == ["h50", "h100", "h20", "h150"]  # best first, the unscored one last
+
+
+def test_lower_is_better_for_time_to_target(store):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    experiment = client.create_experiment("echo")
+    parent = client.create_run(experiment, run_name="sweep").info.run_id
+    for name, seconds in (("slow", 9.0), ("fast", 2.0)):
+        run = client.create_run(experiment, run_name=name, tags={"mlflow.parentRunId": parent}).info.run_id
+        client.log_metric(run, "time_to_target_s", seconds)
+    assert summarize_sweep(client, parent, "time_to_target_s")["best_run"] == "fast"
+
+
+def test_a_job_without_the_parent_in_its_environment_finds_it_by_the_sweep_tag(store, monkeypatch):
+    """Ray workers on another machine do not inherit the launcher's environment."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    experiment = client.create_experiment("echo")
+    tags = {SWEEP_TAG: "2026-01-01_00-00-00", "echo.sweep_parent": "true"}
+    parent = client.create_run(experiment, run_name="sweep", tags=tags).info.run_id
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    assert parent_of_sweep("2026-01-01_00-00-00", "echo") == parent
+    assert parent_of_sweep("another sweep", "echo") is None
+
+    class Job:
+        override_dirname = "model.hidden_size=20"
+        num = 0
+
+    class HydraCfg:
+        job, mode = Job, type("Mode", (), {"name": "MULTIRUN"})
+        sweep = type("Sweep", (), {"dir": "multirun/2026-01-01_00-00-00"})
+
+    name, job_tags = job_name_and_tags(HydraCfg, make_cfg())
+    assert name == "model.hidden_size=20" and job_tags["mlflow.parentRunId"] == parent
+
+
+def test_a_sweep_with_one_bad_job_stops_before_any_job_runs(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_py("-m", "model.hidden_size=20,-5", *TINY, cwd=tmp_path, uri=uri)
+    assert result.returncode == 2
+    assert "echo: bad sweep: job #1 (model.hidden_size=-5" in result.stderr
+    assert "must be a whole number >= 1" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing trained, nothing tracked
+
+
+def test_bad_sweep_syntax_is_one_clear_error(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_py("-m", "model.hidden_size=20,,50", *TINY, cwd=tmp_path, uri=uri)
+    assert result.returncode != 0
+    assert "Error parsing override 'model.hidden_size=20,,50'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _check_finished_sweep(uri: str, hidden_sizes: set[str]):
+    parent, children = sweep_runs(uri)
+    assert parent.info.status == "FINISHED"
+    assert {c.data.params["model.hidden_size"] for c in children} == hidden_sizes
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"val/exact_match", "test/exact_match", "train/loss"} <= set(child.data.metrics)
+    assert {"sweep.md", "sweep.png"} & set(artifacts(uri, parent.info.run_id)) == (
+        {"sweep.md", "sweep.png"} if len(hidden_sizes) > 1 else {"sweep.md"}  # a plot needs two values
+    )
+    best = max(children, key=lambda c: (c.data.metrics["val/exact_match"], c.info.run_name))
+    assert parent.data.metrics["best/val/exact_match"] == best.data.metrics["val/exact_match"]
+    return parent, children
+
+
+@pytest.mark.slow
+def test_joblib_runs_jobs_in_parallel_as_children_of_one_sweep(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"  # fresh: the sweep creates the schema before its jobs start
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model.hidden_size=10,20", *TINY]
+    result = run_py(*args, cwd=tmp_path, uri=uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_finished_sweep(uri, {"10", "20"})
+
+
+@pytest.mark.slow
+def test_submitit_local_runs_a_sweep_as_separate_jobs(tmp_path):
+    """The same launcher as SLURM (hydra/launcher=slurm), on this machine."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "model.hidden_size=10", *TINY]
+    result = run_py(*args, cwd=tmp_path, uri=uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_finished_sweep(uri, {"10"})
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_from_one_command_and_reports_its_best_trial(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    import yaml
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # token accuracy separates tiny runs that all have exact match 0
+    args = ["hparams_search=optuna", "hydra.sweeper.n_trials=3", "objective=val/token_acc", *TINY]
+    result = run_py(*args, cwd=tmp_path, uri=uri)  # no -m: the preset sets hydra.mode=MULTIRUN
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent, children = sweep_runs(uri)
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert len({c.data.params["model.lr"] for c in children}) == 3  # Optuna chose the values
+    best = max(children, key=lambda c: c.data.metrics["val/token_acc"])
+    assert parent.data.tags["echo.best_run_id"] == best.info.run_id
+    (results,) = tmp_path.glob("multirun/*/optimization_results.yaml")
+    assert yaml.safe_load(results.read_text())["best_value"] == pytest.approx(best.data.metrics["val/token_acc"])
+
+
+@pytest.mark.slow
+def test_ray_runs_a_sweep_on_a_local_ray(tmp_path):
+    """Only in the Ray environment (pip install -e ".[dev,ray]"): it cannot share one with joblib."""
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["-m", "hydra/launcher=ray_local", "hydra.launcher.ray.init.num_cpus=2", "model.hidden_size=10,20", *TINY]
+    result = run_py(*args, cwd=tmp_path, uri=uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_finished_sweep(uri, {"10", "20"})
+
+
+def test_the_slurm_preset_asks_for_one_cpu_per_job():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert (cfg.hydra.launcher.cpus_per_task, cfg.threads) == (1, 1)
