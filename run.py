@@ -25,9 +25,9 @@ def main(cfg: DictConfig) -> float:
     except TrainingError as error:
         print(f"echo: run failed: {error}", file=sys.stderr)
         if HydraConfig.get().mode.name == "MULTIRUN":  # one diverged trial scores worst; the sweep goes on
-            return objective_value({}, cfg.objective)
+            return objective_value({}, cfg.get("objective", "val/exact_match"))
         sys.exit(1)
-    return objective_value(metrics, cfg.objective)  # what a sweeper optimises
+    return objective_value(metrics, cfg.get("objective", "val/exact_match"))  # what a sweeper optimises
 
 
 if __name__ == "__main__":
