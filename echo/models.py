@@ -72,6 +72,7 @@ class OneToOne(nn.Module):
         self.n_out, self.n_classes = n_out, n_classes
         self.lstm = nn.LSTM(n_in * n_features, hidden_size, batch_first=True)
         self.head = nn.Linear(hidden_size, n_out * n_classes)
+        init_like_keras(self)
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         h, state = self.lstm(x.flatten(1).unsqueeze(1), state)
@@ -87,6 +88,7 @@ class ManyToOne(nn.Module):
         self.n_out, self.n_classes = n_out, n_classes
         self.lstm = nn.LSTM(n_features, hidden_size, batch_first=True)
         self.head = nn.Linear(hidden_size, n_out * n_classes)
+        init_like_keras(self)
 
     def forward(self, x: Tensor, state: State | None = None, mask: Tensor | None = None) -> tuple[Tensor, State]:
         h, state = masked_lstm(self.lstm, x, state, mask)

@@ -1,10 +1,11 @@
 """Keras `stateful=True` semantics: row i of batch b+1 starts where row i of batch b ended."""
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
 from echo.data import EchoData, generate_sequences, one_hot_encode, to_windows
-from echo.models import EncoderDecoder, Seq2Seq
+from echo.models import MODELS, EncoderDecoder, Seq2Seq, build_net
 from tests.conftest import make_cfg
 
 
@@ -91,3 +92,16 @@ def test_training_batches_are_fresh_sequences_every_epoch():
     seqs = generate_sequences(48, 25, 100, torch.Generator().manual_seed(cfg.task.val_seed))
     assert torch.equal(val_x, to_windows(seqs, 5, 5)[0]) and val_x.shape[:2] == (48, 21)
     assert one_hot_encode(val_x, 100).shape == (48, 21, 5, 100)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_network_starts_from_keras_initial_weights(name):
+    net = build_net(name, n_in=5, n_features=100, hidden_size=20, n_classes=100, n_out=2)
+    lstms = [m for m in net.modules() if isinstance(m, torch.nn.LSTM)]
+    assert lstms
+    for lstm in lstms:
+        forget_bias = lstm.bias_ih_l0.chunk(4)[1]
+        assert torch.equal(forget_bias, torch.ones_like(forget_bias))  # Keras unit_forget_bias
+        assert lstm.bias_hh_l0.abs().sum() == 0
+        w = lstm.weight_hh_l0  # orthogonal: its columns are orthonormal
+        assert torch.allclose(w.T @ w, torch.eye(w.shape[1]), atol=1e-5)
