@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every extension study (one Hydra multirun each, one after another), then the report.
-# About 15 minutes on one CPU core; see experiments/README.md for each study's share.
+# About 22 minutes on a shared 2-core CPU; see experiments/README.md for each study's share.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for study in "${@:-study_linear study_masking study_stateless study_topology study_long study_capacity}"; do
