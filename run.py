@@ -1,5 +1,6 @@
 """Command line: `python run.py [overrides]`, `python run.py -m <sweep>` (see README)."""
 
+import atexit
 import logging
 import os
 import sys
@@ -50,8 +51,10 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     main()
-    # Every run is written (its tracking worker has exited): skip the interpreter's slow
-    # teardown of torch and Lightning (about 0.8 s).
+    # Every run is written (its tracking worker has exited). Run the exit handlers (they stop
+    # a parallel launcher's workers, flush logs), then skip the interpreter's slow teardown of
+    # torch and Lightning (about 0.8 s).
+    atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
