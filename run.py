@@ -1,7 +1,7 @@
 """Command line: `python run.py [overrides]`, `python run.py -m <sweep>` (see README)."""
 
 import atexit
-import logging
+import multiprocessing
 import os
 import sys
 
@@ -51,11 +51,10 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     main()
-    # Every run is written (its tracking worker has exited). Run the exit handlers (they stop
-    # a parallel launcher's workers, flush logs), then skip the interpreter's slow teardown of
-    # torch and Lightning (about 0.8 s).
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    if not multiprocessing.active_children():  # a parallel launcher's workers stop in the normal exit
+        # Every run is written (its tracking worker has exited): run the exit handlers, then
+        # skip the interpreter's slow teardown of torch and Lightning (about 0.8 s).
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
