@@ -13,6 +13,7 @@ end (status, error). The worker answers `start` with the run id on stdout.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -123,6 +124,8 @@ def main() -> None:
         getattr(writer, message.pop("op"))(**message)
     if writer.run_id is not None:  # the training process went away without a word
         writer.end("KILLED")
+    sys.stdout.flush()
+    os._exit(0)  # all is written; skip tearing down mlflow, SQLAlchemy and matplotlib (~1 s)
 
 
 if __name__ == "__main__":
