@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONF, make_cfg
 from hydra import compose, initialize_config_dir
 
 from echo.config import ConfigError, validate
@@ -14,7 +15,6 @@ from echo.encoding import LinearScale, OneHot
 from echo.models import EncoderDecoder, ManyToOne, OneToOne, Seq2Seq, build_net, masked_lstm
 from echo.module import EchoModule
 from echo.train import train
-from tests.conftest import CONF, make_cfg
 
 TINY = ["logger=none", "task.eval_windows=84", "trainer.check_val_every_n_epoch=5", "stop_at=null"]
 

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
+from conftest import CONF, make_cfg
 
 from echo.config import validate
 from echo.train import train
-from tests.conftest import CONF, make_cfg
 
 EXPERIMENTS = sorted(p.stem for p in Path(CONF, "experiment").glob("*.yaml"))
 

@@ -3,10 +3,10 @@
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import make_cfg
 
 from echo.data import EchoData, generate_sequences, one_hot_encode, to_windows
 from echo.models import MODELS, EncoderDecoder, Seq2Seq, build_net
-from tests.conftest import make_cfg
 
 
 def test_carried_state_equals_one_long_run_over_consecutive_windows():

@@ -5,11 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_cfg
 from mlflow import MlflowClient
 
 from echo.config import ConfigError
 from echo.train import train
-from tests.conftest import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
