@@ -70,8 +70,8 @@ def _restart_interrupted_epoch(checkpoint: dict) -> None:
     """Make a checkpoint taken mid-epoch (an interrupt) resume at the start of that epoch.
 
     An epoch here is a few optimizer steps on a fresh sequence, so redoing it costs nothing, while
-    resuming halfway (after its training steps, or during its validation) would skip the module's
-    epoch-start and leave its per-epoch sums empty.
+    resuming halfway (after its training step, during its validation) would skip the end of that
+    epoch, where its training metrics are recorded.
     """
     fit = checkpoint.get("loops", {}).get("fit_loop")
     if not fit:
