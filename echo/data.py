@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from echo.config import windows_per_sequence
-from echo.encoding import PAD, one_hot_decode, one_hot_encode  # noqa: F401 (the data's codes)
+from echo.encoding import PAD
 
 
 def generate_sequences(n_seq: int, length: int, n_unique: int, generator: torch.Generator | None = None) -> Tensor:

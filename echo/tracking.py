@@ -84,14 +84,8 @@ class Tracker:
     def log_text(self, text: str, name: str) -> None:
         self._send(op="text", text=text, name=name)
 
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        self._send(op="artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
-
     def log_learning_curve(self, history: list[tuple[str, int, float]], target: float) -> None:
         self._send(op="curve", history=history, target=target)
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self._send(op="tags", tags=tags)
 
     def end(self, status: str = "FINISHED", error: str | None = None, timeout: float = 300) -> None:
         """Close the run as FINISHED, FAILED or KILLED once everything sent is written."""

@@ -6,8 +6,8 @@ runs, so tracking costs training almost nothing. If the training process dies wi
 saying how the run ended (killed, even with SIGKILL), stdin closes and the run ends KILLED.
 
 Messages: start (uri, experiment, run_name, tags, params), metrics (rows of name, step,
-value), text (text, name), artifact (path), tags (tags), curve (history, target),
-end (status, error). The worker answers `start` with the run id on stdout.
+value), text (text, name), tags (tags), curve (history, target), end (status, error).
+The worker answers `start` with the run id on stdout.
 """
 
 from __future__ import annotations
@@ -93,9 +93,6 @@ class RunWriter:
 
     def text(self, text, name) -> None:
         self.client.log_text(self.run_id, text, name)
-
-    def artifact(self, path, artifact_path=None) -> None:
-        self.client.log_artifact(self.run_id, path, artifact_path)
 
     def tags(self, tags) -> None:
         self.client.log_batch(self.run_id, tags=[self.RunTag(k, str(v)) for k, v in tags.items()])

@@ -42,9 +42,9 @@ def train(
     status, error = "FAILED", None
     try:
         with _sigterm_as_interrupt():
-            summary, stopped = _fit_and_test(cfg, tracker, checkpoint)
-        status = "KILLED" if stopped else "FINISHED"
-        if tracker and not stopped:
+            summary = _fit_and_test(cfg, tracker, checkpoint)
+        status = "FINISHED"
+        if tracker:
             print(f"MLflow run '{tracker.run_name}' ({tracker.run_id}) in {tracking_uri()}: see it with `mlflow ui`")
         return summary
     except BaseException as exception:
@@ -58,8 +58,9 @@ def train(
             tracker.end(status, error)
 
 
-def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | None) -> tuple[dict[str, float], bool]:
-    """Build, fit, test and report; returns the summary and whether training was interrupted."""
+def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | None) -> dict[str, float]:
+    """Build, fit, test and report; returns the summary. An interrupt propagates from `fit`
+    (Lightning turns Ctrl-C into sys.exit(1)) after the callbacks kept the metrics so far."""
     _quiet_lightning()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -85,11 +86,14 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
         mask_inputs=task.framing == "mask",
     )
     data = EchoData(task, model.batch_size, model.stateful, seed=cfg.seed)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    if tracker:
+        tracker.log_text(config_yaml, "config.yaml")  # at the start: there while the run runs
     callbacks = [EpochProgress()] if cfg.progress else []
     callbacks += [TrackingCallback(tracker)] if tracker else []
     callbacks += [NonFiniteGuard(model.lr)]
     if tracker:
-        callbacks += [Checkpointer(tracker, OmegaConf.to_yaml(cfg, resolve=True), cfg.get("checkpoint_every"))]
+        callbacks += [Checkpointer(tracker, config_yaml, cfg.get("checkpoint_every"))]
     trainer = pl.Trainer(
         **cfg.trainer,
         logger=False,
@@ -102,8 +106,6 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
     start = time.perf_counter()
     trainer.fit(module, data, ckpt_path=checkpoint)
     train_time = time.perf_counter() - start
-    if trainer.interrupted:  # Ctrl-C or SIGTERM: Lightning stopped cleanly; the metrics so far are sent
-        return module.summary, True
     trainer.test(module, data, verbose=False)
 
     summary = {**module.summary, "train_time_s": train_time, "epochs": trainer.current_epoch}
@@ -113,10 +115,9 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
     if tracker:
         final = [(k, trainer.current_epoch, v) for k, v in summary.items() if not k.startswith("val/")]
         tracker.log_metrics(final)  # val/* is in the history already
-        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_text(table + "\n", "expected_predicted.txt")
         tracker.log_learning_curve(module.history, cfg.target)
-    return summary, False
+    return summary
 
 
 def expected_predicted(module: EchoModule, data: EchoData, task, seed: int) -> str:

@@ -3,14 +3,8 @@
 import pytest
 import torch
 
-from echo.data import (
-    PAD,
-    generate_sequences,
-    one_hot_decode,
-    one_hot_encode,
-    to_batches,
-    to_windows,
-)
+from echo.data import generate_sequences, to_batches, to_windows
+from echo.encoding import PAD, one_hot_decode, one_hot_encode
 
 TUTORIAL_SEQUENCE = [86, 81, 88, 1, 23, 78, 64, 7, 99, 23, 2, 36, 73, 26, 27, 33, 24, 51, 73, 64, 13, 13, 53, 40, 64]
 

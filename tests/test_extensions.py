@@ -10,8 +10,8 @@ from conftest import CONF, make_cfg
 from hydra import compose, initialize_config_dir
 
 from echo.config import ConfigError, validate
-from echo.data import PAD, EchoData, to_windows
-from echo.encoding import LinearScale, OneHot
+from echo.data import EchoData, to_windows
+from echo.encoding import PAD, LinearScale, OneHot
 from echo.models import EncoderDecoder, ManyToOne, OneToOne, Seq2Seq, build_net, masked_lstm
 from echo.module import EchoModule
 from echo.train import train

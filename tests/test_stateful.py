@@ -5,7 +5,8 @@ import pytorch_lightning as pl
 import torch
 from conftest import make_cfg
 
-from echo.data import EchoData, generate_sequences, one_hot_encode, to_windows
+from echo.data import EchoData, generate_sequences, to_windows
+from echo.encoding import one_hot_encode
 from echo.models import MODELS, EncoderDecoder, Seq2Seq, build_net
 
 
