@@ -5,6 +5,7 @@ Everything is vectorised in torch and can be generated directly on the training 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytorch_lightning as pl
@@ -56,24 +57,37 @@ def to_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tu
     return list(zip(interleave(x).unbind(), interleave(y).unbind()))
 
 
+class Draw:
+    """One epoch's data as the loader hands it to the step: call it for the epoch's batches.
+
+    The step draws the batches itself, so that on a GPU drawing them can be captured in the
+    epoch's CUDA graph; `generators` are the random generators such a graph must register.
+    (A plain object, not a collection: Lightning passes it through untouched.)
+    """
+
+    def __init__(self, make_batches: Callable[[], list[tuple[Tensor, Tensor]]], generators: tuple = ()):
+        self.make_batches, self.generators = make_batches, generators
+
+    def __call__(self) -> list[tuple[Tensor, Tensor]]:
+        return self.make_batches()
+
+
 class Epochs:
-    """A data loader with one item per epoch: the epoch's batches, in order.
+    """A data loader with one item per epoch: a `Draw` of the epoch's batches, in order.
 
     The tutorial's epoch is one `fit()` on one fresh sequence: a few batches, an update after
     each, LSTM state carried between them. The LightningModule trains such an epoch in one
     step, so Lightning's per-step bookkeeping is paid once per epoch, not once per batch.
-    `make_batches()` is called at every `iter()`, lazily: nothing is drawn until the epoch is
-    asked for (Lightning calls `iter()` once just to check that it can).
     """
 
-    def __init__(self, make_batches):
-        self.make_batches = make_batches
+    def __init__(self, draw: Draw):
+        self.draw = draw
 
     def __len__(self) -> int:
         return 1
 
     def __iter__(self):
-        yield self.make_batches()
+        yield self.draw
 
 
 def held_out(task, n_seq: int, seed: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
@@ -104,7 +118,7 @@ class EchoData(pl.LightningDataModule):
         self.test = held_out(self.task, n_seq, self.task.test_seed, device)
 
     def train_dataloader(self) -> Epochs:
-        return Epochs(self.fresh_batches)
+        return Epochs(Draw(self.fresh_batches, generators=(self.train_generator,)))
 
     def fresh_batches(self) -> list[tuple[Tensor, Tensor]]:
         """One epoch: `sequences_per_epoch` fresh sequences, framed and batched."""
@@ -115,11 +129,11 @@ class EchoData(pl.LightningDataModule):
 
     def val_dataloader(self) -> Epochs:
         batches = self.eval_batches(*self.val)
-        return Epochs(lambda: batches)
+        return Epochs(Draw(lambda: batches))
 
     def test_dataloader(self) -> Epochs:
         batches = self.eval_batches(*self.test)
-        return Epochs(lambda: batches)
+        return Epochs(Draw(lambda: batches))
 
     def eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Stateful models are evaluated as they were trained, batch by batch with state

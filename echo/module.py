@@ -8,8 +8,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from echo.data import Draw
 from echo.encoding import PAD, LinearScale, OneHot
 from echo.models import detach_state
+
+WARM_EPOCHS = 3  # eager epochs before an epoch is captured in a CUDA graph
 
 
 class EchoModule(pl.LightningModule):
@@ -26,6 +29,11 @@ class EchoModule(pl.LightningModule):
 
     `representation` encodes tokens, scores outputs and decodes them (default: one-hot);
     `mask_inputs` hands the network a mask of the real (non-PAD) input items.
+
+    On a CUDA device with `cuda_graph=True`, a whole training epoch (drawing its sequences,
+    every batch's forward, backward and Adam step, the metric sums) is captured once in one
+    CUDA graph after a few eager warm-up epochs, and replayed every epoch after: one launch
+    per epoch instead of hundreds of small kernels.
     """
 
     def __init__(
@@ -39,6 +47,7 @@ class EchoModule(pl.LightningModule):
         stop_at: float | None = None,
         representation: OneHot | LinearScale | None = None,
         mask_inputs: bool = False,
+        cuda_graph: bool = True,
     ):
         super().__init__()
         self.net, self.n_unique, self.lr, self.stateful = net, n_unique, lr, stateful
@@ -47,6 +56,7 @@ class EchoModule(pl.LightningModule):
         self.history: list[tuple[str, int, float]] = []
         self.summary: dict[str, float] = {}
         self._train_sums: list[tuple[int, Tensor]] = []  # (epoch, [loss*tokens, correct, tokens])
+        self.cuda_graph, self._graph, self._warm_epochs = cuda_graph, None, 0
         # Several optimizer steps per Lightning step, written out (manual optimization); it
         # also skips automatic optimization's closure and hooks, costly next to these steps.
         self.automatic_optimization = False
@@ -58,7 +68,11 @@ class EchoModule(pl.LightningModule):
         return self.net(self.rep.encode(x), state)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr, fused=True)  # one kernel per step
+        # Fused: one kernel per step. Capturable: its step count stays on the device, for graphs.
+        return torch.optim.Adam(self.parameters(), lr=self.lr, fused=True, capturable=self._graphs())
+
+    def _graphs(self) -> bool:
+        return self.cuda_graph and self.device.type == "cuda"
 
     def _scores(self, scores: Tensor, y: Tensor) -> tuple[Tensor, ...]:
         """Summed loss, correct tokens, counted tokens, exactly echoed rows and rows of a
@@ -83,19 +97,50 @@ class EchoModule(pl.LightningModule):
     def on_train_start(self) -> None:
         self._t0 = time.perf_counter()
 
-    def training_step(self, batches: list[tuple[Tensor, Tensor]], batch_idx: int) -> None:
-        """One tutorial epoch: its batches in order, an optimizer step after each."""
-        optimizer = self.optimizers()
+    def training_step(self, draw: Draw, batch_idx: int) -> None:
+        """One tutorial epoch: `draw()` gives its batches; an optimizer step after each."""
+        if self._graphs():
+            self._epoch_sums = self._graphed_epoch(draw)
+        else:
+            self._epoch_sums = self._train_epoch(draw())
+
+    def _train_epoch(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Train on the batches in order; returns [summed loss, correct tokens, tokens] on the
+        device. The plain optimizer and `backward()`: Lightning's per-step hooks would cost more
+        than these tiny steps."""
+        optimizer = self.optimizers(use_pl_optimizer=False)
         sums = []
         for scores, y in self._forward_batches(batches):
             tokens = (y != PAD).sum()
             loss_sum = self.rep.loss_sum(scores, y)
             optimizer.zero_grad()
-            self.manual_backward(loss_sum / tokens)
+            (loss_sum / tokens).backward()
             optimizer.step()
             correct = (self.rep.decode(scores.detach()) == y).sum()  # PAD (-1) is never a prediction
             sums.append(torch.stack([loss_sum.detach(), correct, tokens]))
-        self._epoch_sums = torch.stack(sums).sum(0)
+        return torch.stack(sums).sum(0)
+
+    def _graphed_epoch(self, draw: Draw) -> Tensor:
+        """The epoch as one CUDA graph replay. The first WARM_EPOCHS epochs run eagerly on a side
+        stream (cuDNN, cuBLAS and Adam set themselves up), then one epoch is captured and
+        replayed; drawing the sequences is inside the graph, from the data's own generator."""
+        if self._graph is None:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            if self._warm_epochs < WARM_EPOCHS:
+                self._warm_epochs += 1
+                with torch.cuda.stream(stream):
+                    sums = self._train_epoch(draw())
+                torch.cuda.current_stream().wait_stream(stream)
+                return sums
+            graph = torch.cuda.CUDAGraph()
+            for generator in draw.generators:
+                graph.register_generator_state(generator)
+            with torch.cuda.graph(graph, stream=stream):
+                self._graph_sums = self._train_epoch(draw())
+            self._graph = graph
+        self._graph.replay()
+        return self._graph_sums.clone()
 
     def on_train_epoch_end(self) -> None:  # after the epoch's validation: the epoch is complete
         self._train_sums.append((self.current_epoch + 1, self._epoch_sums))
@@ -110,9 +155,9 @@ class EchoModule(pl.LightningModule):
         self._train_sums = []
 
     # -- evaluation --------------------------------------------------------------------
-    def _eval_step(self, batches: list[tuple[Tensor, Tensor]], batch_idx: int) -> None:
+    def _eval_step(self, draw: Draw, batch_idx: int) -> None:
         """Evaluate as the model was trained: batch by batch, state carried, reset first."""
-        self._eval_sums = sum(torch.stack(self._scores(s, y)).float() for s, y in self._forward_batches(batches))
+        self._eval_sums = sum(torch.stack(self._scores(s, y)).float() for s, y in self._forward_batches(draw()))
 
     validation_step = test_step = _eval_step
 

@@ -84,6 +84,7 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
         stop_at=cfg.stop_at,
         representation=rep,
         mask_inputs=task.framing == "mask",
+        cuda_graph=cfg.get("cuda_graph", True),
     )
     data = EchoData(task, model.batch_size, model.stateful, seed=cfg.seed)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)

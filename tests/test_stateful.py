@@ -85,8 +85,8 @@ def test_training_batches_are_fresh_sequences_every_epoch():
     data = EchoData(cfg.task, 7, True, seed=0)
     data.trainer = None
     data.setup("fit")
-    loader = data.train_dataloader()  # one item per epoch: the epoch's batches
-    first, second = [torch.cat([x for x, _ in next(iter(loader))]) for _ in range(2)]
+    loader = data.train_dataloader()  # one item per epoch: what draws the epoch's batches
+    first, second = [torch.cat([x for x, _ in next(iter(loader))()]) for _ in range(2)]
     assert first.shape == (21, 5) and not torch.equal(first, second)
     # and the held-out sets are fixed by their own seeds
     val_x, _ = data.val

@@ -1,0 +1,71 @@
+"""On a CUDA GPU: data drawn on the device, epochs replayed as CUDA graphs, runs tracked.
+
+Skipped where torch sees no GPU (as in CI); run them on a GPU machine with `pytest tests/test_gpu.py`.
+"""
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import make_cfg
+from helpers import TINY, all_runs, run_py
+
+from echo.data import EchoData
+from echo.models import build_net
+from echo.module import WARM_EPOCHS, EchoModule
+from echo.train import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+GPU = ["trainer.accelerator=gpu", "logger=none", "stop_at=null", "trainer.check_val_every_n_epoch=5"]
+VARIANTS = {
+    "listing B, fast regime": ["model=encdec", "task.n_out=2"],
+    "listing A": [],
+    "stateless": ["model.stateful=false"],
+    "masked framing": ["task.framing=mask", "task.n_out=2", "model.batch_size=5"],
+    "linear representation": ["task.representation=linear"],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_graphed_epochs_train_as_eager_epochs_do(variant):
+    """Capturing an epoch in a CUDA graph changes nothing but the speed: the same draws, the
+    same steps, the same metrics (to float rounding)."""
+    settings = [*GPU, *VARIANTS[variant], "trainer.max_epochs=15"]
+    graphed, eager = train(make_cfg(*settings, "cuda_graph=true")), train(make_cfg(*settings, "cuda_graph=false"))
+    for name in ("val/loss", "test/token_acc", "test/exact_match"):
+        assert graphed[name] == pytest.approx(eager[name], rel=1e-3, abs=1e-3), name
+    assert math.isfinite(graphed["val/loss"])
+
+
+def fit(epochs: int, cuda_graph: bool) -> EchoModule:
+    cfg = make_cfg(*GPU, "model=encdec", "task.n_out=2")
+    torch.manual_seed(0)
+    net = build_net("encdec", n_in=5, n_features=100, hidden_size=150, n_classes=100, n_out=2)
+    module = EchoModule(net, 100, 1e-2, True, windows_per_epoch=8 * 21, cuda_graph=cuda_graph)
+    data = EchoData(cfg.task, 21, True, seed=0)
+    trainer = pl.Trainer(
+        accelerator="gpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=5,
+    )  # fmt: skip
+    trainer.fit(module, data)
+    assert data.val[0].is_cuda and data.train_generator.device.type == "cuda"  # data lives on the GPU
+    return module
+
+
+def test_an_epoch_is_captured_after_the_warm_up_and_replayed():
+    module = fit(WARM_EPOCHS + 5, cuda_graph=True)
+    assert module._graph is not None
+    module.flush_train_metrics()
+    losses = [v for name, _, v in module.history if name == "train/loss"]
+    assert len(losses) == WARM_EPOCHS + 5 and len(set(losses)) == len(losses)  # fresh data every replay
+    assert fit(WARM_EPOCHS + 5, cuda_graph=False)._graph is None
+
+
+def test_a_gpu_run_is_tracked_in_mlflow(store, tmp_path):
+    result = run_py(*TINY, "model=encdec", "task.n_out=2", "trainer.accelerator=gpu", cwd=tmp_path, uri=store)
+    assert result.returncode == 0, result.stderr
+    (run,) = all_runs(store)
+    assert run.info.status == "FINISHED" and run.data.params["trainer.accelerator"] == "gpu"
+    assert 0 <= run.data.metrics["test/exact_match"] <= 1
