@@ -109,28 +109,29 @@ def main():
     p.add_argument("--eval-windows", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: the model and every batch live there")
     a = p.parse_args()
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    model = (EncDec if a.model == "encdec" else Seq2Seq)(a.n_unique, a.hidden, a.n_out)
+    model = (EncDec if a.model == "encdec" else Seq2Seq)(a.n_unique, a.hidden, a.n_out).to(a.device)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr, fused=True)
     rows = a.length - a.n_in + 1
     n_eval = -(-a.eval_windows // rows)
 
     def held_out(seed):
         seqs = torch.randint(0, a.n_unique, (n_eval, a.length), generator=torch.Generator().manual_seed(seed))
-        return windows(seqs, a.n_in, a.n_out, a.batch_size)
+        return windows(seqs.to(a.device), a.n_in, a.n_out, a.batch_size)
 
     val, test = held_out(1001), held_out(1002)
-    g = torch.Generator().manual_seed(a.seed)
+    g = torch.Generator(a.device).manual_seed(a.seed)
 
     start = time.perf_counter()
     result = {"time_to_target_s": None, "epochs_to_target": None}
     for epoch in range(1, a.epochs + 1):
         model.train()
         state = None  # reset_states(): a new sequence
-        seqs = torch.randint(0, a.n_unique, (a.sequences, a.length), generator=g)
+        seqs = torch.randint(0, a.n_unique, (a.sequences, a.length), generator=g, device=a.device)
         for x, y in windows(seqs, a.n_in, a.n_out, a.batch_size):
             logits, state = model(F.one_hot(x, a.n_unique).float(), state)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())

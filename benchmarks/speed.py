@@ -3,6 +3,8 @@
     python benchmarks/speed.py                 # all cases, once each
     python benchmarks/speed.py --repeat 3      # median of 3
     python benchmarks/speed.py --cases default fast
+    python benchmarks/speed.py --device cuda                 # on a GPU (the bare loop runs eagerly there)
+    python benchmarks/speed.py --device cuda --set cuda_graph=false   # extra overrides for the harness
 
 Each case runs `python run.py ...` (MLflow on, a SQLite store in a temporary directory) and
 `python benchmarks/bare_loop.py ...` with the same network, data, batches, optimizer steps,
@@ -48,6 +50,12 @@ CASES = {
         "--model encdec --hidden 150 --n-out 2 --batch-size 21 --sequences 8 --lr 1e-2 --epochs 1000 "
         "--val-every 10 --stop-at 0.995",
     ),
+    "fast_wide": (
+        "listing B, 32 sequences per step at lr 1e-2 (a regime for GPUs, where a wider step costs about the same)",
+        ["model=encdec", "task.n_out=2", "task.sequences_per_epoch=32"],
+        "--model encdec --hidden 150 --n-out 2 --batch-size 21 --sequences 32 --lr 1e-2 --epochs 1000 "
+        "--val-every 10 --stop-at 0.995",
+    ),
     "bare_best": (
         "reference: the bare loop's best known regime on listing B (8 sequences/step, lr 3e-3)",
         None,
@@ -84,6 +92,7 @@ def run_harness(overrides: list[str], workdir: str) -> dict:
         "rss_mb": rss,
         "train_s": m["train_time_s"],
         "steps": int(m["epochs"]) * steps_per_epoch,
+        "ms_per_epoch": 1000 * m["train_time_s"] / m["epochs"],
         "to_target_s": m.get("time_to_target_s"),
         "test_exact": m["test/exact_match"],
     }
@@ -100,6 +109,7 @@ def run_bare(args: str, workdir: str) -> dict:
         "rss_mb": rss,
         "train_s": r["train_time_s"],
         "steps": r["epochs"] * (21 // batch),
+        "ms_per_epoch": 1000 * r["train_time_s"] / r["epochs"],
         "to_target_s": r["time_to_target_s"],
         "test_exact": r["test_exact_match"],
     }
@@ -121,7 +131,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for the harness")
     a = p.parse_args()
+    accelerator = ["trainer.accelerator=" + ("gpu" if a.device == "cuda" else "cpu"), *a.set]
 
     from mlflow import MlflowClient
 
@@ -130,18 +143,23 @@ def main() -> None:
         MlflowClient(f"sqlite:///{workdir}/mlflow.db").search_experiments()  # an existing store, as a user has
         for name in a.cases:
             what, overrides, bare_args = CASES[name]
-            bare = median([run_bare(bare_args, workdir) for _ in range(a.repeat)])
-            harness = (
-                median([run_harness(overrides, workdir) for _ in range(a.repeat)]) if overrides is not None else None
-            )
+            bare = median([run_bare(f"{bare_args} --device {a.device}", workdir) for _ in range(a.repeat)])
+            harness = None
+            if overrides is not None:
+                harness = median([run_harness([*overrides, *accelerator], workdir) for _ in range(a.repeat)])
             rows.append((name, what, bare, harness))
             print(f"{name}: bare {bare}  harness {harness}", file=sys.stderr, flush=True)
 
-    print(f"\n{os.uname().nodename}: {os.cpu_count()} CPUs, torch threads 1, median of {a.repeat}\n")
-    header = ["steps", "train s", "whole process s", "to 0.99 val s", "test exact", "peak RSS MB"]
+    where = f"{os.cpu_count()} CPUs, torch threads 1"
+    if a.device == "cuda":
+        import torch
+
+        where = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {os.cpu_count()} CPUs"
+    print(f"\n{os.uname().nodename}: {where}; harness overrides {accelerator}; median of {a.repeat}\n")
+    header = ["steps", "train s", "ms/epoch", "whole process s", "to 0.99 val s", "test exact", "peak RSS MB"]
     header += ["harness/bare train", "harness/bare whole"]
     print("| case | " + " | ".join(header) + " |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---" * (len(header) + 1) + "|")
     for name, _, bare, harness in rows:
         for who, r in (("bare", bare), ("harness", harness)):
             if r is None:
@@ -149,7 +167,8 @@ def main() -> None:
             ratios = ["", ""]
             if who == "harness":
                 ratios = [f"{r['train_s'] / bare['train_s']:.2f}x", f"{r['wall_s'] / bare['wall_s']:.2f}x"]
-            cells = [f"{r['steps']:.0f}", fmt(r["train_s"]), fmt(r["wall_s"]), fmt(r["to_target_s"])]
+            cells = [f"{r['steps']:.0f}", fmt(r["train_s"]), fmt(r["ms_per_epoch"]), fmt(r["wall_s"])]
+            cells += [fmt(r["to_target_s"])]
             cells += [fmt(r["test_exact"], ".3f"), f"{r['rss_mb']:.0f}", *ratios]
             print(f"| {name} {who} | " + " | ".join(cells) + " |")
     print()
