@@ -14,7 +14,7 @@ PAD = -1  # token id of a missing observation (masked framing); never a target
 
 def one_hot_encode(tokens: Tensor, n_unique: int) -> Tensor:
     """One-hot float codes, `n_unique` wide; a PAD token becomes the all-zero vector."""
-    return torch.nn.functional.one_hot(tokens.clamp(min=0), n_unique).float() * (tokens >= 0).unsqueeze(-1)
+    return F.one_hot(tokens + 1, n_unique + 1)[..., 1:].float()  # PAD (-1) lands in the dropped column
 
 
 def one_hot_decode(codes: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from echo.encoding import PAD, LinearScale, OneHot
 from echo.models import detach_state
 
 WARM_EPOCHS = 3  # eager epochs before an epoch is captured in a CUDA graph
+PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_epoch_sums"})
 
 
 class EchoModule(pl.LightningModule):
@@ -60,6 +61,15 @@ class EchoModule(pl.LightningModule):
         # Several optimizer steps per Lightning step, written out (manual optimization); it
         # also skips automatic optimization's closure and hooks, costly next to these steps.
         self.automatic_optimization = False
+
+    def __setattr__(self, name: str, value) -> None:
+        # Lightning sets `_current_fx_name` around each of the ~20 hooks it calls per epoch, and
+        # the step sets `_epoch_sums`; nn.Module's __setattr__ looks for parameters, buffers and
+        # submodules under that name every time. Neither is one: store them directly.
+        if name in PLAIN_ATTRIBUTES:
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
 
     # -- the network on token ids ------------------------------------------------------
     def forward(self, x: Tensor, state=None) -> tuple[Tensor, object]:
@@ -136,8 +146,12 @@ class EchoModule(pl.LightningModule):
             graph = torch.cuda.CUDAGraph()
             for generator in draw.generators:
                 graph.register_generator_state(generator)
-            with torch.cuda.graph(graph, stream=stream):
-                self._graph_sums = self._train_epoch(draw())
+            try:
+                with torch.cuda.graph(graph, stream=stream):
+                    self._graph_sums = self._train_epoch(draw())
+            except RuntimeError as error:
+                message = f"capturing an epoch in a CUDA graph failed: run with cuda_graph=false ({error})"
+                raise RuntimeError(message) from error
             self._graph = graph
         self._graph.replay()
         return self._graph_sums.clone()
