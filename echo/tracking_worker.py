@@ -56,7 +56,7 @@ def learning_curve(history: list[list], target: float):
         ax.set_title(title)
         ax.legend()
     ax_loss.set_yscale("log")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.2)  # tight_layout costs ~0.07 s
     return fig
 
 

@@ -107,6 +107,8 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
     start = time.perf_counter()
     trainer.fit(module, data, ckpt_path=checkpoint)
     train_time = time.perf_counter() - start
+    if tracker:  # the history is complete: the worker draws the curve while the test runs
+        tracker.log_learning_curve(module.history, cfg.target)
     trainer.test(module, data, verbose=False)
 
     summary = {**module.summary, "train_time_s": train_time, "epochs": trainer.current_epoch}
@@ -117,7 +119,6 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
         final = [(k, trainer.current_epoch, v) for k, v in summary.items() if not k.startswith("val/")]
         tracker.log_metrics(final)  # val/* is in the history already
         tracker.log_text(table + "\n", "expected_predicted.txt")
-        tracker.log_learning_curve(module.history, cfg.target)
     return summary
 
 
