@@ -1,13 +1,16 @@
-"""The process that writes one run to MLflow: `python echo/tracking_worker.py`.
+"""The process that writes runs to MLflow, one after another: `python echo/tracking_worker.py`.
 
 The training process starts it first thing and sends it JSON lines on stdin; it imports
 mlflow, creates the run and writes metrics in batches on the other CPU core while training
-runs, so tracking costs training almost nothing. If the training process dies without
-saying how the run ended (killed, even with SIGKILL), stdin closes and the run ends KILLED.
+runs, so tracking costs training almost nothing. The training process keeps it for its next
+run (echo/tracking.py), so a sweep's jobs pay for the import once. If the training process
+dies without saying how the run ended (killed, even with SIGKILL), stdin closes and the run
+ends KILLED.
 
 Messages: start (uri, experiment, run_name, tags, params), metrics (rows of name, step,
 value), text (text, name), tags (tags), curve (history, target), end (status, error).
-The worker answers `start` with the run id on stdout.
+The worker answers `start` with the run id and `end`, once the run is written, with `ended`,
+each on a line of stdout starting with ANSWER (MLflow may print other lines there).
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ import os
 import signal
 import sys
 import time
+
+ANSWER = "echo-tracking: "  # marks the answers on stdout
+
+
+def answer(text: str) -> None:
+    print(ANSWER + text, flush=True)
 
 
 def experiment_id(client, name: str) -> str:
@@ -61,20 +70,23 @@ def learning_curve(history: list[list], target: float):
 
 
 class RunWriter:
-    """Writes one run: params at the start, metrics in batches, artifacts, the status."""
+    """Writes runs, one at a time: params at the start, metrics in batches, artifacts, the status."""
 
     def __init__(self, flush_every_s: float = 10.0):
         self.flush_every_s, self.pending, self.run_id = flush_every_s, [], None
+        self.client, self.uri = None, None
 
     def start(self, uri, experiment, run_name, tags, params) -> None:
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param, RunTag
 
         self.Metric, self.RunTag = Metric, RunTag
-        self.client = MlflowClient(uri)
+        if uri != self.uri:
+            self.client, self.uri = MlflowClient(uri), uri
+        self.pending = []
         run = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
-        print(self.run_id, flush=True)
+        answer(self.run_id)
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
             self.client.log_batch(self.run_id, params=items[i : i + 100])
@@ -118,7 +130,10 @@ def main() -> None:
     writer = RunWriter()
     for line in sys.stdin:
         message = json.loads(line)
-        getattr(writer, message.pop("op"))(**message)
+        op = message.pop("op")
+        getattr(writer, op)(**message)
+        if op == "end":
+            answer("ended")  # the training process may report the run done now
     if writer.run_id is not None:  # the training process went away without a word
         writer.end("KILLED")
     sys.stdout.flush()
