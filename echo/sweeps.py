@@ -64,6 +64,11 @@ class SweepCallback(Callback):
 
     parent: str | None = None
 
+    def __getstate__(self) -> dict:
+        """What a job gets: parallel and remote launchers (joblib, submitit, Ray) pickle this callback
+        into every job. Jobs need no MLflow client, and unpickling one imports mlflow (seconds of CPU)."""
+        return {key: value for key, value in self.__dict__.items() if key != "client"}
+
     def on_multirun_start(self, config, **kwargs) -> None:
         check_sweep(config)
         if config.logger.name != "mlflow":
