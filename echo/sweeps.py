@@ -91,11 +91,13 @@ class SweepCallback(Callback):
         _sigterm_as_interrupt()
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        workers_stopped = stop_parallel_workers()  # they exit while the summary is written
         if self.parent is not None:
             try:
                 summarize_sweep(self.client, self.parent, self.objective)
             finally:
                 self._end("FINISHED")
+        workers_stopped()
 
     def _end(self, status: str) -> None:
         if self.parent is None:
@@ -107,6 +109,23 @@ class SweepCallback(Callback):
                 if run.info.status == "RUNNING":
                     self.client.set_terminated(run.info.run_id, status)
         self.client.set_terminated(parent, status)
+
+
+def stop_parallel_workers():
+    """Tell the joblib launcher's worker processes to exit, now that every job has returned with
+    its run written; returns a function that waits until they have.
+
+    Left alone, they are stopped by the interpreter's exit, one after another with the launching
+    process's own teardown: seconds after the sweep ended. Stopped here they exit while the
+    summary is written, and the launching process, with no children left, exits at once (run.py).
+    """
+    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+    executor = getattr(loky, "_executor", None)
+    manager = getattr(executor, "_executor_manager_thread", None)  # it joins the workers
+    if manager is None:
+        return lambda: None
+    executor.shutdown(wait=False)
+    return manager.join
 
 
 def check_sweep(config) -> None:
