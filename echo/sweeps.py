@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from echo.tracking import PARENT_RUN_ENV, SWEEP_TAG, run_name_and_tags, tracking_uri
+from echo.tracking import PARENT_RUN_ENV, SWEEP_TAG, TrackingService, run_name_and_tags, tracking_uri
 from echo.tracking_worker import experiment_id
 
 PARENT_TAG = "echo.sweep_parent"
@@ -63,16 +63,23 @@ class SweepCallback(Callback):
     """
 
     parent: str | None = None
+    service: TrackingService | None = None
 
     def __getstate__(self) -> dict:
         """What a job gets: parallel and remote launchers (joblib, submitit, Ray) pickle this callback
-        into every job. Jobs need no MLflow client, and unpickling one imports mlflow (seconds of CPU)."""
-        return {key: value for key, value in self.__dict__.items() if key != "client"}
+        into every job. Jobs need no MLflow client, and unpickling one imports mlflow (seconds of CPU);
+        they find the tracking service through the environment."""
+        return {key: value for key, value in self.__dict__.items() if key not in ("client", "service")}
 
     def on_multirun_start(self, config, **kwargs) -> None:
         check_sweep(config)
         if config.logger.name != "mlflow":
             return
+        if str(config.hydra.launcher.get("_target_", "")).endswith("JoblibLauncher"):
+            # Parallel jobs on this machine: one tracking process writes all their runs, and it
+            # imports mlflow now, alongside this process, instead of every job's worker later.
+            self.service = TrackingService()
+            atexit.register(self.service.close)
         from mlflow import MlflowClient
 
         sweep = Path(config.hydra.sweep.dir).name
@@ -98,6 +105,8 @@ class SweepCallback(Callback):
             finally:
                 self._end("FINISHED")
         workers_stopped()
+        if self.service is not None:
+            self.service.close()  # every job's connection has closed
 
     def _end(self, status: str) -> None:
         if self.parent is None:

@@ -10,8 +10,11 @@ import atexit
 import json
 import os
 import queue
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -40,6 +43,10 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+WORKER = str(Path(__file__).with_name("tracking_worker.py"))
+SERVICE_ENV = "ECHO_TRACKING_SERVICE"  # a parallel sweep's tracking service, for its local jobs
+
+
 class _Worker:
     """A tracking worker process (`echo.tracking_worker`), writing one run after another.
 
@@ -52,30 +59,41 @@ class _Worker:
     def __init__(self):
         self.owner = _owner()
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("tracking_worker.py"))],
+            [sys.executable, WORKER],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             start_new_session=True,  # Ctrl-C reaches training, which then ends the run as KILLED
         )
-        self.answers: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read_answers, daemon=True).start()
+        self._read_answers_from(self.process.stdout)
 
-    def _read_answers(self) -> None:
+    def _read_answers_from(self, stream) -> None:
+        self.answers: queue.Queue[str | None] = queue.Queue()
+        self.gone = threading.Event()
+        threading.Thread(target=self._read_answers, args=(stream,), daemon=True).start()
+
+    def _read_answers(self, stream) -> None:
         """Queue the worker's answers (lines it marks as such; MLflow may print others); None at its end."""
-        for line in self.process.stdout:
-            if line.startswith(ANSWER):
-                self.answers.put(line[len(ANSWER) :].strip())
+        try:
+            for line in stream:
+                if line.startswith(ANSWER):
+                    self.answers.put(line[len(ANSWER) :].strip())
+        except OSError:
+            pass
+        self.gone.set()
         self.answers.put(None)
 
     def reusable(self) -> bool:
-        return self.process.poll() is None and self.owner == _owner()
+        return not self.gone.is_set() and self.owner == _owner()
+
+    def _write(self, text: str) -> None:
+        self.process.stdin.write(text)
+        self.process.stdin.flush()
 
     def send(self, message: dict) -> None:
         try:
-            self.process.stdin.write(json.dumps(message) + "\n")
-            self.process.stdin.flush()
-        except (BrokenPipeError, ValueError):  # the worker died; it said why on stderr
+            self._write(json.dumps(message) + "\n")
+        except (OSError, ValueError):  # the worker died; it said why on stderr
             pass
 
     def answer(self, timeout: float | None = None) -> str | None:
@@ -89,12 +107,78 @@ class _Worker:
         """No more runs: the worker ends a run still open as KILLED, then exits (waited for up to `wait` s)."""
         try:
             self.process.stdin.close()
-        except BrokenPipeError:
+        except OSError:
             pass
         try:
             self.process.wait(wait)
         except subprocess.TimeoutExpired:
             pass
+
+
+class _ServiceConnection(_Worker):
+    """A connection to a parallel sweep's tracking service (`tracking_worker.py --serve`), used
+    as a worker of this process's own: the service writes runs from all the sweep's jobs at once."""
+
+    def __init__(self, path: str):
+        self.owner = _owner()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
+        self.stream = self.sock.makefile("w", encoding="utf-8")
+        self._read_answers_from(self.sock.makefile("r", encoding="utf-8"))
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+    def close(self, wait: float = 300) -> None:
+        """No more runs: the service ends a run still open as KILLED (waited for up to `wait` s)."""
+        try:
+            self.stream.close()
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.gone.wait(wait)
+        self.sock.close()
+
+
+class TrackingService:
+    """A tracking worker that writes the runs of all a parallel sweep's local jobs at once
+    (`tracking_worker.py --serve`), so that none of them starts a worker of its own.
+
+    The launching process starts it before the jobs (echo/sweeps.py): it imports mlflow while the
+    sweep starts, on a core that is idle then. Jobs find it through SERVICE_ENV; one whose
+    directory differs, or that runs elsewhere, starts its own worker.
+    """
+
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="echo-tracking-")
+        path = os.path.join(self.folder, "socket")
+        self.process = subprocess.Popen(
+            [sys.executable, WORKER, "--serve", path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # Ctrl-C reaches the jobs, which end their runs
+        )
+        if self.process.stdout.readline().strip() == ANSWER + "ready":  # listening
+            os.environ[SERVICE_ENV] = json.dumps({"socket": path, "cwd": os.getcwd()})
+        self.process.stdout.close()
+
+    def close(self, wait: float = 30) -> None:
+        """No more jobs: it exits once every job's connection has closed (waited for up to `wait` s)."""
+        os.environ.pop(SERVICE_ENV, None)
+        if self.process.stdin.closed:
+            return
+        self.process.stdin.close()
+        try:
+            self.process.wait(wait)
+        except subprocess.TimeoutExpired:
+            pass
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # Set by torch and Lightning in the training process as they load and train; MLflow reads none.
@@ -119,8 +203,19 @@ def _take_worker() -> _Worker:
         _close(worker)
     if not _workers:
         atexit.register(_close_all)
-    _workers.append(_Worker())
+    _workers.append(_connect_to_service() or _Worker())
     return _workers[-1]
+
+
+def _connect_to_service() -> _ServiceConnection | None:
+    """A connection to the sweep's tracking service, if there is one and it writes from this directory."""
+    service = json.loads(os.environ.get(SERVICE_ENV) or "null")
+    if service is None or service["cwd"] != os.getcwd():
+        return None
+    try:
+        return _ServiceConnection(service["socket"])
+    except OSError:  # it is gone, or on another machine
+        return None
 
 
 def _close(worker: _Worker, wait: float = 300) -> None:
