@@ -51,8 +51,8 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     main()
-    if not multiprocessing.active_children():  # a parallel launcher's workers stop in the normal exit
-        # Every run is written (its tracking worker has exited): run the exit handlers, then
+    if not multiprocessing.active_children():  # others' workers stop in the normal exit (joblib's stopped)
+        # Every run is written (its tracking worker said so): run the exit handlers, then
         # skip the interpreter's slow teardown of torch and Lightning (about 0.8 s).
         atexit._run_exitfuncs()
         sys.stdout.flush()

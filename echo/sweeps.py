@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from echo.tracking import PARENT_RUN_ENV, SWEEP_TAG, run_name_and_tags, tracking_uri
+from echo.tracking import PARENT_RUN_ENV, SWEEP_TAG, TrackingService, run_name_and_tags, tracking_uri
 from echo.tracking_worker import experiment_id
 
 PARENT_TAG = "echo.sweep_parent"
@@ -63,11 +63,23 @@ class SweepCallback(Callback):
     """
 
     parent: str | None = None
+    service: TrackingService | None = None
+
+    def __getstate__(self) -> dict:
+        """What a job gets: parallel and remote launchers (joblib, submitit, Ray) pickle this callback
+        into every job. Jobs need no MLflow client, and unpickling one imports mlflow (seconds of CPU);
+        they find the tracking service through the environment."""
+        return {key: value for key, value in self.__dict__.items() if key not in ("client", "service")}
 
     def on_multirun_start(self, config, **kwargs) -> None:
         check_sweep(config)
         if config.logger.name != "mlflow":
             return
+        if str(config.hydra.launcher.get("_target_", "")).endswith("JoblibLauncher"):
+            # Parallel jobs on this machine: one tracking process writes all their runs, and it
+            # imports mlflow now, alongside this process, instead of every job's worker later.
+            self.service = TrackingService()
+            atexit.register(self.service.close)
         from mlflow import MlflowClient
 
         sweep = Path(config.hydra.sweep.dir).name
@@ -86,11 +98,15 @@ class SweepCallback(Callback):
         _sigterm_as_interrupt()
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        workers_stopped = stop_parallel_workers()  # they exit while the summary is written
         if self.parent is not None:
             try:
                 summarize_sweep(self.client, self.parent, self.objective)
             finally:
                 self._end("FINISHED")
+        workers_stopped()
+        if self.service is not None:
+            self.service.close()  # every job's connection has closed
 
     def _end(self, status: str) -> None:
         if self.parent is None:
@@ -102,6 +118,23 @@ class SweepCallback(Callback):
                 if run.info.status == "RUNNING":
                     self.client.set_terminated(run.info.run_id, status)
         self.client.set_terminated(parent, status)
+
+
+def stop_parallel_workers():
+    """Tell the joblib launcher's worker processes to exit, now that every job has returned with
+    its run written; returns a function that waits until they have.
+
+    Left alone, they are stopped by the interpreter's exit, one after another with the launching
+    process's own teardown: seconds after the sweep ended. Stopped here they exit while the
+    summary is written, and the launching process, with no children left, exits at once (run.py).
+    """
+    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+    executor = getattr(loky, "_executor", None)
+    manager = getattr(executor, "_executor_manager_thread", None)  # it joins the workers
+    if manager is None:
+        return lambda: None
+    executor.shutdown(wait=False)
+    return manager.join
 
 
 def check_sweep(config) -> None:

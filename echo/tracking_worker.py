@@ -1,13 +1,22 @@
-"""The process that writes one run to MLflow: `python echo/tracking_worker.py`.
+"""The process that writes runs to MLflow: `python echo/tracking_worker.py [--serve SOCKET]`.
 
 The training process starts it first thing and sends it JSON lines on stdin; it imports
 mlflow, creates the run and writes metrics in batches on the other CPU core while training
-runs, so tracking costs training almost nothing. If the training process dies without
-saying how the run ended (killed, even with SIGKILL), stdin closes and the run ends KILLED.
+runs, so tracking costs training almost nothing. The training process keeps it for its next
+run (echo/tracking.py), so a sweep's jobs pay for the import once. If the training process
+dies without saying how the run ended (killed, even with SIGKILL), stdin closes and the run
+ends KILLED.
 
 Messages: start (uri, experiment, run_name, tags, params), metrics (rows of name, step,
 value), text (text, name), tags (tags), curve (history, target), end (status, error).
-The worker answers `start` with the run id on stdout.
+The worker answers `start` with the run id and `end`, once the run is written, with `ended`,
+each on a line of stdout starting with ANSWER (MLflow may print other lines there).
+
+With `--serve SOCKET` it is a parallel sweep's tracking service instead (echo/sweeps.py): it
+writes the runs of all the sweep's local jobs at once, each training process on its own
+connection to the Unix socket, with the same messages and answers; a connection that closes
+with its run open ends that run KILLED. The jobs pay for no mlflow import, and the service
+pays for its own while the sweep starts, on an otherwise idle core.
 """
 
 from __future__ import annotations
@@ -17,6 +26,13 @@ import os
 import signal
 import sys
 import time
+
+ANSWER = "echo-tracking: "  # marks the answers on stdout
+
+
+def answer(text: str) -> None:
+    """Answer the training process that started this worker (on stdout)."""
+    print(ANSWER + text, flush=True)
 
 
 def experiment_id(client, name: str) -> str:
@@ -61,20 +77,31 @@ def learning_curve(history: list[list], target: float):
 
 
 class RunWriter:
-    """Writes one run: params at the start, metrics in batches, artifacts, the status."""
+    """Writes runs, one at a time: params at the start, metrics in batches, artifacts, the status."""
 
-    def __init__(self, flush_every_s: float = 10.0):
-        self.flush_every_s, self.pending, self.run_id = flush_every_s, [], None
+    def __init__(self, flush_every_s: float = 10.0, reply=answer):
+        self.flush_every_s, self.pending, self.run_id, self.reply = flush_every_s, [], None, reply
+        self.client, self.uri = None, None
+
+    def handle(self, line: str) -> None:
+        """Act on one message; answer `end` once the run is written (`start` is answered early)."""
+        message = json.loads(line)
+        op = message.pop("op")
+        getattr(self, op)(**message)
+        if op == "end":
+            self.reply("ended")  # the training process may report the run done now
 
     def start(self, uri, experiment, run_name, tags, params) -> None:
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param, RunTag
 
         self.Metric, self.RunTag = Metric, RunTag
-        self.client = MlflowClient(uri)
+        if uri != self.uri:
+            self.client, self.uri = MlflowClient(uri), uri
+        self.pending = []
         run = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
-        print(self.run_id, flush=True)
+        self.reply(self.run_id)
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
             self.client.log_batch(self.run_id, params=items[i : i + 100])
@@ -113,14 +140,91 @@ class RunWriter:
             self.run_id = None
 
 
+class Connection:
+    """One training process's connection to the service, and the run it is writing."""
+
+    def __init__(self, sock):
+        self.sock, self.buffer = sock, b""
+        self.writer = RunWriter(reply=self.reply)
+
+    def reply(self, text: str) -> None:
+        try:
+            self.sock.sendall(f"{ANSWER}{text}\n".encode())
+        except OSError:  # it went away; its next read says so
+            pass
+
+    def receive(self) -> bool:
+        """Handle what arrived; False once the training process has closed the connection."""
+        data = self.sock.recv(1 << 16)
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            self.writer.handle(line.decode())
+        return bool(data)
+
+    def close(self) -> None:
+        if self.writer.run_id is not None:  # the training process went away without a word
+            self.writer.end("KILLED")
+        self.sock.close()
+
+
+def serve(path: str) -> None:
+    """The service: runs from every connection to the Unix socket `path`, until stdin closes (the
+    sweep is over, or its process died) and then every connection has."""
+    import selectors
+    import socket
+    import traceback
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    answer("ready")
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to say; MLflow may print
+    from mlflow import MlflowClient  # noqa: F401  (now, before the sweep's jobs start)
+
+    pyplot()
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    selector.register(sys.stdin, selectors.EVENT_READ)
+    accepting, connections = True, 0
+    while accepting or connections:
+        for key, _ in selector.select():
+            if key.fileobj is listener:
+                sock, _ = listener.accept()
+                selector.register(sock, selectors.EVENT_READ, Connection(sock))
+                connections += 1
+            elif key.fileobj is sys.stdin:
+                if not os.read(sys.stdin.fileno(), 1024):  # no more jobs will connect
+                    selector.unregister(listener)
+                    selector.unregister(sys.stdin)
+                    listener.close()
+                    accepting = False
+            else:
+                connection = key.data
+                try:
+                    open_ = connection.receive()
+                except Exception:  # this run cannot be written; the others go on
+                    traceback.print_exc()
+                    open_ = False
+                if not open_:
+                    selector.unregister(connection.sock)
+                    connections -= 1
+                    try:
+                        connection.close()
+                    except Exception:
+                        traceback.print_exc()
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the training process decides how the run ends
-    writer = RunWriter()
-    for line in sys.stdin:
-        message = json.loads(line)
-        getattr(writer, message.pop("op"))(**message)
-    if writer.run_id is not None:  # the training process went away without a word
-        writer.end("KILLED")
+    if sys.argv[1:2] == ["--serve"]:
+        serve(sys.argv[2])
+    else:
+        writer = RunWriter()
+        for line in sys.stdin:
+            writer.handle(line)
+        if writer.run_id is not None:  # the training process went away without a word
+            writer.end("KILLED")
     sys.stdout.flush()
     os._exit(0)  # all is written; skip tearing down mlflow, SQLAlchemy and matplotlib (~1 s)
 

@@ -2,6 +2,7 @@
 launcher or sweeper runs it."""
 
 import math
+from pathlib import Path
 
 import pytest
 from conftest import make_cfg
@@ -177,3 +178,21 @@ def test_the_slurm_preset_asks_for_one_cpu_per_job():
         cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert (cfg.hydra.launcher.cpus_per_task, cfg.threads) == (1, 1)
+
+
+def test_checking_configs_imports_no_torch_and_knows_every_model_and_representation():
+    """A sweep checks every job in the launching process, which with a parallel launcher trains nothing."""
+    import subprocess
+    import sys
+
+    from echo.config import CANNOT_MASK, MODEL_NAMES, REPRESENTATION_NAMES
+    from echo.encoding import REPRESENTATIONS
+    from echo.models import MODELS, can_mask
+
+    assert set(MODEL_NAMES) == set(MODELS) and set(REPRESENTATION_NAMES) == set(REPRESENTATIONS)
+    assert set(CANNOT_MASK) == {name for name in MODELS if not can_mask(name)}
+    check = "import sys; from conftest import make_cfg; from echo.config import validate; validate(make_cfg()); "
+    check += "print(sorted(m for m in ('torch', 'pytorch_lightning', 'mlflow') if m in sys.modules))"
+    tests = str(Path(__file__).parent)
+    result = subprocess.run([sys.executable, "-c", check], cwd=tests, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stderr[-2000:]

@@ -1,0 +1,149 @@
+"""A process keeps its tracking worker for its next run: a sweep's jobs share one, each run
+still complete and its own, and a killed process still leaves its current run KILLED. A
+parallel sweep's jobs all write through one tracking service."""
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from helpers import TINY, all_runs, start_run_py, sweep_runs
+from mlflow import MlflowClient
+
+from echo import tracking
+from echo.tracking import SERVICE_ENV, Tracker, TrackingService
+
+
+def _run(name: str) -> tuple[str, int]:
+    """One tracked run of this process; its id and the pid of the worker that wrote it."""
+    tracker = Tracker("echo", name)
+    tracker.start({"name": name})
+    tracker.log_metrics([("m", step, float(len(name))) for step in (1, 2)])
+    tracker.end()
+    return tracker.run_id, tracking._idle[-1].process.pid
+
+
+def test_runs_of_one_process_share_its_worker_unless_the_directory_changed(store, tmp_path, monkeypatch):
+    a, worker = _run("a")
+    bb, same_worker = _run("bb")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    ccc, new_worker = _run("ccc")  # a new worker, as if started by a new process here
+    assert same_worker == worker and new_worker != worker
+    client = MlflowClient(store)
+    for run_id, name in ((a, "a"), (bb, "bb"), (ccc, "ccc")):
+        run = client.get_run(run_id)  # written and ended before `end` returned
+        assert run.info.status == "FINISHED" and run.info.run_name == name and run.data.params == {"name": name}
+        assert [m.value for m in client.get_metric_history(run_id, "m")] == [len(name)] * 2
+
+
+def test_a_tracking_service_writes_overlapping_runs_and_ends_a_dropped_one_killed(store):
+    service = TrackingService()
+    try:
+        assert SERVICE_ENV in os.environ
+        dropped, finished = Tracker("echo", "dropped"), Tracker("echo", "finished")
+        dropped.start({"name": "dropped"})
+        finished.start({"name": "finished"})  # at the same time: a connection of its own
+        assert isinstance(finished._worker, tracking._ServiceConnection) and finished._worker is not dropped._worker
+        dropped.log_metrics([("m", 1, 1.0)])
+        finished.log_metrics([("m", 1, 2.0)])
+        finished.end()
+        dropped_id = dropped.run_id
+        dropped._worker.sock.shutdown(socket.SHUT_RDWR)  # as when its process dies
+        deadline = time.monotonic() + 30
+        while MlflowClient(store).get_run(dropped_id).info.status == "RUNNING":
+            assert time.monotonic() < deadline, "the dropped run stayed RUNNING"
+            time.sleep(0.2)
+    finally:
+        tracking._close_all()  # as this process's exit does: the service waits for every connection
+        service.close()
+    assert service.process.returncode == 0 and SERVICE_ENV not in os.environ
+    client = MlflowClient(store)
+    for run_id, name, status, value in (
+        (dropped_id, "dropped", "KILLED", 1.0),
+        (finished.run_id, "finished", "FINISHED", 2.0),
+    ):
+        run = client.get_run(run_id)
+        assert (run.info.run_name, run.info.status, run.data.params) == (name, status, {"name": name})
+        assert [m.value for m in client.get_metric_history(run_id, "m")] == [value]
+
+
+def _tracking_workers(pid: int) -> dict[int, bytes]:
+    """The tracking worker processes running under process `pid` now, with their command lines."""
+    parents, commands = {}, {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+    below = {pid}
+    for _ in range(5):  # the tree is shallow: launcher, its workers, theirs
+        below |= {child for child, parent in parents.items() if parent in below}
+    return {p: commands[p] for p in below if b"tracking_worker.py" in commands.get(p, b"")}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_a_sweeps_jobs_share_one_worker_and_a_killed_sweep_leaves_its_current_run_killed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).create_experiment("echo")  # the schema, before polling it
+    # job 0 trains 10 epochs; job 1 trains until it is killed
+    args = ["-m", "trainer.max_epochs=10,100000", "stop_at=null", "trainer.check_val_every_n_epoch=5", "progress=false"]
+    proc = start_run_py(*args, cwd=tmp_path, uri=uri)
+    workers: dict[int, bytes] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "job 1 never started"
+            workers |= _tracking_workers(proc.pid)
+            running = [r for r in all_runs(uri) if r.info.status == "RUNNING" and "mlflow.parentRunId" in r.data.tags]
+            if running and "trainer.max_epochs=100000" in running[0].info.run_name:  # named at its creation
+                break
+            time.sleep(0.2)
+        time.sleep(2)  # some epochs of job 1
+        workers |= _tracking_workers(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)  # no handler runs: the worker sees its stdin close
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 30
+    while any(r.info.status == "RUNNING" for r in all_runs(uri) if "mlflow.parentRunId" in r.data.tags):
+        assert time.monotonic() < deadline, "the killed job's run stayed RUNNING"
+        time.sleep(0.5)
+    assert len(workers) == 1  # both jobs, one worker
+    children = {r.data.params["trainer.max_epochs"]: r for r in all_runs(uri) if "mlflow.parentRunId" in r.data.tags}
+    assert {k: r.info.status for k, r in children.items()} == {"10": "FINISHED", "100000": "KILLED"}
+    client = MlflowClient(uri)
+    finished, killed = children["10"].info.run_id, children["100000"].info.run_id
+    assert [m.step for m in client.get_metric_history(finished, "train/loss")] == list(range(1, 11))
+    assert [m.step for m in client.get_metric_history(finished, "val/exact_match")] == [5, 10]
+    assert "test/exact_match" in children["10"].data.metrics
+    assert "test/exact_match" not in children["100000"].data.metrics
+    assert client.get_metric_history(killed, "train/loss")[0].step == 1  # its own history, from epoch 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_a_joblib_sweeps_jobs_all_write_through_one_tracking_service(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model.hidden_size=8,16,24", *TINY]
+    proc = start_run_py(*args, cwd=tmp_path, uri=uri)
+    workers: dict[int, bytes] = {}
+    while proc.poll() is None:
+        workers |= _tracking_workers(proc.pid)
+        time.sleep(0.1)
+    assert proc.returncode == 0, proc.stdout.read()[-3000:]
+    assert [b"--serve" in command for command in workers.values()] == [True]  # no job started its own
+    parent, children = sweep_runs(uri)
+    assert parent.info.status == "FINISHED"
+    assert sorted(c.data.params["model.hidden_size"] for c in children) == ["16", "24", "8"]
+    for child in children:
+        assert child.info.status == "FINISHED" and "test/exact_match" in child.data.metrics
+        assert [m.step for m in MlflowClient(uri).get_metric_history(child.info.run_id, "train/loss")] == list(
+            range(1, 11)
+        )
