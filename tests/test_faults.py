@@ -1,6 +1,8 @@
 """Runs that go wrong end honestly: KILLED with their metrics so far, FAILED with the error,
 stopped on a diverged loss, and resumable from their last checkpoint."""
 
+import os
+import re
 import signal
 import time
 
@@ -94,6 +96,19 @@ def _wait_for_running_run(uri, proc, timeout=120, children=0):
     raise AssertionError("no run started")
 
 
+def _wait_for_epochs(proc, epochs: int, timeout: float = 120) -> None:
+    """Read the run's progress bar (stderr, into `proc.stdout`) until it shows `epochs` epochs done."""
+    seen, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        chunk = os.read(proc.stdout.fileno(), 4096).decode(errors="replace")
+        assert chunk, f"the run ended before training {epochs} epochs: {seen[-3000:]}"
+        seen += chunk
+        done = re.findall(r"(\d+)/100000 \[", seen)
+        if done and int(done[-1]) >= epochs:
+            return
+    raise AssertionError(f"no {epochs} epochs trained in {timeout} s")
+
+
 def _fresh_store(uri):
     """Create the schema here, once, so that polling it never races the run's own creation."""
     from mlflow import MlflowClient
@@ -105,11 +120,10 @@ def _fresh_store(uri):
 def test_sigterm_ends_a_run_killed_with_its_metrics_and_it_resumes_from_its_checkpoint(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     _fresh_store(uri)
-    long_run = ["trainer.max_epochs=100000", "stop_at=null", "trainer.check_val_every_n_epoch=5", "progress=false"]
+    long_run = ["trainer.max_epochs=100000", "stop_at=null", "trainer.check_val_every_n_epoch=5", "progress=true"]
     proc = start_run_py(*long_run, cwd=tmp_path, uri=uri)
     try:
-        run = _wait_for_running_run(uri, proc)
-        time.sleep(3)  # train some epochs
+        _wait_for_epochs(proc, 12)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     finally:
