@@ -39,6 +39,7 @@ def test_runs_of_one_process_share_its_worker_unless_the_directory_changed(store
         assert [m.value for m in client.get_metric_history(run_id, "m")] == [len(name)] * 2
 
 
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="the service listens on a Unix socket")
 def test_a_tracking_service_writes_overlapping_runs_and_ends_a_dropped_one_killed(store):
     service = TrackingService()
     try:
