@@ -9,6 +9,8 @@ checkpoint's epoch with the old run's config; the old run keeps its own status a
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -109,7 +111,9 @@ def _download(run_id: str, name: str, folder: str) -> str:
 
 def download_checkpoint(run_id: str) -> str:
     """The local path of run `run_id`'s last checkpoint (ConfigError if it has none)."""
-    return _download(str(run_id), "last.ckpt", tempfile.mkdtemp(prefix="echo-resume-"))
+    folder = tempfile.mkdtemp(prefix="echo-resume-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # a copy: the run keeps its own
+    return _download(str(run_id), "last.ckpt", folder)
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
