@@ -102,10 +102,16 @@ def test_bad_sweep_syntax_is_one_clear_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def _check_finished_sweep(uri: str, hidden_sizes: set[str]):
+def _sweep_finishes(tmp_path, launcher: list[str], hidden_sizes: list[str]) -> None:
+    """`python run.py -m <launcher> model.hidden_size=...` on a fresh store (the sweep creates the
+    schema before its jobs start): one finished parent holding the summary, every job a finished child."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["-m", *launcher, f"model.hidden_size={','.join(hidden_sizes)}", *TINY]
+    result = run_py(*args, cwd=tmp_path, uri=uri)
+    assert result.returncode == 0, result.stderr[-3000:]
     parent, children = sweep_runs(uri)
     assert parent.info.status == "FINISHED"
-    assert {c.data.params["model.hidden_size"] for c in children} == hidden_sizes
+    assert {c.data.params["model.hidden_size"] for c in children} == set(hidden_sizes)
     for child in children:
         assert child.info.status == "FINISHED"
         assert {"val/exact_match", "test/exact_match", "train/loss"} <= set(child.data.metrics)
@@ -114,28 +120,19 @@ def _check_finished_sweep(uri: str, hidden_sizes: set[str]):
     )
     best = max(children, key=lambda c: (c.data.metrics["val/exact_match"], c.info.run_name))
     assert parent.data.metrics["best/val/exact_match"] == best.data.metrics["val/exact_match"]
-    return parent, children
 
 
 @pytest.mark.slow
 def test_joblib_runs_jobs_in_parallel_as_children_of_one_sweep(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"  # fresh: the sweep creates the schema before its jobs start
-    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model.hidden_size=10,20", *TINY]
-    result = run_py(*args, cwd=tmp_path, uri=uri)
-    assert result.returncode == 0, result.stderr[-3000:]
-    _check_finished_sweep(uri, {"10", "20"})
+    _sweep_finishes(tmp_path, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], ["10", "20"])
 
 
 @pytest.mark.slow
 def test_submitit_local_runs_a_sweep_as_separate_jobs(tmp_path):
     """The same launcher as SLURM (hydra/launcher=slurm), on this machine."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "model.hidden_size=10", *TINY]
-    result = run_py(*args, cwd=tmp_path, uri=uri)
-    assert result.returncode == 0, result.stderr[-3000:]
-    _check_finished_sweep(uri, {"10"})
+    _sweep_finishes(tmp_path, ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"], ["10"])
 
 
 @pytest.mark.slow
@@ -162,11 +159,7 @@ def test_optuna_search_runs_from_one_command_and_reports_its_best_trial(tmp_path
 def test_ray_runs_a_sweep_on_a_local_ray(tmp_path):
     """Only in the Ray environment (pip install -e ".[dev,ray]"): it cannot share one with joblib."""
     pytest.importorskip("hydra_plugins.hydra_ray_launcher")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["-m", "hydra/launcher=ray_local", "hydra.launcher.ray.init.num_cpus=2", "model.hidden_size=10,20", *TINY]
-    result = run_py(*args, cwd=tmp_path, uri=uri)
-    assert result.returncode == 0, result.stderr[-3000:]
-    _check_finished_sweep(uri, {"10", "20"})
+    _sweep_finishes(tmp_path, ["hydra/launcher=ray_local", "hydra.launcher.ray.init.num_cpus=2"], ["10", "20"])
 
 
 def test_the_slurm_preset_asks_for_one_cpu_per_job():
