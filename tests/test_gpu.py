@@ -69,3 +69,14 @@ def test_a_gpu_run_is_tracked_in_mlflow(store, tmp_path):
     (run,) = all_runs(store)
     assert run.info.status == "FINISHED" and run.data.params["trainer.accelerator"] == "gpu"
     assert 0 <= run.data.metrics["test/exact_match"] <= 1
+
+
+def test_loading_the_cuda_libraries_first_changes_nothing(monkeypatch):
+    """The forward and backward pass that loads cuDNN and cuBLAS before training learns nothing
+    and draws no random number: the run is the same without it."""
+    settings = [*GPU, "model=encdec", "task.n_out=2", "trainer.max_epochs=10"]
+    loaded = train(make_cfg(*settings))
+    monkeypatch.setattr(EchoModule, "_load_cuda_libraries", lambda self: None)
+    skipped = train(make_cfg(*settings))
+    for name in ("val/loss", "test/token_acc", "test/exact_match"):
+        assert loaded[name] == pytest.approx(skipped[name], rel=1e-4, abs=1e-5), name
