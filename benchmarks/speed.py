@@ -1,7 +1,7 @@
 """Speed of the harness against a bare PyTorch loop doing the same work, same machine, same run.
 
     python benchmarks/speed.py                 # all cases, once each
-    python benchmarks/speed.py --repeat 3      # median of 3
+    python benchmarks/speed.py --repeat 3      # median of 3 (bare and harness runs alternated)
     python benchmarks/speed.py --cases default fast
     python benchmarks/speed.py --device cuda                 # on a GPU (the bare loop runs eagerly there)
     python benchmarks/speed.py --device cuda --set cuda_graph=false   # extra overrides for the harness
@@ -143,10 +143,12 @@ def main() -> None:
         MlflowClient(f"sqlite:///{workdir}/mlflow.db").search_experiments()  # an existing store, as a user has
         for name in a.cases:
             what, overrides, bare_args = CASES[name]
-            bare = median([run_bare(f"{bare_args} --device {a.device}", workdir) for _ in range(a.repeat)])
-            harness = None
-            if overrides is not None:
-                harness = median([run_harness([*overrides, *accelerator], workdir) for _ in range(a.repeat)])
+            bare_runs, harness_runs = [], []
+            for _ in range(a.repeat):  # alternated: a slower spell of the machine hits both alike
+                bare_runs.append(run_bare(f"{bare_args} --device {a.device}", workdir))
+                if overrides is not None:
+                    harness_runs.append(run_harness([*overrides, *accelerator], workdir))
+            bare, harness = median(bare_runs), median(harness_runs) if harness_runs else None
             rows.append((name, what, bare, harness))
             print(f"{name}: bare {bare}  harness {harness}", file=sys.stderr, flush=True)
 
