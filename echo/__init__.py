@@ -1,10 +1,12 @@
 """echo: a harness for sequence echo experiments (README).
 
-Importing Lightning imports torchmetrics, whose `__init__` imports `scipy.signal` for its audio
-metrics: about a second, a sixth of a default run's whole process. echo uses no scipy, so
-`scipy.signal` is deferred: it loads the first time anything reads from it (echo/deferred.py).
+Importing Lightning imports torchmetrics, which imports `scipy.signal` for its audio metrics and
+`matplotlib.pyplot` for its plots: together about a second and a half, a fifth of a default run's
+whole process, for nothing echo uses. `scipy.signal` loads the first time anything reads from
+it; torchmetrics is told that matplotlib is not there (echo/deferred.py).
 """
 
-from echo.deferred import defer_scipy_signal
+from echo.deferred import defer_scipy_signal, keep_torchmetrics_from_pyplot
 
 defer_scipy_signal()
+keep_torchmetrics_from_pyplot()

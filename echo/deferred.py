@@ -1,8 +1,10 @@
-"""Modules that load on first use: a start-up cost paid only by whoever uses them."""
+"""Start-up cost paid only by whoever uses it: modules that load on first use, and the
+plotting torchmetrics would load at import, which an echo run never uses."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.util
 import sys
 import types
@@ -57,3 +59,50 @@ def defer_scipy_signal() -> None:
     to `scipy.signal.windows.hamming`): the stand-in holds that function, so the check does not
     load the module."""
     defer("scipy.signal", hamming=_hamming)
+
+
+class AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Calls `then(module)` once module `name` has executed, the first time it is imported; the
+    import itself is the usual one (the module keeps its own loader)."""
+
+    def __init__(self, name: str, then):
+        self.name, self.then, self.loader = name, then, None
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # once, and the other finders find the real module
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        self.loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        self.then(module)
+
+
+def after_import(name: str, then) -> None:
+    """Call `then(module)` right after module `name` is first imported (not if it is already)."""
+    if name not in sys.modules:
+        sys.meta_path.insert(0, AfterImport(name, then))
+
+
+def _matplotlib_unavailable(imports) -> None:
+    flag = getattr(imports, "_MATPLOTLIB_AVAILABLE", None)
+    if flag is not None:  # a lightning_utilities RequirementCache: checked once, then cached
+        flag.available = False
+        flag.message = "torchmetrics' plots are off in an echo process, which never draws them (echo/deferred.py)"
+
+
+def keep_torchmetrics_from_pyplot() -> None:
+    """torchmetrics imports matplotlib.pyplot when Lightning loads (about half a second) if its flag
+    `_MATPLOTLIB_AVAILABLE` says matplotlib is installed, for `Metric.plot`, which echo never calls:
+    the flag is set to False as its module executes, before torchmetrics reads it. (The learning
+    curves are drawn by the tracking worker, a process of its own, with matplotlib.)"""
+    after_import("torchmetrics.utilities.imports", _matplotlib_unavailable)
