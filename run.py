@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import echo.resolvers  # noqa: F401  (registered before Hydra composes and resolves)
-from echo.config import ConfigError, validate
+from echo.config import ConfigError, resolve_threads, validate
 from echo.sweeps import job_name_and_tags, objective_value
 from echo.tracking import start_tracker
 
@@ -27,6 +27,7 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as error:
         print(f"echo: bad config: {error}", file=sys.stderr)
         sys.exit(2)
+    resolve_threads(cfg)  # in the job's own process: its launcher's thread grant is here
     run_name, tags = job_name_and_tags(hydra_cfg, cfg)
     tracker = None
     if cfg.logger.name == "mlflow" and not cfg.get("resume"):

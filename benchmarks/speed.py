@@ -8,7 +8,8 @@
 
 Each case runs `python run.py ...` (MLflow on, a SQLite store in a temporary directory) and
 `python benchmarks/bare_loop.py ...` with the same network, data, batches, optimizer steps,
-validation cadence and stopping rule, as separate processes. Whole-process time is measured
+validation cadence, stopping rule and CPU threads (those the harness chose), as separate
+processes. Whole-process time is measured
 from launch to exit (imports, tracking and shutdown included); train time and time to 0.99
 val/exact_match come from the run itself (the MLflow store for the harness). Peak RSS is
 the training process's (the harness's tracking worker is listed apart).
@@ -57,10 +58,11 @@ CASES = {
         "--val-every 10 --stop-at 0.995",
     ),
     "bare_best": (
-        "reference: the bare loop's best known regime on listing B (8 sequences/step, lr 3e-3)",
+        "reference: the bare loop's best known regime on listing B (8 sequences/step, lr 3e-3), on the "
+        "two threads the harness gives so wide a step",
         None,
         "--model encdec --hidden 150 --n-out 2 --batch-size 21 --sequences 8 --lr 3e-3 --epochs 1000 "
-        "--val-every 10 --stop-at 0.995",
+        "--val-every 10 --stop-at 0.995 --threads 2",
     ),
 }
 
@@ -95,6 +97,7 @@ def run_harness(overrides: list[str], workdir: str) -> dict:
         "ms_per_epoch": 1000 * m["train_time_s"] / m["epochs"],
         "to_target_s": m.get("time_to_target_s"),
         "test_exact": m["test/exact_match"],
+        "threads": int(run.data.params["threads"]),
     }
 
 
@@ -112,6 +115,7 @@ def run_bare(args: str, workdir: str) -> dict:
         "ms_per_epoch": 1000 * r["train_time_s"] / r["epochs"],
         "to_target_s": r["time_to_target_s"],
         "test_exact": r["test_exact_match"],
+        "threads": int(args.split("--threads ")[1].split()[0]) if "--threads " in args else 1,
     }
 
 
@@ -145,21 +149,22 @@ def main() -> None:
             what, overrides, bare_args = CASES[name]
             bare_runs, harness_runs = [], []
             for _ in range(a.repeat):  # alternated: a slower spell of the machine hits both alike
-                bare_runs.append(run_bare(f"{bare_args} --device {a.device}", workdir))
-                if overrides is not None:
+                if overrides is not None:  # the bare loop gets the CPU threads the harness chose
                     harness_runs.append(run_harness([*overrides, *accelerator], workdir))
+                    bare_args = f"{CASES[name][2]} --threads {harness_runs[-1]['threads']}"
+                bare_runs.append(run_bare(f"{bare_args} --device {a.device}", workdir))
             bare, harness = median(bare_runs), median(harness_runs) if harness_runs else None
             rows.append((name, what, bare, harness))
             print(f"{name}: bare {bare}  harness {harness}", file=sys.stderr, flush=True)
 
-    where = f"{os.cpu_count()} CPUs, torch threads 1"
+    where = f"{os.cpu_count()} CPUs"
     if a.device == "cuda":
         import torch
 
         where = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {os.cpu_count()} CPUs"
     print(f"\n{os.uname().nodename}: {where}; harness overrides {accelerator}; median of {a.repeat}\n")
-    header = ["steps", "train s", "ms/epoch", "whole process s", "to 0.99 val s", "test exact", "peak RSS MB"]
-    header += ["harness/bare train", "harness/bare whole"]
+    header = ["steps", "threads", "train s", "ms/epoch", "whole process s", "to 0.99 val s", "test exact"]
+    header += ["peak RSS MB", "harness/bare train", "harness/bare whole"]
     print("| case | " + " | ".join(header) + " |")
     print("|---" * (len(header) + 1) + "|")
     for name, _, bare, harness in rows:
@@ -169,8 +174,8 @@ def main() -> None:
             ratios = ["", ""]
             if who == "harness":
                 ratios = [f"{r['train_s'] / bare['train_s']:.2f}x", f"{r['wall_s'] / bare['wall_s']:.2f}x"]
-            cells = [f"{r['steps']:.0f}", fmt(r["train_s"]), fmt(r["ms_per_epoch"]), fmt(r["wall_s"])]
-            cells += [fmt(r["to_target_s"])]
+            cells = [f"{r['steps']:.0f}", f"{r['threads']:.0f}", fmt(r["train_s"]), fmt(r["ms_per_epoch"])]
+            cells += [fmt(r["wall_s"]), fmt(r["to_target_s"])]
             cells += [fmt(r["test_exact"], ".3f"), f"{r['rss_mb']:.0f}", *ratios]
             print(f"| {name} {who} | " + " | ".join(cells) + " |")
     print()

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from echo.checkpoints import RESUMED_FROM, Checkpointer, download_checkpoint
-from echo.config import validate, windows_per_sequence
+from echo.config import resolve_threads, validate, windows_per_sequence
 from echo.data import EchoData, held_out
 from echo.encoding import REPRESENTATIONS
 from echo.faults import NonFiniteGuard, interrupted
@@ -33,6 +33,7 @@ def train(
     With `logger=mlflow` the run is tracked by `tracker`, or by a new one named `run_name`.
     """
     validate(cfg)
+    resolve_threads(cfg)
     checkpoint = None
     if resume := cfg.get("resume"):  # a new run, linked to the one it continues
         checkpoint = download_checkpoint(resume)  # ConfigError if there is none: before anything is tracked

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from conftest import CONF, make_cfg
 
-from echo.config import validate
+from echo.config import cpu_threads, validate
 from echo.train import train
 
 EXPERIMENTS = sorted(p.stem for p in Path(CONF, "experiment").glob("*.yaml"))
@@ -70,6 +70,18 @@ def test_the_default_run_is_listing_a_with_an_early_stop():
 def test_model_encdec_brings_listing_b_network_with_the_fast_regime():
     cfg = settings(make_cfg("model=encdec", "task.n_out=2"))
     assert cfg == {**LISTING_B, "sequences_per_epoch": 8, "lr": 1e-2, "epochs": 1000, "stop_at": 0.995}
+
+
+def test_threads_auto_gives_wide_steps_a_second_core_when_the_job_has_one():
+    """One thread for the tutorials' narrow steps; two for the fast regime's 168-window steps,
+    unless the process may use one core only (SLURM's cpus_per_task=1) or its parallel launcher
+    grants each job one thread (joblib and Ray set OMP_NUM_THREADS)."""
+    narrow = [make_cfg(), make_cfg("experiment=tutorial_full_echo"), make_cfg("experiment=tutorial_partial_echo")]
+    assert [cpu_threads(cfg, cores=16, environ={}) for cfg in narrow] == [1, 1, 1]
+    fast = make_cfg("model=encdec", "task.n_out=2")
+    assert cpu_threads(fast, cores=2, environ={}) == cpu_threads(fast, cores=16, environ={}) == 2
+    assert cpu_threads(fast, cores=1, environ={}) == cpu_threads(fast, cores=2, environ={"OMP_NUM_THREADS": "1"}) == 1
+    assert cpu_threads(make_cfg("threads=3"), cores=2, environ={}) == 3  # a number is taken as it is
 
 
 def test_any_setting_is_one_override_away():

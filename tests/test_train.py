@@ -33,6 +33,7 @@ def test_a_run_lands_in_mlflow_with_params_metrics_and_artifacts(store, capsys):
     assert run.info.run_name == "tiny" and run.info.status == "FINISHED"
     params = run.data.params
     assert params["model.hidden_size"] == "12" and params["task.n_in"] == "5" and params["trainer.max_epochs"] == "20"
+    assert params["threads"] == "1"  # threads=auto, recorded as the count it came to
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 20
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/exact_match")] == [10, 20]
     for name in ("train/acc", "val/loss", "val/token_acc", "test/token_acc", "test/exact_match", "train_time_s"):
@@ -61,6 +62,7 @@ BAD_CONFIGS = {
     "model.name=transformer": "model.name='transformer' is unknown",
     "model.lr=-1": "model.lr=-1 must be a positive number",
     "stop_at=2": "stop_at=2 must be a fraction",
+    "threads=0": "threads=0 must be auto or a whole number >= 1",
 }
 
 
