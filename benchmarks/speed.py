@@ -149,10 +149,11 @@ def main() -> None:
             what, overrides, bare_args = CASES[name]
             bare_runs, harness_runs = [], []
             for _ in range(a.repeat):  # alternated: a slower spell of the machine hits both alike
+                threads = ""
                 if overrides is not None:  # the bare loop gets the CPU threads the harness chose
                     harness_runs.append(run_harness([*overrides, *accelerator], workdir))
-                    bare_args = f"{CASES[name][2]} --threads {harness_runs[-1]['threads']}"
-                bare_runs.append(run_bare(f"{bare_args} --device {a.device}", workdir))
+                    threads = f" --threads {harness_runs[-1]['threads']}"
+                bare_runs.append(run_bare(f"{bare_args}{threads} --device {a.device}", workdir))
             bare, harness = median(bare_runs), median(harness_runs) if harness_runs else None
             rows.append((name, what, bare, harness))
             print(f"{name}: bare {bare}  harness {harness}", file=sys.stderr, flush=True)
