@@ -33,7 +33,8 @@ class Checkpointer(pl.Callback):
     def __init__(self, tracker, config_yaml: str, every: int | None = None):
         self.tracker, self.config_yaml, self.every = tracker, config_yaml, every
 
-    def save(self, trainer: pl.Trainer) -> None:
+    def save(self, trainer: pl.Trainer, epoch_done: bool = False) -> None:
+        self._epoch_done = epoch_done  # written into the checkpoint by on_save_checkpoint
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "last.ckpt"
             trainer.save_checkpoint(path)
@@ -49,7 +50,7 @@ class Checkpointer(pl.Callback):
 
     def on_train_epoch_end(self, trainer, module) -> None:
         if self.every and (trainer.current_epoch + 1) % self.every == 0:
-            self.save(trainer)
+            self.save(trainer, epoch_done=True)  # its end hooks go on, and record its metrics
 
     def on_exception(self, trainer, module, exception) -> None:
         if not isinstance(exception, TrainingError):  # a diverged model is not worth resuming
@@ -61,7 +62,8 @@ class Checkpointer(pl.Callback):
             )
 
     def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
-        checkpoint["echo"] = {"summary": dict(module.summary), "run_id": self.tracker.run_id}
+        echo = {"summary": dict(module.summary), "run_id": self.tracker.run_id}
+        checkpoint["echo"] = {**echo, "epoch_done": getattr(self, "_epoch_done", False)}
 
     def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         module.summary.update(checkpoint.get("echo", {}).get("summary", {}))
@@ -72,15 +74,17 @@ def _restart_interrupted_epoch(checkpoint: dict) -> None:
     """Make a checkpoint taken mid-epoch (an interrupt) resume at the start of that epoch.
 
     An epoch here is a few optimizer steps on a fresh sequence, so redoing it costs nothing, while
-    resuming halfway (after its training step, during its validation) would skip the end of that
-    epoch, where its training metrics are recorded.
+    resuming halfway (after its training step, during its validation or its end hooks) would skip
+    the end of that epoch, where its training metrics are recorded. Lightning counts an epoch
+    processed before its end hooks and completed after them; a checkpoint saved every N epochs is
+    saved in those hooks, and its epoch goes on to be recorded: it resumes at the next epoch.
     """
     fit = checkpoint.get("loops", {}).get("fit_loop")
     if not fit:
         return
     total = fit["epoch_progress"]["total"]
-    if total["processed"] == total["started"]:
-        return  # the epoch's training and validation are done: Lightning resumes at the next one
+    if total["completed"] == total["started"] or checkpoint.get("echo", {}).get("epoch_done"):
+        return  # Lightning resumes at the next epoch
     done = total["completed"]
     for counters in (fit["epoch_progress"]["total"], fit["epoch_progress"]["current"]):
         counters.update(ready=done, started=done, processed=done, completed=done)

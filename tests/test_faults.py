@@ -14,7 +14,7 @@ from helpers import TINY, all_runs, artifacts, run_py, start_run_py
 from echo.config import ConfigError
 from echo.faults import TrainingError
 from echo.module import EchoModule
-from echo.train import train
+from echo.train import EpochProgress, train
 
 
 def _only_run(uri):
@@ -114,6 +114,29 @@ def _fresh_store(uri):
     from mlflow import MlflowClient
 
     MlflowClient(uri).create_experiment("echo")
+
+
+def test_an_interrupt_as_an_epoch_ends_loses_none_of_its_metrics(store, monkeypatch):
+    """Lightning counts an epoch processed before its end hooks run, and the module records the
+    epoch's training metrics in one of them: interrupted in between, the run resumes at that
+    epoch, not after it, so the killed and the resumed run together hold every epoch once."""
+    settings = ["trainer.max_epochs=100", "stop_at=null", "trainer.check_val_every_n_epoch=5", "progress=true"]
+    progress = EpochProgress.on_train_epoch_end
+
+    def interrupt_at_epoch_7(self, trainer, module):  # a callback hook that runs before the module's
+        if trainer.current_epoch + 1 == 7:
+            raise KeyboardInterrupt
+        progress(self, trainer, module)
+
+    monkeypatch.setattr(EpochProgress, "on_train_epoch_end", interrupt_at_epoch_7)
+    with pytest.raises(SystemExit):
+        train(make_cfg(*settings))
+    killed = _only_run(store)
+    assert killed.info.status == "KILLED"
+    monkeypatch.setattr(EpochProgress, "on_train_epoch_end", progress)
+    train(make_cfg(*settings[:-1], "trainer.max_epochs=10", f"resume={killed.info.run_id}"))
+    resumed = next(r for r in all_runs(store) if r.info.run_id != killed.info.run_id)
+    assert _steps(store, killed.info.run_id) + _steps(store, resumed.info.run_id) == list(range(1, 11))
 
 
 @pytest.mark.slow
