@@ -32,9 +32,10 @@ class Checkpointer(pl.Callback):
 
     def __init__(self, tracker, config_yaml: str, every: int | None = None):
         self.tracker, self.config_yaml, self.every = tracker, config_yaml, every
+        self._epoch_done = False  # whether the checkpoint being saved marks its epoch done
 
     def save(self, trainer: pl.Trainer, epoch_done: bool = False) -> None:
-        self._epoch_done = epoch_done  # written into the checkpoint by on_save_checkpoint
+        self._epoch_done = epoch_done
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "last.ckpt"
             trainer.save_checkpoint(path)
@@ -63,7 +64,7 @@ class Checkpointer(pl.Callback):
 
     def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         echo = {"summary": dict(module.summary), "run_id": self.tracker.run_id}
-        checkpoint["echo"] = {**echo, "epoch_done": getattr(self, "_epoch_done", False)}
+        checkpoint["echo"] = {**echo, "epoch_done": self._epoch_done}
 
     def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         module.summary.update(checkpoint.get("echo", {}).get("summary", {}))
