@@ -33,18 +33,17 @@ class Deferred(types.ModuleType):
         return real
 
 
-def defer(name: str, **attributes) -> Deferred | None:
+def defer(name: str, **attributes) -> None:
     """Put a stand-in for module `name` (a submodule of an installed package) in `sys.modules`,
-    holding `attributes`; None if `name` is imported already or its package is not installed."""
+    holding `attributes`; nothing if `name` is imported already or its package is not installed."""
     package, _, child = name.rpartition(".")
     if name in sys.modules or importlib.util.find_spec(package) is None:
-        return None
+        return
     stand_in = Deferred(name)
     # Its file, as the real module's: `inspect` reads every module's `__file__` (torch does, at import).
     stand_in.__dict__.update(attributes, __file__=importlib.util.find_spec(name).origin)
     sys.modules[name] = stand_in
     setattr(importlib.import_module(package), child, stand_in)
-    return stand_in
 
 
 def _hamming(*args, **kwargs):
