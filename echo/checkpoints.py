@@ -50,35 +50,46 @@ class Checkpointer(pl.Callback):
         return self.client
 
     def on_train_epoch_end(self, trainer, module) -> None:
-        if self.every and (trainer.current_epoch + 1) % self.every == 0:
+        if self.every and module.epochs_trained() % self.every == 0:  # epochs_per_step divides `every`
             self.save(trainer, epoch_done=True)  # its end hooks go on, and record its metrics
 
     def on_exception(self, trainer, module, exception) -> None:
         if not isinstance(exception, TrainingError):  # a diverged model is not worth resuming
             self.save(trainer)
+            done = trainer.current_epoch * module.epochs_per_step
             print(
-                f"echo: stopped at epoch {trainer.current_epoch + 1}; checkpoint saved: continue with "
+                f"echo: stopped after {done} complete epochs; checkpoint saved: continue with "
                 f"`python run.py resume={self.tracker.run_id}`",
                 file=sys.stderr,
             )
 
     def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         echo = {"summary": dict(module.summary), "run_id": self.tracker.run_id}
-        checkpoint["echo"] = {**echo, "epoch_done": self._epoch_done}
+        checkpoint["echo"] = {**echo, "epoch_done": self._epoch_done, "epochs_per_step": module.epochs_per_step}
 
     def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         module.summary.update(checkpoint.get("echo", {}).get("summary", {}))
         _restart_interrupted_epoch(checkpoint)
+        _count_epochs_in_steps_of(checkpoint, module.epochs_per_step)
+
+
+def saved_epochs_per_step(path: str) -> int:
+    """The tutorial epochs per Lightning epoch of the run that saved the checkpoint at `path`."""
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # this store's own file
+    return checkpoint.get("echo", {}).get("epochs_per_step", 1)
 
 
 def _restart_interrupted_epoch(checkpoint: dict) -> None:
     """Make a checkpoint taken mid-epoch (an interrupt) resume at the start of that epoch.
 
-    An epoch here is a few optimizer steps on a fresh sequence, so redoing it costs nothing, while
-    resuming halfway (after its training step, during its validation or its end hooks) would skip
-    the end of that epoch, where its training metrics are recorded. Lightning counts an epoch
-    processed before its end hooks and completed after them; a checkpoint saved every N epochs is
-    saved in those hooks, and its epoch goes on to be recorded: it resumes at the next epoch.
+    A Lightning epoch here is a few tutorial epochs (up to a validation's worth), each a few
+    optimizer steps on fresh sequences, so redoing it costs little, while resuming halfway (after
+    its training step, during its validation or its end hooks) would skip the end of that epoch,
+    where its training metrics are recorded. Lightning counts an epoch processed before its end
+    hooks and completed after them; a checkpoint saved every N epochs is saved in those hooks,
+    and its epoch goes on to be recorded: it resumes at the next epoch.
     """
     fit = checkpoint.get("loops", {}).get("fit_loop")
     if not fit:
@@ -93,6 +104,17 @@ def _restart_interrupted_epoch(checkpoint: dict) -> None:
         if loop in fit:
             fit[loop]["current"].update(ready=0, started=0, processed=0, completed=0)
             fit[loop]["is_last_batch"] = False
+
+
+def _count_epochs_in_steps_of(checkpoint: dict, k: int) -> None:
+    """Convert the checkpoint's epoch counts, in Lightning epochs of the saving run's tutorial
+    epochs per step, into this run's `k`, which divides that (echo.config.epochs_per_step)."""
+    saved = checkpoint.get("echo", {}).get("epochs_per_step", 1)
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit or saved == k:
+        return
+    for counters in (fit["epoch_progress"]["total"], fit["epoch_progress"]["current"]):
+        counters.update({name: count * saved // k for name, count in counters.items()})
 
 
 def _download(run_id: str, name: str, folder: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import echo.resolvers  # noqa: F401  (the presets' ${add:...}, registered with the checks)
@@ -62,6 +63,18 @@ def resolve_threads(cfg) -> None:
         cfg.threads = cpu_threads(cfg)
 
 
+def epochs_per_step(cfg, resumed: int | None = None) -> int:
+    """Tutorial epochs trained in one Lightning step (and epoch): the largest number that divides
+    trainer.max_epochs, trainer.check_val_every_n_epoch and checkpoint_every, so that every
+    validation, periodic checkpoint and the run's end falls between two steps, as Lightning's
+    hooks need. Lightning costs about half a millisecond per step on a CPU, a tenth of a tutorial
+    epoch: paid once per validation instead of once per epoch. `resumed`: the number the run being
+    resumed used (its epoch counts, saved in Lightning epochs, must convert)."""
+    counts = [cfg.trainer.max_epochs, cfg.trainer.get("check_val_every_n_epoch", 1)]
+    counts += [n for n in (cfg.get("checkpoint_every"), resumed) if n]
+    return math.gcd(*counts)
+
+
 def windows_per_sequence(task) -> int:
     """Windows framed from one sequence: rows with missing history are dropped or masked."""
     return task.length if task.framing == "mask" else task.length - task.n_in + 1
@@ -120,5 +133,8 @@ def validate(cfg) -> None:
     _fraction(cfg, "target")
     _fraction(cfg, "stop_at", optional=True)
     check_val = cfg.trainer.get("check_val_every_n_epoch", 1)
-    if not isinstance(check_val, int) or check_val < 1:
+    if isinstance(check_val, bool) or not isinstance(check_val, int) or check_val < 1:
         raise ConfigError(f"trainer.check_val_every_n_epoch={check_val!r} must be a whole number >= 1")
+    every = cfg.get("checkpoint_every")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ConfigError(f"checkpoint_every={every!r} must be a whole number >= 1 or null: e.g. checkpoint_every=100")

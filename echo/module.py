@@ -13,7 +13,7 @@ from echo.encoding import PAD, LinearScale, OneHot
 from echo.models import detach_state
 
 WARM_EPOCHS = 3  # eager epochs before an epoch is captured in a CUDA graph
-PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_epoch_sums"})
+PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_step_sums"})
 
 
 class EchoModule(pl.LightningModule):
@@ -23,10 +23,13 @@ class EchoModule(pl.LightningModule):
     of batch b; no gradient crosses batches; the state is reset at each new epoch (new
     sequences) and before every evaluation. Stateless: every batch starts from zeros.
 
-    One Lightning step is one tutorial epoch (a list of batches from fresh sequences), with
-    an optimizer step after each batch, so Lightning's per-step bookkeeping is paid once per
-    epoch. Metrics are accumulated on the device and read back once per validation, so the
-    training loop never waits on the host. `history` holds (name, epoch, value) rows.
+    One Lightning step (and epoch) is `epochs_per_step` tutorial epochs in a row, each a list
+    of batches from fresh sequences with an optimizer step after each batch, so Lightning's
+    bookkeeping (about half a millisecond a step on a CPU) is paid once per several epochs. The
+    run sets it to divide every epoch count that needs Lightning's hooks in between (validation,
+    checkpoints, the last epoch): see `echo.config.epochs_per_step`. Metrics are accumulated on
+    the device and read back once per validation, so the training loop never waits on the host.
+    `history` holds (name, epoch, value) rows, counted in tutorial epochs.
 
     `representation` encodes tokens, scores outputs and decodes them (default: one-hot);
     `mask_inputs` hands the network a mask of the real (non-PAD) input items.
@@ -49,22 +52,24 @@ class EchoModule(pl.LightningModule):
         representation: OneHot | LinearScale | None = None,
         mask_inputs: bool = False,
         cuda_graph: bool = True,
+        epochs_per_step: int = 1,
     ):
         super().__init__()
         self.net, self.n_unique, self.lr, self.stateful = net, n_unique, lr, stateful
         self.windows_per_epoch, self.target, self.stop_at = windows_per_epoch, target, stop_at
         self.rep, self.mask_inputs = representation or OneHot(n_unique), mask_inputs
+        self.epochs_per_step = epochs_per_step
         self.history: list[tuple[str, int, float]] = []
         self.summary: dict[str, float] = {}
-        self._train_sums: list[tuple[int, Tensor]] = []  # (epoch, [loss*tokens, correct, tokens])
+        self._train_sums: list[tuple[int, Tensor]] = []  # (first epoch, per epoch [loss*tokens, correct, tokens])
         self.cuda_graph, self._graph, self._warm_epochs = cuda_graph, None, 0
         # Several optimizer steps per Lightning step, written out (manual optimization); it
         # also skips automatic optimization's closure and hooks, costly next to these steps.
         self.automatic_optimization = False
 
     def __setattr__(self, name: str, value) -> None:
-        # Lightning sets `_current_fx_name` around each of the ~20 hooks it calls per epoch, and
-        # the step sets `_epoch_sums`; nn.Module's __setattr__ looks for parameters, buffers and
+        # Lightning sets `_current_fx_name` around each of the ~20 hooks it calls per step, and
+        # the step sets `_step_sums`; nn.Module's __setattr__ looks for parameters, buffers and
         # submodules under that name every time. Neither is one: store them directly.
         if name in PLAIN_ATTRIBUTES:
             self.__dict__[name] = value
@@ -130,12 +135,17 @@ class EchoModule(pl.LightningModule):
     def on_train_start(self) -> None:
         self._t0 = time.perf_counter()  # time_to_target_s counts from here
 
+    def epochs_trained(self) -> int:
+        """Tutorial epochs trained once the current Lightning epoch (and step) is done."""
+        return (self.current_epoch + 1) * self.epochs_per_step
+
     def training_step(self, draw: Draw, batch_idx: int) -> None:
-        """One tutorial epoch: `draw()` gives its batches; an optimizer step after each."""
+        """`epochs_per_step` tutorial epochs in a row: each `draw()` gives one epoch's batches."""
         if self._graphs():
-            self._epoch_sums = self._graphed_epoch(draw)
+            sums = [self._graphed_epoch(draw) for _ in range(self.epochs_per_step)]
         else:
-            self._epoch_sums = self._train_epoch(draw())
+            sums = [self._train_epoch(draw()) for _ in range(self.epochs_per_step)]
+        self._step_sums = torch.stack(sums)
 
     def _train_epoch(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
         """Train on the batches in order; returns [summed loss, correct tokens, tokens] on the
@@ -179,15 +189,16 @@ class EchoModule(pl.LightningModule):
         self._graph.replay()
         return self._graph_sums.clone()
 
-    def on_train_epoch_end(self) -> None:  # after the epoch's validation: the epoch is complete
-        self._train_sums.append((self.current_epoch + 1, self._epoch_sums))
+    def on_train_epoch_end(self) -> None:  # after the step's validation: its epochs are complete
+        self._train_sums.append((self.epochs_trained() - self.epochs_per_step + 1, self._step_sums))
 
     def flush_train_metrics(self) -> None:
         """Move the per-epoch training metrics accumulated on the device into `history`."""
         if not self._train_sums:
             return
-        sums = torch.stack([s for _, s in self._train_sums]).tolist()
-        for (epoch, _), (loss_sum, correct, tokens) in zip(self._train_sums, sums):
+        epochs = [first + i for first, sums in self._train_sums for i in range(len(sums))]
+        sums = torch.cat([s for _, s in self._train_sums]).tolist()
+        for epoch, (loss_sum, correct, tokens) in zip(epochs, sums):
             self.history += [("train/loss", epoch, loss_sum / tokens), ("train/acc", epoch, correct / tokens)]
         self._train_sums = []
 
@@ -210,7 +221,7 @@ class EchoModule(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         metrics = self._eval_metrics("val")
-        epoch = self.current_epoch + 1  # epochs trained so far
+        epoch = self.epochs_trained()
         self.history += [(name, epoch, value) for name, value in metrics.items()]
         self.summary.update(metrics)
         exact = metrics["val/exact_match"]

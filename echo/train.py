@@ -14,8 +14,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from echo.checkpoints import RESUMED_FROM, Checkpointer, download_checkpoint
-from echo.config import resolve_threads, validate, windows_per_sequence
+from echo.checkpoints import RESUMED_FROM, Checkpointer, download_checkpoint, saved_epochs_per_step
+from echo.config import epochs_per_step, resolve_threads, validate, windows_per_sequence
 from echo.data import EchoData, held_out
 from echo.encoding import REPRESENTATIONS
 from echo.faults import NonFiniteGuard, interrupted
@@ -75,6 +75,7 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
         n_classes=rep.n_outputs,
         n_out=task.n_out,
     )
+    k = epochs_per_step(cfg, resumed=saved_epochs_per_step(checkpoint) if checkpoint else None)
     module = EchoModule(
         net,
         task.n_unique,
@@ -86,6 +87,7 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
         representation=rep,
         mask_inputs=task.framing == "mask",
         cuda_graph=cfg.get("cuda_graph", True),
+        epochs_per_step=k,
     )
     data = EchoData(task, model.batch_size, model.stateful, seed=cfg.seed)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
@@ -97,7 +99,7 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
     if tracker:
         callbacks += [Checkpointer(tracker, config_yaml, cfg.get("checkpoint_every"))]
     trainer = pl.Trainer(
-        **cfg.trainer,
+        **in_lightning_epochs(cfg.trainer, k),
         logger=False,
         callbacks=callbacks,
         enable_progress_bar=False,  # EpochProgress shows one bar over epochs instead
@@ -112,15 +114,25 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
         tracker.log_learning_curve(module.history, cfg.target)
     trainer.test(module, data, verbose=False)
 
-    summary = {**module.summary, "train_time_s": train_time, "epochs": trainer.current_epoch}
+    epochs = trainer.current_epoch * k
+    summary = {**module.summary, "train_time_s": train_time, "epochs": epochs}
     table = expected_predicted(module, data, task, seed=cfg.seed)
     print(table)
     print(_summary_line(summary))
     if tracker:
-        final = [(k, trainer.current_epoch, v) for k, v in summary.items() if not k.startswith("val/")]
+        final = [(name, epochs, v) for name, v in summary.items() if not name.startswith("val/")]
         tracker.log_metrics(final)  # val/* is in the history already
         tracker.log_text(table + "\n", "expected_predicted.txt")
     return summary
+
+
+def in_lightning_epochs(trainer_cfg, k: int) -> dict:
+    """The Trainer's arguments, with the epoch counts in Lightning epochs of `k` tutorial epochs."""
+    args = OmegaConf.to_container(trainer_cfg, resolve=True)
+    for key in ("max_epochs", "check_val_every_n_epoch", "min_epochs"):
+        if args.get(key):
+            args[key] = -(-args[key] // k)  # k divides all but min_epochs
+    return args
 
 
 def expected_predicted(module: EchoModule, data: EchoData, task, seed: int) -> str:
@@ -146,10 +158,11 @@ class EpochProgress(pl.Callback):
     def on_train_start(self, trainer, module) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=trainer.max_epochs, unit="epoch", mininterval=0.25, dynamic_ncols=True)
+        total = trainer.max_epochs * module.epochs_per_step
+        self.bar = tqdm(total=total, unit="epoch", mininterval=0.25, dynamic_ncols=True)
 
     def on_train_epoch_end(self, trainer, module) -> None:
-        self.bar.update(1)
+        self.bar.update(module.epochs_per_step)
 
     def on_validation_end(self, trainer, module) -> None:
         if "val/exact_match" in module.summary:

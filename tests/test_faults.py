@@ -123,20 +123,21 @@ def test_an_interrupt_as_an_epoch_ends_loses_none_of_its_metrics(store, monkeypa
     settings = ["trainer.max_epochs=100", "stop_at=null", "trainer.check_val_every_n_epoch=5", "progress=true"]
     progress = EpochProgress.on_train_epoch_end
 
-    def interrupt_at_epoch_7(self, trainer, module):  # a callback hook that runs before the module's
-        if trainer.current_epoch + 1 == 7:
+    def interrupt_at_epoch_10(self, trainer, module):  # a callback hook that runs before the module's
+        if module.epochs_trained() == 10:  # the second Lightning epoch, of 5 epochs (one validation's)
             raise KeyboardInterrupt
         progress(self, trainer, module)
 
-    monkeypatch.setattr(EpochProgress, "on_train_epoch_end", interrupt_at_epoch_7)
+    monkeypatch.setattr(EpochProgress, "on_train_epoch_end", interrupt_at_epoch_10)
     with pytest.raises(SystemExit):
         train(make_cfg(*settings))
     killed = _only_run(store)
     assert killed.info.status == "KILLED"
     monkeypatch.setattr(EpochProgress, "on_train_epoch_end", progress)
-    train(make_cfg(*settings[:-1], "trainer.max_epochs=10", f"resume={killed.info.run_id}"))
+    train(make_cfg(*settings[:-1], "trainer.max_epochs=15", f"resume={killed.info.run_id}"))
     resumed = next(r for r in all_runs(store) if r.info.run_id != killed.info.run_id)
-    assert _steps(store, killed.info.run_id) + _steps(store, resumed.info.run_id) == list(range(1, 11))
+    assert _steps(store, killed.info.run_id) == [1, 2, 3, 4, 5]
+    assert _steps(store, resumed.info.run_id) == list(range(6, 16))
 
 
 @pytest.mark.slow
@@ -187,6 +188,30 @@ def test_sigterm_to_a_sweep_ends_the_parent_and_its_running_jobs_killed(tmp_path
     time.sleep(1)  # let parallel workers finish closing their runs
     statuses = sorted(r.info.status for r in all_runs(uri))
     assert statuses == ["KILLED"] * (1 + running)  # never RUNNING; a job that never started has no run
+
+
+def test_a_resumed_run_may_validate_at_another_cadence(store, monkeypatch):
+    """The killed run trained 5 epochs per Lightning step (its validation cadence); the resumed
+    one validates every 2, so trains 1 per step: its epoch counts convert."""
+    step = EchoModule.training_step
+
+    def ctrl_c_in_epochs_11_to_15(self, *args):
+        if self.epochs_trained() == 15:
+            raise KeyboardInterrupt
+        return step(self, *args)
+
+    monkeypatch.setattr(EchoModule, "training_step", ctrl_c_in_epochs_11_to_15)
+    settings = ["trainer.max_epochs=20", "stop_at=null", "progress=false"]
+    with pytest.raises(SystemExit):
+        train(make_cfg(*settings, "trainer.check_val_every_n_epoch=5"))
+    monkeypatch.setattr(EchoModule, "training_step", step)
+    (killed,) = all_runs(store)
+    assert _steps(store, killed.info.run_id) == list(range(1, 11))
+    resumed = train(make_cfg(*settings, "trainer.check_val_every_n_epoch=2", f"resume={killed.info.run_id}"))
+    assert resumed["epochs"] == 20
+    new = next(r for r in all_runs(store) if r.info.run_id != killed.info.run_id)
+    assert _steps(store, new.info.run_id) == list(range(11, 21))
+    assert _steps(store, new.info.run_id, "val/exact_match") == [12, 14, 16, 18, 20]
 
 
 @pytest.mark.parametrize("hook", ["training_step", "validation_step"])

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from conftest import CONF, make_cfg
 
-from echo.config import cpu_threads, validate
+from echo.config import cpu_threads, epochs_per_step, validate
 from echo.train import train
 
 EXPERIMENTS = sorted(p.stem for p in Path(CONF, "experiment").glob("*.yaml"))
@@ -82,6 +82,14 @@ def test_threads_auto_gives_wide_steps_a_second_core_when_the_job_has_one():
     assert cpu_threads(fast, cores=2, environ={}) == cpu_threads(fast, cores=16, environ={}) == 2
     assert cpu_threads(fast, cores=1, environ={}) == cpu_threads(fast, cores=2, environ={"OMP_NUM_THREADS": "1"}) == 1
     assert cpu_threads(make_cfg("threads=3"), cores=2, environ={}) == 3  # a number is taken as it is
+
+
+def test_a_lightning_step_trains_every_epoch_up_to_the_next_validation_checkpoint_or_end():
+    assert epochs_per_step(make_cfg("experiment=tutorial_partial_echo")) == 50  # 5,000 epochs, validation every 50
+    assert epochs_per_step(make_cfg()) == epochs_per_step(make_cfg("model=encdec")) == 10
+    assert epochs_per_step(make_cfg("trainer.max_epochs=1234")) == 2  # ends at epoch 1234
+    assert epochs_per_step(make_cfg("checkpoint_every=4")) == 2
+    assert epochs_per_step(make_cfg(), resumed=5) == 5  # the resumed run's counts convert
 
 
 def test_any_setting_is_one_override_away():

@@ -52,6 +52,26 @@ def test_reaching_the_target_is_recorded_and_stops_training(store):
     assert 0 < summary["time_to_target_s"] <= summary["train_time_s"]
 
 
+def test_lightning_steps_of_several_epochs_train_exactly_as_steps_of_one(store, monkeypatch):
+    """A Lightning step trains the epochs between two validations (here 5) in a row: every
+    epoch's metrics come out as they do with one epoch per step."""
+    settings = ["trainer.max_epochs=20", "trainer.check_val_every_n_epoch=5", "stop_at=null", "model.hidden_size=12"]
+    train(make_cfg(*settings), run_name="five")
+    monkeypatch.setattr("echo.train.epochs_per_step", lambda cfg, resumed=None: 1)
+    train(make_cfg(*settings), run_name="one")
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("echo").experiment_id
+    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([experiment])}
+
+    def history(run: str, metric: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(runs[run], metric))
+
+    for metric in ("train/loss", "train/acc", "val/loss", "val/exact_match"):
+        assert history("five", metric) == history("one", metric)
+    assert [step for step, _ in history("five", "train/loss")] == list(range(1, 21))
+    assert [step for step, _ in history("five", "val/loss")] == [5, 10, 15, 20]
+
+
 BAD_CONFIGS = {
     "task.n_out=6": "task.n_out=6 is larger than task.n_in=5",
     "task.n_in=30": "task.n_in=30 is longer than the sequence",
@@ -63,6 +83,7 @@ BAD_CONFIGS = {
     "model.lr=-1": "model.lr=-1 must be a positive number",
     "stop_at=2": "stop_at=2 must be a fraction",
     "threads=0": "threads=0 must be auto or a whole number >= 1",
+    "checkpoint_every=0": "checkpoint_every=0 must be a whole number >= 1 or null",
 }
 
 
