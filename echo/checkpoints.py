@@ -89,15 +89,14 @@ def _restart_interrupted_epoch(checkpoint: dict) -> None:
     its training step, during its validation or its end hooks) would skip the end of that epoch,
     where its training metrics are recorded. Lightning counts an epoch processed before its end
     hooks and completed after them; a checkpoint saved every N epochs is saved in those hooks,
-    and its epoch goes on to be recorded: it resumes at the next epoch.
+    and its epoch goes on to be recorded: it resumes at the next epoch. An interrupt between two
+    epochs (as one starts, before its training step) resumes at the next epoch too, but only once
+    the batches of the last one are no longer counted as this one's.
     """
     fit = checkpoint.get("loops", {}).get("fit_loop")
-    if not fit:
-        return
-    total = fit["epoch_progress"]["total"]
-    if total["completed"] == total["started"] or checkpoint.get("echo", {}).get("epoch_done"):
+    if not fit or checkpoint.get("echo", {}).get("epoch_done"):
         return  # Lightning resumes at the next epoch
-    done = total["completed"]
+    done = fit["epoch_progress"]["total"]["completed"]
     for counters in (fit["epoch_progress"]["total"], fit["epoch_progress"]["current"]):
         counters.update(ready=done, started=done, processed=done, completed=done)
     for loop in ("epoch_loop.batch_progress", "epoch_loop.val_loop.batch_progress"):

@@ -190,6 +190,26 @@ def test_sigterm_to_a_sweep_ends_the_parent_and_its_running_jobs_killed(tmp_path
     assert statuses == ["KILLED"] * (1 + running)  # never RUNNING; a job that never started has no run
 
 
+def test_an_interrupt_between_two_epochs_resumes_at_the_next_one(store, monkeypatch):
+    """Interrupted as a Lightning epoch (here epochs 11-15) starts, before its training step."""
+    original = EchoModule.on_train_epoch_start
+
+    def ctrl_c_as_epoch_11_starts(self):
+        if self.current_epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(EchoModule, "on_train_epoch_start", ctrl_c_as_epoch_11_starts)
+    settings = ["trainer.max_epochs=20", "trainer.check_val_every_n_epoch=5", "stop_at=null", "progress=false"]
+    with pytest.raises(SystemExit):
+        train(make_cfg(*settings))
+    monkeypatch.setattr(EchoModule, "on_train_epoch_start", original)
+    (killed,) = all_runs(store)
+    assert _steps(store, killed.info.run_id) == list(range(1, 11))
+    assert train(make_cfg(*settings, f"resume={killed.info.run_id}"))["epochs"] == 20
+    new = next(r for r in all_runs(store) if r.info.run_id != killed.info.run_id)
+    assert _steps(store, new.info.run_id) == list(range(11, 21))
+
+
 def test_a_resumed_run_may_validate_at_another_cadence(store, monkeypatch):
     """The killed run trained 5 epochs per Lightning step (its validation cadence); the resumed
     one validates every 2, so trains 1 per step: its epoch counts convert."""
