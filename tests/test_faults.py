@@ -62,7 +62,8 @@ def test_a_nan_loss_stops_the_run_with_a_clear_message(store, monkeypatch):
 
 
 def test_checkpoints_every_n_epochs_and_resume_continues_as_a_linked_run(store):
-    first = train(make_cfg(*TINY, "checkpoint_every=5", "trainer.check_val_every_n_epoch=1"))
+    """The first run trains 5 epochs per Lightning step; the resumed one, validating every epoch, 1."""
+    first = train(make_cfg(*TINY, "checkpoint_every=5", "trainer.check_val_every_n_epoch=5"))
     (run,) = all_runs(store)
     assert set(artifacts(store, run.info.run_id, "checkpoints")) == {"checkpoints/last.ckpt", "checkpoints/config.yaml"}
     resumed = train(
@@ -72,6 +73,7 @@ def test_checkpoints_every_n_epochs_and_resume_continues_as_a_linked_run(store):
     new = next(r for r in all_runs(store) if r.info.run_id != run.info.run_id)
     assert new.info.status == "FINISHED" and new.data.tags["echo.resumed_from"] == run.info.run_id
     assert _steps(store, new.info.run_id) == list(range(11, 16))  # epochs 11..15, not from scratch
+    assert _steps(store, new.info.run_id, "val/loss") == list(range(11, 16))
 
 
 def test_resuming_an_unknown_run_or_one_without_a_checkpoint_is_a_config_error(store):
