@@ -56,9 +56,8 @@ class Checkpointer(pl.Callback):
     def on_exception(self, trainer, module, exception) -> None:
         if not isinstance(exception, TrainingError):  # a diverged model is not worth resuming
             self.save(trainer)
-            done = trainer.current_epoch * module.epochs_per_step
             print(
-                f"echo: stopped after {done} complete epochs; checkpoint saved: continue with "
+                f"echo: stopped after {module.epochs_done()} complete epochs; checkpoint saved: continue with "
                 f"`python run.py resume={self.tracker.run_id}`",
                 file=sys.stderr,
             )

@@ -135,9 +135,13 @@ class EchoModule(pl.LightningModule):
     def on_train_start(self) -> None:
         self._t0 = time.perf_counter()  # time_to_target_s counts from here
 
+    def epochs_done(self) -> int:
+        """Tutorial epochs of the Lightning epochs completed (all of them once `fit` returns)."""
+        return self.current_epoch * self.epochs_per_step
+
     def epochs_trained(self) -> int:
         """Tutorial epochs trained once the current Lightning epoch (and step) is done."""
-        return (self.current_epoch + 1) * self.epochs_per_step
+        return self.epochs_done() + self.epochs_per_step
 
     def training_step(self, draw: Draw, batch_idx: int) -> None:
         """`epochs_per_step` tutorial epochs in a row: each `draw()` gives one epoch's batches."""

@@ -114,7 +114,7 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
         tracker.log_learning_curve(module.history, cfg.target)
     trainer.test(module, data, verbose=False)
 
-    epochs = trainer.current_epoch * k
+    epochs = module.epochs_done()
     summary = {**module.summary, "train_time_s": train_time, "epochs": epochs}
     table = expected_predicted(module, data, task, seed=cfg.seed)
     print(table)
