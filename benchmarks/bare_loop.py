@@ -148,6 +148,7 @@ def main():
                 break
     result["train_time_s"] = time.perf_counter() - start
     result["epochs"] = epoch
+    result["threads"] = a.threads
     result["val_exact_match"] = exact
     result["test_token_acc"], result["test_exact_match"] = evaluate(model, test, a.n_unique)
     print(json.dumps(result))

@@ -115,7 +115,7 @@ def run_bare(args: str, workdir: str) -> dict:
         "ms_per_epoch": 1000 * r["train_time_s"] / r["epochs"],
         "to_target_s": r["time_to_target_s"],
         "test_exact": r["test_exact_match"],
-        "threads": int(args.split("--threads ")[1].split()[0]) if "--threads " in args else 1,
+        "threads": r["threads"],
     }
 
 

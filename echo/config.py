@@ -19,11 +19,16 @@ class ConfigError(ValueError):
     """A config that cannot run; the message says what is wrong and how to fix it."""
 
 
+def _is_count(value) -> bool:
+    """A whole number >= 1 (YAML's `true` is not one)."""
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
 def _positive_int(cfg, path: str) -> int:
     value = cfg
     for key in path.split("."):
         value = value[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_count(value):
         raise ConfigError(f"{path}={value!r} must be a whole number >= 1: set {path}=<n>")
     return value
 
@@ -95,7 +100,7 @@ def validate(cfg) -> None:
     ):
         _positive_int(cfg, path)
     threads = cfg.threads
-    if threads != "auto" and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    if threads != "auto" and not _is_count(threads):
         raise ConfigError(f"threads={threads!r} must be auto or a whole number >= 1: e.g. threads=1")
     task, model = cfg.task, cfg.model
     if task.n_out > task.n_in:
@@ -133,8 +138,8 @@ def validate(cfg) -> None:
     _fraction(cfg, "target")
     _fraction(cfg, "stop_at", optional=True)
     check_val = cfg.trainer.get("check_val_every_n_epoch", 1)
-    if isinstance(check_val, bool) or not isinstance(check_val, int) or check_val < 1:
+    if not _is_count(check_val):
         raise ConfigError(f"trainer.check_val_every_n_epoch={check_val!r} must be a whole number >= 1")
     every = cfg.get("checkpoint_every")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+    if every is not None and not _is_count(every):
         raise ConfigError(f"checkpoint_every={every!r} must be a whole number >= 1 or null: e.g. checkpoint_every=100")

@@ -194,7 +194,7 @@ class EchoModule(pl.LightningModule):
         return self._graph_sums.clone()
 
     def on_train_epoch_end(self) -> None:  # after the step's validation: its epochs are complete
-        self._train_sums.append((self.epochs_trained() - self.epochs_per_step + 1, self._step_sums))
+        self._train_sums.append((self.epochs_done() + 1, self._step_sums))
 
     def flush_train_metrics(self) -> None:
         """Move the per-epoch training metrics accumulated on the device into `history`."""
