@@ -31,6 +31,13 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def mlflow_client():
+    """An `MlflowClient` on the tracking store (`tracking_uri()`), for reading runs and artifacts."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri())
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     """{"a": {"b": 1}} -> {"a.b": 1}."""
     flat = {}
