@@ -437,7 +437,7 @@ def sweep_plot(settings: list[Setting], keys: list[str], objective: str):
             if spread is None:
                 continue
             offsets = [(j - (len(spread) - 1) / 2) / len(spread) for j in range(len(spread))]  # within ±0.5
-            xs = [at * 1.15**o if logx else at + 0.4 * spacing * o for o in offsets]
+            xs = [at * 1.05**o if logx else at + (0.12 if numeric else 0.3) * spacing * o for o in offsets]
             ax.errorbar(
                 [at],
                 [spread.mean],
@@ -455,6 +455,8 @@ def sweep_plot(settings: list[Setting], keys: list[str], objective: str):
             ax.set_xscale("log")
         if numeric:
             ax.set_xlabel(keys[0])
+            if len(x) <= 12:
+                ax.set_xticks(x, [s.values[keys[0]] for s in order])
         else:
             labels = [", ".join(f"{k.split('.')[-1]}={v}" for k, v in s.values.items()) or "all runs" for s in order]
             ax.set_xticks(x, labels, rotation=30 if len(order) > 1 else 0, ha="right" if len(order) > 1 else "center")
