@@ -320,12 +320,15 @@ def seed_statistics(runs: list, keys: list[str], objective: str) -> list[Setting
             if values:
                 setting.stats[name] = Spread(values)
     lower = objective in LOWER_IS_BETTER
+    to_target = "_to_target" in objective  # only seeds that reached the target have it: rank by success first
 
     def rank(setting: Setting) -> tuple:
         spread = setting.stats.get(objective)
+        order = [_sortable(v) for v in setting.values.values()]
         if spread is None:
-            return (1, 0.0, [_sortable(v) for v in setting.values.values()])
-        return (0, spread.mean * (1 if lower else -1), [_sortable(v) for v in setting.values.values()])
+            return (1, 0.0, 0.0, order)
+        success = -(setting.success_rate or 0.0) if to_target else 0.0
+        return (0, success, spread.mean * (1 if lower else -1), order)
 
     return sorted(settings.values(), key=rank)
 

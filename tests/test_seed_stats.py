@@ -136,6 +136,21 @@ def test_a_sweep_over_seeds_alone_logs_its_statistics_on_the_parent(shared_store
     assert row["setting"] == "all runs" and row["not finished"] == "1 FAILED"
 
 
+def test_settings_ranked_by_time_to_target_put_the_one_that_always_reaches_it_first(shared_store):
+    """time_to_target_s exists only for seeds that reached the target: a fast lucky seed must not win."""
+    client, experiment, parent = _store_with_parent(shared_store)
+    for hidden, times in {"20": [1.0, None, None], "50": [3.0, 3.0, 3.0]}.items():
+        for seed, seconds in enumerate(times):
+            metrics = (
+                {"val/exact_match": 0.4} if seconds is None else {"time_to_target_s": seconds, "epochs_to_target": 9}
+            )
+            _child(
+                client, experiment, parent, f"h{hidden} s{seed}", {"model.hidden_size": hidden, "seed": seed}, metrics
+            )
+    settings = summarize_sweep(client, parent, "time_to_target_s")["settings"]
+    assert [(s["setting"]["model.hidden_size"], s["success_rate"]) for s in settings] == [("50", 1.0), ("20", 1 / 3)]
+
+
 def test_one_run_has_a_mean_but_no_std(shared_store):
     client, experiment, parent = _store_with_parent(shared_store)
     _child(client, experiment, parent, "only", {"seed": 0}, {"val/exact_match": 0.7, "test/exact_match": 0.6})
