@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import CONF, make_cfg
+from helpers import CONF, make_cfg
 
 from echo.config import cpu_threads, epochs_per_step, validate
 from echo.train import train
