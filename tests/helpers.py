@@ -53,9 +53,9 @@ def all_runs(uri: str, experiment: str = "echo") -> list:
     return client.search_runs([found.experiment_id], max_results=1000) if found else []
 
 
-def sweep_runs(uri: str) -> tuple[object, list]:
-    """The one sweep parent in the store and its children."""
-    runs = all_runs(uri)
+def sweep_runs(uri: str, experiment: str = "echo") -> tuple[object, list]:
+    """The one sweep parent in the experiment and its children."""
+    runs = all_runs(uri, experiment)
     parents = [r for r in runs if r.data.tags.get("echo.sweep_parent") == "true"]
     assert len(parents) == 1, [r.info.run_name for r in runs]
     parent = parents[0]
