@@ -3,6 +3,7 @@ files, and the `*.md` names in the comments and docstrings of code and config fi
 
 import ast
 import io
+import os
 import re
 import tokenize
 from pathlib import Path
@@ -22,15 +23,14 @@ MD_NAME = re.compile(r"(?<![\w./-])([\w./-]*\w\.md)\b")
 
 
 def repo_files(*suffixes: str) -> list[Path]:
+    """The checkout's files ending in `suffixes` (".sh" also takes scripts with a #! line and no suffix)."""
     found = []
-    for path in ROOT.rglob("*"):
-        parts = path.relative_to(ROOT).parts
-        if any(p.startswith(".") and p != ".ci" for p in parts) or SKIP_DIRS & set(parts):
-            continue
-        if any(p.endswith(".egg-info") for p in parts) or not path.is_file():
-            continue
-        if path.suffix in suffixes or (".sh" in suffixes and path.read_bytes()[:2] == b"#!" and not path.suffix):
-            found.append(path)
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info") and d[0] != "." or d == ".ci"]
+        for name in files:
+            path = Path(folder, name)
+            if path.suffix in suffixes or (".sh" in suffixes and not path.suffix and path.read_bytes()[:2] == b"#!"):
+                found.append(path)
     return sorted(found)
 
 
