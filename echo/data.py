@@ -1,4 +1,5 @@
-"""The echo problem's data: random sequences, one-hot codes, supervised windows, batches.
+"""The echo problem's data: random sequences, supervised windows, batches, and the loaders that
+hand one Lightning step its tutorial epochs (several in a row: `echo.config.epochs_per_step`).
 
 Everything is vectorised in torch and can be generated directly on the training device.
 """
@@ -58,7 +59,8 @@ def to_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tu
 
 
 class Draw:
-    """One epoch's data as the loader hands it to the step: call it for the epoch's batches.
+    """The data of one Lightning step: each call gives the batches of one tutorial epoch, fresh
+    sequences every call in training (the step calls it once per epoch it trains).
 
     The step draws the batches itself, so that on a GPU drawing them can be captured in the
     epoch's CUDA graph; `generators` are the random generators such a graph must register.
@@ -73,11 +75,13 @@ class Draw:
 
 
 class Epochs:
-    """A data loader with one item per epoch: a `Draw` of the epoch's batches, in order.
+    """A data loader with one item per Lightning epoch: a `Draw`, the step's source of batches.
 
     The tutorial's epoch is one `fit()` on one fresh sequence: a few batches, an update after
-    each, LSTM state carried between them. The LightningModule trains such an epoch in one
-    step, so Lightning's per-step bookkeeping is paid once per epoch, not once per batch.
+    each, LSTM state carried between them. The LightningModule trains `epochs_per_step` such
+    epochs in one step (`echo.config.epochs_per_step`: every tutorial epoch up to the next
+    validation, checkpoint or the run's end), calling the `Draw` once for each, so Lightning's
+    per-step bookkeeping is paid once per several epochs, not once per batch.
     """
 
     def __init__(self, draw: Draw):
@@ -98,7 +102,7 @@ def held_out(task, n_seq: int, seed: int, device: torch.device | str = "cpu") ->
 
 
 class EchoData(pl.LightningDataModule):
-    """Fresh training sequences every epoch; fixed validation and test windows.
+    """Fresh training sequences every tutorial epoch; fixed validation and test windows.
 
     `task` holds length, n_unique, n_in, n_out, framing, sequences_per_epoch, and the
     held-out sets' size (eval_windows) and seeds. Data is generated on the trainer's device.

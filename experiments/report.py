@@ -2,12 +2,17 @@
 
     python experiments/report.py                  # every study in the store
     python experiments/report.py study_masking    # one study
-    (and automatically at the end of `python run.py -m experiment=study_...`: ReportCallback)
 
 Reads the runs of each study's MLflow experiment (`MLFLOW_TRACKING_URI`, else ./mlflow.db), keeps
 the finished child runs of its latest sweep, and writes `experiments/results/<study>.md` (one row
 per variant, aggregated over seeds) and `experiments/results/<study>.png`; it also replaces the
-table between `<!-- <study> -->` and `<!-- /<study> -->` in experiments/README.md.
+table between `<!-- <study> -->` and `<!-- /<study> -->` in experiments/README.md. Those files
+change only when this script is run.
+
+At the end of `python run.py -m experiment=study_...` the study's Hydra callback (ReportCallback)
+makes the same table and plot for the sweep that just ran and stores them in the sweep's parent
+MLflow run, as `<study>.md` and `<study>.png`; it writes no file in the checkout. MLflow is read
+through `echo.tracking` only.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ sys.path.insert(0, str(ROOT))
 
 from echo.encoding import REPRESENTATIONS  # noqa: E402
 from echo.models import build_net, count_parameters  # noqa: E402
+from echo.sweeps import PARENT_TAG, parent_of_sweep  # noqa: E402
 from echo.tracking import SWEEP_TAG, mlflow_client, tracking_uri  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 README = ROOT / "experiments" / "README.md"
 TARGET = 0.99
+DPI = 110
 
 # study -> the swept settings (besides the seed) that make a variant
 STUDIES = {
@@ -46,16 +53,17 @@ STUDIES = {
 }
 
 
-def load_runs(client, study: str) -> list[dict]:
-    """The finished jobs of the study's latest sweep, as flat dicts of params and metrics."""
+def load_runs(client, study: str, sweep: str | None = None) -> list[dict]:
+    """The finished jobs of the study's sweep `sweep` (default: its latest), as flat dicts of
+    params and metrics."""
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
         return []
     runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'", max_results=10_000)
-    runs = [r for r in runs if SWEEP_TAG in r.data.tags and "echo.sweep_parent" not in r.data.tags]
+    runs = [r for r in runs if SWEEP_TAG in r.data.tags and PARENT_TAG not in r.data.tags]
     if not runs:
         return []
-    latest = max(r.data.tags[SWEEP_TAG] for r in runs)
+    latest = sweep or max(r.data.tags[SWEEP_TAG] for r in runs)
     return [
         {**r.data.params, **r.data.metrics, "run_id": r.info.run_id} for r in runs if r.data.tags[SWEEP_TAG] == latest
     ]
@@ -195,8 +203,9 @@ def capacity_plot(runs: list[dict]):
     return fig
 
 
-def report(client, study: str) -> str | None:
-    runs = load_runs(client, study)
+def report(client, study: str, sweep: str | None = None):
+    """The study's table (Markdown) and figure for `sweep` (default: its latest), or None."""
+    runs = load_runs(client, study, sweep)
     if not runs:
         print(f"{study}: no finished sweep in {tracking_uri()}; run `python run.py -m experiment={study}`")
         return None
@@ -209,39 +218,56 @@ def report(client, study: str) -> str | None:
         fig = learning_curves(client, runs, keys, study)
     sweep = client.get_run(runs[0]["run_id"]).data.tags[SWEEP_TAG]
     text = f"Sweep `{sweep}`, {len(runs)} runs; mean (min–max) over seeds.\n\n" + text
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{study}.md").write_text(text)
-    fig.savefig(RESULTS / f"{study}.png", dpi=110)
-    plt.close(fig)
-    print(f"{study}: {len(runs)} runs -> {RESULTS.relative_to(ROOT)}/{study}.md, .png")
-    return text
+    return text, fig
 
 
-def update_readme(study: str, text: str) -> None:
-    """Replace the table between `<!-- study -->` and `<!-- /study -->` in experiments/README.md."""
-    if not README.exists():
+def update_readme(study: str, text: str, readme: Path = README) -> None:
+    """Replace the table between `<!-- study -->` and `<!-- /study -->` in `readme`."""
+    if not readme.exists():
         return
-    readme = README.read_text()
+    content = readme.read_text()
     pattern = re.compile(rf"(<!-- {study} -->\n).*?(<!-- /{study} -->)", re.S)
-    if pattern.search(readme):
-        README.write_text(pattern.sub(lambda m: m.group(1) + text + m.group(2), readme))
+    if pattern.search(content):
+        readme.write_text(pattern.sub(lambda m: m.group(1) + text + m.group(2), content))
 
 
-def regenerate(studies: list[str]) -> None:
-    """Write the tables and plots of `studies` from the store."""
+def regenerate(studies: list[str], results: Path = RESULTS, readme: Path = README) -> None:
+    """Write the tables and plots of `studies` from the store into `results` and `readme`."""
     client = mlflow_client()
     for study in studies:
-        text = report(client, study)
-        if text:
-            update_readme(study, text)
+        made = report(client, study)
+        if made is None:
+            continue
+        text, fig = made
+        results.mkdir(parents=True, exist_ok=True)
+        (results / f"{study}.md").write_text(text)
+        fig.savefig(results / f"{study}.png", dpi=DPI)
+        plt.close(fig)
+        update_readme(study, text, readme)
+        print(f"{study}: {results / study}.md, .png and its table in {readme}")
 
 
 class ReportCallback(Callback):
-    """Hydra callback of the study presets: when the sweep ends, regenerate its table and plot."""
+    """Hydra callback of the study presets (conf/study_base.yaml): when the sweep ends, its table
+    and plot go into the sweep's parent MLflow run. Files in the checkout are left alone: they
+    change with `python experiments/report.py`."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        if config.logger.name == "mlflow" and config.logger.experiment in STUDIES:
-            regenerate([config.logger.experiment])
+        study = config.logger.experiment
+        if config.logger.name != "mlflow" or study not in STUDIES:
+            return
+        sweep = Path(config.hydra.sweep.dir).name
+        parent = parent_of_sweep(sweep, study)
+        client = mlflow_client()
+        made = report(client, study, sweep) if parent else None
+        if made is None:
+            return
+        text, fig = made
+        client.log_text(parent, text, f"{study}.md")
+        client.log_figure(parent, fig, f"{study}.png", save_kwargs={"dpi": DPI})
+        plt.close(fig)
+        print(f"{study}: table and plot in the sweep's parent run {parent} ({study}.md, {study}.png)")
+        print(f"  to update experiments/README.md and experiments/results/: python experiments/report.py {study}")
 
 
 def main() -> None:

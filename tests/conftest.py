@@ -1,17 +1,7 @@
-"""Shared fixtures: the real Hydra configs, composed and shrunk; a private MLflow store."""
-
-from pathlib import Path
+"""Fixtures. What the tests share besides fixtures (composing the real configs, running
+`python run.py`, reading MLflow) is in helpers.py."""
 
 import pytest
-from hydra import compose, initialize_config_dir
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-def make_cfg(*overrides: str):
-    """The project's real config with `overrides`, as `python run.py <overrides>` composes it."""
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("config", overrides=["progress=false", *overrides])
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Running `python run.py ...` as a user does, and reading what it left in MLflow."""
+"""What the tests share: the real configs, composed; `python run.py ...` run as a user runs it;
+what a run left in MLflow. (Fixtures live in conftest.py.)"""
 
 from __future__ import annotations
 
@@ -7,9 +8,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-RUN_PY = str(Path(__file__).resolve().parents[1] / "run.py")
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+RUN_PY = str(ROOT / "run.py")
 # A few epochs with two validations: enough to produce every metric, quick on 2 cores.
 TINY = ["trainer.max_epochs=10", "trainer.check_val_every_n_epoch=5", "progress=false"]
+
+
+def make_cfg(*overrides: str):
+    """The project's real config with `overrides`, as `python run.py <overrides>` composes it."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=["progress=false", *overrides])
 
 
 def run_py(*args: str, cwd, uri: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
@@ -42,9 +53,9 @@ def all_runs(uri: str, experiment: str = "echo") -> list:
     return client.search_runs([found.experiment_id], max_results=1000) if found else []
 
 
-def sweep_runs(uri: str) -> tuple[object, list]:
-    """The one sweep parent in the store and its children."""
-    runs = all_runs(uri)
+def sweep_runs(uri: str, experiment: str = "echo") -> tuple[object, list]:
+    """The one sweep parent in the experiment and its children."""
+    runs = all_runs(uri, experiment)
     parents = [r for r in runs if r.data.tags.get("echo.sweep_parent") == "true"]
     assert len(parents) == 1, [r.info.run_name for r in runs]
     parent = parents[0]
@@ -55,3 +66,10 @@ def artifacts(uri: str, run_id: str, path: str | None = None) -> list[str]:
     from mlflow import MlflowClient
 
     return [a.path for a in MlflowClient(uri).list_artifacts(run_id, path)]
+
+
+def metric_history(uri: str, run_id: str, metric: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of `metric`, by step."""
+    from mlflow import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, metric))

@@ -2,21 +2,30 @@
 longer echoes. Tiny configs, a few CPU-seconds each."""
 
 import itertools
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, make_cfg
+from helpers import CONF, make_cfg
 from hydra import compose, initialize_config_dir
 
-from echo.config import ConfigError, validate
+from echo.config import ConfigError, validate, windows_per_sequence
 from echo.data import EchoData, to_windows
 from echo.encoding import PAD, LinearScale, OneHot
 from echo.models import EncoderDecoder, ManyToOne, OneToOne, Seq2Seq, build_net, masked_lstm
 from echo.module import EchoModule
 from echo.train import train
 
-TINY = ["logger=none", "task.eval_windows=84", "trainer.check_val_every_n_epoch=5", "stop_at=null"]
+# Untracked, a small held-out set, a validation every 5 epochs, every epoch trained.
+UNTRACKED_SHORT = ["logger=none", "task.eval_windows=84", "trainer.check_val_every_n_epoch=5", "stop_at=null"]
+METRICS = {"val/loss", "val/token_acc", "val/exact_match", "test/token_acc", "test/exact_match"}
+
+
+def assert_ran_every_epoch(metrics: dict, epochs: int) -> None:
+    """The run trained `epochs` epochs and reported every metric, all finite."""
+    assert metrics["epochs"] == epochs
+    assert set(metrics) >= METRICS and all(math.isfinite(metrics[name]) for name in METRICS)
 
 
 # -- linear representation ------------------------------------------------------------------
@@ -46,7 +55,7 @@ def test_linear_metrics_count_predictions_that_round_to_the_target():
 
 
 def test_linear_representation_learns_a_bit():
-    cfg = make_cfg(*TINY, "task.representation=linear", "model.lr=1e-2", "trainer.max_epochs=60")
+    cfg = make_cfg(*UNTRACKED_SHORT, "task.representation=linear", "model.lr=1e-2", "trainer.max_epochs=60")
     metrics = train(cfg)
     assert set(metrics) >= {"val/loss", "val/token_acc", "val/exact_match", "test/token_acc", "test/exact_match"}
     assert metrics["val/loss"] < 0.01  # always predicting the mean (0.5) would score ~0.085
@@ -54,12 +63,21 @@ def test_linear_representation_learns_a_bit():
 
 
 # -- masking ------------------------------------------------------------------------------
-def test_masked_framing_has_25_rows_per_sequence_and_trains():
-    cfg = make_cfg(*TINY, "task.framing=mask", "model.batch_size=5", "trainer.max_epochs=5")
-    metrics = train(cfg)
-    assert 0 <= metrics["test/exact_match"] <= 1
-    x, _ = to_windows(torch.zeros(1, 25, dtype=torch.long), 5, 5, "mask")
+def test_masked_framing_keeps_25_rows_per_sequence_the_first_ones_padded():
+    x, _ = to_windows(torch.arange(25).unsqueeze(0), 5, 5, "mask")
     assert x.shape[1] == 25
+    assert x[0, 0].tolist() == [PAD, PAD, PAD, PAD, 0] and x[0, 4].tolist() == [0, 1, 2, 3, 4]
+    cfg = make_cfg("task.framing=mask", "model.batch_size=5")
+    assert windows_per_sequence(cfg.task) == 25
+    data = EchoData(cfg.task, 5, True, seed=0)
+    data.trainer = None
+    data.setup("fit")
+    assert [x.shape for x, _ in data.fresh_batches()] == [(5, 5)] * 5  # 25 rows in stateful batches of 5
+
+
+def test_a_masked_run_trains_every_epoch_and_reports_every_metric():
+    metrics = train(make_cfg(*UNTRACKED_SHORT, "task.framing=mask", "model.batch_size=5", "trainer.max_epochs=5"))
+    assert_ran_every_epoch(metrics, 5)
 
 
 def test_masked_lstm_state_does_not_change_on_masked_steps():
@@ -139,14 +157,14 @@ def test_topologies_are_what_they_say():
 
 
 @pytest.mark.parametrize("name", ["one_to_one", "many_to_one"])
-def test_alternate_topologies_run_from_the_cli_config(name):
-    metrics = train(make_cfg(*TINY, f"model={name}", "trainer.max_epochs=5"))
-    assert 0 <= metrics["test/token_acc"] <= 1
+def test_alternate_topologies_run_every_epoch_from_the_cli_config(name):
+    metrics = train(make_cfg(*UNTRACKED_SHORT, f"model={name}", "trainer.max_epochs=5"))
+    assert_ran_every_epoch(metrics, 5)
 
 
 # -- stateless batch 1 --------------------------------------------------------------------
 def test_stateless_batch_1_trains_and_improves():
-    base = [*TINY, "model.stateful=false", "model.batch_size=1", "model.lr=1e-2"]
+    base = [*UNTRACKED_SHORT, "model.stateful=false", "model.batch_size=1", "model.lr=1e-2"]
     before = train(make_cfg(*base, "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1"))
     after = train(make_cfg(*base, "trainer.max_epochs=20"))
     assert after["val/loss"] < before["val/loss"] - 1.0
@@ -154,23 +172,18 @@ def test_stateless_batch_1_trains_and_improves():
 
 
 # -- longer echoes ------------------------------------------------------------------------
-def test_long_echo_sequence_length_follows_n_in():
-    cfg = make_cfg(*TINY, "model=encdec", "task.n_in=50", "task.n_out=50", "task.length='${add:${task.n_in},20}'")
-    assert cfg.task.length == 70
-    validate(cfg)
-    metrics = train(
-        make_cfg(
-            *TINY,
-            "model=encdec",
-            "model.hidden_size=8",
-            "task.n_in=50",
-            "task.n_out=50",
-            "task.length=70",
-            "trainer.max_epochs=2",
-            "task.sequences_per_epoch=1",
-        )
-    )
-    assert 0 <= metrics["test/exact_match"] <= 1
+@pytest.mark.parametrize("study", ["study_long", "study_capacity"])
+def test_long_echo_studies_make_sequences_n_plus_20_long_so_each_gives_21_windows(study):
+    for n in (1, 10, 50):
+        cfg = make_cfg(f"experiment={study}", f"task.n_in={n}")
+        assert (cfg.task.n_out, cfg.task.length, windows_per_sequence(cfg.task)) == (n, n + 20, 21)
+        validate(cfg)
+
+
+def test_a_50_item_echo_trains_every_epoch():
+    settings = ["model=encdec", "model.hidden_size=8", "task.n_in=50", "task.n_out=50", "task.length=70"]
+    metrics = train(make_cfg(*UNTRACKED_SHORT, *settings, "trainer.max_epochs=5", "task.sequences_per_epoch=1"))
+    assert_ran_every_epoch(metrics, 5)
 
 
 def test_onehot_is_the_tutorial_representation():

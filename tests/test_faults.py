@@ -8,8 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_cfg
-from helpers import TINY, all_runs, artifacts, run_py, start_run_py
+from helpers import TINY, all_runs, artifacts, make_cfg, run_py, start_run_py
 
 from echo.config import ConfigError
 from echo.faults import TrainingError

@@ -8,8 +8,7 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import make_cfg
-from helpers import TINY, all_runs, run_py
+from helpers import TINY, all_runs, make_cfg, metric_history, run_py
 
 from echo.data import EchoData
 from echo.models import build_net
@@ -69,7 +68,9 @@ def test_a_gpu_run_is_tracked_in_mlflow(store, tmp_path):
     assert result.returncode == 0, result.stderr
     (run,) = all_runs(store)
     assert run.info.status == "FINISHED" and run.data.params["trainer.accelerator"] == "gpu"
-    assert 0 <= run.data.metrics["test/exact_match"] <= 1
+    assert [step for step, _ in metric_history(store, run.info.run_id, "train/loss")] == list(range(1, 11))
+    assert [step for step, _ in metric_history(store, run.info.run_id, "val/exact_match")] == [5, 10]
+    assert {"test/token_acc", "test/exact_match", "train_time_s"} <= set(run.data.metrics)
 
 
 def test_loading_the_cuda_libraries_first_changes_nothing(monkeypatch):

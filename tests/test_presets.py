@@ -3,7 +3,9 @@
 from pathlib import Path
 
 import pytest
-from conftest import CONF, make_cfg
+from helpers import CONF, make_cfg
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from echo.config import cpu_threads, epochs_per_step, validate
 from echo.train import train
@@ -100,6 +102,69 @@ def test_any_setting_is_one_override_away():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_preset_is_a_valid_config(name):
     validate(make_cfg(f"experiment={name}"))
+
+
+# What each preset composes to. The presets state only what differs from the model files and the
+# shared study base (conf/study_base.yaml); these are the values they composed to when each still
+# spelled everything out, so reducing a preset must not change them.
+PINNED_KEYS = (
+    "model.name",
+    "model.hidden_size",
+    "model.stateful",
+    "model.batch_size",
+    "model.lr",
+    "task.n_in",
+    "task.n_out",
+    "task.length",
+    "task.sequences_per_epoch",
+    "trainer.max_epochs",
+    "trainer.check_val_every_n_epoch",
+    "stop_at",
+    "progress",
+    "logger.experiment",
+)
+PINNED = {
+    "fast_partial_echo": ("encdec", 150, True, 21, 1e-2, 5, 2, 25, 8, 1000, 10, 0.995, True, "echo"),
+    "tutorial_full_echo": ("seq2seq", 20, True, 7, 1e-3, 5, 5, 25, 1, 500, 10, None, True, "echo"),
+    "tutorial_partial_echo": ("encdec", 150, True, 21, 1e-3, 5, 2, 25, 1, 5000, 50, None, True, "echo"),
+    "study_capacity": ("encdec", 150, True, 21, 1e-2, 5, 5, 25, 8, 300, 10, 0.995, False, "study_capacity"),
+    "study_linear": ("seq2seq", 20, True, 7, 1e-3, 5, 5, 25, 1, 500, 10, None, False, "study_linear"),
+    "study_long": ("seq2seq", 20, True, 7, 1e-2, 5, 5, 25, 1, 200, 10, 0.995, False, "study_long"),
+    "study_masking": ("encdec", 150, False, 25, 1e-2, 5, 2, 25, 8, 600, 10, 0.995, False, "study_masking"),
+    "study_stateless": ("seq2seq", 20, True, 7, 1e-3, 5, 5, 25, 1, 500, 10, 0.995, False, "study_stateless"),
+    "study_topology": ("seq2seq", 20, True, 7, 1e-3, 5, 5, 25, 1, 1000, 10, 0.995, False, "study_topology"),
+    # sweep jobs that swap the model keep the study's regime, not the model file's
+    "study_long model=encdec task.n_in=50": (
+        "encdec", 150, True, 21, 1e-2, 50, 50, 70, 1, 200, 10, 0.995, False, "study_long"
+    ),
+    "study_topology model=one_to_one": (
+        "one_to_one", 20, True, 7, 1e-3, 5, 5, 25, 1, 1000, 10, 0.995, False, "study_topology"
+    ),
+    "study_topology model=many_to_one model.hidden_size=100": (
+        "many_to_one", 100, True, 7, 1e-3, 5, 5, 25, 1, 1000, 10, 0.995, False, "study_topology"
+    ),
+}  # fmt: skip
+
+
+def composed(preset_and_overrides: str, hydra: bool = False):
+    name, *overrides = preset_and_overrides.split()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[f"experiment={name}", *overrides], return_hydra_config=hydra)
+
+
+@pytest.mark.parametrize("preset", PINNED)
+def test_every_preset_composes_to_the_settings_it_always_had(preset):
+    cfg = composed(preset)
+    assert tuple(OmegaConf.select(cfg, key) for key in PINNED_KEYS) == PINNED[preset]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_a_study_sweep_reports_into_its_parent_run_and_no_other_preset_does(name):
+    callbacks = composed(name, hydra=True).hydra.callbacks
+    expected = {"sweep_run", "report"} if name.startswith("study_") else {"sweep_run"}
+    assert set(callbacks) == expected
+    if name.startswith("study_"):
+        assert callbacks.report._target_ == "experiments.report.ReportCallback"
 
 
 @pytest.mark.slow

@@ -75,7 +75,7 @@ def test_eight_parallel_jobs_against_a_server_lose_nothing(mlflow_server, tmp_pa
 
 
 def test_metrics_are_buffered_not_sent_every_epoch(store, monkeypatch, capsys):
-    """Over HTTP each call costs ~55 ms (FACTS.md): the tracking worker, which receives every
+    """Over HTTP each call costs ~55 ms (docs/tracking.md): the tracking worker, which receives every
     epoch's metrics, must not make one call per epoch."""
     from mlflow import MlflowClient
 

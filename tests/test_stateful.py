@@ -3,7 +3,7 @@
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import make_cfg
+from helpers import make_cfg
 
 from echo.data import EchoData, generate_sequences, to_windows
 from echo.encoding import one_hot_encode

@@ -5,8 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import make_cfg
-from helpers import TINY, artifacts, run_py, sweep_runs
+from helpers import TINY, artifacts, make_cfg, run_py, sweep_runs
 
 from echo.sweeps import MISSED_TARGET, job_name_and_tags, objective_value, parent_of_sweep, summarize_sweep
 from echo.tracking import PARENT_RUN_ENV, SWEEP_TAG
@@ -165,7 +164,7 @@ def test_ray_runs_a_sweep_on_a_local_ray(tmp_path):
 
 def test_the_slurm_preset_asks_for_one_cpu_per_job():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from conftest import CONF
+    from helpers import CONF
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -185,7 +184,7 @@ def test_checking_configs_imports_no_torch_and_knows_every_model_and_representat
 
     assert set(MODEL_NAMES) == set(MODELS) and set(REPRESENTATION_NAMES) == set(REPRESENTATIONS)
     assert set(CANNOT_MASK) == {name for name in MODELS if not can_mask(name)}
-    check = "import sys; from conftest import make_cfg; from echo.config import validate; validate(make_cfg()); "
+    check = "import sys; from helpers import make_cfg; from echo.config import validate; validate(make_cfg()); "
     check += "print(sorted(m for m in ('torch', 'pytorch_lightning', 'mlflow') if m in sys.modules))"
     tests = str(Path(__file__).parent)
     result = subprocess.run([sys.executable, "-c", check], cwd=tests, capture_output=True, text=True, timeout=120)

@@ -1,17 +1,12 @@
 """Whole runs: the listings' models learn, runs land in MLflow, bad configs stop early."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_cfg
-from mlflow import MlflowClient
+from helpers import all_runs, artifacts, make_cfg, metric_history, run_py, sweep_runs
 
 from echo.config import ConfigError
 from echo.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_listing_a_model_learns_the_full_echo():
@@ -28,18 +23,16 @@ def test_listing_b_model_learns_the_partial_echo():
 
 def test_a_run_lands_in_mlflow_with_params_metrics_and_artifacts(store, capsys):
     train(make_cfg("trainer.max_epochs=20", "model.hidden_size=12"), run_name="tiny")
-    client = MlflowClient(store)
-    (run,) = client.search_runs([client.get_experiment_by_name("echo").experiment_id])
+    (run,) = all_runs(store)
     assert run.info.run_name == "tiny" and run.info.status == "FINISHED"
     params = run.data.params
     assert params["model.hidden_size"] == "12" and params["task.n_in"] == "5" and params["trainer.max_epochs"] == "20"
     assert params["threads"] == "1"  # threads=auto, recorded as the count it came to
-    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 20
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/exact_match")] == [10, 20]
+    assert len(metric_history(store, run.info.run_id, "train/loss")) == 20
+    assert [step for step, _ in metric_history(store, run.info.run_id, "val/exact_match")] == [10, 20]
     for name in ("train/acc", "val/loss", "val/token_acc", "test/token_acc", "test/exact_match", "train_time_s"):
         assert name in run.data.metrics
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "expected_predicted.txt", "learning_curve.png"} <= artifacts
+    assert {"config.yaml", "expected_predicted.txt", "learning_curve.png"} <= set(artifacts(store, run.info.run_id))
     assert "Expected: [" in capsys.readouterr().out
 
 
@@ -59,12 +52,10 @@ def test_lightning_steps_of_several_epochs_train_exactly_as_steps_of_one(store, 
     train(make_cfg(*settings), run_name="five")
     monkeypatch.setattr("echo.train.epochs_per_step", lambda cfg, resumed=None: 1)
     train(make_cfg(*settings), run_name="one")
-    client = MlflowClient(store)
-    experiment = client.get_experiment_by_name("echo").experiment_id
-    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([experiment])}
+    runs = {r.info.run_name: r.info.run_id for r in all_runs(store)}
 
     def history(run: str, metric: str) -> list[tuple[int, float]]:
-        return sorted((m.step, m.value) for m in client.get_metric_history(runs[run], metric))
+        return metric_history(store, runs[run], metric)
 
     for metric in ("train/loss", "train/acc", "val/loss", "val/exact_match"):
         assert history("five", metric) == history("one", metric)
@@ -94,16 +85,9 @@ def test_a_bad_config_fails_before_training_with_one_clear_line(override, store)
     assert not Path("mlflow.db").exists()  # nothing was tracked
 
 
-def run_cli(*args, cwd, env_uri):
-    env = {"PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": env_uri, "HOME": str(cwd)}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
 def test_the_cli_reports_a_bad_config_in_one_line_and_exits_non_zero(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = run_cli("model=encdec", "model.batch_size=4", cwd=tmp_path, env_uri=uri)
+    result = run_py("model=encdec", "model.batch_size=4", cwd=tmp_path, uri=uri)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == [lines[0]] and lines[0].startswith("echo: bad config: model.batch_size=4 does not divide")
@@ -113,21 +97,16 @@ def test_the_cli_reports_a_bad_config_in_one_line_and_exits_non_zero(tmp_path):
 
 def test_a_sweep_makes_one_finished_run_per_value_grouped_under_a_parent(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = run_cli(
-        "-m", "model.hidden_size=8,16", "trainer.max_epochs=3", "progress=false", cwd=tmp_path, env_uri=uri
-    )
+    result = run_py("-m", "model.hidden_size=8,16", "trainer.max_epochs=3", "progress=false", cwd=tmp_path, uri=uri)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("Expected: [") == 2 * 21
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("echo").experiment_id])
-    parents = [r for r in runs if r.data.tags.get("echo.sweep_parent") == "true"]
-    children = [r for r in runs if r not in parents]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent, children = sweep_runs(uri)
+    assert len(all_runs(uri)) == 3 and parent.info.status == "FINISHED"
     assert sorted(r.data.params["model.hidden_size"] for r in children) == ["16", "8"]
     names = {r.info.run_name for r in children}
     assert names == {"model.hidden_size=8,trainer.max_epochs=3", "model.hidden_size=16,trainer.max_epochs=3"}
     for child in children:
         assert child.info.status == "FINISHED"
-        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert child.data.tags["echo.sweep"] == parents[0].data.tags["echo.sweep"]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["echo.sweep"] == parent.data.tags["echo.sweep"]
         assert "test/exact_match" in child.data.metrics
