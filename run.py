@@ -24,10 +24,10 @@ def main(cfg: DictConfig) -> float:
 
             cfg = resumed_config(cfg, hydra_cfg.overrides.task)
         validate(cfg)
+        resolve_threads(cfg)  # in the job's own process: its launcher's thread grant and cores are here
     except ConfigError as error:
         print(f"echo: bad config: {error}", file=sys.stderr)
         sys.exit(2)
-    resolve_threads(cfg)  # in the job's own process: its launcher's thread grant is here
     run_name, tags = job_name_and_tags(hydra_cfg, cfg)
     tracker = None
     if cfg.logger.name == "mlflow" and not cfg.get("resume"):
