@@ -21,6 +21,7 @@ from echo.encoding import REPRESENTATIONS
 from echo.faults import NonFiniteGuard, interrupted
 from echo.models import build_net
 from echo.module import EchoModule
+from echo.preflight import out_of_memory_as_training_error, preflight
 from echo.tracking import Tracker, start_tracker, tracking_uri
 
 
@@ -34,6 +35,7 @@ def train(
     """
     validate(cfg)
     resolve_threads(cfg)
+    preflight(cfg)  # Lightning takes the trainer settings, and the run fits in memory
     checkpoint = None
     if resume := cfg.get("resume"):  # a new run, linked to the one it continues
         checkpoint = download_checkpoint(resume)  # ConfigError if there is none: before anything is tracked
@@ -42,7 +44,7 @@ def train(
         tracker = start_tracker(cfg, run_name, tags)
     status, error = "FAILED", None
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), out_of_memory_as_training_error():
             summary = _fit_and_test(cfg, tracker, checkpoint)
         status = "FINISHED"
         if tracker:
@@ -67,14 +69,7 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
     torch.manual_seed(cfg.seed)
     task, model = cfg.task, cfg.model
     rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
-    net = build_net(
-        model.name,
-        n_in=task.n_in,
-        n_features=rep.n_features,
-        hidden_size=model.hidden_size,
-        n_classes=rep.n_outputs,
-        n_out=task.n_out,
-    )
+    net = network(cfg, rep)
     k = epochs_per_step(cfg, resumed=saved_epochs_per_step(checkpoint) if checkpoint else None)
     module = EchoModule(
         net,
@@ -124,6 +119,19 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
         tracker.log_metrics(final)  # val/* is in the history already
         tracker.log_text(table + "\n", "expected_predicted.txt")
     return summary
+
+
+def network(cfg: DictConfig, rep) -> torch.nn.Module:
+    """The network `cfg` asks for, its sizes read from the config here (networks never see it)."""
+    task, model = cfg.task, cfg.model
+    return build_net(
+        model.name,
+        n_in=task.n_in,
+        n_features=rep.n_features,
+        hidden_size=model.hidden_size,
+        n_classes=rep.n_outputs,
+        n_out=task.n_out,
+    )
 
 
 def in_lightning_epochs(trainer_cfg, k: int) -> dict:
