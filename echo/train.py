@@ -21,6 +21,7 @@ from echo.encoding import REPRESENTATIONS
 from echo.faults import NonFiniteGuard, interrupted
 from echo.models import build_net
 from echo.module import EchoModule
+from echo.outbox import TrackingStartError, unreachable
 from echo.preflight import out_of_memory_as_training_error, preflight
 from echo.tracking import Tracker, start_tracker, tracking_uri
 
@@ -37,6 +38,10 @@ def train(
     resolve_threads(cfg)
     preflight(cfg)  # Lightning takes the trainer settings, and the run fits in memory
     checkpoint = None
+    if (cfg.logger.name == "mlflow" or cfg.get("resume")) and (why := unreachable(tracking_uri())):
+        raise TrackingStartError(
+            f"the tracking server {tracking_uri()} is unreachable ({why}): start it, or run with logger=none"
+        )
     if resume := cfg.get("resume"):  # a new run, linked to the one it continues
         checkpoint = download_checkpoint(resume)  # ConfigError if there is none: before anything is tracked
         tags = {**(tags or {}), RESUMED_FROM: str(resume)}
@@ -44,12 +49,11 @@ def train(
         tracker = start_tracker(cfg, run_name, tags)
     status, error = "FAILED", None
     try:
+        if tracker:
+            tracker.check_started()  # a store that cannot take the run stops it before training
         with _sigterm_as_interrupt(), out_of_memory_as_training_error():
             summary = _fit_and_test(cfg, tracker, checkpoint)
         status = "FINISHED"
-        if tracker:
-            print(f"MLflow run '{tracker.run_name}' ({tracker.run_id}) in {tracking_uri()}: see it with `mlflow ui`")
-        return summary
     except BaseException as exception:
         if interrupted(exception):  # Ctrl-C or SIGTERM (Lightning turns it into sys.exit(1))
             status = "KILLED"
@@ -58,7 +62,10 @@ def train(
         raise
     finally:
         if tracker:
-            tracker.end(status, error)
+            tracker.end(status, error)  # TrackingFailed if the store refused writes (kept locally)
+    if tracker:
+        print(f"MLflow run '{tracker.run_name}' ({tracker.run_id}) in {tracking_uri()}: see it with `mlflow ui`")
+    return summary
 
 
 def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | None) -> dict[str, float]:
