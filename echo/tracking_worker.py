@@ -30,9 +30,9 @@ import sys
 import time
 
 if __name__ == "__main__":  # run as a script: its sibling module, without importing the echo package
-    from outbox import Outbox, reason
+    from outbox import Outbox, read, reason
 else:
-    from echo.outbox import Outbox, reason
+    from echo.outbox import Outbox, read, reason
 
 ANSWER = "echo-tracking: "  # marks the answers on stdout
 
@@ -327,3 +327,40 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def upload(folder: str, uri: str) -> str:
+    """Write an outbox folder (echo.outbox) into the store at `uri`; returns the run id written to.
+
+    The run it was kept from goes on where that run exists in this store (its metrics complete
+    again); elsewhere a new run is created with the kept params and tags."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    kept = read(folder)
+    run, client = kept["run"], MlflowClient(uri)
+    run_id, params = run.get("run_id"), not run.get("params_written")
+    try:
+        client.get_run(run_id) if run_id else None
+    except Exception:  # not in this store
+        run_id = None
+    if run_id is None:
+        tags = {**run["tags"], "echo.uploaded_from": str(folder)}
+        if run.get("run_id"):
+            tags["echo.kept_run_id"] = run["run_id"]
+        experiment = experiment_id(client, run["experiment"])
+        run_id = client.create_run(experiment, run_name=run["run_name"], tags=tags).info.run_id
+        params = True
+    if params:
+        items = [Param(k, str(v)) for k, v in run["params"].items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=items[i : i + 100])
+    if kept["tags"]:
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in kept["tags"].items()])
+    metrics = [Metric(name, value, ms, step) for name, value, ms, step in kept["metrics"]]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    if kept["artifacts"] is not None:
+        client.log_artifacts(run_id, str(kept["artifacts"]))
+    client.set_terminated(run_id, kept["status"] or "KILLED")  # no end recorded: the process died
+    return run_id
