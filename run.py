@@ -11,9 +11,9 @@ from omegaconf import DictConfig
 
 import echo.resolvers  # noqa: F401  (registered before Hydra composes and resolves)
 from echo.config import ConfigError, resolve_threads, validate
-from echo.outbox import TrackingError, TrackingFailed
+from echo.outbox import TrackingError, TrackingFailed, unreachable
 from echo.sweeps import job_name_and_tags, objective_value
-from echo.tracking import warm_up
+from echo.tracking import tracking_uri, warm_up
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -28,6 +28,13 @@ def main(cfg: DictConfig) -> float:
         resolve_threads(cfg)  # in the job's own process: its launcher's thread grant and cores are here
     except ConfigError as error:
         print(f"echo: bad config: {error}", file=sys.stderr)
+        sys.exit(2)
+    if cfg.logger.name == "mlflow" and (why := unreachable(tracking_uri())):
+        print(
+            f"echo: tracking failed: the tracking server {tracking_uri()} is unreachable ({why}): start it, "
+            f"or run with logger=none",
+            file=sys.stderr,
+        )
         sys.exit(2)
     run_name, tags = job_name_and_tags(hydra_cfg, cfg)
     if cfg.logger.name == "mlflow":
