@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from echo.config import ConfigError
 from echo.faults import TrainingError
-from echo.tracking import tracking_uri
+from echo.tracking import mlflow_client, tracking_uri
 
 FOLDER = "checkpoints"
 RESUMED_FROM = "echo.resumed_from"
@@ -110,9 +110,7 @@ def _count_epochs_in_steps_of(checkpoint: dict, k: int) -> None:
 
 
 def _download(run_id: str, name: str, folder: str) -> str:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri())
+    client = mlflow_client()
     try:
         client.get_run(run_id)
     except Exception:

@@ -21,9 +21,9 @@ from echo.encoding import REPRESENTATIONS
 from echo.faults import NonFiniteGuard, interrupted
 from echo.models import build_net
 from echo.module import EchoModule
-from echo.outbox import TrackingStartError, unreachable
 from echo.preflight import out_of_memory_as_training_error, preflight
 from echo.tracking import Tracker, start_tracker, tracking_uri
+from echo.tracking.outbox import TrackingStartError, unreachable
 
 
 def train(

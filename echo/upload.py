@@ -1,7 +1,7 @@
 """Upload what runs could not write to their tracking store: `python -m echo.upload <folder>...`.
 
 A run whose store refused its writes (a server gone, a full disk) keeps them in
-`./echo-unsent/<run>/` (echo/outbox.py) and names that folder in its last line. This writes
+`./echo-unsent/<run>/` (echo/tracking/outbox.py) and names that folder in its last line. This writes
 each folder given (or each one inside a folder given, e.g. `echo-unsent`) into a store, then
 removes it: by default the store of `MLFLOW_TRACKING_URI` if set, else the one the run was
 meant for; `--to URI` names another. Exit status 0 if every folder was uploaded, else 1.
@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 
-from echo.outbox import outboxes, read, reason
+from echo.tracking.outbox import outboxes, read, reason
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the folders after uploading them")
     args = parser.parse_args(argv)
 
-    from echo.tracking_worker import upload
+    from echo.tracking.worker import upload
 
     found = [box for folder in args.folders for box in outboxes(folder)]
     if not found:

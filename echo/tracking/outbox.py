@@ -10,8 +10,8 @@ will not write to), the tracking worker keeps that write, and every later one of
     artifacts/      files at their artifact paths (config.yaml, learning_curve.png, checkpoints/...)
     end.json        how the run ended: {"status": "FINISHED" | "FAILED" | "KILLED"}
 
-`python -m echo.upload <folder>` writes it into the store afterwards (echo/upload.py). The run
-exits non-zero with one line naming the folder (TrackingFailed). Nothing here imports mlflow.
+`python -m echo.upload <folder>` writes it into the store afterwards (echo/upload.py, with
+worker.upload). The run exits non-zero with one line naming the folder (TrackingFailed).
 """
 
 from __future__ import annotations

@@ -1,19 +1,32 @@
-"""The process that writes runs to MLflow: `python echo/tracking_worker.py [--serve SOCKET]`.
+"""The process that writes runs to MLflow: `python echo/tracking/worker.py [--serve SOCKET]`.
 
 The training process starts it first thing and sends it JSON lines on stdin; it imports
 mlflow, creates the run and writes metrics in batches on the other CPU core while training
 runs, so tracking costs training almost nothing. The training process keeps it for its next
-run (echo/tracking.py), so a sweep's jobs pay for the import once. If the training process
+run (echo/tracking/client.py), so a sweep's jobs pay for the import once. If the training process
 dies without saying how the run ended (killed, even with SIGKILL), stdin closes and the run
 ends KILLED.
 
-Messages: start (uri, experiment, run_name, tags, params), metrics (rows of name, step,
-value), text (text, name), tags (tags), curve (history, target), end (status, error).
-The worker answers `start` with the run id and `end`, once the run is written, with `ended`,
-each on a line of stdout starting with ANSWER (MLflow may print other lines there).
+Messages, one JSON object per line, `op` naming the `RunWriter` method that handles it
+(`RunWriter.OPS`):
 
-With `--serve SOCKET` it is a parallel sweep's tracking service instead (echo/sweeps.py): it
-writes the runs of all the sweep's local jobs at once, each training process on its own
+| op        | fields                                  | what the worker does                         | answer        |
+|-----------|-----------------------------------------|----------------------------------------------|---------------|
+| start     | uri, experiment, run_name, tags, params | creates the run, logs its params             | run id/failed |
+| metrics   | rows [[name, step, value], ...], ms     | buffers them; writes 1,000 per call, or 10 s |               |
+| text      | text, name                              | a text artifact                              |               |
+| tags      | tags                                    | sets tags                                    |               |
+| curve     | history, target                         | draws learning_curve.png                     |               |
+| artifacts | folder, path, remove                    | the folder's files under `path` (checkpoint) |               |
+| end       | status, error                           | flushes, ends the run FINISHED/FAILED/KILLED | ended/unsent  |
+
+Answers are lines of stdout starting with ANSWER (MLflow may print other lines there). A run the
+store cannot create is answered `failed <why>`. A write the store refuses is kept, with the rest
+of the run, in ./echo-unsent/<run>/ (outbox.py), and `end` answers
+`unsent {"folder": ..., "why": ..., "lost": ...}`.
+
+With `--serve SOCKET` it is a parallel sweep's tracking service instead (echo/tracking/service.py):
+it writes the runs of all the sweep's local jobs at once, each training process on its own
 connection to the Unix socket, with the same messages and answers; a connection that closes
 with its run open ends that run KILLED. The jobs pay for no mlflow import, and the service
 pays for its own while the sweep starts, on an otherwise idle core.
@@ -32,7 +45,7 @@ import time
 if __name__ == "__main__":  # run as a script: its sibling module, without importing the echo package
     from outbox import Outbox, read, reason
 else:
-    from echo.outbox import Outbox, read, reason
+    from echo.tracking.outbox import Outbox, read, reason
 
 ANSWER = "echo-tracking: "  # marks the answers on stdout
 
@@ -91,6 +104,8 @@ class RunWriter:
     A run the store cannot even create is answered `failed <why>`, and nothing of it is kept
     (the training process stops before training)."""
 
+    OPS = frozenset({"start", "metrics", "text", "tags", "curve", "artifacts", "end"})  # the messages (table above)
+
     def __init__(self, flush_every_s: float = 10.0, reply=answer):
         self.flush_every_s, self.pending, self.run_id, self.reply = flush_every_s, [], None, reply
         self.client, self.uri = None, None
@@ -100,6 +115,8 @@ class RunWriter:
         """Act on one message; answer `end` once the run is written or kept (`start` is answered early)."""
         message = json.loads(line)
         op = message.pop("op")
+        if op not in self.OPS:
+            raise ValueError(f"unknown tracking message {op!r}")
         if op == "start":
             self.start(**message)
         elif self.failed_start is not None or self.run is None:  # nothing of it can be tracked
