@@ -103,7 +103,7 @@ class SweepCallback(Callback):
         )
         self.parent = run.info.run_id
         os.environ[PARENT_RUN_ENV] = self.parent
-        atexit.register(self._end, "KILLED")  # if the sweep dies before on_multirun_end
+        atexit.register(self._end_if_reachable, "KILLED")  # if the sweep dies before on_multirun_end
         _sigterm_as_interrupt()
 
     def on_multirun_end(self, config, **kwargs) -> None:
@@ -129,6 +129,12 @@ class SweepCallback(Callback):
         if problem:  # a sweep whose tracking failed is not a success
             print(f"echo: tracking failed: {problem}", file=sys.stderr)
             sys.exit(3)
+
+    def _end_if_reachable(self, status: str) -> None:
+        try:
+            self._end(status)
+        except Exception as error:  # the store is gone: the jobs' lines said where their runs are kept
+            print(f"echo: tracking failed: could not end the sweep's parent run ({reason(error)})", file=sys.stderr)
 
     def _end(self, status: str) -> None:
         if self.parent is None:

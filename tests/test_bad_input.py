@@ -252,3 +252,45 @@ def test_a_server_killed_mid_run_fails_the_run_keeps_its_metrics_and_they_upload
         )
     finally:
         stop_server(server)
+
+
+def test_an_out_of_memory_error_that_happens_all_the_same_is_one_line(tmp_path):
+    """Under an address-space limit (`ulimit -v`, which the estimate does not count) the network's
+    first 576 MB allocation fails: the run ends with one line, exit 1, no traceback."""
+    import resource
+
+    peak = "import re, run, echo.train; print(re.search(r'VmPeak:\\s+(\\d+)', open('/proc/self/status').read())[1])"
+    baseline = subprocess.run([sys.executable, "-c", peak], cwd=Path(RUN_PY).parent, capture_output=True, text=True)
+    limit = int(baseline.stdout.strip()) * 1024 + 400_000_000  # room to start, not for the network
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    args = ["logger=none", "model.hidden_size=6000", *TINY]
+    result = run_py(*args, cwd=tmp_path, uri=f"sqlite:///{tmp_path}/mlflow.db", preexec_fn=limited)
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = one_line(result)
+    assert line.startswith("echo: run failed: out of memory (") and "can't allocate memory" in line, line
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_job_lost_its_server_mid_run_does_not_end_as_a_success(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    server, url = start_server(tmp_path)
+    try:
+        epochs = ["trainer.max_epochs=300", "trainer.check_val_every_n_epoch=10", "stop_at=null", "progress=false"]
+        process = start_run_py("-m", "model.hidden_size=8", *epochs, cwd=work, uri=url)
+        deadline = time.monotonic() + 300
+        while len(all_runs(url)) < 2:  # the sweep's parent and its job's run: the job trains now
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+            time.sleep(0.2)
+    finally:
+        stop_server(server)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 3, output[-3000:]
+    lines = [line for line in output.splitlines() if line.startswith("echo: ")]
+    assert lines[0].startswith("echo: tracking failed: could not write run 'model.hidden_size=8"), output[-3000:]
+    assert lines[-1].startswith("echo: tracking failed: 1 of the sweep's runs could not be written"), output[-3000:]
+    assert "Traceback" not in output
+    assert len(list((work / "echo-unsent").iterdir())) == 1
