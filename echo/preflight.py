@@ -15,6 +15,7 @@ from echo.config import ConfigError, epochs_per_step, windows_per_sequence
 from echo.faults import TrainingError
 
 FLOAT = 4  # bytes of a float32
+CHECKED_HERE = {"max_epochs", "check_val_every_n_epoch", "accelerator", "devices"}  # (echo.config.CHECKS)
 SHRINK = "use a smaller model.hidden_size, model.batch_size, task.sequences_per_epoch or task.eval_windows"
 
 
@@ -41,6 +42,8 @@ def check_trainer(cfg) -> None:
         )
     if accelerator == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.accelerator=mps: this machine has no Apple GPU: use trainer.accelerator=auto")
+    if set(cfg.trainer) <= CHECKED_HERE and cfg.trainer.get("devices", 1) == 1:
+        return  # the settings echo.config checks already (building a Trainer costs 30-50 ms)
     _quiet_lightning()
     try:
         with warnings.catch_warnings():
