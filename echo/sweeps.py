@@ -81,6 +81,8 @@ class SweepCallback(Callback):
         check_sweep(config)
         if config.logger.name != "mlflow":
             return
+        # A store that stops answering: a few retries (about 15 s), not MLflow's minutes (as the jobs' workers)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
         if why := unreachable(tracking_uri()):
             print(
                 f"echo: tracking failed: the tracking server {tracking_uri()} is unreachable ({why})", file=sys.stderr
@@ -109,6 +111,8 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         workers_stopped = stop_parallel_workers()  # they exit while the summary is written
         problem = None
+        if self.parent is not None and (why := unreachable(tracking_uri())):
+            problem, self.parent = f"could not write the sweep's summary: {tracking_uri()} is unreachable ({why})", None
         if self.parent is not None:
             try:
                 try:
