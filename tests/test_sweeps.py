@@ -45,7 +45,8 @@ def test_summary_names_the_best_child_and_tables_and_plots_the_swept_values(stor
     assert run.data.metrics["best/val/exact_match"] == 0.9
     assert {"sweep.md", "sweep.png"} <= set(artifacts(store, parent))
     table = open(client.download_artifacts(parent, "sweep.md", str(store).split("///")[1].rsplit("/", 1)[0])).read()
-    rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]]
+    runs = table.split("## Runs", 1)[1].strip().splitlines()  # after the per-setting table
+    rows = [line.split(" | ")[0].strip("| ") for line in runs[2:]]
     assert rows == ["h50", "h100", "h20", "h150"]  # best first, the unscored one last
 
 
