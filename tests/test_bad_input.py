@@ -294,3 +294,59 @@ def test_a_sweep_whose_job_lost_its_server_mid_run_does_not_end_as_a_success(tmp
     assert lines[-1].startswith("echo: tracking failed: 1 of the sweep's runs could not be written"), output[-3000:]
     assert "Traceback" not in output
     assert len(list((work / "echo-unsent").iterdir())) == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB filesystem (tmpfs), which a test can fill; skipped where mounting is not allowed."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small filesystem here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_mid_run_keeps_the_run_in_the_temporary_directory(small_disk, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    uri = f"sqlite:///{small_disk}/mlflow.db"
+    epochs = ["trainer.max_epochs=300", "trainer.check_val_every_n_epoch=10", "stop_at=null", "progress=false"]
+    process = start_run_py(*epochs, cwd=small_disk, uri=uri)
+    deadline = time.monotonic() + 300
+    while not (small_disk / "mlflow.db").exists() or not all_runs(uri):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+        time.sleep(0.2)
+    run_id = all_runs(uri)[0].info.run_id
+    filler = small_disk / "filler"
+    with open(filler, "wb") as file:  # the disk is full now
+        try:
+            while True:
+                file.write(b"\0" * (1 << 20))
+                file.flush()
+        except OSError:
+            pass
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 3, output[-3000:]
+    line = [line for line in output.splitlines() if line.startswith("echo: ")]
+    assert len(line) == 1 and "Traceback" not in output, output[-3000:]
+    folder = Path(line[0].split("is kept in ")[1].split(":")[0])
+    assert folder.parent == tmp_path / "tmp" / "echo-unsent", line[0]  # ./echo-unsent is on the full disk
+    filler.unlink()
+    upload = subprocess.run(
+        [sys.executable, "-m", "echo.upload", str(folder), "--to", uri],
+        cwd=Path(RUN_PY).parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert upload.returncode == 0, upload.stderr[-3000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, 301))
