@@ -13,7 +13,8 @@ import echo.resolvers  # noqa: F401  (registered before Hydra composes and resol
 from echo.config import ConfigError, resolve_threads, validate
 from echo.deferred import defer_unused_imports
 from echo.sweeps import job_name_and_tags, objective_value
-from echo.tracking import start_tracker
+from echo.tracking import tracking_uri, warm_up
+from echo.tracking.outbox import TrackingError, TrackingFailed, unreachable
 
 defer_unused_imports()  # scipy.signal and torchmetrics' plots: ~1.5 s of start-up echo never uses
 
@@ -28,29 +29,39 @@ def main(cfg: DictConfig) -> float:
 
             cfg = resumed_config(cfg, hydra_cfg.overrides.task)
         validate(cfg)
+        resolve_threads(cfg)  # in the job's own process: its launcher's thread grant and cores are here
     except ConfigError as error:
         print(f"echo: bad config: {error}", file=sys.stderr)
         sys.exit(2)
-    resolve_threads(cfg)  # in the job's own process: its launcher's thread grant is here
+    if cfg.logger.name == "mlflow" and (why := unreachable(tracking_uri())):
+        print(
+            f"echo: tracking failed: the tracking server {tracking_uri()} is unreachable ({why}): start it, "
+            f"or run with logger=none",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     run_name, tags = job_name_and_tags(hydra_cfg, cfg)
-    tracker = None
-    if cfg.logger.name == "mlflow" and not cfg.get("resume"):
-        # Start tracking before the heavy imports: MLflow loads on the other core meanwhile.
-        # (A resumed run is tracked by train() once its checkpoint is found.)
-        tracker = start_tracker(cfg, run_name, tags)
+    if cfg.logger.name == "mlflow":
+        # Start the tracking worker before the heavy imports: MLflow loads on the other core
+        # meanwhile. train() starts the run once the checks that need torch have passed.
+        warm_up()
     from echo.faults import TrainingError
     from echo.train import train
 
     try:
-        metrics = train(cfg, run_name, tags, tracker=tracker)
+        metrics = train(cfg, run_name, tags)
     except ConfigError as error:
         print(f"echo: bad config: {error}", file=sys.stderr)
         sys.exit(2)
-    except TrainingError as error:
-        print(f"echo: run failed: {error}", file=sys.stderr)
-        if hydra_cfg.mode.name == "MULTIRUN":  # one diverged trial scores worst; the sweep goes on
+    except (TrainingError, TrackingFailed) as error:
+        what = "run failed" if isinstance(error, TrainingError) else "tracking failed"
+        print(f"echo: {what}: {error}", file=sys.stderr)
+        if hydra_cfg.mode.name == "MULTIRUN":  # it scores worst; the sweep goes on (and fails at its end)
             return objective_value({}, cfg.get("objective", "val/exact_match"))
-        sys.exit(1)
+        sys.exit(1 if isinstance(error, TrainingError) else error.exit_code)
+    except TrackingError as error:  # the store could not take the run: nothing was trained
+        print(f"echo: tracking failed: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
     return objective_value(metrics, cfg.get("objective", "val/exact_match"))  # for a sweeper
 
 

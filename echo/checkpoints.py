@@ -35,17 +35,13 @@ class Checkpointer(pl.Callback):
         self._epoch_done = False  # whether the checkpoint being saved marks its epoch done
 
     def save(self, trainer: pl.Trainer, epoch_done: bool = False) -> None:
+        """Into the run's artifacts, through its tracking worker (which keeps it locally if the store
+        refuses it, and removes the temporary folder)."""
         self._epoch_done = epoch_done
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "last.ckpt"
-            trainer.save_checkpoint(path)
-            (Path(folder) / "config.yaml").write_text(self.config_yaml)
-            self._client().log_artifacts(self.tracker.run_id, folder, FOLDER)
-
-    def _client(self):
-        if not hasattr(self, "client"):
-            self.client = mlflow_client()
-        return self.client
+        folder = tempfile.mkdtemp(prefix="echo-checkpoint-")
+        trainer.save_checkpoint(Path(folder) / "last.ckpt")
+        (Path(folder) / "config.yaml").write_text(self.config_yaml)
+        self.tracker.log_artifacts(folder, FOLDER, remove=True)
 
     def on_train_epoch_end(self, trainer, module) -> None:
         if self.every and module.epochs_trained() % self.every == 0:  # epochs_per_step divides `every`

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 import echo.resolvers  # noqa: F401  (the presets' ${add:...}, registered with the checks)
 
@@ -24,22 +25,165 @@ def _is_count(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, int) and value >= 1
 
 
-def _positive_int(cfg, path: str) -> int:
-    value = cfg
-    for key in path.split("."):
-        value = value[key]
-    if not _is_count(value):
-        raise ConfigError(f"{path}={value!r} must be a whole number >= 1: set {path}=<n>")
-    return value
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
-def _fraction(cfg, key: str, optional: bool = False) -> None:
-    value = cfg[key]
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        hint = " or null" if optional else ""
-        raise ConfigError(f"{key}={value!r} must be a fraction in (0, 1]{hint}: e.g. {key}=0.99")
+# -- one check per key: each takes the key's path and value and raises ConfigError ---------------
+
+
+def at_least(low: int):
+    """A whole number >= `low`."""
+
+    def check(path: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{path}={value!r} must be a whole number >= {low}: set {path}=<n>")
+
+    return check
+
+
+count = at_least(1)
+
+
+def boolean(path: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}={value!r} must be true or false: set {path}=true or {path}=false")
+
+
+def one_of(*names: str, hint: str | None = None):
+    """One of `names`; `hint` says how to choose (default: `path=<name>` for each)."""
+
+    def check(path: str, value) -> None:
+        if not isinstance(value, str) or value not in names:
+            choices = hint or " or ".join(f"{path}={name}" for name in names)
+            if hint is None and len(names) > 5:
+                choices = f"{path}=<name> among {', '.join(names)}"
+            raise ConfigError(f"{path}={value!r} is unknown: choose {choices}")
+
+    return check
+
+
+def positive_number(path: str, value) -> None:
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{path}={value!r} must be a positive number: e.g. {path}=1e-3")
+
+
+def fraction(path: str, value) -> None:
+    if not _is_number(value) or not 0 < value <= 1:
+        raise ConfigError(f"{path}={value!r} must be a fraction in (0, 1]: e.g. {path}=0.99")
+
+
+def seed(path: str, value) -> None:
+    """A whole number torch takes as a seed (negative ones too)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**64:
+        raise ConfigError(f"{path}={value!r} must be a whole number (a 64-bit seed): e.g. {path}=0")
+
+
+def name(path: str, value) -> None:
+    """A non-empty string of at most 500 characters (an MLflow experiment name)."""
+    if not isinstance(value, str) or not value.strip() or len(value) > 500:
+        raise ConfigError(
+            f"{path}={value!r} must be a name (1 to 500 characters): e.g. {path}=my_study "
+            f"(a number needs quotes: {path}=\"'2024'\")"
+        )
+
+
+def run_id(path: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise ConfigError(f"{path}={value!r} must be an MLflow run id: copy one from `mlflow ui`")
+
+
+def auto_or_count(path: str, value) -> None:
+    if value != "auto" and not _is_count(value):
+        raise ConfigError(f"{path}={value!r} must be auto or a whole number >= 1: e.g. {path}=1")
+
+
+def length_range(path: str, value) -> None:
+    """[lo, hi] with 1 <= lo <= hi."""
+    ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+    if not ok or not all(_is_count(v) for v in value) or value[0] > value[1]:
+        raise ConfigError(f"{path}={value!r} must be [lo,hi] with 1 <= lo <= hi, or null: e.g. {path}=[1,10]")
+
+
+def optional(check):
+    """`check`, or null."""
+
+    def optional_check(path: str, value) -> None:
+        if value is not None:
+            try:
+                check(path, value)
+            except ConfigError as error:  # "<path>=<value> must be X: <fix>" -> "... X or null: <fix>"
+                message = str(error)
+                cut = message.find(": ", message.find(" must be ") + 1) if " must be " in message else -1
+                raise ConfigError(f"{message[:cut]} or null{message[cut:]}" if cut > 0 else message) from None
+
+    return optional_check
+
+
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+# The scalar metrics a run returns, which `objective` may name (DESIGN.md sections 4 and 8).
+OBJECTIVES = (
+    "val/loss",
+    "val/token_acc",
+    "val/exact_match",
+    "val/exact_match_teacher_forced",
+    "test/token_acc",
+    "test/exact_match",
+    "test/ood_exact_match",
+    "test/ood_token_acc",
+    "test/iid_exact_match",
+    "chance/token_acc",
+    "chance/exact_match",
+    "time_to_target_s",
+    "epochs_to_target",
+    "samples_to_target",
+    "train_time_s",
+)
+
+# Every key a user may set, with its check (keys a config does not have are skipped: a new key
+# gets its row here). Lightning's own Trainer arguments are checked when the Trainer is built
+# (echo.preflight), and settings that depend on each other after these, in `validate`.
+CHECKS = {
+    "seed": seed,
+    "threads": auto_or_count,
+    "cuda_graph": boolean,
+    "target": fraction,
+    "stop_at": optional(fraction),
+    "progress": boolean,
+    "objective": one_of(*OBJECTIVES),
+    "checkpoint_every": optional(count),
+    "resume": optional(run_id),
+    "evaluate": optional(run_id),
+    "task.length": count,
+    "task.n_unique": at_least(2),
+    "task.n_in": count,
+    "task.n_out": count,
+    "task.representation": one_of(*REPRESENTATION_NAMES),
+    "task.framing": one_of("drop", "mask"),
+    "task.sequences_per_epoch": count,
+    "task.eval_windows": count,
+    "task.val_seed": seed,
+    "task.test_seed": seed,
+    "task.train_lengths": optional(length_range),
+    "task.test_lengths": optional(length_range),
+    "model.name": one_of(*MODEL_NAMES, hint=" or ".join(f"model={m}" for m in MODEL_NAMES)),
+    "model.hidden_size": count,
+    "model.stateful": boolean,
+    "model.batch_size": count,
+    "model.lr": positive_number,
+    "model.cell": one_of("lstm", "gru"),
+    "model.d_model": count,
+    "model.n_layers": count,
+    "model.n_heads": count,
+    "model.positional": one_of("sinusoidal", "learned"),
+    "model.max_len": count,
+    "trainer.max_epochs": count,
+    "trainer.check_val_every_n_epoch": count,
+    "trainer.accelerator": one_of(*ACCELERATORS),
+    "logger.name": one_of("mlflow", "none", hint="logger=mlflow or logger=none"),
+    "logger.experiment": name,
+}
+_ABSENT = object()
 
 
 # Windows per optimizer step times hidden units from which a second CPU thread pays: measured on
@@ -63,7 +207,9 @@ def cpu_threads(cfg, cores: int | None = None, environ=os.environ) -> int:
 
 
 def resolve_threads(cfg) -> None:
-    """Write the thread count `threads=auto` comes to into `cfg`, so the run records it."""
+    """Write the thread count `threads=auto` comes to into `cfg`, so the run records it
+    (ConfigError if `threads` asks for more cores than this process may use)."""
+    check_threads(cfg)
     if cfg.threads == "auto":
         cfg.threads = cpu_threads(cfg)
 
@@ -86,22 +232,14 @@ def windows_per_sequence(task) -> int:
 
 
 def validate(cfg) -> None:
-    """Raise ConfigError for the first setting that cannot work."""
-    for path in (
-        "task.length",
-        "task.n_unique",
-        "task.n_in",
-        "task.n_out",
-        "task.sequences_per_epoch",
-        "task.eval_windows",
-        "model.hidden_size",
-        "model.batch_size",
-        "trainer.max_epochs",
-    ):
-        _positive_int(cfg, path)
-    threads = cfg.threads
-    if threads != "auto" and not _is_count(threads):
-        raise ConfigError(f"threads={threads!r} must be auto or a whole number >= 1: e.g. threads=1")
+    """Raise ConfigError for the first setting that cannot work: each key's own check (CHECKS),
+    then the settings that depend on each other."""
+    from omegaconf import OmegaConf
+
+    for path, check in CHECKS.items():
+        value = OmegaConf.select(cfg, path, default=_ABSENT)
+        if value is not _ABSENT:
+            check(path, value)
     task, model = cfg.task, cfg.model
     if task.n_out > task.n_in:
         raise ConfigError(
@@ -113,21 +251,11 @@ def validate(cfg) -> None:
             f"task.n_in={task.n_in} is longer than the sequence (task.length={task.length}): "
             f"set task.length >= task.n_in"
         )
-    if task.framing not in ("drop", "mask"):
-        raise ConfigError(f"task.framing={task.framing!r} is unknown: use task.framing=drop or task.framing=mask")
-    if model.name not in MODEL_NAMES:
-        raise ConfigError(f"model.name={model.name!r} is unknown: choose model={' or model='.join(MODEL_NAMES)}")
-    representation = task.get("representation", "onehot")
-    if representation not in REPRESENTATION_NAMES:
-        choices = " or ".join(f"task.representation={r}" for r in REPRESENTATION_NAMES)
-        raise ConfigError(f"task.representation={representation!r} is unknown: use {choices}")
     if task.framing == "mask" and model.name in CANNOT_MASK:
         raise ConfigError(
             f"model={model.name} reads the window in one step and cannot mask padded items: "
             f"use task.framing=drop, or a recurrent topology (model=seq2seq, encdec or many_to_one)"
         )
-    if not (isinstance(model.lr, (int, float)) and model.lr > 0):
-        raise ConfigError(f"model.lr={model.lr!r} must be a positive number: e.g. model.lr=1e-3")
     rows = windows_per_sequence(task)
     if model.stateful and rows % model.batch_size:
         divisors = [d for d in range(1, rows + 1) if rows % d == 0]
@@ -135,11 +263,14 @@ def validate(cfg) -> None:
             f"model.batch_size={model.batch_size} does not divide the {rows} windows of a sequence, which a "
             f"stateful model needs: use one of {divisors}, or model.stateful=false"
         )
-    _fraction(cfg, "target")
-    _fraction(cfg, "stop_at", optional=True)
-    check_val = cfg.trainer.get("check_val_every_n_epoch", 1)
-    if not _is_count(check_val):
-        raise ConfigError(f"trainer.check_val_every_n_epoch={check_val!r} must be a whole number >= 1")
-    every = cfg.get("checkpoint_every")
-    if every is not None and not _is_count(every):
-        raise ConfigError(f"checkpoint_every={every!r} must be a whole number >= 1 or null: e.g. checkpoint_every=100")
+
+
+def check_threads(cfg, cores: int | None = None) -> None:
+    """Refuse more torch threads than the cores this process may use (they would only wait on
+    each other: 999 threads on 2 cores trained about a hundred times slower)."""
+    cores = cores or len(os.sched_getaffinity(0))
+    if cfg.threads != "auto" and cfg.threads > cores:
+        raise ConfigError(
+            f"threads={cfg.threads} is more than the {cores} cores this process may use: "
+            f"set threads=auto or threads<={cores}"
+        )

@@ -21,7 +21,16 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from echo.tracking import PARENT_RUN_ENV, SWEEP_TAG, TrackingService, experiment_id, mlflow_client, run_name_and_tags
+from echo.tracking import (
+    PARENT_RUN_ENV,
+    SWEEP_TAG,
+    TrackingService,
+    experiment_id,
+    mlflow_client,
+    run_name_and_tags,
+    tracking_uri,
+)
+from echo.tracking.outbox import ROOT, UPLOAD, outboxes, read, reason, unreachable
 
 PARENT_TAG = "echo.sweep_parent"
 # Objectives where lower is better; every other metric is maximised.
@@ -82,12 +91,19 @@ class SweepCallback(Callback):
         check_sweep(config)
         if config.logger.name != "mlflow":
             return
+        # A store that stops answering: a few retries (about 15 s), not MLflow's minutes (as the jobs' workers)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+        if why := unreachable(tracking_uri()):
+            print(
+                f"echo: tracking failed: the tracking server {tracking_uri()} is unreachable ({why})", file=sys.stderr
+            )
+            sys.exit(2)
         if str(config.hydra.launcher.get("_target_", "")).endswith("JoblibLauncher"):
             # Parallel jobs on this machine: one tracking process writes all their runs, and it
             # imports mlflow now, alongside this process, instead of every job's worker later.
             self.service = TrackingService()
             atexit.register(self.service.close)
-        sweep = Path(config.hydra.sweep.dir).name
+        sweep = self.sweep = Path(config.hydra.sweep.dir).name
         excluded = set(config.hydra.job.config.override_dirname.exclude_keys)  # progress, threads
         overrides = " ".join(o for o in config.hydra.overrides.task if o.split("=")[0] not in excluded)
         self.objective = config.get("objective", "val/exact_match")
@@ -100,19 +116,40 @@ class SweepCallback(Callback):
         )
         self.parent = run.info.run_id
         os.environ[PARENT_RUN_ENV] = self.parent
-        atexit.register(self._end, "KILLED")  # if the sweep dies before on_multirun_end
+        atexit.register(self._end_if_reachable, "KILLED")  # if the sweep dies before on_multirun_end
         _sigterm_as_interrupt()
 
     def on_multirun_end(self, config, **kwargs) -> None:
         workers_stopped = stop_parallel_workers()  # they exit while the summary is written
+        problem = None
+        if self.parent is not None and (why := unreachable(tracking_uri())):
+            problem, self.parent = f"could not write the sweep's summary: {tracking_uri()} is unreachable ({why})", None
         if self.parent is not None:
             try:
-                summarize_sweep(self.client, self.parent, self.objective, self.ignored)
-            finally:
-                self._end("FINISHED")
+                try:
+                    summarize_sweep(self.client, self.parent, self.objective, self.ignored)
+                finally:
+                    self._end("FINISHED")
+            except Exception as error:  # the store went away: the jobs' runs say where theirs are kept
+                problem = f"could not write the sweep's summary to {tracking_uri()} ({reason(error)})"
         workers_stopped()
         if self.service is not None:
             self.service.close()  # every job's connection has closed
+        kept = [box for box in outboxes(Path.cwd() / ROOT) if _sweep_of(box) == getattr(self, "sweep", None)]
+        if kept:
+            problem = (
+                f"{len(kept)} of the sweep's runs could not be written to the tracking store; they are kept in "
+                f"{Path.cwd() / ROOT}: upload them with `{UPLOAD} {ROOT}`" + (f"; and {problem}" if problem else "")
+            )
+        if problem:  # a sweep whose tracking failed is not a success
+            print(f"echo: tracking failed: {problem}", file=sys.stderr)
+            sys.exit(3)
+
+    def _end_if_reachable(self, status: str) -> None:
+        try:
+            self._end(status)
+        except Exception as error:  # the store is gone: the jobs' lines said where their runs are kept
+            print(f"echo: tracking failed: could not end the sweep's parent run ({reason(error)})", file=sys.stderr)
 
     def _end(self, status: str) -> None:
         if self.parent is None:
@@ -124,6 +161,13 @@ class SweepCallback(Callback):
                 if run.info.status == "RUNNING":
                     self.client.set_terminated(run.info.run_id, status)
         self.client.set_terminated(parent, status)
+
+
+def _sweep_of(outbox: Path) -> str | None:
+    try:
+        return read(outbox)["run"]["tags"].get(SWEEP_TAG)
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def stop_parallel_workers():

@@ -21,7 +21,9 @@ from echo.encoding import REPRESENTATIONS
 from echo.faults import NonFiniteGuard, interrupted
 from echo.models import build_net
 from echo.module import EchoModule
+from echo.preflight import out_of_memory_as_training_error, preflight
 from echo.tracking import Tracker, start_tracker, tracking_uri
+from echo.tracking.outbox import TrackingStartError, unreachable
 
 
 def train(
@@ -34,7 +36,12 @@ def train(
     """
     validate(cfg)
     resolve_threads(cfg)
+    preflight(cfg)  # Lightning takes the trainer settings, and the run fits in memory
     checkpoint = None
+    if (cfg.logger.name == "mlflow" or cfg.get("resume")) and (why := unreachable(tracking_uri())):
+        raise TrackingStartError(
+            f"the tracking server {tracking_uri()} is unreachable ({why}): start it, or run with logger=none"
+        )
     if resume := cfg.get("resume"):  # a new run, linked to the one it continues
         checkpoint = download_checkpoint(resume)  # ConfigError if there is none: before anything is tracked
         tags = {**(tags or {}), RESUMED_FROM: str(resume)}
@@ -42,12 +49,11 @@ def train(
         tracker = start_tracker(cfg, run_name, tags)
     status, error = "FAILED", None
     try:
-        with _sigterm_as_interrupt():
+        if tracker:
+            tracker.check_started()  # a store that cannot take the run stops it before training
+        with _sigterm_as_interrupt(), out_of_memory_as_training_error():
             summary = _fit_and_test(cfg, tracker, checkpoint)
         status = "FINISHED"
-        if tracker:
-            print(f"MLflow run '{tracker.run_name}' ({tracker.run_id}) in {tracking_uri()}: see it with `mlflow ui`")
-        return summary
     except BaseException as exception:
         if interrupted(exception):  # Ctrl-C or SIGTERM (Lightning turns it into sys.exit(1))
             status = "KILLED"
@@ -56,7 +62,10 @@ def train(
         raise
     finally:
         if tracker:
-            tracker.end(status, error)
+            tracker.end(status, error)  # TrackingFailed if the store refused writes (kept locally)
+    if tracker:
+        print(f"MLflow run '{tracker.run_name}' ({tracker.run_id}) in {tracking_uri()}: see it with `mlflow ui`")
+    return summary
 
 
 def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | None) -> dict[str, float]:
@@ -67,14 +76,7 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
     torch.manual_seed(cfg.seed)
     task, model = cfg.task, cfg.model
     rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
-    net = build_net(
-        model.name,
-        n_in=task.n_in,
-        n_features=rep.n_features,
-        hidden_size=model.hidden_size,
-        n_classes=rep.n_outputs,
-        n_out=task.n_out,
-    )
+    net = network(cfg, rep)
     k = epochs_per_step(cfg, resumed=saved_epochs_per_step(checkpoint) if checkpoint else None)
     module = EchoModule(
         net,
@@ -124,6 +126,19 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
         tracker.log_metrics(final)  # val/* is in the history already
         tracker.log_text(table + "\n", "expected_predicted.txt")
     return summary
+
+
+def network(cfg: DictConfig, rep) -> torch.nn.Module:
+    """The network `cfg` asks for, its sizes read from the config here (networks never see it)."""
+    task, model = cfg.task, cfg.model
+    return build_net(
+        model.name,
+        n_in=task.n_in,
+        n_features=rep.n_features,
+        hidden_size=model.hidden_size,
+        n_classes=rep.n_outputs,
+        n_out=task.n_out,
+    )
 
 
 def in_lightning_epochs(trainer_cfg, k: int) -> dict:

@@ -68,7 +68,7 @@ BAD_CONFIGS = {
     "task.n_in=30": "task.n_in=30 is longer than the sequence",
     "model.batch_size=5": "model.batch_size=5 does not divide the 21 windows",
     "model.hidden_size=0": "model.hidden_size=0 must be a whole number >= 1",
-    "task.n_unique=-3": "task.n_unique=-3 must be a whole number >= 1",
+    "task.n_unique=-3": "task.n_unique=-3 must be a whole number >= 2",
     "trainer.max_epochs=0": "trainer.max_epochs=0 must be a whole number >= 1",
     "model.name=transformer": "model.name='transformer' is unknown",
     "model.lr=-1": "model.lr=-1 must be a positive number",

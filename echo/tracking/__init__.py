@@ -3,6 +3,7 @@
     naming.py   where runs go (`tracking_uri`), run names, the tags a sweep's runs share
     client.py   `Tracker`: one run, as messages to a worker process; `start_tracker(cfg, ...)`
     worker.py   the worker process that writes runs (its messages are tabled at its top)
+    outbox.py   what the store refused, kept in ./echo-unsent/<run>/ to upload later (echo/upload.py)
     service.py  one worker for all the local jobs of a parallel sweep
     store.py    direct reads and writes: sweep parents, checkpoints, reports
 
@@ -15,7 +16,7 @@ also ends a run KILLED when its training process dies, even by SIGKILL (its stdi
 an in-process logger cannot; and sweep parents and checkpoints need the client API anyway.
 """
 
-from echo.tracking.client import SERVICE_ENV, Tracker, start_tracker
+from echo.tracking.client import SERVICE_ENV, Tracker, start_tracker, warm_up
 from echo.tracking.naming import PARENT_RUN_ENV, SWEEP_TAG, flatten, run_name_and_tags, tracking_uri
 from echo.tracking.service import TrackingService
 from echo.tracking.store import experiment_id, mlflow_client
@@ -32,4 +33,5 @@ __all__ = [
     "run_name_and_tags",
     "start_tracker",
     "tracking_uri",
+    "warm_up",
 ]

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from echo.tracking.naming import PARENT_RUN_ENV, flatten, tracking_uri
+from echo.tracking.outbox import ROOT, TrackingFailed, TrackingStartError, failed_message
 from echo.tracking.worker import ANSWER
 
 WORKER = str(Path(__file__).with_name("worker.py"))
@@ -184,6 +185,7 @@ class Tracker:
         self._run_id: str | None = None
         self._worker: _Worker | None = None
         self._answered = False
+        self.start_error: str | None = None  # why the store could not create the run
 
     def start(self, params: dict[str, object]) -> None:
         self._worker = _take_worker()
@@ -198,8 +200,29 @@ class Tracker:
     @property
     def run_id(self) -> str | None:
         if not self._answered and self._worker is not None:
-            self._run_id, self._answered = self._worker.answer() or None, True
+            self._take_start_answer(self._worker.answer())
         return self._run_id
+
+    def _take_start_answer(self, answer: str | None) -> None:
+        """The worker answers `start` with the run id, or `failed <why>`; None if it exited."""
+        self._answered = True
+        if answer is None:
+            self.start_error = "the tracking worker exited (see its error above)"
+        elif answer.startswith("failed "):
+            self.start_error = answer.removeprefix("failed ")
+        else:
+            self._run_id = answer
+
+    def check_started(self) -> None:
+        """Wait until the store has created the run; TrackingStartError if it could not."""
+        if self.run_id is None:
+            raise TrackingStartError(self._start_failure())
+
+    def _start_failure(self) -> str:
+        return (
+            f"could not start an MLflow run in experiment '{self.experiment}' of {tracking_uri()} "
+            f"({self.start_error}): fix the store or logger.experiment, or run with logger=none"
+        )
 
     def _send(self, **message) -> None:
         self._worker.send(message)
@@ -215,25 +238,44 @@ class Tracker:
     def log_learning_curve(self, history: list[tuple[str, int, float]], target: float) -> None:
         self._send(op="curve", history=history, target=target)
 
+    def log_artifacts(self, folder: str, path: str, remove: bool = False) -> None:
+        """The files in local `folder` under `path` in the run's artifacts; the worker removes the
+        folder afterwards if `remove` (so it must not change meanwhile)."""
+        self._send(op="artifacts", folder=folder, path=path, remove=remove)
+
     def end(self, status: str = "FINISHED", error: str | None = None, timeout: float = 300) -> None:
-        """Close the run as FINISHED, FAILED or KILLED once everything sent is written."""
+        """Close the run as FINISHED, FAILED or KILLED once everything sent is written.
+
+        Raises TrackingStartError if the store never created the run, and TrackingFailed if it
+        refused writes on the way (they are kept in the local folder the message names)."""
         if self._worker is None:
             return
         worker, self._worker = self._worker, None
         worker.send({"op": "end", "status": status, "error": error})
         try:
             if not self._answered:  # the worker answers `start` first
-                self._run_id, self._answered = worker.answer(timeout), True
-            if self._run_id is not None and worker.answer(timeout) == "ended":
-                _idle.append(worker)  # for this process's next run
-                return
+                self._take_start_answer(worker.answer(timeout))
+            ended = worker.answer(timeout)
         except TimeoutError:
-            _close(worker, wait=0)  # it ends the run when it can, then exits
-            problem = f"did not finish in {timeout:g} s"
-        else:
+            _close(worker, wait=0)  # it ends the run when it can (or keeps it locally), then exits
+            kept = f"; what it has not written yet goes to ./{ROOT} when it gives up"
+            raise TrackingFailed(f"writing to {tracking_uri()} did not finish in {timeout:g} s{kept}") from None
+        if ended is None:
             _close(worker)  # it exited
-            problem = "failed (see above)"
-        print(f"echo: MLflow tracking {problem}; tracking URI {tracking_uri()}", file=sys.stderr)
+            raise TrackingFailed(f"the tracking worker writing to {tracking_uri()} exited (see its error above)")
+        _idle.append(worker)  # for this process's next run
+        if self.start_error is not None:
+            raise TrackingStartError(self._start_failure())
+        if ended.startswith("unsent "):
+            unsent = json.loads(ended.removeprefix("unsent "))
+            raise TrackingFailed(failed_message(unsent, self.run_name, self._run_id, tracking_uri()))
+
+
+def warm_up() -> None:
+    """Start this process's tracking worker now, so that it imports mlflow while the training process
+    imports torch and checks the config; the next run's Tracker takes it."""
+    if not _idle:
+        _idle.append(_take_worker())
 
 
 def start_tracker(cfg, run_name: str, tags: dict[str, str] | None = None) -> Tracker:

@@ -10,16 +10,20 @@ ends KILLED.
 Messages, one JSON object per line, `op` naming the `RunWriter` method that handles it
 (`RunWriter.OPS`):
 
-| op      | fields                                  | what the worker does                          | answer         |
-|---------|-----------------------------------------|-----------------------------------------------|----------------|
-| start   | uri, experiment, run_name, tags, params | creates the run, logs its params              | the run id     |
-| metrics | rows [[name, step, value], ...], ms     | buffers them; writes 1,000 per call, or 10 s  |                |
-| text    | text, name                              | a text artifact                               |                |
-| tags    | tags                                    | sets tags                                     |                |
-| curve   | history, target                         | draws learning_curve.png                      |                |
-| end     | status, error                           | flushes, ends the run FINISHED/FAILED/KILLED  | `ended`        |
+| op        | fields                                  | what the worker does                         | answer        |
+|-----------|-----------------------------------------|----------------------------------------------|---------------|
+| start     | uri, experiment, run_name, tags, params | creates the run, logs its params             | run id/failed |
+| metrics   | rows [[name, step, value], ...], ms     | buffers them; writes 1,000 per call, or 10 s |               |
+| text      | text, name                              | a text artifact                              |               |
+| tags      | tags                                    | sets tags                                    |               |
+| curve     | history, target                         | draws learning_curve.png                     |               |
+| artifacts | folder, path, remove                    | the folder's files under `path` (checkpoint) |               |
+| end       | status, error                           | flushes, ends the run FINISHED/FAILED/KILLED | ended/unsent  |
 
-Answers are lines of stdout starting with ANSWER (MLflow may print other lines there).
+Answers are lines of stdout starting with ANSWER (MLflow may print other lines there). A run the
+store cannot create is answered `failed <why>`. A write the store refuses is kept, with the rest
+of the run, in ./echo-unsent/<run>/ (outbox.py), and `end` answers
+`unsent {"folder": ..., "why": ..., "lost": ...}`.
 
 With `--serve SOCKET` it is a parallel sweep's tracking service instead (echo/tracking/service.py):
 it writes the runs of all the sweep's local jobs at once, each training process on its own
@@ -31,10 +35,17 @@ pays for its own while the sweep starts, on an otherwise idle core.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import sys
 import time
+
+if __name__ == "__main__":  # run as a script: its sibling module, without importing the echo package
+    from outbox import Outbox, read, reason
+else:
+    from echo.tracking.outbox import Outbox, read, reason
 
 ANSWER = "echo-tracking: "  # marks the answers on stdout
 
@@ -86,38 +97,73 @@ def learning_curve(history: list[list], target: float):
 
 
 class RunWriter:
-    """Writes runs, one at a time: params at the start, metrics in batches, artifacts, the status."""
+    """Writes runs, one at a time: params at the start, metrics in batches, artifacts, the status.
 
-    OPS = frozenset({"start", "metrics", "text", "tags", "curve", "end"})  # the messages (table above)
+    A write the store refuses (a server gone, a full disk) is kept instead, with every later write
+    of the run, in a local folder (echo.outbox.Outbox); `end` is then answered with that folder.
+    A run the store cannot even create is answered `failed <why>`, and nothing of it is kept
+    (the training process stops before training)."""
+
+    OPS = frozenset({"start", "metrics", "text", "tags", "curve", "artifacts", "end"})  # the messages (table above)
 
     def __init__(self, flush_every_s: float = 10.0, reply=answer):
         self.flush_every_s, self.pending, self.run_id, self.reply = flush_every_s, [], None, reply
         self.client, self.uri = None, None
+        self.run, self.outbox, self.failed_start = None, None, None
 
     def handle(self, line: str) -> None:
-        """Act on one message; answer `end` once the run is written (`start` is answered early)."""
+        """Act on one message; answer `end` once the run is written or kept (`start` is answered early)."""
         message = json.loads(line)
         op = message.pop("op")
         if op not in self.OPS:
             raise ValueError(f"unknown tracking message {op!r}")
-        getattr(self, op)(**message)
+        if op == "start":
+            self.start(**message)
+        elif self.failed_start is not None or self.run is None:  # nothing of it can be tracked
+            if op == "artifacts" and message.get("remove"):
+                shutil.rmtree(message["folder"], ignore_errors=True)
+        elif self.outbox is not None:
+            self.keep(op, message)
+        else:
+            try:
+                getattr(self, op)(**message)
+            except Exception as error:
+                self.open_outbox(error)
+                self.keep(op, message, failed=True)
         if op == "end":
-            self.reply("ended")  # the training process may report the run done now
+            self.finish()
+
+    def finish(self) -> None:
+        """Answer `end`: `ended` when all was written, else `unsent <where it is kept>`."""
+        outbox, self.outbox, self.run, self.run_id, self.failed_start = self.outbox, None, None, None, None
+        self.pending = []
+        self.reply("ended" if outbox is None else "unsent " + json.dumps(outbox.summary()))
 
     def start(self, uri, experiment, run_name, tags, params) -> None:
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric, Param, RunTag
+        self.run = dict(uri=uri, experiment=experiment, run_name=run_name, tags=tags, params=params)
+        self.run.update(run_id=None, params_written=False)
+        self.pending, self.outbox, self.failed_start = [], None, None
+        try:
+            from mlflow import MlflowClient
+            from mlflow.entities import Metric, Param, RunTag
 
-        self.Metric, self.RunTag = Metric, RunTag
-        if uri != self.uri:
-            self.client, self.uri = MlflowClient(uri), uri
-        self.pending = []
-        run = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name, tags=tags)
-        self.run_id = run.info.run_id
+            self.Metric, self.RunTag = Metric, RunTag
+            if uri != self.uri:
+                self.client, self.uri = MlflowClient(uri), uri
+            run = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name, tags=tags)
+        except Exception as error:
+            self.failed_start = reason(error)
+            self.reply("failed " + self.failed_start)
+            return
+        self.run_id = self.run["run_id"] = run.info.run_id
         self.reply(self.run_id)
-        items = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        try:
+            items = [Param(k, v) for k, v in params.items()]
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+                self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self.run["params_written"] = True
+        except Exception as error:
+            self.open_outbox(error)
         self.last_flush = time.monotonic()
         pyplot()  # load matplotlib now, while training runs, not at the end
 
@@ -127,9 +173,10 @@ class RunWriter:
             self.flush()
 
     def flush(self) -> None:
-        for i in range(0, len(self.pending), 1000):
-            self.client.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
-        self.pending, self.last_flush = [], time.monotonic()
+        while self.pending:  # what is written leaves `pending`: a failure keeps only the rest
+            self.client.log_batch(self.run_id, metrics=self.pending[:1000])
+            del self.pending[:1000]
+        self.last_flush = time.monotonic()
 
     def text(self, text, name) -> None:
         self.client.log_text(self.run_id, text, name)
@@ -139,18 +186,66 @@ class RunWriter:
 
     def curve(self, history, target) -> None:
         figure = learning_curve(history, target)
-        self.client.log_figure(self.run_id, figure, "learning_curve.png")
-        pyplot().close(figure)
+        try:
+            self.client.log_figure(self.run_id, figure, "learning_curve.png")
+        finally:
+            pyplot().close(figure)
+
+    def artifacts(self, folder, path, remove=False) -> None:
+        """The files in local `folder`, under `path` in the run's artifacts (removed after, if `remove`)."""
+        self.client.log_artifacts(self.run_id, folder, path)
+        if remove:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def end(self, status, error=None) -> None:
-        try:
-            self.flush()
-            if error:
-                self.text(error, "error.txt")
-                self.tags({"echo.error": error.strip().splitlines()[-1][:500]})
-        finally:
-            self.client.set_terminated(self.run_id, status)
-            self.run_id = None
+        self.flush()
+        if error:
+            self.text(error, "error.txt")
+            self.tags({"echo.error": error.strip().splitlines()[-1][:500]})
+        self.client.set_terminated(self.run_id, status)
+
+    def abandon(self) -> None:
+        """The training process went away without a word: end its run KILLED (or keep that locally)."""
+        if self.run is None or self.failed_start is not None:
+            return
+        message = {"status": "KILLED"}
+        if self.outbox is None:
+            try:
+                self.end(**message)
+                return
+            except Exception as error:
+                self.open_outbox(error)
+        self.keep("end", message)
+
+    # -- what the store refused ----------------------------------------------------------------
+    def open_outbox(self, error: BaseException) -> None:
+        """Keep this run's writes locally from now on, starting with the metrics not yet written."""
+        self.outbox = Outbox(self.run, reason(error))
+        self.outbox.metrics([(m.key, m.value, m.timestamp, m.step) for m in self.pending])
+        self.pending = []
+
+    def keep(self, op: str, message: dict, failed: bool = False) -> None:
+        """Keep message `op` in the outbox (`failed`: the store failed while writing it)."""
+        box = self.outbox
+        if op == "metrics" and not failed:  # (a failed one's rows were pending, and are kept already)
+            box.metrics([(name, float(value), message["ms"], step) for name, step, value in message["rows"]])
+        elif op == "text":
+            box.text(message["text"], message["name"])
+        elif op == "tags":
+            box.tags({k: str(v) for k, v in message["tags"].items()})
+        elif op == "curve":
+            figure = learning_curve(message["history"], message["target"])
+            box.figure(figure, "learning_curve.png")
+            pyplot().close(figure)
+        elif op == "artifacts":
+            box.artifacts(message["folder"], message["path"])
+            if message.get("remove"):
+                shutil.rmtree(message["folder"], ignore_errors=True)
+        elif op == "end":
+            if message.get("error"):
+                box.text(message["error"], "error.txt")
+                box.tags({"echo.error": message["error"].strip().splitlines()[-1][:500]})
+            box.end(message["status"])
 
 
 class Connection:
@@ -176,8 +271,7 @@ class Connection:
         return bool(data)
 
     def close(self) -> None:
-        if self.writer.run_id is not None:  # the training process went away without a word
-            self.writer.end("KILLED")
+        self.writer.abandon()  # if the training process went away without a word
         self.sock.close()
 
 
@@ -230,17 +324,60 @@ def serve(path: str) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the training process decides how the run ends
+    # A store that stops answering: a few retries, then the run's writes are kept locally (echo.outbox)
+    # rather than retried for minutes; MLflow's settings win where the user made them.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # each retry's warning: the run's last line says it
     if sys.argv[1:2] == ["--serve"]:
         serve(sys.argv[2])
     else:
         writer = RunWriter()
+        from mlflow import MlflowClient  # noqa: F401  (now: the training process imports torch meanwhile)
+
         for line in sys.stdin:
             writer.handle(line)
-        if writer.run_id is not None:  # the training process went away without a word
-            writer.end("KILLED")
+        writer.abandon()  # if the training process went away without a word
     sys.stdout.flush()
     os._exit(0)  # all is written; skip tearing down mlflow, SQLAlchemy and matplotlib (~1 s)
 
 
 if __name__ == "__main__":
     main()
+
+
+def upload(folder: str, uri: str) -> str:
+    """Write an outbox folder (echo.outbox) into the store at `uri`; returns the run id written to.
+
+    The run it was kept from goes on where that run exists in this store (its metrics complete
+    again); elsewhere a new run is created with the kept params and tags."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    kept = read(folder)
+    run, client = kept["run"], MlflowClient(uri)
+    run_id, params = run.get("run_id"), not run.get("params_written")
+    try:
+        client.get_run(run_id) if run_id else None
+    except Exception:  # not in this store
+        run_id = None
+    if run_id is None:
+        tags = {**run["tags"], "echo.uploaded_from": str(folder)}
+        if run.get("run_id"):
+            tags["echo.kept_run_id"] = run["run_id"]
+        experiment = experiment_id(client, run["experiment"])
+        run_id = client.create_run(experiment, run_name=run["run_name"], tags=tags).info.run_id
+        params = True
+    if params:
+        items = [Param(k, str(v)) for k, v in run["params"].items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=items[i : i + 100])
+    if kept["tags"]:
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in kept["tags"].items()])
+    metrics = [Metric(name, value, ms, step) for name, value, ms, step in kept["metrics"]]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    if kept["artifacts"] is not None:
+        client.log_artifacts(run_id, str(kept["artifacts"]))
+    client.set_terminated(run_id, kept["status"] or "KILLED")  # no end recorded: the process died
+    return run_id

@@ -1,0 +1,186 @@
+"""What a run could not write to its tracking store, kept in a local folder to upload later.
+
+When the store refuses a write (a server that went away, a full disk, an experiment MLflow
+will not write to), the tracking worker keeps that write, and every later one of the run, in
+`./echo-unsent/<run name>.<run id>/`:
+
+    run.json        the store, experiment, run name and id, tags and params, why writing failed
+    metrics.jsonl   one [name, value, timestamp_ms, step] per line
+    tags.json       tags set after the failure
+    artifacts/      files at their artifact paths (config.yaml, learning_curve.png, checkpoints/...)
+    end.json        how the run ended: {"status": "FINISHED" | "FAILED" | "KILLED"}
+
+`python -m echo.upload <folder>` writes it into the store afterwards (echo/upload.py, with
+worker.upload). The run exits non-zero with one line naming the folder (TrackingFailed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = "echo-unsent"
+UPLOAD = "python -m echo.upload"
+
+
+class TrackingError(RuntimeError):
+    """A run could not be tracked; the message says what happened and what to do."""
+
+    exit_code = 3
+
+
+class TrackingStartError(TrackingError):
+    """The store could not take the run at its start: nothing was trained."""
+
+    exit_code = 2
+
+
+class TrackingFailed(TrackingError):
+    """The store failed during the run: what it could not write is in a local folder."""
+
+
+def unreachable(uri: str, timeout: float = 5.0) -> str | None:
+    """Why the tracking server at `uri` cannot be reached (None for a reachable one, or a local store)."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return None
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return None
+    except OSError as error:
+        return error.strerror or str(error) or type(error).__name__
+
+
+def reason(error: BaseException) -> str:
+    """An exception in one line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)[:80] or "run"
+
+
+class Outbox:
+    """The folder keeping one run's unwritten metrics, params, tags and artifacts."""
+
+    def __init__(self, run: dict, why: str, root: str | os.PathLike | None = None):
+        suffix = (run.get("run_id") or "")[:8] or time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+        name = f"{_safe(run.get('run_name') or 'run')}.{suffix}"
+        self.run, self.why, self.lost = dict(run), why, None
+        for base in (Path(root) if root else Path.cwd() / ROOT, Path(tempfile.gettempdir()) / ROOT):
+            try:
+                self.folder = base.resolve() / name
+                (self.folder / "artifacts").mkdir(parents=True, exist_ok=True)
+                self._write_json("run.json", {**self.run, "why": why})
+                return
+            except OSError as error:  # e.g. the disk is full: try the temporary directory
+                self.lost = reason(error)
+        self.folder = None
+
+    def _write_json(self, name: str, data) -> None:
+        (self.folder / name).write_text(json.dumps(data, indent=1, default=str))
+
+    def _guard(self, write) -> None:
+        if self.folder is None:
+            return
+        try:
+            write()
+        except OSError as error:
+            self.lost = reason(error)
+
+    def metrics(self, rows: list[tuple[str, float, int, int]]) -> None:
+        """(name, value, timestamp_ms, step) rows."""
+        if rows:
+            text = "".join(json.dumps(list(row)) + "\n" for row in rows)
+            self._guard(lambda: _append(self.folder / "metrics.jsonl", text))
+
+    def tags(self, tags: dict[str, str]) -> None:
+        path = self.folder / "tags.json" if self.folder else None
+        self._guard(lambda: self._write_json("tags.json", {**_read_json(path, {}), **tags}))
+
+    def text(self, text: str, name: str) -> None:
+        self._guard(lambda: _write_text(self.folder / "artifacts" / name, text))
+
+    def figure(self, figure, name: str) -> None:
+        def save():
+            (self.folder / "artifacts" / name).parent.mkdir(parents=True, exist_ok=True)
+            figure.savefig(self.folder / "artifacts" / name)
+
+        self._guard(save)
+
+    def artifacts(self, folder: str, path: str) -> None:
+        self._guard(lambda: shutil.copytree(folder, self.folder / "artifacts" / path, dirs_exist_ok=True))
+
+    def end(self, status: str) -> None:
+        self._guard(lambda: self._write_json("end.json", {"status": status}))
+
+    def summary(self) -> dict:
+        """What the training process is told: where the folder is, why, and what could not be kept."""
+        return {"folder": str(self.folder) if self.folder else None, "why": self.why, "lost": self.lost}
+
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as file:
+        file.write(text)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _read_json(path: Path | None, default):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, AttributeError):
+        return default
+
+
+def read(folder: str | os.PathLike) -> dict:
+    """An outbox folder's contents: run (run.json), metrics rows, tags, end status, artifacts folder."""
+    folder = Path(folder)
+    run = json.loads((folder / "run.json").read_text())
+    metrics = []
+    if (folder / "metrics.jsonl").exists():
+        for line in (folder / "metrics.jsonl").read_text().splitlines():
+            if line.strip():
+                name, value, ms, step = json.loads(line)
+                metrics.append((name, float(value), int(ms), int(step)))
+    artifacts = folder / "artifacts"
+    return {
+        "run": run,
+        "metrics": metrics,
+        "tags": _read_json(folder / "tags.json", {}),
+        "status": _read_json(folder / "end.json", {}).get("status"),
+        "artifacts": artifacts if artifacts.is_dir() and any(artifacts.iterdir()) else None,
+    }
+
+
+def outboxes(path: str | os.PathLike) -> list[Path]:
+    """The outbox folders at `path`: itself, or those inside it (e.g. ./echo-unsent)."""
+    path = Path(path)
+    if (path / "run.json").exists():
+        return [path]
+    return sorted(p for p in path.glob("*") if (p / "run.json").exists()) if path.is_dir() else []
+
+
+def failed_message(answer: dict, run_name: str, run_id: str | None, uri: str) -> str:
+    """The one line a run whose tracking failed ends with."""
+    where = f"run '{run_name}'" + (f" ({run_id})" if run_id else "")
+    line = f"could not write {where} to {uri} ({answer.get('why')})"
+    if answer.get("folder"):
+        line += f"; what it could not write is kept in {answer['folder']}: upload it with `{UPLOAD} {answer['folder']}`"
+        if answer.get("lost"):
+            line += f" (some could not be kept either: {answer['lost']})"
+    else:
+        line += f"; it could not be kept locally either ({answer.get('lost')})"
+    return line
