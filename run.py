@@ -23,6 +23,10 @@ def main(cfg: DictConfig) -> float:
             from echo.checkpoints import resumed_config
 
             cfg = resumed_config(cfg, hydra_cfg.overrides.task)
+        if cfg.get("evaluate"):
+            from echo.reuse import evaluated_config
+
+            cfg = evaluated_config(cfg, hydra_cfg.overrides.task)
         validate(cfg)
     except ConfigError as error:
         print(f"echo: bad config: {error}", file=sys.stderr)
@@ -30,9 +34,9 @@ def main(cfg: DictConfig) -> float:
     resolve_threads(cfg)  # in the job's own process: its launcher's thread grant is here
     run_name, tags = job_name_and_tags(hydra_cfg, cfg)
     tracker = None
-    if cfg.logger.name == "mlflow" and not cfg.get("resume"):
+    if cfg.logger.name == "mlflow" and not cfg.get("resume") and not cfg.get("evaluate"):
         # Start tracking before the heavy imports: MLflow loads on the other core meanwhile.
-        # (A resumed run is tracked by train() once its checkpoint is found.)
+        # (A resumed or evaluating run is tracked by train() once its checkpoint or network is found.)
         tracker = start_tracker(cfg, run_name, tags)
     from echo.faults import TrainingError
     from echo.train import train

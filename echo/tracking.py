@@ -283,6 +283,31 @@ class Tracker:
     def log_learning_curve(self, history: list[tuple[str, int, float]], target: float) -> None:
         self._send(op="curve", history=history, target=target)
 
+    def log_tags(self, tags: dict[str, str]) -> None:
+        self._send(op="tags", tags=tags)
+
+    def log_provenance(self, argv: list[str] | None = None) -> None:
+        """Tag where the run came from (code version, command, versions, machine: echo/provenance.py);
+        the worker collects it, off the training process."""
+        self._send(op="provenance", argv=list(sys.argv if argv is None else argv))
+
+    def log_file(self, path: str, folder: str) -> None:
+        """Hand the file at `path`, alone in a temporary folder, to the worker: it logs the file
+        into the run's artifacts under `folder`, then deletes the folder."""
+        self._send(op="file", path=str(path), folder=folder)
+
+    def page(self, timeout: float = 60) -> str | None:
+        """The address of the run's page in the MLflow UI, once the worker has written what was sent
+        so far (None if it cannot say)."""
+        if self._worker is None or self.run_id is None:
+            return None
+        self._send(op="where")
+        try:
+            experiment = self._worker.answer(timeout)
+        except TimeoutError:
+            return None
+        return run_page(experiment, self.run_id) if experiment else None
+
     def end(self, status: str = "FINISHED", error: str | None = None, timeout: float = 300) -> None:
         """Close the run as FINISHED, FAILED or KILLED once everything sent is written."""
         if self._worker is None:
@@ -305,12 +330,42 @@ class Tracker:
 
 
 def start_tracker(cfg, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
-    """Start tracking a run of `cfg`: its params are the resolved config, flattened with dots."""
+    """Start tracking a run of `cfg`: its params are the resolved config, flattened with dots; its
+    tags say where it came from (echo/provenance.py)."""
     from omegaconf import OmegaConf
 
     tracker = Tracker(cfg.logger.experiment, run_name, tags)
     tracker.start(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    tracker.log_provenance()
     return tracker
+
+
+UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves with its defaults
+
+
+def run_page(experiment_id: str, run_id: str) -> str:
+    """The address of a run's page: on the tracking server if the store is one, else on `mlflow ui`."""
+    uri = tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def run_tags(run_id: str) -> dict[str, str] | None:
+    """The tags of run `run_id` in the tracking store; None if there is no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(mlflow_client().get_run(run_id).data.tags)
+    except MlflowException:  # no such run, or a malformed id
+        return None
+
+
+def download_artifact(run_id: str, path: str, folder: str) -> str | None:
+    """Download artifact `path` of run `run_id` into `folder`: its local path, or None if it is not there."""
+    try:
+        return mlflow_client().download_artifacts(run_id, path, folder)
+    except Exception:  # MlflowException, OSError: not there
+        return None
 
 
 def run_name_and_tags(hydra_cfg) -> tuple[str, dict[str, str]]:

@@ -8,9 +8,11 @@ dies without saying how the run ended (killed, even with SIGKILL), stdin closes 
 ends KILLED.
 
 Messages: start (uri, experiment, run_name, tags, params), metrics (rows of name, step,
-value), text (text, name), tags (tags), curve (history, target), end (status, error).
-The worker answers `start` with the run id and `end`, once the run is written, with `ended`,
-each on a line of stdout starting with ANSWER (MLflow may print other lines there).
+value), text (text, name), tags (tags), curve (history, target), provenance (argv), file (path,
+folder), where (), end (status, error).
+The worker answers `start` with the run id, `where` with the run's experiment id and `end`, once
+the run is written, with `ended`, each on a line of stdout starting with ANSWER (MLflow may print
+other lines there).
 
 With `--serve SOCKET` it is a parallel sweep's tracking service instead (echo/sweeps.py): it
 writes the runs of all the sweep's local jobs at once, each training process on its own
@@ -23,11 +25,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
 
 ANSWER = "echo-tracking: "  # marks the answers on stdout
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def answer(text: str) -> None:
@@ -124,6 +128,29 @@ class RunWriter:
     def tags(self, tags) -> None:
         self.client.log_batch(self.run_id, tags=[self.RunTag(k, str(v)) for k, v in tags.items()])
 
+    def provenance(self, argv) -> None:
+        """Tag where the run came from (echo/provenance.py: git, command, versions, machine), and
+        keep the diff of a dirty tree as `git_diff.patch`; collected here, off the training process."""
+        tags, diff = _provenance().source_tags(argv)
+        self.tags(tags)
+        if diff:
+            self.text(diff, _provenance().DIFF_ARTIFACT)
+
+    def file(self, path, folder) -> None:
+        """Log the file at `path` (a temporary file the training process handed over) into the
+        run's artifacts under `folder`, then delete it and its temporary folder."""
+        try:
+            self.client.log_artifact(self.run_id, path, folder)
+        finally:
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+    def where(self) -> None:
+        """Answer the run's experiment id (for the address of the run's page)."""
+        try:
+            self.reply(self.client.get_run(self.run_id).info.experiment_id)
+        except Exception:  # no run was created: the training process says so without the address
+            self.reply("")
+
     def curve(self, history, target) -> None:
         figure = learning_curve(history, target)
         self.client.log_figure(self.run_id, figure, "learning_curve.png")
@@ -138,6 +165,19 @@ class RunWriter:
         finally:
             self.client.set_terminated(self.run_id, status)
             self.run_id = None
+
+
+def _provenance():
+    """echo/provenance.py beside this file (this worker runs as a script, outside the package)."""
+    module = sys.modules.get("echo_provenance")
+    if module is None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("echo_provenance", os.path.join(HERE, "provenance.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["echo_provenance"] = module
+    return module
 
 
 class Connection:
