@@ -208,11 +208,11 @@ def _check_fits(net, cfg: DictConfig, run_id: str) -> None:
         with torch.no_grad():
             scores, _ = net(rep.encode(tokens), None, **kwargs)
         fits = tuple(scores.shape) == (2, task.n_out, rep.n_outputs)
-        got = f"it gives {tuple(scores.shape[1:])} per window"
+        why = f"it gives {tuple(scores.shape[1:])} scores per window, the task needs {(task.n_out, rep.n_outputs)}"
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
-        fits, got = False, str(error).strip().splitlines()[0]
+        fits, why = False, str(error).strip().splitlines()[0]
     if not fits:
         raise LoadError(
             f"evaluate={run_id}: the stored network ({built}) does not fit windows of task.n_in={task.n_in}, "
-            f"task.n_out={task.n_out}, task.n_unique={task.n_unique} ({got}, not {(task.n_out, rep.n_outputs)})"
+            f"task.n_out={task.n_out}, task.n_unique={task.n_unique} ({why})"
         )
