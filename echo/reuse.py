@@ -47,10 +47,13 @@ def save_network(net, config_yaml: str, tracker) -> None:
     tracker.log_text(config_yaml, CONFIG)
 
 
+# The lines of torch's weights-only error around the unpickler's reason.
+TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
 def read_weights_only(path: str, what: str):
     """`torch.load(path, weights_only=True)`: tensors and plain values. A file that needs more (its
     unpickling could run code) or is malformed raises LoadError, saying `what` it is."""
-    import pickle
     import warnings
 
     import torch
@@ -59,15 +62,18 @@ def read_weights_only(path: str, what: str):
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        lines = str(error).strip().splitlines() or [""]
-        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ... by what breaks
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+        reasons = [line for line in lines if not line.startswith(TORCH_ADVICE)]  # the unpickler's own words
+        detail = (reasons or lines)[0]
+        if "GLOBAL" in detail:  # a function or class to call: what makes unpickling run code
+            raise LoadError(
+                f"{what} holds more than tensors and plain values, refused: loading it could run code ({detail})"
+            ) from None
         raise LoadError(
-            f"{what} holds more than tensors and plain values, refused: loading it could run code ({detail.strip()})"
+            f"{what} is not a readable torch file of tensors and plain values, refused "
+            f"({type(error).__name__}: {detail})"
         ) from None
-    except Exception as error:  # malformed: torch raises RuntimeError, EOFError, KeyError, ... by where it breaks
-        first = (str(error).strip().splitlines() or [""])[0]
-        raise LoadError(f"{what} is not a readable torch file, refused ({type(error).__name__}: {first})") from None
 
 
 def _run_tags(run_id: str, key: str) -> dict[str, str]:

@@ -19,7 +19,8 @@ from echo.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small task a few epochs teach something: 2-item windows of 5 values, whole-window exact match
-# about 0.58 (well above chance, 0.04, and below 1). Batches of 3 divide the 21 windows of a sequence of 22 and the 39 of 40.
+# about 0.58 (well above chance, 0.04, and below 1). Batches of 3 divide the 21 windows of a
+# sequence of 22 and the 39 of one of 40.
 SMALL = [*TINY, "task.n_unique=5", "task.n_in=2", "task.n_out=2", "task.length=22", "model.batch_size=3"]
 SMALL += ["model.lr=3e-3", "stop_at=null", "threads=1"]
 
@@ -145,8 +146,8 @@ def test_load_run_gives_the_network_that_reproduces_the_runs_test_scores(in_stor
             scores, state = net(rep.encode(xb), state)
             predicted.append(rep.decode(scores))
     predicted, targets = torch.cat(predicted), torch.cat([yb for _, yb in batches])
-    exact = (predicted == targets).all(-1).float().mean().item()
-    token = (predicted == targets).float().mean().item()
+    correct = predicted == targets
+    exact, token = correct.all(-1).sum().item() / len(correct), correct.sum().item() / correct.numel()
     assert 0.1 < run.data.metrics["test/exact_match"] < 1  # it learned something, not everything
     assert exact == pytest.approx(run.data.metrics["test/exact_match"], abs=1e-9)
     assert token == pytest.approx(run.data.metrics["test/token_acc"], abs=1e-9)
@@ -247,9 +248,11 @@ def test_a_planted_checkpoint_or_network_is_refused_by_resume_evaluate_and_load_
 def test_a_malformed_network_file_is_refused(in_store, tmp_path):
     uri, run = in_store
     client = _client(uri)
-    client.download_artifacts(run.info.run_id, "model/config.yaml", str(tmp_path))  # into tmp_path/model
-    (tmp_path / "model" / "weights.pt").write_bytes(b"not a torch file")
+    files = tmp_path / "broken"
+    files.mkdir()
+    shutil.copy(client.download_artifacts(run.info.run_id, "model/config.yaml", str(tmp_path)), files)
+    (files / "weights.pt").write_bytes(b"not a torch file")
     broken = client.create_run(run.info.experiment_id, run_name="broken").info.run_id
-    client.log_artifacts(broken, str(tmp_path / "model"), "model")
+    client.log_artifacts(broken, str(files), "model")
     with pytest.raises(LoadError, match=f"run={broken}: the run's model/weights.pt is not a readable torch file"):
         echo.load_run(broken)
