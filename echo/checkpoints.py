@@ -118,9 +118,9 @@ def _count_epochs_in_steps_of(checkpoint: dict, k: int) -> None:
 
 
 def _download(run_id: str, name: str, folder: str) -> str:
-    from mlflow import MlflowClient
+    from echo.tracking import mlflow_client
 
-    client = MlflowClient(tracking_uri())
+    client = mlflow_client()
     try:
         client.get_run(run_id)
     except Exception:

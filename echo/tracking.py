@@ -35,6 +35,8 @@ def mlflow_client():
     """An `MlflowClient` on the tracking store (`tracking_uri()`), for reading runs and artifacts."""
     from mlflow import MlflowClient
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for a file or two: noise
+
     return MlflowClient(tracking_uri())
 
 
@@ -362,7 +364,6 @@ def run_tags(run_id: str) -> dict[str, str] | None:
 
 def download_artifact(run_id: str, path: str, folder: str) -> str | None:
     """Download artifact `path` of run `run_id` into `folder`: its local path, or None if it is not there."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file: noise
     try:
         return mlflow_client().download_artifacts(run_id, path, folder)
     except Exception:  # MlflowException, OSError: not there

@@ -175,7 +175,9 @@ def test_evaluate_logs_a_linked_run_with_the_same_test_scores_or_on_longer_seque
 
 def _one_line_refusal(result, *fragments: str) -> str:
     assert result.returncode == 2, result.stderr[-3000:]
-    (line,) = result.stderr.strip().splitlines()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    line = lines[0]
     for fragment in fragments:
         assert fragment in line
     return line
