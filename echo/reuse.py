@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from echo.config import ConfigError
+from echo.config import ConfigError, windows_per_sequence
 
 FOLDER = "model"
 WEIGHTS, CONFIG = f"{FOLDER}/weights.pt", f"{FOLDER}/config.yaml"
@@ -172,6 +172,7 @@ def evaluated_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         saved = OmegaConf.load(_download(run_id, CONFIG, folder, tags, "evaluate"))
     base = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     merged = OmegaConf.merge(base, saved)
+    keys = set()
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
         if key == "evaluate" or key.startswith("hydra"):
@@ -182,8 +183,20 @@ def evaluated_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
                 f"settings like task.test_seed=... or task.length=... can (train a new run to change {key})"
             )
         OmegaConf.update(merged, key, override.value(), force_add=True)
+        keys.add(key)
+    if _one_batch_per_sequence(saved) and "model.batch_size" not in keys:
+        # Trained on whole sequences (listing B): so it sees sequences of another length too.
+        merged.model.batch_size = windows_per_sequence(merged.task)
     merged.evaluate, merged.resume = run_id, None
     return merged
+
+
+def _one_batch_per_sequence(cfg: DictConfig) -> bool:
+    """Whether a stateful run's batches were whole sequences, so that no state ran from batch to batch."""
+    try:
+        return bool(cfg.model.stateful) and cfg.model.batch_size == windows_per_sequence(cfg.task)
+    except (AttributeError, KeyError, TypeError):  # a config from another version of echo
+        return False
 
 
 def network_to_evaluate(cfg: DictConfig):

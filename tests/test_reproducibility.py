@@ -258,3 +258,25 @@ def test_a_malformed_network_file_is_refused(in_store, tmp_path):
     client.log_artifacts(broken, str(files), "model")
     with pytest.raises(LoadError, match=f"run={broken}: the run's model/weights.pt is not a readable torch file"):
         echo.load_run(broken)
+
+
+def test_evaluate_keeps_whole_sequence_batches_whole_on_another_length(in_store, tmp_path):
+    """A stateful network trained on one batch per sequence (listing B) never carried state from
+    batch to batch: on longer sequences it is evaluated on one batch per sequence too."""
+    from omegaconf import OmegaConf
+
+    from echo.reuse import evaluated_config
+
+    uri, run = in_store
+    client = _client(uri)
+    saved = OmegaConf.load(client.download_artifacts(run.info.run_id, "model/config.yaml", str(tmp_path)))
+    saved.model.batch_size = 21  # the 21 windows of a sequence of 22
+    (tmp_path / "whole").mkdir()
+    OmegaConf.save(saved, tmp_path / "whole" / "config.yaml")
+    whole = client.create_run(run.info.experiment_id, run_name="whole sequences").info.run_id
+    client.log_artifacts(whole, str(tmp_path / "whole"), "model")
+    longer = [f"evaluate={whole}", "task.length=40"]
+    assert evaluated_config(make_cfg(*longer), longer).model.batch_size == 39
+    chosen = [*longer, "model.batch_size=13"]
+    assert evaluated_config(make_cfg(*chosen), chosen).model.batch_size == 13
+    assert evaluated_config(make_cfg(f"evaluate={run.info.run_id}", "task.length=40"), longer[1:]).model.batch_size == 3
