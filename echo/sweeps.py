@@ -101,6 +101,7 @@ class SweepCallback(Callback):
         workers_stopped = stop_parallel_workers()  # they exit while the summary is written
         if self.parent is not None:
             try:
+                tag_provenance(self.client, self.parent)  # now: the jobs are done and this process idle
                 summarize_sweep(self.client, self.parent, self.objective)
             finally:
                 self._end("FINISHED")
@@ -118,6 +119,18 @@ class SweepCallback(Callback):
                 if run.info.status == "RUNNING":
                     self.client.set_terminated(run.info.run_id, status)
         self.client.set_terminated(parent, status)
+
+
+def tag_provenance(client, run_id: str) -> None:
+    """Tag the sweep's parent run, as its jobs are, with where it came from (echo/provenance.py)."""
+    from mlflow.entities import RunTag
+
+    from echo.provenance import DIFF_ARTIFACT, source_tags
+
+    tags, diff = source_tags(sys.argv)
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    if diff:
+        client.log_text(run_id, diff, DIFF_ARTIFACT)
 
 
 def stop_parallel_workers():
