@@ -298,9 +298,9 @@ class Tracker:
         into the run's artifacts under `folder`, then deletes the folder."""
         self._send(op="file", path=str(path), folder=folder)
 
-    def page(self, timeout: float = 60) -> str | None:
+    def page(self, timeout: float = 300) -> str | None:
         """The address of the run's page in the MLflow UI, once the worker has written what was sent
-        so far (None if it cannot say)."""
+        so far (None if it cannot say). `end` waits as long for the rest."""
         if self._worker is None or self.run_id is None:
             return None
         self._send(op="where")

@@ -131,7 +131,13 @@ class RunWriter:
     def provenance(self, argv) -> None:
         """Tag where the run came from (echo/provenance.py: git, command, versions, machine), and
         keep the diff of a dirty tree as `git_diff.patch`; collected here, off the training process."""
-        tags, diff = _provenance().source_tags(argv)
+        try:
+            tags, diff = _provenance().source_tags(argv)
+        except Exception:  # the run goes on without them
+            import traceback
+
+            traceback.print_exc()
+            return
         self.tags(tags)
         if diff:
             self.text(diff, _provenance().DIFF_ARTIFACT)
