@@ -28,6 +28,10 @@ def main(cfg: DictConfig) -> float:
             from echo.checkpoints import resumed_config
 
             cfg = resumed_config(cfg, hydra_cfg.overrides.task)
+        if cfg.get("evaluate"):
+            from echo.reuse import evaluated_config
+
+            cfg = evaluated_config(cfg, hydra_cfg.overrides.task)
         validate(cfg)
         resolve_threads(cfg)  # in the job's own process: its launcher's thread grant and cores are here
     except ConfigError as error:

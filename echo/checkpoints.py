@@ -5,6 +5,8 @@ A run saves `checkpoints/last.ckpt` (weights, optimizer, epoch, the run's summar
 and every `checkpoint_every` epochs if that is set (off by default: saving costs time). A
 resumed run is a new MLflow run tagged `echo.resumed_from=<old run id>` that starts from the
 checkpoint's epoch with the old run's config; the old run keeps its own status and metrics.
+A checkpoint holds tensors and plain values only and is read back as such (weights only): one
+that needs more, or is malformed, is refused before Lightning, or anything else, unpickles it.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def saved_epochs_per_step(path: str) -> int:
     """The tutorial epochs per Lightning epoch of the run that saved the checkpoint at `path`."""
     import torch
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # this store's own file
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # checked by download_checkpoint
     return checkpoint.get("echo", {}).get("epochs_per_step", 1)
 
 
@@ -127,10 +129,17 @@ def _download(run_id: str, name: str, folder: str) -> str:
 
 
 def download_checkpoint(run_id: str) -> str:
-    """The local path of run `run_id`'s last checkpoint (ConfigError if it has none)."""
+    """The local path of run `run_id`'s last checkpoint (ConfigError if it has none, or if it holds
+    more than tensors and plain values: a store's files are untrusted, echo/reuse.py)."""
+    from echo.reuse import read_weights_only
+
     folder = tempfile.mkdtemp(prefix="echo-resume-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # a copy: the run keeps its own
-    return _download(str(run_id), "last.ckpt", folder)
+    path = _download(str(run_id), "last.ckpt", folder)
+    checkpoint = read_weights_only(path, f"resume={run_id}: the run's {FOLDER}/last.ckpt")
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"resume={run_id}: the run's {FOLDER}/last.ckpt is not a checkpoint, refused")
+    return path
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:

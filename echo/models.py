@@ -99,10 +99,13 @@ MODELS = {"seq2seq": Seq2Seq, "encdec": EncoderDecoder, "one_to_one": OneToOne, 
 
 
 def build_net(name: str, n_in: int, n_features: int, hidden_size: int, n_classes: int, n_out: int) -> nn.Module:
-    """Network `name` with these sizes; only the topologies that flatten the window get `n_in`."""
+    """Network `name` with these sizes; only the topologies that flatten the window get `n_in`.
+    It keeps them as `build_args`, so a stored network can be built again (echo/reuse.py)."""
     cls = MODELS[name]
     sizes = dict(n_features=n_features, hidden_size=hidden_size, n_classes=n_classes, n_out=n_out)
-    return cls(n_in=n_in, **sizes) if getattr(cls, "needs_n_in", False) else cls(**sizes)
+    net = cls(n_in=n_in, **sizes) if getattr(cls, "needs_n_in", False) else cls(**sizes)
+    net.build_args = {"name": name, "n_in": n_in, **sizes}
+    return net
 
 
 def can_mask(name: str) -> bool:

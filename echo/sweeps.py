@@ -28,6 +28,7 @@ from echo.tracking import (
     experiment_id,
     mlflow_client,
     run_name_and_tags,
+    tag_provenance,
     tracking_uri,
 )
 from echo.tracking.outbox import ROOT, UPLOAD, outboxes, read, reason, unreachable
@@ -127,6 +128,7 @@ class SweepCallback(Callback):
         if self.parent is not None:
             try:
                 try:
+                    tag_provenance(self.client, self.parent)  # now: the jobs are done and this process idle
                     summarize_sweep(self.client, self.parent, self.objective, self.ignored)
                 finally:
                     self._end("FINISHED")

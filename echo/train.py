@@ -22,6 +22,7 @@ from echo.faults import NonFiniteGuard, interrupted
 from echo.models import build_net
 from echo.module import EchoModule
 from echo.preflight import out_of_memory_as_training_error, preflight
+from echo.reuse import EVALUATED_FROM, network_to_evaluate, save_network
 from echo.tracking import Tracker, start_tracker, tracking_uri
 from echo.tracking.outbox import TrackingStartError, unreachable
 
@@ -32,7 +33,9 @@ def train(
     """Train one echo model as `cfg` says; return its final metrics.
 
     Raises `echo.config.ConfigError` before anything is built or tracked if `cfg` cannot run.
-    With `logger=mlflow` the run is tracked by `tracker`, or by a new one named `run_name`.
+    With `logger=mlflow` the run is tracked by `tracker`, or by a new one named `run_name`, and a
+    finished run keeps its trained network (echo/reuse.py). With `evaluate=<run id>` nothing is
+    trained: the stored network of that run is tested (`cfg` from `echo.reuse.evaluated_config`).
     """
     validate(cfg)
     resolve_threads(cfg)
@@ -45,6 +48,10 @@ def train(
     if resume := cfg.get("resume"):  # a new run, linked to the one it continues
         checkpoint = download_checkpoint(resume)  # ConfigError if there is none: before anything is tracked
         tags = {**(tags or {}), RESUMED_FROM: str(resume)}
+    stored_net = None
+    if evaluate := cfg.get("evaluate"):  # a new run, testing the network another one stored
+        stored_net = network_to_evaluate(cfg)  # ConfigError if missing, unsafe or misfit: before tracking
+        tags = {**(tags or {}), EVALUATED_FROM: str(evaluate)}
     if tracker is None and cfg.logger.name == "mlflow":
         tracker = start_tracker(cfg, run_name, tags)
     status, error = "FAILED", None
@@ -52,8 +59,9 @@ def train(
         if tracker:
             tracker.check_started()  # a store that cannot take the run stops it before training
         with _sigterm_as_interrupt(), out_of_memory_as_training_error():
-            summary = _fit_and_test(cfg, tracker, checkpoint)
+            summary = _fit_and_test(cfg, tracker, checkpoint, stored_net)
         status = "FINISHED"
+        page = tracker.page() if tracker else None  # the run's address, once what was sent is written
     except BaseException as exception:
         if interrupted(exception):  # Ctrl-C or SIGTERM (Lightning turns it into sys.exit(1))
             status = "KILLED"
@@ -64,19 +72,22 @@ def train(
         if tracker:
             tracker.end(status, error)  # TrackingFailed if the store refused writes (kept locally)
     if tracker:
-        print(f"MLflow run '{tracker.run_name}' ({tracker.run_id}) in {tracking_uri()}: see it with `mlflow ui`")
+        print(_run_line(tracker, page))
     return summary
 
 
-def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | None) -> dict[str, float]:
+def _fit_and_test(
+    cfg: DictConfig, tracker: Tracker | None, checkpoint: str | None, stored_net=None
+) -> dict[str, float]:
     """Build, fit, test and report; returns the summary. An interrupt propagates from `fit`
-    (Lightning turns Ctrl-C into sys.exit(1)) after the callbacks kept the metrics so far."""
+    (Lightning turns Ctrl-C into sys.exit(1)) after the callbacks kept the metrics so far.
+    With `stored_net` (evaluate=) that network is tested, and nothing trained."""
     _quiet_lightning()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     task, model = cfg.task, cfg.model
     rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
-    net = network(cfg, rep)
+    net = stored_net if stored_net is not None else network(cfg, rep)
     k = epochs_per_step(cfg, resumed=saved_epochs_per_step(checkpoint) if checkpoint else None)
     module = EchoModule(
         net,
@@ -98,7 +109,7 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
     callbacks = [EpochProgress()] if cfg.progress else []
     callbacks += [TrackingCallback(tracker)] if tracker else []
     callbacks += [NonFiniteGuard(model.lr)]
-    if tracker:
+    if tracker and stored_net is None:
         callbacks += [Checkpointer(tracker, config_yaml, cfg.get("checkpoint_every"))]
     trainer = pl.Trainer(
         **in_lightning_epochs(cfg.trainer, k),
@@ -109,12 +120,18 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
+    if tracker:
+        tracker.log_tags(_device_tags(trainer.strategy.root_device))
+    if stored_net is not None:
+        return _test_stored(cfg, tracker, trainer, module, data)
     start = time.perf_counter()
-    trainer.fit(module, data, ckpt_path=checkpoint)
+    trainer.fit(module, data, ckpt_path=checkpoint, weights_only=True)  # download_checkpoint checked it
     train_time = time.perf_counter() - start
     if tracker:  # the history is complete: the worker draws the curve while the test runs
         tracker.log_learning_curve(module.history, cfg.target)
     trainer.test(module, data, verbose=False)
+    if tracker:
+        save_network(net, config_yaml, tracker)
 
     epochs = module.epochs_done()
     summary = {**module.summary, "train_time_s": train_time, "epochs": epochs}
@@ -139,6 +156,38 @@ def network(cfg: DictConfig, rep) -> torch.nn.Module:
         n_classes=rep.n_outputs,
         n_out=task.n_out,
     )
+
+
+def _test_stored(cfg: DictConfig, tracker: Tracker | None, trainer, module: EchoModule, data: EchoData) -> dict:
+    """evaluate=: test the stored network, print and log the tutorial's table and the test metrics."""
+    trainer.test(module, data, verbose=False)
+    summary = dict(module.summary)
+    table = expected_predicted(module, data, cfg.task, seed=cfg.seed)
+    print(table)
+    scores = f"test/token_acc {summary['test/token_acc']:.4f}  test/exact_match {summary['test/exact_match']:.4f}"
+    print(f"{scores}  of the network of run {cfg.evaluate}")
+    if tracker:
+        module.flush_train_metrics()
+        tracker.log_metrics(module.history + [(name, 0, value) for name, value in summary.items()])
+        tracker.log_text(table + "\n", "expected_predicted.txt")
+    return summary
+
+
+def _device_tags(device: torch.device) -> dict[str, str]:
+    """What the run trained on: the device, torch's CPU threads, the GPU's name (the CPU's is the
+    tracking worker's to find, echo/tracking/provenance.py)."""
+    tags = {"echo.device": str(device), "echo.device.threads": str(torch.get_num_threads())}
+    if device.type == "cuda":
+        tags["echo.device.gpu"] = torch.cuda.get_device_name(device)
+    return tags
+
+
+def _run_line(tracker: Tracker, page: str | None) -> str:
+    """The line a tracked run ends with: where it is, and the address of its page."""
+    line = f"MLflow run '{tracker.run_name}' ({tracker.run_id}) in {tracking_uri()}"
+    if page is None:
+        return f"{line}: see it with `mlflow ui`"
+    return f"{line}: {page}" + ("" if tracking_uri().startswith("http") else " (with `mlflow ui` running here)")
 
 
 def in_lightning_epochs(trainer_cfg, k: int) -> dict:

@@ -5,7 +5,9 @@
     worker.py   the worker process that writes runs (its messages are tabled at its top)
     outbox.py   what the store refused, kept in ./echo-unsent/<run>/ to upload later (echo/upload.py)
     service.py  one worker for all the local jobs of a parallel sweep
-    store.py    direct reads and writes: sweep parents, checkpoints, reports
+    store.py    direct reads and writes: sweep parents, checkpoints, reports, stored networks
+    outbox.py   what a store refused, kept in a local folder; `python -m echo.upload` sends it later
+    provenance.py  where a run came from: git commit and diff, command, versions, machine
 
 Why not Lightning's `MLFlowLogger`: it writes from the training process, synchronously. Measured
 on a 2-core CPU (listing A, 500 epochs): a lean Trainer ran ~150 epochs/s, ~75 with MLFlowLogger
@@ -17,9 +19,9 @@ an in-process logger cannot; and sweep parents and checkpoints need the client A
 """
 
 from echo.tracking.client import SERVICE_ENV, Tracker, start_tracker, warm_up
-from echo.tracking.naming import PARENT_RUN_ENV, SWEEP_TAG, flatten, run_name_and_tags, tracking_uri
+from echo.tracking.naming import PARENT_RUN_ENV, SWEEP_TAG, flatten, run_name_and_tags, run_page, tracking_uri
 from echo.tracking.service import TrackingService
-from echo.tracking.store import experiment_id, mlflow_client
+from echo.tracking.store import download_artifact, experiment_id, mlflow_client, run_tags, tag_provenance
 
 __all__ = [
     "PARENT_RUN_ENV",
@@ -27,11 +29,15 @@ __all__ = [
     "SWEEP_TAG",
     "Tracker",
     "TrackingService",
+    "download_artifact",
     "experiment_id",
     "flatten",
     "mlflow_client",
     "run_name_and_tags",
+    "run_page",
+    "run_tags",
     "start_tracker",
+    "tag_provenance",
     "tracking_uri",
     "warm_up",
 ]

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from echo.tracking.naming import PARENT_RUN_ENV, flatten, tracking_uri
+from echo.tracking.naming import PARENT_RUN_ENV, flatten, run_page, tracking_uri
 from echo.tracking.outbox import ROOT, TrackingFailed, TrackingStartError, failed_message
 from echo.tracking.worker import ANSWER
 
@@ -243,6 +243,31 @@ class Tracker:
         folder afterwards if `remove` (so it must not change meanwhile)."""
         self._send(op="artifacts", folder=folder, path=path, remove=remove)
 
+    def log_tags(self, tags: dict[str, str]) -> None:
+        self._send(op="tags", tags=tags)
+
+    def log_provenance(self, argv: list[str] | None = None) -> None:
+        """Tag where the run came from (code version, command, versions, machine:
+        echo/tracking/provenance.py); the worker collects it, off the training process."""
+        self._send(op="provenance", argv=list(sys.argv if argv is None else argv))
+
+    def log_file(self, path: str, folder: str) -> None:
+        """Hand the file at `path`, alone in a temporary folder, to the worker: it logs the file
+        into the run's artifacts under `folder`, then deletes the temporary folder."""
+        self.log_artifacts(os.path.dirname(str(path)), folder, remove=True)
+
+    def page(self, timeout: float = 300) -> str | None:
+        """The address of the run's page in the MLflow UI, once the worker has written what was sent
+        so far (None if it cannot say). `end` waits as long for the rest."""
+        if self._worker is None or self.run_id is None:
+            return None
+        self._send(op="where")
+        try:
+            experiment = self._worker.answer(timeout)
+        except TimeoutError:
+            return None
+        return run_page(experiment, self.run_id) if experiment else None
+
     def end(self, status: str = "FINISHED", error: str | None = None, timeout: float = 300) -> None:
         """Close the run as FINISHED, FAILED or KILLED once everything sent is written.
 
@@ -279,9 +304,11 @@ def warm_up() -> None:
 
 
 def start_tracker(cfg, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
-    """Start tracking a run of `cfg`: its params are the resolved config, flattened with dots."""
+    """Start tracking a run of `cfg`: its params are the resolved config, flattened with dots; its
+    tags say where it came from (echo/tracking/provenance.py)."""
     from omegaconf import OmegaConf
 
     tracker = Tracker(cfg.logger.experiment, run_name, tags)
     tracker.start(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    tracker.log_provenance()
     return tracker

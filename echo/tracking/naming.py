@@ -15,6 +15,16 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves with its defaults
+
+
+def run_page(experiment_id: str, run_id: str) -> str:
+    """The address of a run's page: on the tracking server if the store is one, else on `mlflow ui`."""
+    uri = tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     """{"a": {"b": 1}} -> {"a.b": 1}."""
     flat = {}

@@ -3,14 +3,49 @@ checkpoints, reports. Only the tracking package imports mlflow; everything else 
 
 from __future__ import annotations
 
+import os
+
 from echo.tracking.naming import tracking_uri
 from echo.tracking.worker import experiment_id
 
-__all__ = ["experiment_id", "mlflow_client"]
+__all__ = ["download_artifact", "experiment_id", "mlflow_client", "run_tags", "tag_provenance"]
 
 
 def mlflow_client():
     """An `MlflowClient` on the tracking store (`tracking_uri()`), for reading runs and artifacts."""
     from mlflow import MlflowClient
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for a file or two: noise
     return MlflowClient(tracking_uri())
+
+
+def run_tags(run_id: str) -> dict[str, str] | None:
+    """The tags of run `run_id` in the tracking store; None if there is no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(mlflow_client().get_run(run_id).data.tags)
+    except MlflowException:  # no such run, or a malformed id
+        return None
+
+
+def download_artifact(run_id: str, path: str, folder: str) -> str | None:
+    """Download artifact `path` of run `run_id` into `folder`: its local path, or None if it is not there."""
+    try:
+        return mlflow_client().download_artifacts(run_id, path, folder)
+    except Exception:  # MlflowException, OSError: not there
+        return None
+
+
+def tag_provenance(client, run_id: str) -> None:
+    """Tag run `run_id` (a sweep's parent), as its jobs are, with where it came from (provenance.py)."""
+    import sys
+
+    from mlflow.entities import RunTag
+
+    from echo.tracking.provenance import DIFF_ARTIFACT, source_tags
+
+    tags, diff = source_tags(sys.argv)
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    if diff:
+        client.log_text(run_id, diff, DIFF_ARTIFACT)

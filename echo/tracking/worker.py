@@ -18,6 +18,8 @@ Messages, one JSON object per line, `op` naming the `RunWriter` method that hand
 | tags      | tags                                    | sets tags                                    |               |
 | curve     | history, target                         | draws learning_curve.png                     |               |
 | artifacts | folder, path, remove                    | the folder's files under `path` (checkpoint) |               |
+| provenance| argv                                    | tags git commit, dirty diff, versions, device |               |
+| where     |                                         | (answers at once, also for a kept run)       | experiment id |
 | end       | status, error                           | flushes, ends the run FINISHED/FAILED/KILLED | ended/unsent  |
 
 Answers are lines of stdout starting with ANSWER (MLflow may print other lines there). A run the
@@ -104,7 +106,7 @@ class RunWriter:
     A run the store cannot even create is answered `failed <why>`, and nothing of it is kept
     (the training process stops before training)."""
 
-    OPS = frozenset({"start", "metrics", "text", "tags", "curve", "artifacts", "end"})  # the messages (table above)
+    OPS = frozenset({"start", "metrics", "text", "tags", "curve", "artifacts", "provenance", "where", "end"})
 
     def __init__(self, flush_every_s: float = 10.0, reply=answer):
         self.flush_every_s, self.pending, self.run_id, self.reply = flush_every_s, [], None, reply
@@ -119,6 +121,8 @@ class RunWriter:
             raise ValueError(f"unknown tracking message {op!r}")
         if op == "start":
             self.start(**message)
+        elif op == "where":
+            self.where()
         elif self.failed_start is not None or self.run is None:  # nothing of it can be tracked
             if op == "artifacts" and message.get("remove"):
                 shutil.rmtree(message["folder"], ignore_errors=True)
@@ -197,6 +201,21 @@ class RunWriter:
         if remove:
             shutil.rmtree(folder, ignore_errors=True)
 
+    def provenance(self, argv) -> None:
+        """Tag where the run came from (echo/tracking/provenance.py: git, command, versions, machine),
+        and keep the diff of a dirty tree as `git_diff.patch`; collected here, off the training process."""
+        tags, diff = _source_tags(argv)
+        self.tags(tags)
+        if diff:
+            self.text(diff, _provenance().DIFF_ARTIFACT)
+
+    def where(self) -> None:
+        """Answer the run's experiment id (for the address of the run's page); empty if unknown."""
+        try:
+            self.reply(self.client.get_run(self.run_id).info.experiment_id)
+        except Exception:  # no run, or the store is gone: the training process prints no address
+            self.reply("")
+
     def end(self, status, error=None) -> None:
         self.flush()
         if error:
@@ -241,11 +260,41 @@ class RunWriter:
             box.artifacts(message["folder"], message["path"])
             if message.get("remove"):
                 shutil.rmtree(message["folder"], ignore_errors=True)
+        elif op == "provenance":
+            tags, diff = _source_tags(message["argv"])
+            box.tags(tags)
+            if diff:
+                box.text(diff, _provenance().DIFF_ARTIFACT)
         elif op == "end":
             if message.get("error"):
                 box.text(message["error"], "error.txt")
                 box.tags({"echo.error": message["error"].strip().splitlines()[-1][:500]})
             box.end(message["status"])
+
+
+def _provenance():
+    """echo/tracking/provenance.py beside this file (this worker runs as a script, outside the package)."""
+    module = sys.modules.get("echo_provenance")
+    if module is None:
+        import importlib.util
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        spec = importlib.util.spec_from_file_location("echo_provenance", os.path.join(here, "provenance.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["echo_provenance"] = module
+    return module
+
+
+def _source_tags(argv) -> tuple[dict[str, str], str]:
+    """The provenance tags and the diff of a dirty tree; none if they cannot be collected (the run goes on)."""
+    try:
+        return _provenance().source_tags(argv)
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        return {}, ""
 
 
 class Connection:

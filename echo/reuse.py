@@ -1,0 +1,237 @@
+"""A run's trained network: stored when the run finishes, loaded back safely.
+
+Every finished run keeps `model/weights.pt` (the network's name and sizes, and its state_dict:
+tensors and plain values only) and `model/config.yaml` (the run's resolved config) in its
+artifacts. `echo.load_run(run_id)` returns that network, ready to predict, and the config;
+`python run.py evaluate=<run id>` tests it again as a new run tagged `echo.evaluated_from`.
+
+Whatever is read back from a store is untrusted: anyone who can write a run's artifacts (a
+shared `mlflow server` has no authentication by default) could plant a file whose unpickling
+runs code. Files are read with `torch.load(weights_only=True)`, which builds tensors and plain
+values only, and a file that needs more, or is malformed, is refused with one line naming the run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from echo.config import ConfigError, windows_per_sequence
+
+FOLDER = "model"
+WEIGHTS, CONFIG = f"{FOLDER}/weights.pt", f"{FOLDER}/config.yaml"
+EVALUATED_FROM = "echo.evaluated_from"
+GROUPS = ("task", "model", "trainer", "logger", "experiment", "hparams_search")
+# What evaluate= may change besides task.*: not the network, which is the stored one.
+EVALUATE_KEEPS = ("model.",)
+EVALUATE_MAY_SET = ("model.batch_size",)  # a stateful batch must divide another length's windows
+
+
+class LoadError(ConfigError):
+    """A run whose network cannot be loaded; the message names the run and says why."""
+
+
+def save_network(net, config_yaml: str, tracker) -> None:
+    """Store `net` (built by echo.models.build_net) and its run's config in `tracker`'s run: the
+    file is written here (a few hundred kB, milliseconds) and logged by the tracking worker."""
+    import torch
+
+    folder = tempfile.mkdtemp(prefix="echo-network-")
+    stored = {"network": dict(net.build_args), "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+    torch.save(stored, Path(folder) / "weights.pt")
+    tracker.log_file(str(Path(folder) / "weights.pt"), FOLDER)
+    tracker.log_text(config_yaml, CONFIG)
+
+
+# The lines of torch's weights-only error around the unpickler's reason.
+TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def read_weights_only(path: str, what: str):
+    """`torch.load(path, weights_only=True)`: tensors and plain values. A file that needs more (its
+    unpickling could run code) or is malformed raises LoadError, saying `what` it is."""
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ... by what breaks
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+        reasons = [line for line in lines if not line.startswith(TORCH_ADVICE)]  # the unpickler's own words
+        detail = (reasons or lines)[0]
+        if "GLOBAL" in detail:  # a function or class to call: what makes unpickling run code
+            raise LoadError(
+                f"{what} holds more than tensors and plain values, refused: loading it could run code ({detail})"
+            ) from None
+        raise LoadError(
+            f"{what} is not a readable torch file of tensors and plain values, refused "
+            f"({type(error).__name__}: {detail})"
+        ) from None
+
+
+def _run_tags(run_id: str, key: str) -> dict[str, str]:
+    from echo.tracking import run_tags, tracking_uri
+
+    tags = run_tags(run_id)
+    if tags is None:
+        raise LoadError(f"{key}={run_id}: no such MLflow run in {tracking_uri()}; copy a run id from `mlflow ui`")
+    return tags
+
+
+def _download(run_id: str, path: str, folder: str, tags: dict[str, str], key: str) -> str:
+    from echo.tracking import download_artifact
+
+    local = download_artifact(run_id, path, folder)
+    if local is None:
+        hint = "runs store it when they finish"
+        if source := tags.get(EVALUATED_FROM):
+            hint = f"it evaluated the network of run {source}: use that run"
+        raise LoadError(f"{key}={run_id}: the run has no stored network ({path} missing; {hint})")
+    return local
+
+
+def _stored(run_id: str, key: str) -> tuple[dict, DictConfig, dict[str, str]]:
+    """Run `run_id`'s stored network (checked, not yet built), its config and its tags."""
+    tags = _run_tags(run_id, key)
+    folder = tempfile.mkdtemp(prefix="echo-load-")
+    try:
+        weights = _download(run_id, WEIGHTS, folder, tags, key)
+        config = OmegaConf.load(_download(run_id, CONFIG, folder, tags, key))
+        stored = read_weights_only(weights, f"{key}={run_id}: the run's {WEIGHTS}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if not (
+        isinstance(stored, dict)
+        and isinstance(stored.get("network"), dict)
+        and isinstance(stored.get("state_dict"), dict)
+        and isinstance(stored["network"].get("name"), str)
+    ):
+        raise LoadError(f"{key}={run_id}: the run's {WEIGHTS} is not a stored echo network, refused")
+    return stored, config, tags
+
+
+def _build(stored: dict, run_id: str, key: str):
+    """The stored network, built with its own sizes and its weights loaded (LoadError if they differ)."""
+    from echo.models import MODELS, build_net
+
+    args = dict(stored["network"])
+    name = args.pop("name")
+    if name not in MODELS:
+        known = ", ".join(MODELS)
+        raise LoadError(f"{key}={run_id}: the run's network {name!r} is not one this checkout has ({known})")
+    try:
+        net = build_net(name, **args)
+        net.load_state_dict(stored["state_dict"])
+    except (TypeError, RuntimeError, KeyError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise LoadError(f"{key}={run_id}: the stored {name} network does not fit this checkout's ({first})") from None
+    return net.eval()
+
+
+def _say_code_version(run_id: str, tags: dict[str, str]) -> None:
+    from echo.tracking.provenance import code_version_note
+
+    if note := code_version_note(run_id, tags):
+        print(note, file=sys.stderr)
+
+
+def load_run(run_id: str):
+    """The trained network of run `run_id` (in eval mode, on the CPU) and the run's config.
+
+    The store is `MLFLOW_TRACKING_URI`, else ./mlflow.db. The network maps input features
+    (batch, n_in, n_features) to scores (batch, n_out, n_classes) and a recurrent state; the config
+    says how the run encoded its tokens (`task.representation`, `task.n_unique`). Raises LoadError
+    (one line naming the run) for an unknown run, a run without a stored network, or a stored file
+    that is not plain tensors and values. Says so on stderr if the run's code version is not this
+    checkout's."""
+    run_id = str(run_id)
+    stored, config, tags = _stored(run_id, "run")
+    _say_code_version(run_id, tags)
+    return _build(stored, run_id, "run"), config
+
+
+def evaluated_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The config of `evaluate=<run id>`: the run's stored config (on top of this checkout's
+    defaults, for settings it predates), with this command's plain `key=value` overrides on top
+    (e.g. task.test_seed=7, task.length=40). The network is the stored one: model settings other
+    than model.batch_size, and config groups, cannot change."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    run_id = str(cfg.evaluate)
+    if cfg.get("resume"):
+        raise ConfigError(f"resume={cfg.resume} and evaluate={run_id}: choose one")
+    tags = _run_tags(run_id, "evaluate")
+    with tempfile.TemporaryDirectory() as folder:
+        saved = OmegaConf.load(_download(run_id, CONFIG, folder, tags, "evaluate"))
+    base = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    merged = OmegaConf.merge(base, saved)
+    keys = set()
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if key == "evaluate" or key.startswith("hydra"):
+            continue
+        if key in GROUPS or (key.startswith(EVALUATE_KEEPS) and key not in EVALUATE_MAY_SET):
+            raise ConfigError(
+                f"{override.input_line}: evaluate= tests the stored network of run {run_id}, which cannot change; "
+                f"settings like task.test_seed=... or task.length=... can (train a new run to change {key})"
+            )
+        OmegaConf.update(merged, key, override.value(), force_add=True)
+        keys.add(key)
+    if _one_batch_per_sequence(saved) and "model.batch_size" not in keys:
+        # Trained on whole sequences (listing B): so it sees sequences of another length too.
+        merged.model.batch_size = windows_per_sequence(merged.task)
+    merged.evaluate, merged.resume = run_id, None
+    return merged
+
+
+def _one_batch_per_sequence(cfg: DictConfig) -> bool:
+    """Whether a stateful run's batches were whole sequences, so that no state ran from batch to batch."""
+    try:
+        return bool(cfg.model.stateful) and cfg.model.batch_size == windows_per_sequence(cfg.task)
+    except (AttributeError, KeyError, TypeError):  # a config from another version of echo
+        return False
+
+
+def network_to_evaluate(cfg: DictConfig):
+    """The stored network of run `cfg.evaluate`, loaded and checked against `cfg`'s task: LoadError
+    (before anything is tracked) if it is missing, unsafe, or its shapes do not fit the windows."""
+    run_id = str(cfg.evaluate)
+    stored, _, tags = _stored(run_id, "evaluate")
+    net = _build(stored, run_id, "evaluate")
+    _check_fits(net, cfg, run_id)
+    _say_code_version(run_id, tags)
+    return net
+
+
+def _check_fits(net, cfg: DictConfig, run_id: str) -> None:
+    """Run the network on two windows of `cfg`'s task: it must give n_out items of the right width."""
+    import torch
+
+    from echo.encoding import REPRESENTATIONS
+
+    task = cfg.task
+    rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
+    tokens = torch.zeros(2, task.n_in, dtype=torch.long)
+    kwargs = {"mask": tokens >= 0} if task.framing == "mask" else {}
+    if getattr(net, "variable_length", False) and task.n_out != net.build_args.get("n_out"):
+        kwargs["n_out"] = task.n_out
+    built = ", ".join(f"{k}={v}" for k, v in net.build_args.items())
+    try:
+        with torch.no_grad():
+            scores, _ = net(rep.encode(tokens), None, **kwargs)
+        fits = tuple(scores.shape) == (2, task.n_out, rep.n_outputs)
+        why = f"it gives {tuple(scores.shape[1:])} scores per window, the task needs {(task.n_out, rep.n_outputs)}"
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        fits, why = False, str(error).strip().splitlines()[0]
+    if not fits:
+        raise LoadError(
+            f"evaluate={run_id}: the stored network ({built}) does not fit windows of task.n_in={task.n_in}, "
+            f"task.n_out={task.n_out}, task.n_unique={task.n_unique} ({why})"
+        )
