@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 import echo.resolvers  # noqa: F401  (registered before Hydra composes and resolves)
 from echo.config import ConfigError, resolve_threads, validate
+from echo.slurm import requeued_from
 from echo.sweeps import job_name_and_tags, objective_value
 from echo.tracking import start_tracker
 
@@ -19,6 +20,8 @@ from echo.tracking import start_tracker
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
+        if cfg.logger.name == "mlflow" and not cfg.get("resume"):  # a requeued SLURM job continues its run
+            cfg.resume = requeued_from(cfg.logger.experiment, hydra_cfg.job.override_dirname or "default")
         if cfg.get("resume"):
             from echo.checkpoints import resumed_config
 

@@ -216,7 +216,10 @@ def serve(path: str) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the training process decides how the run ends
+    # The training process decides how the run ends, and then closes this one's input: Ctrl-C, and
+    # SIGTERM, which SLURM sends every process of a job it requeues or stops, reach both.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.argv[1:2] == ["--serve"]:
         serve(sys.argv[2])
     else:
