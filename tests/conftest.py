@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from cluster_services import _slurm_service, postgres_database, ray_cluster, slurm_cluster  # noqa: F401
 from hydra import compose, initialize_config_dir
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
