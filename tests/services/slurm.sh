@@ -14,6 +14,7 @@ start() {
     need_root
     command -v slurmctld >/dev/null && command -v munged >/dev/null || apt_install slurm-wlm munge
     mkdir -p "$dir"/{state,spool,log,munge}
+    chmod 755 "$dir"  # munged runs as munge
     dir=$(cd "$dir" && pwd)
     local host mem_mb ctld_port d_port
     host=$(hostname -s)
@@ -81,6 +82,19 @@ CONF
 stop() {
     local dir=$1
     [ -d "$dir" ] || return 0
+    if [ -f "$dir/slurmctld.pid" ] && [ -f "$dir/slurm.conf" ]; then  # end the jobs still there first
+        export SLURM_CONF="$dir/slurm.conf"
+        local jobs i
+        jobs=$(squeue -h -o %A 2>/dev/null || true)
+        if [ -n "$jobs" ]; then
+            # shellcheck disable=SC2086
+            scancel $jobs 2>/dev/null || true
+            for i in $(seq 60); do
+                [ -z "$(squeue -h -o %A 2>/dev/null)" ] && break
+                sleep 0.5
+            done
+        fi
+    fi
     stop_pidfile "$dir/slurmd.pid"
     stop_pidfile "$dir/slurmctld.pid"
     stop_pidfile "$dir/munge/munged.pid"
