@@ -111,6 +111,18 @@ def postgres_database():
         service.stop()
 
 
+def fresh_database(server_uri: str) -> str:
+    """A new, empty database on the PostgreSQL server of `server_uri`: its URI (one per test)."""
+    import uuid
+
+    import psycopg
+
+    name = f"mlflow_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_uri, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    return server_uri.rsplit("/", 1)[0] + f"/{name}"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A Ray cluster started by `ray start --head` (this environment's `ray`): its address."""
