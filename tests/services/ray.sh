@@ -16,7 +16,7 @@ start() {
     port=$(free_port)
     dash_port=$(free_port)
     # --block: `ray start` stays, in a session of its own, and takes the cluster down with it
-    setsid ray start --head --block --num-cpus="${RAY_NUM_CPUS:-2}" --port="$port" \
+    setsid ray start --head --block --num-cpus="${RAY_NUM_CPUS:-2}" --node-ip-address=127.0.0.1 --port="$port" \
         --dashboard-port="$dash_port" --include-dashboard=false --disable-usage-stats \
         >"$dir/ray-start.log" 2>&1 < /dev/null &
     echo $! > "$dir/ray.pid"
