@@ -203,6 +203,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
+    # On a machine with SLURM installed (a login node, a job): echo runs one process per job, no srun needed
+    warnings.filterwarnings("ignore", ".*`srun` command is available on your system but is not used.*")
 
 
 @contextmanager

@@ -4,6 +4,7 @@ and a job requeued mid-run that continues from its checkpoint by itself."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import time
 
@@ -118,3 +119,11 @@ def test_a_requeued_job_continues_from_its_checkpoint_with_no_gap_and_no_duplica
     table = client.download_artifacts(parent.info.run_id, "sweep.md", str(tmp_path))
     rows = [line for line in open(table).read().splitlines()[2:] if line.strip()]
     assert len(rows) == 1 and "FINISHED" in rows[0], rows
+
+
+def test_lightning_does_not_warn_that_srun_is_unused(slurm_cluster, tmp_path):
+    """Lightning warns on every run where `srun` exists ("available on your system but is not used")."""
+    assert shutil.which("srun")
+    result = run_py(*TINY, "logger=none", cwd=tmp_path, uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "srun" not in result.stderr, result.stderr[-3000:]
