@@ -64,6 +64,8 @@ def requeued_from(experiment: str, run_name: str) -> str | None:
     if not runs:
         return None
     last = runs[0]
+    if last.info.status == "RUNNING":  # its attempt was killed before it could say so
+        client.set_terminated(last.info.run_id, "KILLED")
     if last.info.status == "FINISHED" or "last.ckpt" not in {
         os.path.basename(a.path) for a in client.list_artifacts(last.info.run_id, FOLDER)
     }:
@@ -73,7 +75,5 @@ def requeued_from(experiment: str, run_name: str) -> str | None:
             file=sys.stderr,
         )
         return None
-    if last.info.status == "RUNNING":  # its attempt was killed before it could say so
-        client.set_terminated(last.info.run_id, "KILLED")
     print(f"echo: SLURM job {job} restarted; continuing run {last.info.run_id} from its checkpoint", file=sys.stderr)
     return last.info.run_id
