@@ -58,6 +58,7 @@ class Service:
                 text=True,
                 timeout=timeout,
                 env=self.process_env,
+                cwd=self.dir,  # where a service's own processes (Ray's workers) start
             )
         except subprocess.TimeoutExpired:
             self.stop()
@@ -123,9 +124,10 @@ def fresh_database(server_uri: str) -> str:
     return server_uri.rsplit("/", 1)[0] + f"/{name}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """A Ray cluster started by `ray start --head` (this environment's `ray`): its address."""
+    """A Ray cluster started by `ray start --head` (this environment's `ray`): its address. Stopped after
+    the module's tests: while it runs, a plain `ray.init()` on this machine would join it."""
     service = Service("ray", path_dirs=[str(Path(sys.executable).parent)])
     try:
         service.start()

@@ -15,6 +15,7 @@ start() {
     mkdir -p "$dir"
     port=$(free_port)
     dash_port=$(free_port)
+    echo "$port" > "$dir/port"
     # --block: `ray start` stays, in a session of its own, and takes the cluster down with it
     setsid ray start --head --block --num-cpus="${RAY_NUM_CPUS:-2}" --node-ip-address=127.0.0.1 --port="$port" \
         --dashboard-port="$dash_port" --include-dashboard=false --disable-usage-stats \
@@ -40,11 +41,16 @@ stop() {  # the head's session only: other Ray clusters on the machine are left 
     if [ -f "$dir/ray.pid" ]; then
         pid=$(cat "$dir/ray.pid")
         kill -TERM -- "-$pid" 2>/dev/null || true
-        for i in $(seq 60); do
+        for i in $(seq 20); do
             kill -0 -- "-$pid" 2>/dev/null || break
             sleep 0.5
         done
         kill -KILL -- "-$pid" 2>/dev/null || true
+    fi
+    # as `ray stop` does: forget the address, or the next `ray.init()` tries to join the stopped cluster
+    local current=/tmp/ray/ray_current_cluster
+    if [ -f "$dir/port" ] && [ -f "$current" ] && [ "$(sed 's/.*://' "$current")" = "$(cat "$dir/port")" ]; then
+        rm -f "$current"
     fi
     rm -rf "$dir"
 }
