@@ -43,7 +43,8 @@ def restart_count() -> int:
 
 def requeued_from(experiment: str, run_name: str) -> str | None:
     """In a rerun of a requeued SLURM job: the run id of its last attempt, if that left a checkpoint
-    to continue from. None on a job's first run, outside SLURM, or with nothing to continue."""
+    to continue from. None on a job's first run, outside SLURM, or with nothing to continue; exits (0)
+    if that attempt had finished its run."""
     job = slurm_job_id()
     if job is None or restart_count() == 0:
         return None
@@ -66,9 +67,12 @@ def requeued_from(experiment: str, run_name: str) -> str | None:
     last = runs[0]
     if last.info.status == "RUNNING":  # its attempt was killed before it could say so
         client.set_terminated(last.info.run_id, "KILLED")
-    if last.info.status == "FINISHED" or "last.ckpt" not in {
-        os.path.basename(a.path) for a in client.list_artifacts(last.info.run_id, FOLDER)
-    }:
+    if last.info.status == "FINISHED":
+        # The job's work was done: SLURM's time-limit signal can come after (it may come up to a minute
+        # early), and submitit requeues the job all the same. Training again would duplicate the run.
+        print(f"echo: SLURM job {job} restarted, but its run {last.info.run_id} had finished", file=sys.stderr)
+        sys.exit(0)
+    if "last.ckpt" not in {os.path.basename(a.path) for a in client.list_artifacts(last.info.run_id, FOLDER)}:
         print(
             f"echo: SLURM job {job} restarted (restart {restart_count()}); its last run {last.info.run_id} "
             f"({last.info.status}) left no checkpoint in {tracking_uri()}: starting over",

@@ -51,6 +51,10 @@ def test_only_a_rerun_continues_and_only_from_a_checkpoint(store, in_slurm_job, 
     assert requeued_from("echo", NAME) is None
     assert "left no checkpoint" in capsys.readouterr().err
     assert client.get_run(lost).info.status == "KILLED"
+    _run(client, "FINISHED", False, tmp_path)  # done, then requeued by a late time-limit signal
+    with pytest.raises(SystemExit) as done:
+        requeued_from("echo", NAME)
+    assert done.value.code == 0 and "had finished" in capsys.readouterr().err
 
 
 def test_a_sweep_counts_a_continued_job_once(store, tmp_path):
