@@ -214,7 +214,7 @@ def _sigterm_as_interrupt():
         yield
         return
     try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: signal.default_int_handler(signal.SIGINT, None))
+        previous = signal.signal(signal.SIGTERM, _interrupt_unless_ending)
     except ValueError:  # not the main thread
         yield
         return
@@ -222,3 +222,11 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt_unless_ending(signum, frame) -> None:
+    """Ctrl-C's KeyboardInterrupt, unless the run is already ending on an exception: a SLURM job at its
+    time limit gets submitit's SIGUSR2 (which requeues the job and exits) and then SLURM's SIGTERM, which
+    must not cut short the checkpoint being saved."""
+    if sys.exc_info()[1] is None:
+        signal.default_int_handler(signal.SIGINT, frame)
