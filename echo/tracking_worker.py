@@ -216,10 +216,12 @@ def serve(path: str) -> None:
 
 
 def main() -> None:
-    # The training process decides how the run ends, and then closes this one's input: Ctrl-C, and
-    # SIGTERM, which SLURM sends every process of a job it requeues or stops, reach both.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The training process decides how the run ends, and then closes this one's input. Ctrl-C reaches
+    # both, and so do SLURM's signals, sent to every process of a job: SIGTERM when it requeues or stops
+    # the job, SIGUSR1/SIGUSR2 (`--signal`) before its time limit.
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     if sys.argv[1:2] == ["--serve"]:
         serve(sys.argv[2])
     else:
