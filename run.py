@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 import echo.resolvers  # noqa: F401  (registered before Hydra composes and resolves)
 from echo.config import ConfigError, resolve_threads, validate
 from echo.deferred import defer_unused_imports
+from echo.slurm import requeued_from
 from echo.sweeps import job_name_and_tags, objective_value
 from echo.tracking import tracking_uri, warm_up
 from echo.tracking.outbox import TrackingError, TrackingFailed, unreachable
@@ -24,6 +25,8 @@ def main(cfg: DictConfig) -> float:
     defer_unused_imports()  # again in a launcher's job process, which did not run this file's top
     hydra_cfg = HydraConfig.get()
     try:
+        if cfg.logger.name == "mlflow" and not cfg.get("resume"):  # a requeued SLURM job continues its run
+            cfg.resume = requeued_from(cfg.logger.experiment, hydra_cfg.job.override_dirname or "default")
         if cfg.get("resume"):
             from echo.checkpoints import resumed_config
 

@@ -41,7 +41,6 @@ class NonFiniteGuard(pl.Callback):
 
 
 def interrupted(error: BaseException) -> bool:
-    """Ctrl-C or SIGTERM, including Lightning's `sys.exit(1)` after a KeyboardInterrupt."""
-    return isinstance(error, KeyboardInterrupt) or (
-        isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt)
-    )
+    """Ctrl-C or SIGTERM, including Lightning's `sys.exit(1)` after a KeyboardInterrupt, or an exit asked
+    for mid-run (submitit's `sys.exit(-1)` after it requeued a SLURM job at its time limit)."""
+    return isinstance(error, (KeyboardInterrupt, SystemExit))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from echo.slurm import slurm_tags
 from echo.tracking import (
     PARENT_RUN_ENV,
     SWEEP_TAG,
@@ -225,10 +226,14 @@ def _sigterm_as_interrupt() -> None:
 
 
 def children(client, parent_run_id: str) -> list:
+    """The sweep's jobs: its child runs, less those another child continued (`echo.resumed_from`, as a
+    requeued SLURM job does), so that a job counts once, as its last run."""
     parent = client.get_run(parent_run_id)
-    return client.search_runs(
+    runs = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10_000
     )
+    continued = {run.data.tags.get("echo.resumed_from") for run in runs}
+    return [run for run in runs if run.info.run_id not in continued]
 
 
 def swept_settings(runs: list) -> list[str]:
@@ -521,6 +526,7 @@ def sweep_plot(settings: list[Setting], keys: list[str], objective: str):
 def job_name_and_tags(hydra_cfg, cfg) -> tuple[str, dict[str, str]]:
     """The run name and tags of one Hydra job; a sweep's job is tagged with its parent run."""
     name, tags = run_name_and_tags(hydra_cfg)
+    tags.update(slurm_tags())  # echo.slurm_job_id, echo.slurm_node in a SLURM job
     if SWEEP_TAG in tags and cfg.logger.name == "mlflow" and PARENT_RUN_ENV not in os.environ:
         if parent := parent_of_sweep(tags[SWEEP_TAG], cfg.logger.experiment):
             tags["mlflow.parentRunId"] = parent

@@ -267,6 +267,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
+    # On a machine with SLURM installed (a login node, a job): echo runs one process per job, no srun needed
+    warnings.filterwarnings("ignore", ".*`srun` command is available on your system but is not used.*")
 
 
 @contextmanager
@@ -276,7 +278,7 @@ def _sigterm_as_interrupt():
         yield
         return
     try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: signal.default_int_handler(signal.SIGINT, None))
+        previous = signal.signal(signal.SIGTERM, _interrupt_unless_ending)
     except ValueError:  # not the main thread
         yield
         return
@@ -284,3 +286,11 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt_unless_ending(signum, frame) -> None:
+    """Ctrl-C's KeyboardInterrupt, unless the run is already ending on an exception: a SLURM job at its
+    time limit gets submitit's SIGUSR2 (which requeues the job and exits) and then SLURM's SIGTERM, which
+    must not cut short the checkpoint being saved."""
+    if sys.exc_info()[1] is None:
+        signal.default_int_handler(signal.SIGINT, frame)

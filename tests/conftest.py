@@ -2,6 +2,7 @@
 `python run.py`, reading MLflow) is in helpers.py."""
 
 import pytest
+from cluster_services import _slurm_service, postgres_database, ray_cluster, slurm_cluster  # noqa: F401
 
 
 @pytest.fixture

@@ -15,8 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import make_cfg
-from helpers import RUN_PY, TINY, all_runs, artifacts, run_py, start_run_py
+from helpers import RUN_PY, TINY, all_runs, artifacts, make_cfg, run_py, start_run_py
 
 from echo.config import CHECKS, ConfigError, check_threads, validate
 

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cfg
-from helpers import TINY, all_runs, artifacts, run_py
+from helpers import TINY, all_runs, artifacts, make_cfg, run_py
 
 import echo
 from echo.data import held_out, to_batches

@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 import pytest
-from helpers import TINY, artifacts, run_py, sweep_runs
+from helpers import TINY, all_runs, artifacts, run_py, sweep_runs
 
 
 def _free_port() -> int:
@@ -18,19 +18,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 with a SQLite backend and an artifact destination."""
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def mlflow_server(request, tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with an artifact destination and a SQLite backend, or a
+    fresh database on a real PostgreSQL (tests/services/postgres.sh), as a team would run it."""
+    backend = f"sqlite:///{tmp_path}/server.db"
+    if request.param == "postgres":
+        from cluster_services import fresh_database, need_module
+
+        need_module("psycopg", 'pip install -e ".[server]"  (psycopg[binary]: SQLAlchemy 2.1 drives postgresql://)')
+        backend = fresh_database(request.getfixturevalue("postgres_database"))
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--workers", "1"]
+    command += ["--backend-store-uri", backend, "--workers", "1"]
     command += ["--artifacts-destination", str(tmp_path / "artifacts")]
     # its own process group: the server's workers are stopped with it
     server = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300  # a loaded machine starts it slowly
         while True:
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
@@ -72,6 +79,26 @@ def test_eight_parallel_jobs_against_a_server_lose_nothing(mlflow_server, tmp_pa
         assert [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")] == list(range(1, 11))
         assert "learning_curve.png" in artifacts(mlflow_server, child.info.run_id)
     assert {"sweep.md", "sweep.png"} <= set(artifacts(mlflow_server, parent.info.run_id))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_uploads_and_a_run_resumes_through_the_server(mlflow_server, tmp_path):
+    """Checkpoints go into the server's artifact destination, and `resume=` downloads them from there."""
+    from mlflow import MlflowClient
+
+    result = run_py(*TINY, "checkpoint_every=5", cwd=tmp_path, uri=mlflow_server)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (first,) = all_runs(mlflow_server)
+    assert "checkpoints/last.ckpt" in artifacts(mlflow_server, first.info.run_id, "checkpoints")
+    assert list((tmp_path / "artifacts").rglob("last.ckpt")), "not uploaded to the server's artifact destination"
+    assert not (tmp_path / "mlruns").exists()
+
+    result = run_py(f"resume={first.info.run_id}", "trainer.max_epochs=20", cwd=tmp_path, uri=mlflow_server)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (resumed,) = [r for r in all_runs(mlflow_server) if r.info.run_id != first.info.run_id]
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["echo.resumed_from"] == first.info.run_id
+    steps = [m.step for m in MlflowClient(mlflow_server).get_metric_history(resumed.info.run_id, "train/loss")]
+    assert steps == list(range(11, 21))
 
 
 def test_metrics_are_buffered_not_sent_every_epoch(store, monkeypatch, capsys):

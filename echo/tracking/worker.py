@@ -372,7 +372,12 @@ def serve(path: str) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the training process decides how the run ends
+    # The training process decides how the run ends, and then closes this one's input. Ctrl-C reaches
+    # both, and so do SLURM's signals, sent to every process of a job: SIGTERM when it requeues or stops
+    # the job, SIGUSR1/SIGUSR2 (`--signal`) before its time limit.
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     # A store that stops answering: a few retries, then the run's writes are kept locally (echo.outbox)
     # rather than retried for minutes; MLflow's settings win where the user made them.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
