@@ -12,6 +12,8 @@ import echo.resolvers  # noqa: F401  (the presets' ${add:...}, registered with t
 # launcher) trains nothing. tests/test_sweeps.py keeps these in step with the real ones.
 MODEL_NAMES = ("seq2seq", "encdec", "one_to_one", "many_to_one")
 CANNOT_MASK = ("one_to_one",)  # read the window in one step
+VARIABLE_LENGTH = ("seq2seq", "encdec")  # take windows of any length: task.train_lengths, task.test_lengths
+LENGTH_SEED_STRIDE = 10_000  # a held-out set of length L has seed `seed * stride + L` (echo.config.length_seed)
 REPRESENTATION_NAMES = ("onehot", "linear")
 
 
@@ -85,6 +87,61 @@ def windows_per_sequence(task) -> int:
     return task.length if task.framing == "mask" else task.length - task.n_in + 1
 
 
+def length_range(task, key: str) -> tuple[int, int] | None:
+    """`task.<key>` (train_lengths or test_lengths) as (lo, hi), both included; None if unset."""
+    value = task.get(key) if hasattr(task, "get") else getattr(task, key, None)
+    return None if value is None else (int(value[0]), int(value[1]))
+
+
+def trained_lengths(task) -> tuple[int, int]:
+    """The window lengths a run trains on: task.train_lengths, else the fixed task.n_in."""
+    return length_range(task, "train_lengths") or (task.n_in, task.n_in)
+
+
+def length_seed(seed: int, length: int) -> int:
+    """The seed of the held-out windows of one length: its own, derived from the set's seed."""
+    return seed * LENGTH_SEED_STRIDE + length
+
+
+def _check_lengths(task, key: str) -> tuple[int, int] | None:
+    value = task.get(key)
+    if value is None:
+        return None
+    ok = not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and len(value) == 2
+    ok = ok and all(_is_count(v) for v in value) and value[0] <= value[1] < LENGTH_SEED_STRIDE
+    if not ok:
+        shown = list(value) if hasattr(value, "__iter__") and not isinstance(value, str) else value
+        raise ConfigError(
+            f"task.{key}={shown!r} must be null or [lo,hi]: whole numbers with 1 <= lo <= hi < {LENGTH_SEED_STRIDE} "
+            f"(both lengths included), e.g. task.{key}=[1,10]"
+        )
+    return int(value[0]), int(value[1])
+
+
+def _validate_lengths(task, model) -> None:
+    """Variable-length training and per-length testing: whole-window echoes, by networks that take any length."""
+    train, test = _check_lengths(task, "train_lengths"), _check_lengths(task, "test_lengths")
+    if not (train or test):
+        return
+    key = "task.train_lengths" if train else "task.test_lengths"
+    if model.name not in VARIABLE_LENGTH:
+        raise ConfigError(
+            f"model={model.name} is built for one window length and cannot take {key}: "
+            f"use a network that takes any length (model={' or model='.join(VARIABLE_LENGTH)})"
+        )
+    if task.framing == "mask":
+        raise ConfigError(
+            f"task.framing=mask cannot be combined with {key}: every window of every length is whole; "
+            f"use task.framing=drop"
+        )
+    if test and not train and task.n_out != task.n_in:
+        raise ConfigError(
+            f"task.test_lengths tests whole-window echoes, but this run trains a partial one "
+            f"(task.n_out={task.n_out} < task.n_in={task.n_in}): set task.n_out={task.n_in}, "
+            f"or train on lengths with task.train_lengths=[lo,hi]"
+        )
+
+
 def validate(cfg) -> None:
     """Raise ConfigError for the first setting that cannot work."""
     for path in (
@@ -126,6 +183,7 @@ def validate(cfg) -> None:
             f"model={model.name} reads the window in one step and cannot mask padded items: "
             f"use task.framing=drop, or a recurrent topology (model=seq2seq, encdec or many_to_one)"
         )
+    _validate_lengths(task, model)
     if not (isinstance(model.lr, (int, float)) and model.lr > 0):
         raise ConfigError(f"model.lr={model.lr!r} must be a positive number: e.g. model.lr=1e-3")
     rows = windows_per_sequence(task)

@@ -17,8 +17,11 @@ class Seq2Seq(nn.Module):
     """Listing A: `LSTM(hidden, return_sequences)` → `TimeDistributed(Dense(n_classes))`.
 
     One output per input step; the first `n_out` steps are the echo (with `n_out == n_in`,
-    the whole window, as in the tutorial).
+    the whole window, as in the tutorial). Any window length: it reads whatever steps it is given
+    and answers at the first `n_out` of them (at most the window's length).
     """
+
+    variable_length = True
 
     def __init__(self, n_features: int, hidden_size: int, n_classes: int, n_out: int):
         super().__init__()
@@ -27,9 +30,11 @@ class Seq2Seq(nn.Module):
         self.head = nn.Linear(hidden_size, n_classes)
         init_like_keras(self)
 
-    def forward(self, x: Tensor, state: State | None = None, mask: Tensor | None = None) -> tuple[Tensor, State]:
+    def forward(
+        self, x: Tensor, state: State | None = None, mask: Tensor | None = None, n_out: int | None = None
+    ) -> tuple[Tensor, State]:
         h, state = masked_lstm(self.lstm, x, state, mask)
-        return self.head(h[:, : self.n_out]), state
+        return self.head(h[:, : n_out or self.n_out]), state
 
 
 class EncoderDecoder(nn.Module):
@@ -37,8 +42,11 @@ class EncoderDecoder(nn.Module):
     `LSTM(hidden, return_sequences)` decoder → `TimeDistributed(Dense(n_classes))`.
 
     As in Keras, the decoder starts from its own state, not the encoder's; the encoder's
-    last output is its input at every step.
+    last output is its input at every step. Any window length and any `n_out`: the encoder
+    reads every step, and its last output is repeated `n_out` times.
     """
+
+    variable_length = True
 
     def __init__(self, n_features: int, hidden_size: int, n_classes: int, n_out: int):
         super().__init__()
@@ -48,10 +56,12 @@ class EncoderDecoder(nn.Module):
         self.head = nn.Linear(hidden_size, n_classes)
         init_like_keras(self)
 
-    def forward(self, x: Tensor, state: State | None = None, mask: Tensor | None = None) -> tuple[Tensor, State]:
+    def forward(
+        self, x: Tensor, state: State | None = None, mask: Tensor | None = None, n_out: int | None = None
+    ) -> tuple[Tensor, State]:
         enc_state, dec_state = state if state is not None else (None, None)
         h, enc_state = masked_lstm(self.encoder, x, enc_state, mask)
-        repeated = h[:, -1:].expand(-1, self.n_out, -1)
+        repeated = h[:, -1:].expand(-1, n_out or self.n_out, -1)
         h, dec_state = self.decoder(repeated, dec_state)
         return self.head(h), (enc_state, dec_state)
 
@@ -103,6 +113,11 @@ def build_net(name: str, n_in: int, n_features: int, hidden_size: int, n_classes
     cls = MODELS[name]
     sizes = dict(n_features=n_features, hidden_size=hidden_size, n_classes=n_classes, n_out=n_out)
     return cls(n_in=n_in, **sizes) if getattr(cls, "needs_n_in", False) else cls(**sizes)
+
+
+def variable_length(name: str) -> bool:
+    """Whether network `name` takes windows of any length and any `n_out` (length generalisation)."""
+    return getattr(MODELS[name], "variable_length", False)
 
 
 def can_mask(name: str) -> bool:

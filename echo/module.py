@@ -77,10 +77,15 @@ class EchoModule(pl.LightningModule):
             super().__setattr__(name, value)
 
     # -- the network on token ids ------------------------------------------------------
-    def forward(self, x: Tensor, state=None) -> tuple[Tensor, object]:
+    def forward(self, x: Tensor, state=None, n_out: int | None = None) -> tuple[Tensor, object]:
+        """Scores for windows of token ids `x`; `n_out` echoed items, if not the network's own
+        (windows of another length: task.train_lengths, task.test_lengths)."""
+        options = {}
         if self.mask_inputs:
-            return self.net(self.rep.encode(x), state, mask=x != PAD)
-        return self.net(self.rep.encode(x), state)
+            options["mask"] = x != PAD
+        if n_out is not None and n_out != self.net.n_out:
+            options["n_out"] = n_out
+        return self.net(self.rep.encode(x), state, **options)
 
     def configure_optimizers(self):
         # Fused: one kernel per step. Capturable: its step count stays on the device, for graphs.
@@ -104,7 +109,7 @@ class EchoModule(pl.LightningModule):
         which is a new sequence (Keras `reset_states()`). Stateless: zeros every batch."""
         state = None
         for x, y in batches:
-            scores, state = self(x, state if self.stateful else None)
+            scores, state = self(x, state if self.stateful else None, n_out=y.shape[1])
             yield scores, y
             state = detach_state(state)
 
@@ -208,8 +213,14 @@ class EchoModule(pl.LightningModule):
 
     # -- evaluation --------------------------------------------------------------------
     def _eval_step(self, draw: Draw, batch_idx: int) -> None:
-        """Evaluate as the model was trained: batch by batch, state carried, reset first."""
-        self._eval_sums = sum(torch.stack(self._scores(s, y)).float() for s, y in self._forward_batches(draw()))
+        """Evaluate as the model was trained: batch by batch, state carried, reset first. A set of
+        several window lengths comes as one draw per length, summed up."""
+        sums = self.eval_sums(draw())
+        self._eval_sums = sums if batch_idx == 0 else self._eval_sums + sums
+
+    def eval_sums(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """[summed loss, correct tokens, tokens, exactly echoed rows, rows] over evaluation batches."""
+        return sum(torch.stack(self._scores(s, y)).float() for s, y in self._forward_batches(batches))
 
     validation_step = test_step = _eval_step
 

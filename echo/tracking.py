@@ -283,6 +283,13 @@ class Tracker:
     def log_learning_curve(self, history: list[tuple[str, int, float]], target: float) -> None:
         self._send(op="curve", history=history, target=target)
 
+    def log_length_generalisation(
+        self, by_length: dict[int, tuple[float, float]], trained: tuple[int, int], chance: float
+    ) -> None:
+        """`length_generalisation.png`: {length: (token acc, exact match)} against length, drawn by the worker."""
+        rows = [[n, token, exact] for n, (token, exact) in sorted(by_length.items())]
+        self._send(op="lengths", rows=rows, trained=list(trained), chance=chance)
+
     def end(self, status: str = "FINISHED", error: str | None = None, timeout: float = 300) -> None:
         """Close the run as FINISHED, FAILED or KILLED once everything sent is written."""
         if self._worker is None:

@@ -8,7 +8,8 @@ dies without saying how the run ended (killed, even with SIGKILL), stdin closes 
 ends KILLED.
 
 Messages: start (uri, experiment, run_name, tags, params), metrics (rows of name, step,
-value), text (text, name), tags (tags), curve (history, target), end (status, error).
+value), text (text, name), tags (tags), curve (history, target), lengths (rows of length,
+token accuracy, exact match; trained [lo, hi]; chance), end (status, error).
 The worker answers `start` with the run id and `end`, once the run is written, with `ended`,
 each on a line of stdout starting with ANSWER (MLflow may print other lines there).
 
@@ -76,6 +77,23 @@ def learning_curve(history: list[list], target: float):
     return fig
 
 
+def length_generalisation(rows: list[list], trained: list[int], chance: float):
+    """Token accuracy and exact match against window length, the trained lengths shaded, chance
+    dotted (a token: `chance`; a whole window of L: chance ** L), as a matplotlib figure."""
+    lengths = [n for n, _, _ in rows]
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    ax.axvspan(trained[0] - 0.5, trained[1] + 0.5, color="C2", alpha=0.15, label=f"trained {trained[0]}-{trained[1]}")
+    ax.plot(lengths, [token for _, token, _ in rows], "-o", ms=3, label="token accuracy")
+    ax.plot(lengths, [exact for _, _, exact in rows], "-o", ms=3, label="exact match")
+    ax.plot(lengths, [chance] * len(lengths), ":", color="grey", label=f"chance, token ({chance:.2g})")
+    ax.plot(lengths, [chance**n for n in lengths], ":", color="black", label="chance, whole window")
+    ax.set(xlabel="window length L (n_in = n_out = L)", ylabel="test accuracy", ylim=(-0.02, 1.02))
+    ax.set_title("length generalisation")
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.13, top=0.92)
+    return fig
+
+
 class RunWriter:
     """Writes runs, one at a time: params at the start, metrics in batches, artifacts, the status."""
 
@@ -127,6 +145,11 @@ class RunWriter:
     def curve(self, history, target) -> None:
         figure = learning_curve(history, target)
         self.client.log_figure(self.run_id, figure, "learning_curve.png")
+        pyplot().close(figure)
+
+    def lengths(self, rows, trained, chance) -> None:
+        figure = length_generalisation(rows, trained, chance)
+        self.client.log_figure(self.run_id, figure, "length_generalisation.png")
         pyplot().close(figure)
 
     def end(self, status, error=None) -> None:

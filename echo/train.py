@@ -15,10 +15,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from echo.checkpoints import RESUMED_FROM, Checkpointer, download_checkpoint, saved_epochs_per_step
-from echo.config import epochs_per_step, resolve_threads, validate, windows_per_sequence
-from echo.data import EchoData, held_out
+from echo.config import epochs_per_step, length_range, resolve_threads, trained_lengths, validate, windows_per_sequence
+from echo.data import EchoData, at_length, held_out
 from echo.encoding import REPRESENTATIONS
 from echo.faults import NonFiniteGuard, interrupted
+from echo.lengths import evaluate_lengths, length_rows, length_scores
 from echo.models import build_net
 from echo.module import EchoModule
 from echo.tracking import Tracker, start_tracker, tracking_uri
@@ -67,13 +68,14 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
     torch.manual_seed(cfg.seed)
     task, model = cfg.task, cfg.model
     rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
+    variable = length_range(task, "train_lengths")  # (lo, hi): built for the longest, told each batch's n_out
     net = build_net(
         model.name,
-        n_in=task.n_in,
+        n_in=variable[1] if variable else task.n_in,
         n_features=rep.n_features,
         hidden_size=model.hidden_size,
         n_classes=rep.n_outputs,
-        n_out=task.n_out,
+        n_out=variable[1] if variable else task.n_out,
     )
     k = epochs_per_step(cfg, resumed=saved_epochs_per_step(checkpoint) if checkpoint else None)
     module = EchoModule(
@@ -86,7 +88,7 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
         stop_at=cfg.stop_at,
         representation=rep,
         mask_inputs=task.framing == "mask",
-        cuda_graph=cfg.get("cuda_graph", True),
+        cuda_graph=cfg.get("cuda_graph", True) and not variable,  # a graph replays one shape only
         epochs_per_step=k,
     )
     data = EchoData(task, model.batch_size, model.stateful, seed=cfg.seed)
@@ -116,6 +118,12 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
 
     epochs = module.epochs_done()
     summary = {**module.summary, "train_time_s": train_time, "epochs": epochs}
+    if tested := length_range(task, "test_lengths"):
+        by_length = evaluate_lengths(module, data, tested)
+        summary.update(length_scores(by_length, trained_lengths(task)))
+        if tracker:
+            tracker.log_metrics(length_rows(by_length))
+            tracker.log_length_generalisation(by_length, trained_lengths(task), chance=1 / task.n_unique)
     table = expected_predicted(module, data, task, seed=cfg.seed)
     print(table)
     print(_summary_line(summary))
@@ -136,7 +144,10 @@ def in_lightning_epochs(trainer_cfg, k: int) -> dict:
 
 
 def expected_predicted(module: EchoModule, data: EchoData, task, seed: int) -> str:
-    """The tutorial's evaluation: one fresh sequence, one `Expected: [...] Predicted [...]` per window."""
+    """The tutorial's evaluation: one fresh sequence, one `Expected: [...] Predicted [...]` per window
+    (with task.train_lengths, windows of the longest trained length)."""
+    if lengths := length_range(task, "train_lengths"):
+        task = at_length(task, lengths[1])
     x, y = held_out(task, 1, seed=10_000 + seed, device=module.device)
     pred = module.predict_windows(data.eval_batches(x, y))
     return "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[0].tolist(), pred.tolist()))
@@ -149,6 +160,8 @@ def _summary_line(s: dict[str, float]) -> str:
     )
     if "time_to_target_s" in s:
         line += f"; target reached at epoch {s['epochs_to_target']} ({s['time_to_target_s']:.1f} s)"
+    if "test/ood_exact_match" in s:
+        line += f"\ntest/ood_exact_match {s['test/ood_exact_match']:.4f} (lengths above the trained ones)"
     return line
 
 
