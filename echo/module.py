@@ -83,7 +83,7 @@ class EchoModule(pl.LightningModule):
         options = {}
         if self.mask_inputs:
             options["mask"] = x != PAD
-        if n_out is not None and n_out != self.net.n_out:
+        if n_out is not None and n_out != getattr(self.net, "n_out", n_out):  # (never told: a net without n_out)
             options["n_out"] = n_out
         return self.net(self.rep.encode(x), state, **options)
 
