@@ -11,12 +11,16 @@ from omegaconf import DictConfig
 
 import echo.resolvers  # noqa: F401  (registered before Hydra composes and resolves)
 from echo.config import ConfigError, resolve_threads, validate
+from echo.deferred import defer_unused_imports
 from echo.sweeps import job_name_and_tags, objective_value
 from echo.tracking import start_tracker
+
+defer_unused_imports()  # scipy.signal and torchmetrics' plots: ~1.5 s of start-up echo never uses
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    defer_unused_imports()  # again in a launcher's job process, which did not run this file's top
     hydra_cfg = HydraConfig.get()
     try:
         if cfg.get("resume"):

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # echo.tracking, from a checkout
 
 # name: (what it is, harness overrides, bare-loop arguments)
 CASES = {
@@ -83,9 +84,10 @@ def timed(cmd: list[str], cwd: str, env: dict) -> tuple[float, int, str]:
 def run_harness(overrides: list[str], workdir: str) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db", "PYTHONWARNINGS": "ignore"}
     wall, rss, _ = timed([sys.executable, str(ROOT / "run.py"), "progress=false", *overrides], workdir, env)
-    from mlflow import MlflowClient
+    from echo.tracking import mlflow_client
 
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    client = mlflow_client()
     run = client.search_runs([client.get_experiment_by_name("echo").experiment_id], order_by=["start_time DESC"])[0]
     m = run.data.metrics
     steps_per_epoch = 21 // int(run.data.params["model.batch_size"])
@@ -140,11 +142,12 @@ def main() -> None:
     a = p.parse_args()
     accelerator = ["trainer.accelerator=" + ("gpu" if a.device == "cuda" else "cpu"), *a.set]
 
-    from mlflow import MlflowClient
+    from echo.tracking import mlflow_client
 
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
-        MlflowClient(f"sqlite:///{workdir}/mlflow.db").search_experiments()  # an existing store, as a user has
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir}/mlflow.db"
+        mlflow_client().search_experiments()  # an existing store, as a user has
         for name in a.cases:
             what, overrides, bare_args = CASES[name]
             bare_runs, harness_runs = [], []

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from echo.config import ConfigError
 from echo.faults import TrainingError
-from echo.tracking import tracking_uri
+from echo.tracking import mlflow_client, tracking_uri
 
 FOLDER = "checkpoints"
 RESUMED_FROM = "echo.resumed_from"
@@ -44,9 +44,7 @@ class Checkpointer(pl.Callback):
 
     def _client(self):
         if not hasattr(self, "client"):
-            from mlflow import MlflowClient
-
-            self.client = MlflowClient(tracking_uri())
+            self.client = mlflow_client()
         return self.client
 
     def on_train_epoch_end(self, trainer, module) -> None:
@@ -116,9 +114,7 @@ def _count_epochs_in_steps_of(checkpoint: dict, k: int) -> None:
 
 
 def _download(run_id: str, name: str, folder: str) -> str:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri())
+    client = mlflow_client()
     try:
         client.get_run(run_id)
     except Exception:

@@ -1,5 +1,13 @@
 """Start-up cost paid only by whoever uses it: modules that load on first use, and the
-plotting torchmetrics would load at import, which an echo run never uses."""
+plotting torchmetrics would load at import, which an echo run never uses.
+
+Importing Lightning imports torchmetrics, which imports `scipy.signal` for its audio metrics and
+`matplotlib.pyplot` for its plots: together about a second and a half, a fifth of a default run's
+whole process, for nothing echo uses. The command line (run.py) applies `defer_unused_imports()`;
+importing echo from a notebook or a test changes nothing in other libraries.
+Checked with torchmetrics 1.9 (pinned in pyproject.toml): its flag `_MATPLOTLIB_AVAILABLE` and its
+`scipy.signal.hamming` check are what this relies on; tests/test_startup.py fails if they change.
+"""
 
 from __future__ import annotations
 
@@ -105,3 +113,9 @@ def keep_torchmetrics_from_pyplot() -> None:
     the flag is set to False as its module executes, before torchmetrics reads it. (The learning
     curves are drawn by the tracking worker, a process of its own, with matplotlib.)"""
     after_import("torchmetrics.utilities.imports", _matplotlib_unavailable)
+
+
+def defer_unused_imports() -> None:
+    """Both deferrals, before Lightning is imported (a no-op for modules already imported)."""
+    defer_scipy_signal()
+    keep_torchmetrics_from_pyplot()

@@ -11,12 +11,10 @@ from torch import Tensor, nn
 from echo.data import Draw
 from echo.encoding import PAD, LinearScale, OneHot
 from echo.models import detach_state
-
-WARM_EPOCHS = 3  # eager epochs before an epoch is captured in a CUDA graph
-PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_step_sums"})
+from echo.speedups import EpochGraph, PlainAttributes
 
 
-class EchoModule(pl.LightningModule):
+class EchoModule(PlainAttributes, pl.LightningModule):
     """Trains a network to echo windows of integers.
 
     Stateful (`stateful=True`): row i of batch b+1 starts from the final LSTM state of row i
@@ -35,10 +33,11 @@ class EchoModule(pl.LightningModule):
     `mask_inputs` hands the network a mask of the real (non-PAD) input items.
 
     On a CUDA device with `cuda_graph=True`, a whole training epoch (drawing its sequences,
-    every batch's forward, backward and Adam step, the metric sums) is captured once in one
-    CUDA graph after a few eager warm-up epochs, and replayed every epoch after: one launch
-    per epoch instead of hundreds of small kernels.
+    every batch's forward, backward and Adam step, the metric sums) is replayed as one CUDA graph
+    (echo/speedups.py `EpochGraph`).
     """
+
+    PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_step_sums"})  # set every hook/step (echo/speedups.py)
 
     def __init__(
         self,
@@ -62,19 +61,10 @@ class EchoModule(pl.LightningModule):
         self.history: list[tuple[str, int, float]] = []
         self.summary: dict[str, float] = {}
         self._train_sums: list[tuple[int, Tensor]] = []  # (first epoch, per epoch [loss*tokens, correct, tokens])
-        self.cuda_graph, self._graph, self._warm_epochs = cuda_graph, None, 0
+        self.cuda_graph, self._graph = cuda_graph, EpochGraph()
         # Several optimizer steps per Lightning step, written out (manual optimization); it
         # also skips automatic optimization's closure and hooks, costly next to these steps.
         self.automatic_optimization = False
-
-    def __setattr__(self, name: str, value) -> None:
-        # Lightning sets `_current_fx_name` around each of the ~20 hooks it calls per step, and
-        # the step sets `_step_sums`; nn.Module's __setattr__ looks for parameters, buffers and
-        # submodules under that name every time. Neither is one: store them directly.
-        if name in PLAIN_ATTRIBUTES:
-            self.__dict__[name] = value
-        else:
-            super().__setattr__(name, value)
 
     # -- the network on token ids ------------------------------------------------------
     def forward(self, x: Tensor, state=None, n_out: int | None = None) -> tuple[Tensor, object]:
@@ -151,7 +141,7 @@ class EchoModule(pl.LightningModule):
     def training_step(self, draw: Draw, batch_idx: int) -> None:
         """`epochs_per_step` tutorial epochs in a row: each `draw()` gives one epoch's batches."""
         if self._graphs():
-            sums = [self._graphed_epoch(draw) for _ in range(self.epochs_per_step)]
+            sums = [self._graph(self._train_epoch, draw) for _ in range(self.epochs_per_step)]
         else:
             sums = [self._train_epoch(draw()) for _ in range(self.epochs_per_step)]
         self._step_sums = torch.stack(sums)
@@ -171,32 +161,6 @@ class EchoModule(pl.LightningModule):
             correct = (self.rep.decode(scores.detach()) == y).sum()  # PAD (-1) is never a prediction
             sums.append(torch.stack([loss_sum.detach(), correct, tokens]))
         return torch.stack(sums).sum(0)
-
-    def _graphed_epoch(self, draw: Draw) -> Tensor:
-        """The epoch as one CUDA graph replay. The first WARM_EPOCHS epochs run eagerly on a side
-        stream (cuDNN, cuBLAS and Adam set themselves up), then one epoch is captured and
-        replayed; drawing the sequences is inside the graph, from the data's own generator."""
-        if self._graph is None:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            if self._warm_epochs < WARM_EPOCHS:
-                self._warm_epochs += 1
-                with torch.cuda.stream(stream):
-                    sums = self._train_epoch(draw())
-                torch.cuda.current_stream().wait_stream(stream)
-                return sums
-            graph = torch.cuda.CUDAGraph()
-            for generator in draw.generators:
-                graph.register_generator_state(generator)
-            try:
-                with torch.cuda.graph(graph, stream=stream):
-                    self._graph_sums = self._train_epoch(draw())
-            except RuntimeError as error:
-                message = f"capturing an epoch in a CUDA graph failed: run with cuda_graph=false ({error})"
-                raise RuntimeError(message) from error
-            self._graph = graph
-        self._graph.replay()
-        return self._graph_sums.clone()
 
     def on_train_epoch_end(self) -> None:  # after the step's validation: its epochs are complete
         self._train_sums.append((self.epochs_done() + 1, self._step_sums))

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from echo.tracking import PARENT_RUN_ENV, SWEEP_TAG, TrackingService, run_name_and_tags, tracking_uri
-from echo.tracking_worker import experiment_id
+from echo.tracking import PARENT_RUN_ENV, SWEEP_TAG, TrackingService, experiment_id, mlflow_client, run_name_and_tags
 
 PARENT_TAG = "echo.sweep_parent"
 # Objectives where lower is better; every other metric is maximised.
@@ -41,9 +40,7 @@ def parent_of_sweep(sweep: str, experiment: str) -> str | None:
     """The parent run id of a sweep, from the environment or else by the sweep's tag."""
     if parent := os.environ.get(PARENT_RUN_ENV):
         return parent
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri())
+    client = mlflow_client()
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
@@ -80,13 +77,11 @@ class SweepCallback(Callback):
             # imports mlflow now, alongside this process, instead of every job's worker later.
             self.service = TrackingService()
             atexit.register(self.service.close)
-        from mlflow import MlflowClient
-
         sweep = Path(config.hydra.sweep.dir).name
         excluded = set(config.hydra.job.config.override_dirname.exclude_keys)  # progress, threads
         overrides = " ".join(o for o in config.hydra.overrides.task if o.split("=")[0] not in excluded)
         self.objective = config.get("objective", "val/exact_match")
-        self.client = MlflowClient(tracking_uri())
+        self.client = mlflow_client()
         run = self.client.create_run(
             experiment_id(self.client, config.logger.experiment),
             run_name=f"sweep {overrides}",

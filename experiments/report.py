@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from echo.encoding import REPRESENTATIONS  # noqa: E402
 from echo.models import build_net, count_parameters  # noqa: E402
-from echo.tracking import SWEEP_TAG, tracking_uri  # noqa: E402
+from echo.tracking import SWEEP_TAG, mlflow_client, tracking_uri  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 README = ROOT / "experiments" / "README.md"
@@ -229,9 +229,7 @@ def update_readme(study: str, text: str) -> None:
 
 def regenerate(studies: list[str]) -> None:
     """Write the tables and plots of `studies` from the store."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri())
+    client = mlflow_client()
     for study in studies:
         text = report(client, study)
         if text:

@@ -79,7 +79,7 @@ def test_metrics_are_buffered_not_sent_every_epoch(store, monkeypatch, capsys):
     epoch's metrics, must not make one call per epoch."""
     from mlflow import MlflowClient
 
-    from echo.tracking_worker import RunWriter
+    from echo.tracking.worker import RunWriter
 
     calls = []
     log_batch = MlflowClient.log_batch

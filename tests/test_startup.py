@@ -6,6 +6,8 @@ from pathlib import Path
 
 IMPORT_THEN_USE = """
 import sys
+from echo.deferred import defer_unused_imports
+defer_unused_imports()  # as run.py does
 import echo.train  # Lightning, and torchmetrics with it
 stand_in = sys.modules["scipy.signal"]
 print(type(stand_in).__name__, "scipy.signal._signal_api" in sys.modules, "matplotlib" in sys.modules)
@@ -37,3 +39,16 @@ def test_lightning_loads_without_scipy_signal_and_pyplot_which_work_when_used():
         "True True",
         "True False",
     ], result.stderr
+
+
+def test_importing_echo_leaves_other_libraries_alone():
+    """Only the command line defers imports: `import echo` (a notebook, a test) does not."""
+    code = "import echo, echo.train, scipy.signal, sys; print(type(sys.modules['scipy.signal']).__name__)"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout.strip() == "module", result.stderr

@@ -12,8 +12,8 @@ import pytest
 from helpers import TINY, all_runs, start_run_py, sweep_runs
 from mlflow import MlflowClient
 
-from echo import tracking
 from echo.tracking import SERVICE_ENV, Tracker, TrackingService
+from echo.tracking import client as tracking
 
 
 def _run(name: str) -> tuple[str, int]:
@@ -83,7 +83,7 @@ def _tracking_workers(pid: int) -> dict[int, bytes]:
     below = {pid}
     for _ in range(5):  # the tree is shallow: launcher, its workers, theirs
         below |= {child for child, parent in parents.items() if parent in below}
-    return {p: commands[p] for p in below if b"tracking_worker.py" in commands.get(p, b"")}
+    return {p: commands[p] for p in below if b"tracking/worker.py" in commands.get(p, b"")}
 
 
 @pytest.mark.slow

@@ -1,20 +1,29 @@
-"""The process that writes runs to MLflow: `python echo/tracking_worker.py [--serve SOCKET]`.
+"""The process that writes runs to MLflow: `python echo/tracking/worker.py [--serve SOCKET]`.
 
 The training process starts it first thing and sends it JSON lines on stdin; it imports
 mlflow, creates the run and writes metrics in batches on the other CPU core while training
 runs, so tracking costs training almost nothing. The training process keeps it for its next
-run (echo/tracking.py), so a sweep's jobs pay for the import once. If the training process
+run (echo/tracking/client.py), so a sweep's jobs pay for the import once. If the training process
 dies without saying how the run ended (killed, even with SIGKILL), stdin closes and the run
 ends KILLED.
 
-Messages: start (uri, experiment, run_name, tags, params), metrics (rows of name, step,
-value), text (text, name), tags (tags), curve (history, target), lengths (rows of length,
-token accuracy, exact match; trained [lo, hi]; chance), end (status, error).
-The worker answers `start` with the run id and `end`, once the run is written, with `ended`,
-each on a line of stdout starting with ANSWER (MLflow may print other lines there).
+Messages, one JSON object per line, `op` naming the `RunWriter` method that handles it
+(`RunWriter.OPS`):
 
-With `--serve SOCKET` it is a parallel sweep's tracking service instead (echo/sweeps.py): it
-writes the runs of all the sweep's local jobs at once, each training process on its own
+| op      | fields                                  | what the worker does                          | answer         |
+|---------|-----------------------------------------|-----------------------------------------------|----------------|
+| start   | uri, experiment, run_name, tags, params | creates the run, logs its params              | the run id     |
+| metrics | rows [[name, step, value], ...], ms     | buffers them; writes 1,000 per call, or 10 s  |                |
+| text    | text, name                              | a text artifact                               |                |
+| tags    | tags                                    | sets tags                                     |                |
+| curve   | history, target                         | draws learning_curve.png                      |                |
+| lengths | rows [[L, token acc, exact], ...], trained [lo, hi], chance | draws length_generalisation.png |  |
+| end     | status, error                           | flushes, ends the run FINISHED/FAILED/KILLED  | `ended`        |
+
+Answers are lines of stdout starting with ANSWER (MLflow may print other lines there).
+
+With `--serve SOCKET` it is a parallel sweep's tracking service instead (echo/tracking/service.py):
+it writes the runs of all the sweep's local jobs at once, each training process on its own
 connection to the Unix socket, with the same messages and answers; a connection that closes
 with its run open ends that run KILLED. The jobs pay for no mlflow import, and the service
 pays for its own while the sweep starts, on an otherwise idle core.
@@ -97,6 +106,8 @@ def length_generalisation(rows: list[list], trained: list[int], chance: float):
 class RunWriter:
     """Writes runs, one at a time: params at the start, metrics in batches, artifacts, the status."""
 
+    OPS = frozenset({"start", "metrics", "text", "tags", "curve", "lengths", "end"})  # the messages (table above)
+
     def __init__(self, flush_every_s: float = 10.0, reply=answer):
         self.flush_every_s, self.pending, self.run_id, self.reply = flush_every_s, [], None, reply
         self.client, self.uri = None, None
@@ -105,6 +116,8 @@ class RunWriter:
         """Act on one message; answer `end` once the run is written (`start` is answered early)."""
         message = json.loads(line)
         op = message.pop("op")
+        if op not in self.OPS:
+            raise ValueError(f"unknown tracking message {op!r}")
         getattr(self, op)(**message)
         if op == "end":
             self.reply("ended")  # the training process may report the run done now

@@ -1,8 +1,6 @@
-"""MLflow tracking: where runs go, what they are called, and what they hold.
-
-A run is written by a worker process (echo/tracking_worker.py) that batches metrics (one
-SQLite or HTTP call per thousand values), so logging costs training almost nothing.
-"""
+"""The training side of tracking: a `Tracker` per run, sending messages to a worker process
+(echo/tracking/worker.py) that batches metrics (one SQLite or HTTP call per thousand values) and
+writes artifacts, so logging costs training almost nothing."""
 
 from __future__ import annotations
 
@@ -10,52 +8,22 @@ import atexit
 import json
 import os
 import queue
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from echo.tracking_worker import ANSWER
+from echo.tracking.naming import PARENT_RUN_ENV, flatten, tracking_uri
+from echo.tracking.worker import ANSWER
 
-PARENT_RUN_ENV = "ECHO_PARENT_RUN_ID"  # set by the sweep callback for its jobs
-SWEEP_TAG = "echo.sweep"
-
-
-def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` when set, else `mlflow.db` (SQLite) in the current directory,
-    where a plain `mlflow ui` finds it."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def mlflow_client():
-    """An `MlflowClient` on the tracking store (`tracking_uri()`), for reading runs and artifacts."""
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri())
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-WORKER = str(Path(__file__).with_name("tracking_worker.py"))
+WORKER = str(Path(__file__).with_name("worker.py"))
 SERVICE_ENV = "ECHO_TRACKING_SERVICE"  # a parallel sweep's tracking service, for its local jobs
 
 
 class _Worker:
-    """A tracking worker process (`echo.tracking_worker`), writing one run after another.
+    """A tracking worker process (`echo/tracking/worker.py`), writing one run after another.
 
     Starting one costs an interpreter and an mlflow import (seconds of CPU on a small machine),
     so a process keeps its worker between runs: the jobs of a sequential sweep, or the jobs a
@@ -123,7 +91,7 @@ class _Worker:
 
 
 class _ServiceConnection(_Worker):
-    """A connection to a parallel sweep's tracking service (`tracking_worker.py --serve`), used
+    """A connection to a parallel sweep's tracking service (`worker.py --serve`), used
     as a worker of this process's own: the service writes runs from all the sweep's jobs at once."""
 
     def __init__(self, path: str):
@@ -150,42 +118,6 @@ class _ServiceConnection(_Worker):
             pass
         self.gone.wait(wait)
         self.sock.close()
-
-
-class TrackingService:
-    """A tracking worker that writes the runs of all a parallel sweep's local jobs at once
-    (`tracking_worker.py --serve`), so that none of them starts a worker of its own.
-
-    The launching process starts it before the jobs (echo/sweeps.py): it imports mlflow while the
-    sweep starts, on a core that is idle then. Jobs find it through SERVICE_ENV; one whose
-    directory differs, or that runs elsewhere, starts its own worker.
-    """
-
-    def __init__(self):
-        self.folder = tempfile.mkdtemp(prefix="echo-tracking-")
-        path = os.path.join(self.folder, "socket")
-        self.process = subprocess.Popen(
-            [sys.executable, WORKER, "--serve", path],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # Ctrl-C reaches the jobs, which end their runs
-        )
-        if self.process.stdout.readline().strip() == ANSWER + "ready":  # listening
-            os.environ[SERVICE_ENV] = json.dumps({"socket": path, "cwd": os.getcwd()})
-        self.process.stdout.close()
-
-    def close(self, wait: float = 30) -> None:
-        """No more jobs: it exits once every job's connection has closed (waited for up to `wait` s)."""
-        os.environ.pop(SERVICE_ENV, None)
-        if self.process.stdin.closed:
-            return
-        self.process.stdin.close()
-        try:
-            self.process.wait(wait)
-        except subprocess.TimeoutExpired:
-            pass
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # Set by torch and Lightning in the training process as they load and train; MLflow reads none.
@@ -240,7 +172,7 @@ def _close_all() -> None:
 
 
 class Tracker:
-    """One MLflow run, written by a worker process (`echo.tracking_worker`).
+    """One MLflow run, written by a worker process (`echo/tracking/worker.py`).
 
     Calls return at once: messages go down a pipe, and the worker, started before training (or
     kept from this process's previous run), imports mlflow and writes on the other core. `end`
@@ -318,13 +250,3 @@ def start_tracker(cfg, run_name: str, tags: dict[str, str] | None = None) -> Tra
     tracker = Tracker(cfg.logger.experiment, run_name, tags)
     tracker.start(flatten(OmegaConf.to_container(cfg, resolve=True)))
     return tracker
-
-
-def run_name_and_tags(hydra_cfg) -> tuple[str, dict[str, str]]:
-    """A run is named by its command-line overrides ("model=encdec,task.n_out=2"); a sweep's
-    jobs share the sweep's tag."""
-    name = hydra_cfg.job.override_dirname or "default"
-    tags = {}
-    if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
-        tags = {SWEEP_TAG: Path(hydra_cfg.sweep.dir).name, "echo.job": str(hydra_cfg.job.num)}
-    return name, tags

@@ -1,0 +1,35 @@
+"""Tracking in MLflow: the only package of echo that imports mlflow.
+
+    naming.py   where runs go (`tracking_uri`), run names, the tags a sweep's runs share
+    client.py   `Tracker`: one run, as messages to a worker process; `start_tracker(cfg, ...)`
+    worker.py   the worker process that writes runs (its messages are tabled at its top)
+    service.py  one worker for all the local jobs of a parallel sweep
+    store.py    direct reads and writes: sweep parents, checkpoints, reports
+
+Why not Lightning's `MLFlowLogger`: it writes from the training process, synchronously. Measured
+on a 2-core CPU (listing A, 500 epochs): a lean Trainer ran ~150 epochs/s, ~75 with MLFlowLogger
+on SQLite (~4 ms per call; ~55 ms over HTTP to a server); importing mlflow costs ~1 s of the
+training process's start-up. The worker imports mlflow and writes on the other core while
+training runs, batching 1,000 metrics per call (0.84 s for 10,000 values instead of 20 s). It
+also ends a run KILLED when its training process dies, even by SIGKILL (its stdin closes), which
+an in-process logger cannot; and sweep parents and checkpoints need the client API anyway.
+"""
+
+from echo.tracking.client import SERVICE_ENV, Tracker, start_tracker
+from echo.tracking.naming import PARENT_RUN_ENV, SWEEP_TAG, flatten, run_name_and_tags, tracking_uri
+from echo.tracking.service import TrackingService
+from echo.tracking.store import experiment_id, mlflow_client
+
+__all__ = [
+    "PARENT_RUN_ENV",
+    "SERVICE_ENV",
+    "SWEEP_TAG",
+    "Tracker",
+    "TrackingService",
+    "experiment_id",
+    "flatten",
+    "mlflow_client",
+    "run_name_and_tags",
+    "start_tracker",
+    "tracking_uri",
+]

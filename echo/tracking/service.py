@@ -1,0 +1,49 @@
+"""A parallel sweep's tracking service: one worker process writing the runs of all its local jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from echo.tracking.client import SERVICE_ENV, WORKER
+from echo.tracking.worker import ANSWER
+
+
+class TrackingService:
+    """A tracking worker that writes the runs of all a parallel sweep's local jobs at once
+    (`worker.py --serve`), so that none of them starts a worker of its own.
+
+    The launching process starts it before the jobs (echo/sweeps.py): it imports mlflow while the
+    sweep starts, on a core that is idle then. Jobs find it through SERVICE_ENV; one whose
+    directory differs, or that runs elsewhere, starts its own worker.
+    """
+
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="echo-tracking-")
+        path = os.path.join(self.folder, "socket")
+        self.process = subprocess.Popen(
+            [sys.executable, WORKER, "--serve", path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # Ctrl-C reaches the jobs, which end their runs
+        )
+        if self.process.stdout.readline().strip() == ANSWER + "ready":  # listening
+            os.environ[SERVICE_ENV] = json.dumps({"socket": path, "cwd": os.getcwd()})
+        self.process.stdout.close()
+
+    def close(self, wait: float = 30) -> None:
+        """No more jobs: it exits once every job's connection has closed (waited for up to `wait` s)."""
+        os.environ.pop(SERVICE_ENV, None)
+        if self.process.stdin.closed:
+            return
+        self.process.stdin.close()
+        try:
+            self.process.wait(wait)
+        except subprocess.TimeoutExpired:
+            pass
+        shutil.rmtree(self.folder, ignore_errors=True)
