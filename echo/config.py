@@ -10,7 +10,9 @@ import echo.resolvers  # noqa: F401  (the presets' ${add:...}, registered with t
 # What the checks accept, named here rather than read from echo.models and echo.encoding: those
 # import torch, and a sweep checks every job in the launching process, which (with a parallel
 # launcher) trains nothing. tests/test_sweeps.py keeps these in step with the real ones.
-MODEL_NAMES = ("seq2seq", "encdec", "one_to_one", "many_to_one")
+MODEL_NAMES = ("seq2seq", "encdec", "one_to_one", "many_to_one", "attention", "autoregressive", "transformer")
+CELLS = ("lstm", "gru")
+POSITIONAL = ("sinusoidal", "learned")
 CANNOT_MASK = ("one_to_one",)  # read the window in one step
 REPRESENTATION_NAMES = ("onehot", "linear")
 
@@ -126,6 +128,7 @@ def validate(cfg) -> None:
             f"model={model.name} reads the window in one step and cannot mask padded items: "
             f"use task.framing=drop, or a recurrent topology (model=seq2seq, encdec or many_to_one)"
         )
+    _check_network_options(cfg)
     if not (isinstance(model.lr, (int, float)) and model.lr > 0):
         raise ConfigError(f"model.lr={model.lr!r} must be a positive number: e.g. model.lr=1e-3")
     rows = windows_per_sequence(task)
@@ -143,3 +146,39 @@ def validate(cfg) -> None:
     every = cfg.get("checkpoint_every")
     if every is not None and not _is_count(every):
         raise ConfigError(f"checkpoint_every={every!r} must be a whole number >= 1 or null: e.g. checkpoint_every=100")
+
+
+def _check_network_options(cfg) -> None:
+    """The keys of the newer networks (model.cell, teacher_forcing, d_model, n_heads, ...), where set."""
+    task, model = cfg.task, cfg.model
+    cell = model.get("cell", "lstm")
+    if cell not in CELLS:
+        raise ConfigError(f"model.cell={cell!r} is unknown: use model.cell=lstm or model.cell=gru")
+    if "teacher_forcing" in model:
+        p = model.teacher_forcing
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ConfigError(
+                f"model.teacher_forcing={p!r} must be a probability in [0, 1]: e.g. model.teacher_forcing=1.0"
+            )
+        if task.get("representation", "onehot") != "onehot":
+            raise ConfigError(
+                "model=autoregressive feeds back predicted tokens, which needs task.representation=onehot"
+            )
+    for key in ("d_model", "n_layers", "n_heads", "max_len"):
+        if key in model:
+            _positive_int(cfg, f"model.{key}")
+    if "n_heads" in model and model.d_model % model.n_heads:
+        raise ConfigError(
+            f"model.n_heads={model.n_heads} does not divide model.d_model={model.d_model}: "
+            f"choose n_heads among {[h for h in range(1, model.d_model + 1) if model.d_model % h == 0][:8]}"
+        )
+    positional = model.get("positional")
+    if positional is not None and positional not in POSITIONAL:
+        raise ConfigError(f"model.positional={positional!r} is unknown: use model.positional=sinusoidal or learned")
+    if "max_len" in model:
+        longest = max(task.n_out, task.n_in if positional == "learned" else 0)
+        if longest > model.max_len:
+            raise ConfigError(
+                f"model.max_len={model.max_len} is shorter than the {longest} positions model={model.name} "
+                f"needs here: set model.max_len>={longest}"
+            )

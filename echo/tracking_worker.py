@@ -8,7 +8,8 @@ dies without saying how the run ended (killed, even with SIGKILL), stdin closes 
 ends KILLED.
 
 Messages: start (uri, experiment, run_name, tags, params), metrics (rows of name, step,
-value), text (text, name), tags (tags), curve (history, target), end (status, error).
+value), text (text, name), tags (tags), params (params), curve (history, target), positions
+(accuracy, chance), end (status, error).
 The worker answers `start` with the run id and `end`, once the run is written, with `ended`,
 each on a line of stdout starting with ANSWER (MLflow may print other lines there).
 
@@ -76,6 +77,18 @@ def learning_curve(history: list[list], target: float):
     return fig
 
 
+def by_position(accuracy: list[float], chance: float):
+    """Test token accuracy against output position, as a matplotlib figure."""
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
+    positions = range(1, len(accuracy) + 1)
+    ax.plot(positions, accuracy, "-o", ms=3, label="test/token_acc_by_position")
+    ax.axhline(chance, color="grey", linestyle=":", label=f"chance {chance:.3g}")
+    ax.set(xlabel="output position (1 = oldest item of the window)", ylabel="token accuracy", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.15, top=0.95)
+    return fig
+
+
 class RunWriter:
     """Writes runs, one at a time: params at the start, metrics in batches, artifacts, the status."""
 
@@ -95,7 +108,7 @@ class RunWriter:
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param, RunTag
 
-        self.Metric, self.RunTag = Metric, RunTag
+        self.Metric, self.RunTag, self.Param = Metric, RunTag, Param
         if uri != self.uri:
             self.client, self.uri = MlflowClient(uri), uri
         self.pending = []
@@ -123,6 +136,14 @@ class RunWriter:
 
     def tags(self, tags) -> None:
         self.client.log_batch(self.run_id, tags=[self.RunTag(k, str(v)) for k, v in tags.items()])
+
+    def params(self, params) -> None:
+        self.client.log_batch(self.run_id, params=[self.Param(k, v) for k, v in params.items()])
+
+    def positions(self, accuracy, chance) -> None:
+        figure = by_position(accuracy, chance)
+        self.client.log_figure(self.run_id, figure, "token_acc_by_position.png")
+        pyplot().close(figure)
 
     def curve(self, history, target) -> None:
         figure = learning_curve(history, target)
