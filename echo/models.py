@@ -253,6 +253,7 @@ class Transformer(nn.Module):
             raise ValueError(f"positional={positional!r} is unknown: use sinusoidal or learned")
         self.n_out, self.d_model, self.positional, self.max_len = n_out, d_model, positional, max_len
         self.embed = nn.Linear(n_features, d_model)
+        self.scale = math.sqrt(d_model)  # Vaswani et al.: embeddings times sqrt(d_model)
         self.query = nn.Parameter(torch.randn(d_model) * 0.02)
         if positional == "learned":
             self.positions = nn.Embedding(max_len, d_model)
@@ -277,7 +278,7 @@ class Transformer(nn.Module):
         n_out = n_out or self.n_out
         batch, length = x.shape[:2]
         positions = self.position(max(length, n_out), x.device)
-        items = self.embed(x) + positions[:length]
+        items = self.embed(x) * self.scale + positions[:length]  # items as loud as their positions
         queries = (self.query + positions[:n_out]).expand(batch, -1, -1)
         padding = None
         if mask is not None:  # padded items are not attended to
