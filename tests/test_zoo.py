@@ -4,16 +4,27 @@ checks that refuse their bad settings."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import CONF, make_cfg
 from helpers import TINY, all_runs, artifacts, run_py
 from torch import nn
 
 from echo.config import ConfigError, validate
 from echo.data import Draw
 from echo.encoding import PAD
-from echo.models import MODELS, Attention, Autoregressive, Transformer, build_net, count_parameters, masked_lstm
+from echo.models import (
+    MODELS,
+    NET_OPTIONS,
+    Attention,
+    Autoregressive,
+    Transformer,
+    build_net,
+    count_parameters,
+    masked_lstm,
+)
 from echo.module import EchoModule
 from echo.train import train
 
@@ -221,3 +232,27 @@ def test_network_classes_are_the_ones_named():
         Autoregressive,
         Transformer,
     )
+
+
+@pytest.mark.parametrize("model", ["seq2seq", "encdec", "one_to_one", "many_to_one", "autoregressive"])
+def test_gru_cells_run_from_the_config(model):
+    options = ["model.cell=gru", "model.hidden_size=8", "model.stateful=false", "task.eval_windows=100"]
+    summary = train(make_cfg(f"model={model}", "logger=none", *options, *TINY[:2]))
+    assert summary["epochs"] == 10 and "test/token_acc" in summary
+
+
+# -- the study --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", sorted(p.stem for p in (Path(CONF) / "zoo").glob("*.yaml")))
+def test_study_zoo_variants_match_listing_b_parameter_budget(variant):
+    cfg = make_cfg("experiment=study_zoo", f"+zoo={variant}", "task.n_in=50")
+    assert cfg.model.name == variant.removesuffix("_gru") and cfg.model.get("cell", "lstm") in variant + "lstm"
+    net = build_net(
+        cfg.model.name,
+        n_in=cfg.task.n_in,
+        n_features=100,
+        hidden_size=cfg.model.hidden_size,
+        n_classes=100,
+        n_out=cfg.task.n_out,
+        **{key: cfg.model[key] for key in NET_OPTIONS if key in cfg.model},
+    )
+    assert abs(count_parameters(net) - 347_500) <= 0.05 * 347_500  # listing B's, within 5%
