@@ -10,9 +10,12 @@ import echo.resolvers  # noqa: F401  (the presets' ${add:...}, registered with t
 # What the checks accept, named here rather than read from echo.models and echo.encoding: those
 # import torch, and a sweep checks every job in the launching process, which (with a parallel
 # launcher) trains nothing. tests/test_sweeps.py keeps these in step with the real ones.
-MODEL_NAMES = ("seq2seq", "encdec", "one_to_one", "many_to_one")
+MODEL_NAMES = ("seq2seq", "encdec", "one_to_one", "many_to_one", "attention", "autoregressive", "transformer")
+CELLS = ("lstm", "gru")
+POSITIONAL = ("sinusoidal", "learned")
 CANNOT_MASK = ("one_to_one",)  # read the window in one step
-VARIABLE_LENGTH = ("seq2seq", "encdec")  # take windows of any length: task.train_lengths, task.test_lengths
+# networks that take windows of any length: task.train_lengths, task.test_lengths
+VARIABLE_LENGTH = ("seq2seq", "encdec", "attention", "autoregressive", "transformer")
 LENGTH_SEED_STRIDE = 10_000  # a held-out set of length L has seed `seed * stride + L` (echo.config.length_seed)
 REPRESENTATION_NAMES = ("onehot", "linear")
 
@@ -134,6 +137,13 @@ def _validate_lengths(task, model) -> None:
             f"task.framing=mask cannot be combined with {key}: every window of every length is whole; "
             f"use task.framing=drop"
         )
+    longest = max(hi for _, hi in (train or (0, 0), test or (0, 0)))
+    if "max_len" in model and longest > model.max_len:
+        raise ConfigError(
+            f"model.max_len={model.max_len} is shorter than the longest window ({longest}) of "
+            f"task.train_lengths and task.test_lengths, which model={model.name} needs positions for: "
+            f"set model.max_len>={longest}"
+        )
     if test and not train and task.n_out != task.n_in:
         raise ConfigError(
             f"task.test_lengths tests whole-window echoes, but this run trains a partial one "
@@ -183,6 +193,7 @@ def validate(cfg) -> None:
             f"model={model.name} reads the window in one step and cannot mask padded items: "
             f"use task.framing=drop, or a recurrent topology (model=seq2seq, encdec or many_to_one)"
         )
+    _check_network_options(cfg)
     _validate_lengths(task, model)
     if not (isinstance(model.lr, (int, float)) and model.lr > 0):
         raise ConfigError(f"model.lr={model.lr!r} must be a positive number: e.g. model.lr=1e-3")
@@ -201,3 +212,39 @@ def validate(cfg) -> None:
     every = cfg.get("checkpoint_every")
     if every is not None and not _is_count(every):
         raise ConfigError(f"checkpoint_every={every!r} must be a whole number >= 1 or null: e.g. checkpoint_every=100")
+
+
+def _check_network_options(cfg) -> None:
+    """The keys of the newer networks (model.cell, teacher_forcing, d_model, n_heads, ...), where set."""
+    task, model = cfg.task, cfg.model
+    cell = model.get("cell", "lstm")
+    if cell not in CELLS:
+        raise ConfigError(f"model.cell={cell!r} is unknown: use model.cell=lstm or model.cell=gru")
+    if "teacher_forcing" in model:
+        p = model.teacher_forcing
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ConfigError(
+                f"model.teacher_forcing={p!r} must be a probability in [0, 1]: e.g. model.teacher_forcing=1.0"
+            )
+        if task.get("representation", "onehot") != "onehot":
+            raise ConfigError(
+                "model=autoregressive feeds back predicted tokens, which needs task.representation=onehot"
+            )
+    for key in ("d_model", "n_layers", "n_heads", "max_len"):
+        if key in model:
+            _positive_int(cfg, f"model.{key}")
+    if "n_heads" in model and model.d_model % model.n_heads:
+        raise ConfigError(
+            f"model.n_heads={model.n_heads} does not divide model.d_model={model.d_model}: "
+            f"choose n_heads among {[h for h in range(1, model.d_model + 1) if model.d_model % h == 0][:8]}"
+        )
+    positional = model.get("positional")
+    if positional is not None and positional not in POSITIONAL:
+        raise ConfigError(f"model.positional={positional!r} is unknown: use model.positional=sinusoidal or learned")
+    if "max_len" in model:
+        longest = task.n_out if positional == "sinusoidal" else max(task.n_out, task.n_in)  # a table of positions
+        if longest > model.max_len:
+            raise ConfigError(
+                f"model.max_len={model.max_len} is shorter than the {longest} positions model={model.name} "
+                f"needs here: set model.max_len>={longest}"
+            )

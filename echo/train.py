@@ -20,7 +20,7 @@ from echo.data import EchoData, at_length, held_out
 from echo.encoding import REPRESENTATIONS
 from echo.faults import NonFiniteGuard, interrupted
 from echo.lengths import evaluate_lengths, length_rows, length_scores
-from echo.models import build_net
+from echo.models import NET_OPTIONS, build_net, count_parameters
 from echo.module import EchoModule
 from echo.tracking import Tracker, start_tracker, tracking_uri
 
@@ -76,7 +76,10 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
         hidden_size=model.hidden_size,
         n_classes=rep.n_outputs,
         n_out=variable[1] if variable else task.n_out,
+        **{key: model[key] for key in NET_OPTIONS if key in model},
     )
+    if tracker:
+        tracker.log_params({"n_params": count_parameters(net)})
     k = epochs_per_step(cfg, resumed=saved_epochs_per_step(checkpoint) if checkpoint else None)
     module = EchoModule(
         net,
@@ -117,19 +120,24 @@ def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | No
     trainer.test(module, data, verbose=False)
 
     epochs = module.epochs_done()
+    chance = 1 / task.n_unique  # a uniform guess per token
     summary = {**module.summary, "train_time_s": train_time, "epochs": epochs}
+    # a whole window by chance (with train_lengths: the held-out sets hold every trained length equally)
+    lengths = range(variable[0], variable[1] + 1) if variable else [task.n_out]
+    summary |= {"chance/token_acc": chance, "chance/exact_match": sum(chance**n for n in lengths) / len(lengths)}
     if tested := length_range(task, "test_lengths"):
         by_length = evaluate_lengths(module, data, tested)
         summary.update(length_scores(by_length, trained_lengths(task)))
         if tracker:
             tracker.log_metrics(length_rows(by_length))
-            tracker.log_length_generalisation(by_length, trained_lengths(task), chance=1 / task.n_unique)
+            tracker.log_length_generalisation(by_length, trained_lengths(task), chance)
     table = expected_predicted(module, data, task, seed=cfg.seed)
     print(table)
     print(_summary_line(summary))
     if tracker:
         final = [(name, epochs, v) for name, v in summary.items() if not name.startswith("val/")]
         tracker.log_metrics(final)  # val/* is in the history already
+        tracker.log_by_position(module.by_position, chance)
         tracker.log_text(table + "\n", "expected_predicted.txt")
     return summary
 

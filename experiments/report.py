@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from echo.encoding import REPRESENTATIONS  # noqa: E402
-from echo.models import build_net, count_parameters  # noqa: E402
+from echo.models import NET_OPTIONS, build_net, count_parameters  # noqa: E402
 from echo.tracking import SWEEP_TAG, mlflow_client, tracking_uri  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
@@ -44,6 +44,7 @@ STUDIES = {
     "study_stateless": ["model.stateful", "model.batch_size"],
     "study_topology": ["model.name", "model.hidden_size"],
     "study_length": ["model.name", "model.positional"],
+    "study_zoo": ["model.name", "model.cell", "task.n_in"],
 }
 
 
@@ -71,8 +72,19 @@ def parameters(run: dict) -> int:
         hidden_size=int(run["model.hidden_size"]),
         n_classes=rep.n_outputs,
         n_out=int(run["task.n_out"]),
+        **{key: _value(run[f"model.{key}"]) for key in NET_OPTIONS if f"model.{key}" in run},
     )
     return count_parameters(net)
+
+
+def _value(param: str):
+    """A param as logged (a string) back to the number it was, if it was one."""
+    for kind in (int, float):
+        try:
+            return kind(param)
+        except ValueError:
+            pass
+    return param
 
 
 def steps_per_epoch(run: dict) -> int:
@@ -84,7 +96,7 @@ def steps_per_epoch(run: dict) -> int:
 def group(runs: list[dict], keys: list[str]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for run in sorted(runs, key=lambda r: [_sortable(r.get(k, "–")) for k in keys] + [int(r["seed"])]):
-        groups.setdefault(tuple(run.get(k, "–") for k in keys), []).append(run)
+        groups.setdefault(tuple(run.get(k, "–") for k in keys), []).append(run)  # – : not this network's key
     return groups
 
 
@@ -270,6 +282,48 @@ def length_plot(client, runs: list[dict], keys: list[str]):
     return fig
 
 
+def zoo_table(client, runs: list[dict]) -> str:
+    """Per variant: the teacher-forcing gap (val exact match teacher-forced minus free-running) and
+    test token accuracy at the first, middle and last output position (mean over seeds)."""
+    lines = [
+        "| model.name | model.cell | n | val exact match | teacher-forced | test token acc at position 1 / n/2 / n |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (name, cell, n), rs in group(runs, STUDIES["study_zoo"]).items():
+        forced = [r["val/exact_match_teacher_forced"] for r in rs if "val/exact_match_teacher_forced" in r]
+        curves = [by_position(client, r["run_id"]) for r in rs]
+        at = [mean(c[i] for c in curves) for i in (0, (len(curves[0]) - 1) // 2, -1)] if curves[0] else []
+        lines.append(
+            f"| {name} | {cell} | {n} | {_spread([r['val/exact_match'] for r in rs], '.3f')} | "
+            f"{_spread(forced, '.3f') if forced else '–'} | {' / '.join(f'{a:.2f}' for a in at)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def by_position(client, run_id: str) -> list[float]:
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "test/token_acc_by_position"))
+    return [value for _, value in history]
+
+
+def zoo_plot(client, runs: list[dict]):
+    """Test token accuracy by output position, one panel per n, a line per variant (mean over seeds)."""
+    ns = sorted({int(r["task.n_in"]) for r in runs})
+    fig, axes = plt.subplots(1, len(ns), figsize=(4 * len(ns), 3.8), squeeze=False)
+    variants = group(runs, ["model.name", "model.cell"])
+    for ax, n in zip(axes[0], ns):
+        for i, ((name, cell), rs) in enumerate(variants.items()):
+            curves = [by_position(client, r["run_id"]) for r in rs if int(r["task.n_in"]) == n]
+            curves = [c for c in curves if c]
+            if curves:
+                label = name if cell == "–" else f"{name} ({cell})"
+                ax.plot(range(1, n + 1), [mean(v) for v in zip(*curves)], "-", color=f"C{i}", lw=1.3, label=label)
+        ax.axhline(0.01, color="grey", ls=":", lw=1)  # chance
+        ax.set(xlabel="output position", ylabel="test token accuracy", title=f"n = {n}", ylim=(-0.02, 1.02))
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def report(client, study: str) -> str | None:
     runs = load_runs(client, study)
     if not runs:
@@ -283,6 +337,9 @@ def report(client, study: str) -> str | None:
     elif study == "study_length":
         text = length_table(client, runs, keys)
         fig = length_plot(client, runs, keys)
+    elif study == "study_zoo":
+        text += "\n" + zoo_table(client, runs)
+        fig = zoo_plot(client, runs)
     else:
         fig = learning_curves(client, runs, keys, study)
     sweep = client.get_run(runs[0]["run_id"]).data.tags[SWEEP_TAG]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import CONF, make_cfg
 from helpers import TINY, all_runs, artifacts, run_py
 from mlflow import MlflowClient
 
@@ -96,9 +97,10 @@ def test_the_ood_score_averages_exactly_the_lengths_above_the_trained_range():
     ]
 
 
-@pytest.mark.parametrize("name", ["seq2seq", "encdec"])
+@pytest.mark.parametrize("name", VARIABLE_LENGTH)
 def test_a_network_built_for_one_length_echoes_any_length_when_told_n_out(name):
-    net = build_net(name, n_in=5, n_features=100, hidden_size=8, n_classes=100, n_out=5)
+    sizes = dict(d_model=8, n_heads=2) if name == "transformer" else {}
+    net = build_net(name, n_in=5, n_features=100, hidden_size=8, n_classes=100, n_out=5, **sizes)
     module = EchoModule(net, 100, 1e-3, stateful=False, windows_per_epoch=21)
     x = torch.randint(0, 100, (3, 9))
     assert module(x)[0].shape[:2] == (3, 5)  # n_out unsaid: the built one
@@ -110,6 +112,24 @@ def test_the_config_checks_know_which_networks_take_any_length():
     assert set(VARIABLE_LENGTH) == {name for name in MODELS if variable_length(name)}
 
 
+NETWORKS = sorted(p.stem for p in Path(CONF, "length_network").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+def test_every_network_of_the_length_study_composes_into_a_valid_config(network):
+    cfg = make_cfg("experiment=study_length", f"length_network={network}")
+    validate(cfg)
+    assert cfg.model.name in VARIABLE_LENGTH and list(cfg.task.train_lengths) == [1, 10]
+
+
+def test_the_length_study_sweeps_every_network_preset():
+    cfg = make_cfg("experiment=study_length")  # the sweep's settings are in the preset's hydra node
+    preset = Path(CONF, "experiment", "study_length.yaml").read_text()
+    (line,) = [line for line in preset.splitlines() if line.strip().startswith("length_network:")]
+    assert sorted(line.split(":", 1)[1].strip().split(",")) == NETWORKS
+    assert cfg.logger.experiment == "study_length"
+
+
 REFUSED = {
     ("model=many_to_one", "task.train_lengths=[1,10]"): "model=many_to_one is built for one window length",
     ("model=one_to_one", "task.test_lengths=[1,10]"): "model=one_to_one is built for one window length",
@@ -119,6 +139,10 @@ REFUSED = {
     ("task.train_lengths=7",): "task.train_lengths=7 must be null or [lo,hi]",
     ("task.framing=mask", "model.batch_size=5", "task.train_lengths=[1,5]"): "task.framing=mask cannot be combined",
     ("task=partial", "task.test_lengths=[1,8]"): "this run trains a partial one (task.n_out=2 < task.n_in=5)",
+    ("model=transformer", "model.positional=learned", "task.test_lengths=[1,80]"): (
+        "model.max_len=64 is shorter than the longest window (80)"
+    ),
+    ("model=attention", "task.train_lengths=[1,70]"): "model.max_len=64 is shorter than the longest window (70)",
 }
 
 

@@ -16,7 +16,9 @@ Messages, one JSON object per line, `op` naming the `RunWriter` method that hand
 | metrics | rows [[name, step, value], ...], ms     | buffers them; writes 1,000 per call, or 10 s  |                |
 | text    | text, name                              | a text artifact                               |                |
 | tags    | tags                                    | sets tags                                     |                |
+| params  | params                                  | logs more params (e.g. n_params)              |                |
 | curve   | history, target                         | draws learning_curve.png                      |                |
+| positions | accuracy, chance                      | draws token_acc_by_position.png               |                |
 | lengths | rows [[L, token acc, exact], ...], trained [lo, hi], chance | draws length_generalisation.png |  |
 | end     | status, error                           | flushes, ends the run FINISHED/FAILED/KILLED  | `ended`        |
 
@@ -103,10 +105,23 @@ def length_generalisation(rows: list[list], trained: list[int], chance: float):
     return fig
 
 
+def by_position(accuracy: list[float], chance: float):
+    """Test token accuracy against output position, as a matplotlib figure."""
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
+    positions = range(1, len(accuracy) + 1)
+    ax.plot(positions, accuracy, "-o", ms=3, label="test/token_acc_by_position")
+    ax.axhline(chance, color="grey", linestyle=":", label=f"chance {chance:.3g}")
+    ax.set(xlabel="output position (1 = oldest item of the window)", ylabel="token accuracy", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.15, top=0.95)
+    return fig
+
+
 class RunWriter:
     """Writes runs, one at a time: params at the start, metrics in batches, artifacts, the status."""
 
-    OPS = frozenset({"start", "metrics", "text", "tags", "curve", "lengths", "end"})  # the messages (table above)
+    # the messages (table above)
+    OPS = frozenset({"start", "metrics", "text", "tags", "params", "curve", "positions", "lengths", "end"})
 
     def __init__(self, flush_every_s: float = 10.0, reply=answer):
         self.flush_every_s, self.pending, self.run_id, self.reply = flush_every_s, [], None, reply
@@ -126,7 +141,7 @@ class RunWriter:
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param, RunTag
 
-        self.Metric, self.RunTag = Metric, RunTag
+        self.Metric, self.RunTag, self.Param = Metric, RunTag, Param
         if uri != self.uri:
             self.client, self.uri = MlflowClient(uri), uri
         self.pending = []
@@ -154,6 +169,14 @@ class RunWriter:
 
     def tags(self, tags) -> None:
         self.client.log_batch(self.run_id, tags=[self.RunTag(k, str(v)) for k, v in tags.items()])
+
+    def params(self, params) -> None:
+        self.client.log_batch(self.run_id, params=[self.Param(k, v) for k, v in params.items()])
+
+    def positions(self, accuracy, chance) -> None:
+        figure = by_position(accuracy, chance)
+        self.client.log_figure(self.run_id, figure, "token_acc_by_position.png")
+        pyplot().close(figure)
 
     def curve(self, history, target) -> None:
         figure = learning_curve(history, target)
