@@ -11,8 +11,13 @@ import echo.resolvers  # noqa: F401  (the presets' ${add:...}, registered with t
 # What the checks accept, named here rather than read from echo.models and echo.encoding: those
 # import torch, and a sweep checks every job in the launching process, which (with a parallel
 # launcher) trains nothing. tests/test_sweeps.py keeps these in step with the real ones.
-MODEL_NAMES = ("seq2seq", "encdec", "one_to_one", "many_to_one")
+MODEL_NAMES = ("seq2seq", "encdec", "one_to_one", "many_to_one", "attention", "autoregressive", "transformer")
+CELLS = ("lstm", "gru")
+POSITIONAL = ("sinusoidal", "learned")
 CANNOT_MASK = ("one_to_one",)  # read the window in one step
+# networks that take windows of any length: task.train_lengths, task.test_lengths
+VARIABLE_LENGTH = ("seq2seq", "encdec", "attention", "autoregressive", "transformer")
+LENGTH_SEED_STRIDE = 10_000  # a held-out set of length L has seed `seed * stride + L` (echo.config.length_seed)
 REPRESENTATION_NAMES = ("onehot", "linear")
 
 
@@ -98,7 +103,12 @@ def auto_or_count(path: str, value) -> None:
         raise ConfigError(f"{path}={value!r} must be auto or a whole number >= 1: e.g. {path}=1")
 
 
-def length_range(path: str, value) -> None:
+def probability(path: str, value) -> None:
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise ConfigError(f"{path}={value!r} must be a probability in [0, 1]: e.g. {path}=1.0")
+
+
+def lengths_pair(path: str, value) -> None:
     """[lo, hi] with 1 <= lo <= hi."""
     ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
     if not ok or not all(_is_count(v) for v in value) or value[0] > value[1]:
@@ -164,19 +174,20 @@ CHECKS = {
     "task.eval_windows": count,
     "task.val_seed": seed,
     "task.test_seed": seed,
-    "task.train_lengths": optional(length_range),
-    "task.test_lengths": optional(length_range),
+    "task.train_lengths": optional(lengths_pair),
+    "task.test_lengths": optional(lengths_pair),
     "model.name": one_of(*MODEL_NAMES, hint=" or ".join(f"model={m}" for m in MODEL_NAMES)),
     "model.hidden_size": count,
     "model.stateful": boolean,
     "model.batch_size": count,
     "model.lr": positive_number,
-    "model.cell": one_of("lstm", "gru"),
+    "model.cell": one_of(*CELLS),
     "model.d_model": count,
     "model.n_layers": count,
     "model.n_heads": count,
-    "model.positional": one_of("sinusoidal", "learned"),
+    "model.positional": one_of(*POSITIONAL),
     "model.max_len": count,
+    "model.teacher_forcing": probability,
     "trainer.max_epochs": count,
     "trainer.check_val_every_n_epoch": count,
     "trainer.accelerator": one_of(*ACCELERATORS),
@@ -231,6 +242,68 @@ def windows_per_sequence(task) -> int:
     return task.length if task.framing == "mask" else task.length - task.n_in + 1
 
 
+def length_range(task, key: str) -> tuple[int, int] | None:
+    """`task.<key>` (train_lengths or test_lengths) as (lo, hi), both included; None if unset."""
+    value = task.get(key) if hasattr(task, "get") else getattr(task, key, None)
+    return None if value is None else (int(value[0]), int(value[1]))
+
+
+def trained_lengths(task) -> tuple[int, int]:
+    """The window lengths a run trains on: task.train_lengths, else the fixed task.n_in."""
+    return length_range(task, "train_lengths") or (task.n_in, task.n_in)
+
+
+def length_seed(seed: int, length: int) -> int:
+    """The seed of the held-out windows of one length: its own, derived from the set's seed."""
+    return seed * LENGTH_SEED_STRIDE + length
+
+
+def _check_lengths(task, key: str) -> tuple[int, int] | None:
+    value = task.get(key)
+    if value is None:
+        return None
+    ok = not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and len(value) == 2
+    ok = ok and all(_is_count(v) for v in value) and value[0] <= value[1] < LENGTH_SEED_STRIDE
+    if not ok:
+        shown = list(value) if hasattr(value, "__iter__") and not isinstance(value, str) else value
+        raise ConfigError(
+            f"task.{key}={shown!r} must be null or [lo,hi]: whole numbers with 1 <= lo <= hi < {LENGTH_SEED_STRIDE} "
+            f"(both lengths included), e.g. task.{key}=[1,10]"
+        )
+    return int(value[0]), int(value[1])
+
+
+def _validate_lengths(task, model) -> None:
+    """Variable-length training and per-length testing: whole-window echoes, by networks that take any length."""
+    train, test = _check_lengths(task, "train_lengths"), _check_lengths(task, "test_lengths")
+    if not (train or test):
+        return
+    key = "task.train_lengths" if train else "task.test_lengths"
+    if model.name not in VARIABLE_LENGTH:
+        raise ConfigError(
+            f"model={model.name} is built for one window length and cannot take {key}: "
+            f"use a network that takes any length (model={' or model='.join(VARIABLE_LENGTH)})"
+        )
+    if task.framing == "mask":
+        raise ConfigError(
+            f"task.framing=mask cannot be combined with {key}: every window of every length is whole; "
+            f"use task.framing=drop"
+        )
+    longest = max(hi for _, hi in (train or (0, 0), test or (0, 0)))
+    if "max_len" in model and longest > model.max_len:
+        raise ConfigError(
+            f"model.max_len={model.max_len} is shorter than the longest window ({longest}) of "
+            f"task.train_lengths and task.test_lengths, which model={model.name} needs positions for: "
+            f"set model.max_len>={longest}"
+        )
+    if test and not train and task.n_out != task.n_in:
+        raise ConfigError(
+            f"task.test_lengths tests whole-window echoes, but this run trains a partial one "
+            f"(task.n_out={task.n_out} < task.n_in={task.n_in}): set task.n_out={task.n_in}, "
+            f"or train on lengths with task.train_lengths=[lo,hi]"
+        )
+
+
 def validate(cfg) -> None:
     """Raise ConfigError for the first setting that cannot work: each key's own check (CHECKS),
     then the settings that depend on each other."""
@@ -256,6 +329,8 @@ def validate(cfg) -> None:
             f"model={model.name} reads the window in one step and cannot mask padded items: "
             f"use task.framing=drop, or a recurrent topology (model=seq2seq, encdec or many_to_one)"
         )
+    _check_network_options(cfg)
+    _validate_lengths(task, model)
     rows = windows_per_sequence(task)
     if model.stateful and rows % model.batch_size:
         divisors = [d for d in range(1, rows + 1) if rows % d == 0]
@@ -274,3 +349,23 @@ def check_threads(cfg, cores: int | None = None) -> None:
             f"threads={cfg.threads} is more than the {cores} cores this process may use: "
             f"set threads=auto or threads<={cores}"
         )
+
+
+def _check_network_options(cfg) -> None:
+    """The newer networks' settings that depend on others (each key alone is checked in CHECKS)."""
+    task, model = cfg.task, cfg.model
+    if "teacher_forcing" in model and task.get("representation", "onehot") != "onehot":
+        raise ConfigError("model=autoregressive feeds back predicted tokens, which needs task.representation=onehot")
+    if "n_heads" in model and model.d_model % model.n_heads:
+        raise ConfigError(
+            f"model.n_heads={model.n_heads} does not divide model.d_model={model.d_model}: "
+            f"choose n_heads among {[h for h in range(1, model.d_model + 1) if model.d_model % h == 0][:8]}"
+        )
+    positional = model.get("positional")
+    if "max_len" in model:
+        longest = task.n_out if positional == "sinusoidal" else max(task.n_out, task.n_in)  # a table of positions
+        if longest > model.max_len:
+            raise ConfigError(
+                f"model.max_len={model.max_len} is shorter than the {longest} positions model={model.name} "
+                f"needs here: set model.max_len>={longest}"
+            )

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from echo.config import windows_per_sequence
+from echo.config import length_range, length_seed, windows_per_sequence
 from echo.encoding import PAD
 
 
@@ -74,6 +74,11 @@ class Draw:
         return self.make_batches()
 
 
+def _fixed(batches: list[tuple[Tensor, Tensor]]) -> Draw:
+    """A draw that always gives the same (held-out) batches."""
+    return Draw(lambda: batches)
+
+
 class Epochs:
     """A data loader with one item per Lightning epoch: a `Draw`, the step's source of batches.
 
@@ -82,16 +87,17 @@ class Epochs:
     epochs in one step (`echo.config.epochs_per_step`: every tutorial epoch up to the next
     validation, checkpoint or the run's end), calling the `Draw` once for each, so Lightning's
     per-step bookkeeping is paid once per several epochs, not once per batch.
+    A held-out set of several window lengths is one `Draw` per length (state reset between them).
     """
 
-    def __init__(self, draw: Draw):
-        self.draw = draw
+    def __init__(self, *draws: Draw):
+        self.draws = draws
 
     def __len__(self) -> int:
-        return 1
+        return len(self.draws)
 
     def __iter__(self):
-        yield self.draw
+        yield from self.draws
 
 
 def held_out(task, n_seq: int, seed: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
@@ -101,11 +107,30 @@ def held_out(task, n_seq: int, seed: int, device: torch.device | str = "cpu") ->
     return x, y
 
 
+def at_length(task, n: int) -> SimpleNamespace:
+    """The task with whole windows of length `n` (n_in = n_out = n) framed from sequences just long
+    enough to give as many windows each as the task's own (`n` + task.length - task.n_in items), so
+    that every length trains in the same batches and a stateful batch size divides every length's windows."""
+    plain = OmegaConf.to_container(task, resolve=True) if isinstance(task, DictConfig) else vars(task)
+    return SimpleNamespace(**{**plain, "n_in": n, "n_out": n, "length": n + windows_per_sequence(task) - 1})
+
+
+def held_out_at_length(task, n: int, windows: int, seed: int, device: torch.device | str = "cpu"):
+    """At least `windows` fixed windows of length `n` (whole-window echoes), seeded by `seed` and `n`."""
+    n_seq = -(-windows // windows_per_sequence(task))
+    return held_out(at_length(task, n), n_seq, length_seed(seed, n), device)
+
+
 class EchoData(pl.LightningDataModule):
     """Fresh training sequences every tutorial epoch; fixed validation and test windows.
 
     `task` holds length, n_unique, n_in, n_out, framing, sequences_per_epoch, and the
     held-out sets' size (eval_windows) and seeds. Data is generated on the trainer's device.
+
+    With `task.train_lengths=[lo,hi]` each epoch draws one window length L from lo..hi (from a
+    generator of its own, seeded with `seed`) and echoes whole windows of L (`at_length`); the
+    validation and test sets then hold equal shares of windows of every trained length, each
+    length its own fixed windows (seeds from val_seed and test_seed and L), one `Draw` per length.
     """
 
     def __init__(self, task, batch_size: int, stateful: bool, seed: int):
@@ -116,28 +141,52 @@ class EchoData(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        self.eval_device = device
         self.train_generator = torch.Generator(device).manual_seed(self.seed)
-        n_seq = -(-self.task.eval_windows // windows_per_sequence(self.task))
-        self.val = held_out(self.task, n_seq, self.task.val_seed, device)
-        self.test = held_out(self.task, n_seq, self.task.test_seed, device)
+        self.train_lengths = length_range(self.task, "train_lengths")
+        if self.train_lengths is None:
+            n_seq = -(-self.task.eval_windows // windows_per_sequence(self.task))
+            self.val = held_out(self.task, n_seq, self.task.val_seed, device)
+            self.test = held_out(self.task, n_seq, self.task.test_seed, device)
+            self.val_sets, self.test_sets = [self.val], [self.test]
+            return
+        self.length_generator = torch.Generator().manual_seed(self.seed)  # on the host: L sets shapes
+        lo, hi = self.train_lengths
+        share = -(-self.task.eval_windows // (hi - lo + 1))
+        lengths = range(lo, hi + 1)
+        self.val_sets = [held_out_at_length(self.task, n, share, self.task.val_seed, device) for n in lengths]
+        self.test_sets = [held_out_at_length(self.task, n, share, self.task.test_seed, device) for n in lengths]
 
     def train_dataloader(self) -> Epochs:
         return Epochs(Draw(self.fresh_batches, generators=(self.train_generator,)))
 
     def fresh_batches(self) -> list[tuple[Tensor, Tensor]]:
-        """One epoch: `sequences_per_epoch` fresh sequences, framed and batched."""
+        """One epoch: `sequences_per_epoch` fresh sequences, framed and batched; with train_lengths,
+        whole windows of one length drawn for the epoch."""
         t = self.task
-        seqs = generate_sequences(t.sequences_per_epoch, t.length, t.n_unique, self.train_generator)
-        x, y = to_windows(seqs, t.n_in, t.n_out, t.framing)
+        if self.train_lengths is None:
+            length, n_in, n_out = t.length, t.n_in, t.n_out
+        else:
+            lo, hi = self.train_lengths
+            n_in = n_out = int(torch.randint(lo, hi + 1, (1,), generator=self.length_generator))
+            length = n_in + windows_per_sequence(t) - 1
+        seqs = generate_sequences(t.sequences_per_epoch, length, t.n_unique, self.train_generator)
+        x, y = to_windows(seqs, n_in, n_out, t.framing)
         return to_batches(x, y, self.batch_size, self.stateful)
 
     def val_dataloader(self) -> Epochs:
-        batches = self.eval_batches(*self.val)
-        return Epochs(Draw(lambda: batches))
+        return self._held_out_loader(self.val_sets)
 
     def test_dataloader(self) -> Epochs:
-        batches = self.eval_batches(*self.test)
-        return Epochs(Draw(lambda: batches))
+        return self._held_out_loader(self.test_sets)
+
+    def _held_out_loader(self, sets: list[tuple[Tensor, Tensor]]) -> Epochs:
+        return Epochs(*(_fixed(self.eval_batches(x, y)) for x, y in sets))
+
+    def length_test_set(self, n: int) -> tuple[Tensor, Tensor]:
+        """The fixed test windows of length `n` (task.test_lengths): at least task.eval_windows of
+        them, seeded by task.test_seed and `n`, whatever the run's own seed."""
+        return held_out_at_length(self.task, n, self.task.eval_windows, self.task.test_seed, self.eval_device)
 
     def eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Stateful models are evaluated as they were trained, batch by batch with state

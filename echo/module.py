@@ -30,7 +30,10 @@ class EchoModule(PlainAttributes, pl.LightningModule):
     `history` holds (name, epoch, value) rows, counted in tutorial epochs.
 
     `representation` encodes tokens, scores outputs and decodes them (default: one-hot);
-    `mask_inputs` hands the network a mask of the real (non-PAD) input items.
+    `mask_inputs` hands the network a mask of the real (non-PAD) input items. A network with
+    `teacher_forced = True` gets the targets in training; it is evaluated free-running, and in
+    validation also teacher-forced (`val/exact_match_teacher_forced`). The test also counts token
+    accuracy by output position (`by_position`, position 1 first).
 
     On a CUDA device with `cuda_graph=True`, a whole training epoch (drawing its sequences,
     every batch's forward, backward and Adam step, the metric sums) is replayed as one CUDA graph
@@ -58,6 +61,8 @@ class EchoModule(PlainAttributes, pl.LightningModule):
         self.windows_per_epoch, self.target, self.stop_at = windows_per_epoch, target, stop_at
         self.rep, self.mask_inputs = representation or OneHot(n_unique), mask_inputs
         self.epochs_per_step = epochs_per_step
+        self.teacher_forced = getattr(net, "teacher_forced", False)
+        self.by_position: list[float] = []  # test token accuracy at output positions 1, 2, ...
         self.history: list[tuple[str, int, float]] = []
         self.summary: dict[str, float] = {}
         self._train_sums: list[tuple[int, Tensor]] = []  # (first epoch, per epoch [loss*tokens, correct, tokens])
@@ -67,10 +72,20 @@ class EchoModule(PlainAttributes, pl.LightningModule):
         self.automatic_optimization = False
 
     # -- the network on token ids ------------------------------------------------------
-    def forward(self, x: Tensor, state=None) -> tuple[Tensor, object]:
+    def forward(
+        self, x: Tensor, state=None, n_out: int | None = None, targets: Tensor | None = None
+    ) -> tuple[Tensor, object]:
+        """Scores for windows of token ids `x`; `n_out` echoed items, if not the network's own
+        (windows of another length: task.train_lengths, task.test_lengths); `targets` only to a
+        teacher-forced network."""
+        options = {}
         if self.mask_inputs:
-            return self.net(self.rep.encode(x), state, mask=x != PAD)
-        return self.net(self.rep.encode(x), state)
+            options["mask"] = x != PAD
+        if n_out is not None and n_out != getattr(self.net, "n_out", n_out):  # (never told: a net without n_out)
+            options["n_out"] = n_out
+        if targets is not None and self.teacher_forced:
+            options["targets"] = targets
+        return self.net(self.rep.encode(x), state, **options)
 
     def configure_optimizers(self):
         # Fused: one kernel per step. Capturable: its step count stays on the device, for graphs.
@@ -88,13 +103,22 @@ class EchoModule(PlainAttributes, pl.LightningModule):
         exact = (correct | ~real).all(-1) & real.any(-1)
         return loss, correct.sum(), real.sum(), exact.sum(), real.any(-1).sum()
 
-    def _forward_batches(self, batches: list[tuple[Tensor, Tensor]]):
+    def _position_sums(self, scores: Tensor, y: Tensor) -> Tensor:
+        """Correct and counted tokens at each output position, (2, n_out); PAD counts nowhere."""
+        real = y != PAD
+        correct = (self.rep.decode(scores) == y) & real
+        return torch.stack([correct.sum(0), real.sum(0)])
+
+    def _forward_batches(self, batches: list[tuple[Tensor, Tensor]], teacher_forced: bool = False):
         """Yield (scores, targets) batch by batch. Stateful: the state runs on from batch to
         batch, detached (no gradient crosses batches), and starts from zeros with every call,
-        which is a new sequence (Keras `reset_states()`). Stateless: zeros every batch."""
+        which is a new sequence (Keras `reset_states()`). Stateless: zeros every batch.
+        `teacher_forced`: the targets go to a network that takes them (teacher forcing)."""
         state = None
         for x, y in batches:
-            scores, state = self(x, state if self.stateful else None)
+            scores, state = self(
+                x, state if self.stateful else None, n_out=y.shape[1], targets=y if teacher_forced else None
+            )
             yield scores, y
             state = detach_state(state)
 
@@ -147,7 +171,7 @@ class EchoModule(PlainAttributes, pl.LightningModule):
         than these tiny steps."""
         optimizer = self.optimizers(use_pl_optimizer=False)
         sums = []
-        for scores, y in self._forward_batches(batches):
+        for scores, y in self._forward_batches(batches, teacher_forced=self.teacher_forced):
             tokens = (y != PAD).sum()
             loss_sum = self.rep.loss_sum(scores, y)
             optimizer.zero_grad()
@@ -172,8 +196,28 @@ class EchoModule(PlainAttributes, pl.LightningModule):
 
     # -- evaluation --------------------------------------------------------------------
     def _eval_step(self, draw: Draw, batch_idx: int) -> None:
-        """Evaluate as the model was trained: batch by batch, state carried, reset first."""
-        self._eval_sums = sum(torch.stack(self._scores(s, y)).float() for s, y in self._forward_batches(draw()))
+        """Evaluate as the model was trained: batch by batch, state carried, reset first;
+        free-running, and for a teacher-forced network also teacher-forced. A set of several
+        window lengths comes as one draw per length (batch_idx 0, 1, ...), summed up."""
+        batches = draw()
+        sums, positions, forced = 0, 0, None
+        for scores, y in self._forward_batches(batches):
+            sums = sums + torch.stack(self._scores(scores, y)).float()
+            positions = _add_padded(positions, self._position_sums(scores, y))
+        if self.teacher_forced:
+            teacher = self._forward_batches(batches, teacher_forced=True)
+            forced = sum(torch.stack(self._scores(s, y)).float() for s, y in teacher)
+        if batch_idx == 0:
+            self._eval_sums, self._eval_positions, self._forced_sums = sums, positions, forced
+            return
+        self._eval_sums = self._eval_sums + sums
+        self._eval_positions = _add_padded(self._eval_positions, positions)
+        if forced is not None:
+            self._forced_sums = self._forced_sums + forced
+
+    def eval_sums(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """[summed loss, correct tokens, tokens, exactly echoed rows, rows] over evaluation batches."""
+        return sum(torch.stack(self._scores(s, y)).float() for s, y in self._forward_batches(batches))
 
     validation_step = test_step = _eval_step
 
@@ -189,6 +233,9 @@ class EchoModule(PlainAttributes, pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         metrics = self._eval_metrics("val")
+        if self.teacher_forced:
+            _, _, _, exact, rows = self._forced_sums.tolist()
+            metrics["val/exact_match_teacher_forced"] = exact / rows
         epoch = self.epochs_trained()
         self.history += [(name, epoch, value) for name, value in metrics.items()]
         self.summary.update(metrics)
@@ -206,9 +253,21 @@ class EchoModule(PlainAttributes, pl.LightningModule):
         metrics = self._eval_metrics("test")
         del metrics["test/loss"]
         self.summary.update(metrics)
+        correct, counted = self._eval_positions.float()
+        self.by_position = (correct / counted.clamp(min=1)).tolist()
 
     @torch.no_grad()
     def predict_windows(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
         """Predicted tokens for evaluation batches, with state carried and reset first."""
         self.eval()
         return torch.cat([self.rep.decode(scores) for scores, _ in self._forward_batches(batches)])
+
+
+def _add_padded(total: Tensor | int, sums: Tensor) -> Tensor:
+    """`total + sums` for per-position sums (2, positions) of different widths (windows of several
+    lengths): the narrower is padded with zeros; `total` 0 is nothing yet."""
+    if isinstance(total, int):
+        return sums
+    width = max(total.shape[1], sums.shape[1])
+    pad = torch.nn.functional.pad
+    return pad(total, (0, width - total.shape[1])) + pad(sums, (0, width - sums.shape[1]))

@@ -15,11 +15,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from echo.checkpoints import RESUMED_FROM, Checkpointer, download_checkpoint, saved_epochs_per_step
-from echo.config import epochs_per_step, resolve_threads, validate, windows_per_sequence
-from echo.data import EchoData, held_out
+from echo.config import epochs_per_step, length_range, resolve_threads, trained_lengths, validate, windows_per_sequence
+from echo.data import EchoData, at_length, held_out
 from echo.encoding import REPRESENTATIONS
 from echo.faults import NonFiniteGuard, interrupted
-from echo.models import build_net
+from echo.lengths import evaluate_lengths, length_rows, length_scores
+from echo.models import NET_OPTIONS, build_net, count_parameters
 from echo.module import EchoModule
 from echo.preflight import out_of_memory_as_training_error, preflight
 from echo.reuse import EVALUATED_FROM, network_to_evaluate, save_network
@@ -87,7 +88,10 @@ def _fit_and_test(
     torch.manual_seed(cfg.seed)
     task, model = cfg.task, cfg.model
     rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
+    variable = length_range(task, "train_lengths")  # (lo, hi), or None: one length
     net = stored_net if stored_net is not None else network(cfg, rep)
+    if tracker:
+        tracker.log_params({"n_params": count_parameters(net)})
     k = epochs_per_step(cfg, resumed=saved_epochs_per_step(checkpoint) if checkpoint else None)
     module = EchoModule(
         net,
@@ -99,7 +103,7 @@ def _fit_and_test(
         stop_at=cfg.stop_at,
         representation=rep,
         mask_inputs=task.framing == "mask",
-        cuda_graph=cfg.get("cuda_graph", True),
+        cuda_graph=cfg.get("cuda_graph", True) and not variable,  # a graph replays one shape only
         epochs_per_step=k,
     )
     data = EchoData(task, model.batch_size, model.stateful, seed=cfg.seed)
@@ -134,27 +138,41 @@ def _fit_and_test(
         save_network(net, config_yaml, tracker)
 
     epochs = module.epochs_done()
+    chance = 1 / task.n_unique  # a uniform guess per token
     summary = {**module.summary, "train_time_s": train_time, "epochs": epochs}
+    # a whole window by chance (with train_lengths: the held-out sets hold every trained length equally)
+    lengths = range(variable[0], variable[1] + 1) if variable else [task.n_out]
+    summary |= {"chance/token_acc": chance, "chance/exact_match": sum(chance**n for n in lengths) / len(lengths)}
+    if tested := length_range(task, "test_lengths"):
+        by_length = evaluate_lengths(module, data, tested)
+        summary.update(length_scores(by_length, trained_lengths(task)))
+        if tracker:
+            tracker.log_metrics(length_rows(by_length))
+            tracker.log_length_generalisation(by_length, trained_lengths(task), chance)
     table = expected_predicted(module, data, task, seed=cfg.seed)
     print(table)
     print(_summary_line(summary))
     if tracker:
         final = [(name, epochs, v) for name, v in summary.items() if not name.startswith("val/")]
         tracker.log_metrics(final)  # val/* is in the history already
+        tracker.log_by_position(module.by_position, chance)
         tracker.log_text(table + "\n", "expected_predicted.txt")
     return summary
 
 
 def network(cfg: DictConfig, rep) -> torch.nn.Module:
-    """The network `cfg` asks for, its sizes read from the config here (networks never see it)."""
+    """The network `cfg` asks for, its sizes read from the config here (networks never see it).
+    With task.train_lengths=[lo,hi] it is built for the longest, and told each batch's n_out."""
     task, model = cfg.task, cfg.model
+    variable = length_range(task, "train_lengths")
     return build_net(
         model.name,
-        n_in=task.n_in,
+        n_in=variable[1] if variable else task.n_in,
         n_features=rep.n_features,
         hidden_size=model.hidden_size,
         n_classes=rep.n_outputs,
-        n_out=task.n_out,
+        n_out=variable[1] if variable else task.n_out,
+        **{key: model[key] for key in NET_OPTIONS if key in model},
     )
 
 
@@ -200,7 +218,10 @@ def in_lightning_epochs(trainer_cfg, k: int) -> dict:
 
 
 def expected_predicted(module: EchoModule, data: EchoData, task, seed: int) -> str:
-    """The tutorial's evaluation: one fresh sequence, one `Expected: [...] Predicted [...]` per window."""
+    """The tutorial's evaluation: one fresh sequence, one `Expected: [...] Predicted [...]` per window
+    (with task.train_lengths, windows of the longest trained length)."""
+    if lengths := length_range(task, "train_lengths"):
+        task = at_length(task, lengths[1])
     x, y = held_out(task, 1, seed=10_000 + seed, device=module.device)
     pred = module.predict_windows(data.eval_batches(x, y))
     return "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[0].tolist(), pred.tolist()))
@@ -213,6 +234,8 @@ def _summary_line(s: dict[str, float]) -> str:
     )
     if "time_to_target_s" in s:
         line += f"; target reached at epoch {s['epochs_to_target']} ({s['time_to_target_s']:.1f} s)"
+    if "test/ood_exact_match" in s:
+        line += f"\ntest/ood_exact_match {s['test/ood_exact_match']:.4f} (lengths above the trained ones)"
     return line
 
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from echo.encoding import REPRESENTATIONS  # noqa: E402
-from echo.models import build_net, count_parameters  # noqa: E402
+from echo.models import NET_OPTIONS, build_net, count_parameters  # noqa: E402
 from echo.sweeps import PARENT_TAG, parent_of_sweep  # noqa: E402
 from echo.tracking import SWEEP_TAG, mlflow_client, tracking_uri  # noqa: E402
 
@@ -50,6 +50,8 @@ STUDIES = {
     "study_capacity": ["model.hidden_size", "task.n_in"],
     "study_stateless": ["model.stateful", "model.batch_size"],
     "study_topology": ["model.name", "model.hidden_size"],
+    "study_length": ["model.name", "model.positional"],
+    "study_zoo": ["model.name", "model.cell", "task.n_in"],
 }
 
 
@@ -78,8 +80,19 @@ def parameters(run: dict) -> int:
         hidden_size=int(run["model.hidden_size"]),
         n_classes=rep.n_outputs,
         n_out=int(run["task.n_out"]),
+        **{key: _value(run[f"model.{key}"]) for key in NET_OPTIONS if f"model.{key}" in run},
     )
     return count_parameters(net)
+
+
+def _value(param: str):
+    """A param as logged (a string) back to the number it was, if it was one."""
+    for kind in (int, float):
+        try:
+            return kind(param)
+        except ValueError:
+            pass
+    return param
 
 
 def steps_per_epoch(run: dict) -> int:
@@ -90,8 +103,8 @@ def steps_per_epoch(run: dict) -> int:
 
 def group(runs: list[dict], keys: list[str]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
-    for run in sorted(runs, key=lambda r: [_sortable(r[k]) for k in keys] + [int(r["seed"])]):
-        groups.setdefault(tuple(run[k] for k in keys), []).append(run)
+    for run in sorted(runs, key=lambda r: [_sortable(r.get(k, "–")) for k in keys] + [int(r["seed"])]):
+        groups.setdefault(tuple(run.get(k, "–") for k in keys), []).append(run)  # – : not this network's key
     return groups
 
 
@@ -203,6 +216,127 @@ def capacity_plot(runs: list[dict]):
     return fig
 
 
+def by_length(client, run: dict, metric: str = "test/exact_match_by_length") -> dict[int, float]:
+    """{window length: value} of a run's per-length test (task.test_lengths)."""
+    return {m.step: m.value for m in client.get_metric_history(run["run_id"], metric)}
+
+
+def echoed_up_to(scores: dict[int, float], threshold: float = TARGET) -> int:
+    """The longest L such that every tested length up to L is echoed at >= `threshold` exact match."""
+    longest = 0
+    for n in sorted(scores):
+        if scores[n] < threshold:
+            break
+        longest = n
+    return longest
+
+
+def length_table(client, runs: list[dict], keys: list[str]) -> str:
+    """Per network: exact match inside and beyond the trained lengths, and how far it echoes."""
+    trained = {r["task.train_lengths"] for r in runs}
+    head = [
+        *keys,
+        "seeds",
+        "params",
+        "iid exact match",
+        "ood exact match",
+        "ood token acc",
+        f"echoes every L up to (≥ {TARGET}), per seed",
+        "epochs run",
+        "train s",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, rs in group(runs, keys).items():
+        row = [
+            *variant,
+            ",".join(r["seed"] for r in rs),
+            f"{int(rs[0]['n_params']):,}" if "n_params" in rs[0] else f"{parameters(rs[0]):,}",
+            _spread([r["test/iid_exact_match"] for r in rs], ".3f"),
+            _spread([r["test/ood_exact_match"] for r in rs], ".3f"),
+            _spread([r["test/ood_token_acc"] for r in rs], ".3f"),
+            ", ".join(str(echoed_up_to(by_length(client, r))) for r in rs),
+            _spread([r["epochs"] for r in rs], ".0f"),
+            _spread([r["train_time_s"] for r in rs], ".1f"),
+        ]
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    tested = sorted({r["task.test_lengths"] for r in runs})
+    note = f"Trained on lengths {', '.join(sorted(trained))}, tested on {', '.join(tested)}; "
+    note += "ood = mean over the tested lengths above the trained ones, iid = over the trained ones.\n\n"
+    return note + "\n".join(lines) + "\n"
+
+
+def length_plot(client, runs: list[dict], keys: list[str]):
+    """Exact match and token accuracy against window length: a colour per network (mean over seeds,
+    thin lines: seeds), the trained lengths shaded, chance dotted."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    lo, hi = (int(v) for v in runs[0]["task.train_lengths"].strip("[]").split(","))
+    n_unique = int(runs[0]["task.n_unique"])
+    for ax, metric in zip(axes, ("test/exact_match_by_length", "test/token_acc_by_length")):
+        ax.axvspan(lo - 0.5, hi + 0.5, color="grey", alpha=0.15, label=f"trained {lo}-{hi}")
+        lengths: list[int] = []
+        for i, (variant, rs) in enumerate(group(runs, keys).items()):
+            label = " ".join(v for v in variant if v != "–")
+            curves = [by_length(client, r, metric) for r in rs]
+            lengths = sorted(set.intersection(*(set(c) for c in curves)))
+            for curve in curves:
+                ax.plot(lengths, [curve[n] for n in lengths], color=f"C{i}", alpha=0.3, lw=0.8)
+            ax.plot(lengths, [mean(c[n] for c in curves) for n in lengths], color=f"C{i}", lw=2, label=label)
+        chance = [1 / n_unique if metric.endswith("token_acc_by_length") else n_unique**-n for n in lengths]
+        ax.plot(lengths, chance, ":", color="black", lw=1, label="chance")
+        ax.set(xlabel="window length L (n_in = n_out = L)", ylabel=metric, ylim=(-0.02, 1.02))
+        ax.set_title(f"study_length: {metric}")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def zoo_table(client, runs: list[dict]) -> str:
+    """Per variant: the teacher-forcing gap (val exact match teacher-forced vs free-running) and where
+    it fails: test token accuracy by output position (mean over seeds) at its worst position, and
+    the positions below 0.99."""
+    lines = [
+        "| model.name | model.cell | n | val exact match | teacher-forced | worst position (test token acc) "
+        "| positions < 0.99 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (name, cell, n), rs in group(runs, STUDIES["study_zoo"]).items():
+        forced = [r["val/exact_match_teacher_forced"] for r in rs if "val/exact_match_teacher_forced" in r]
+        curves = [c for c in (by_position(client, r["run_id"]) for r in rs) if c]
+        curve = [mean(v) for v in zip(*curves)]
+        worst = min(range(len(curve)), key=curve.__getitem__) if curve else None
+        lines.append(
+            f"| {name} | {cell} | {n} | {_spread([r['val/exact_match'] for r in rs], '.3f')} | "
+            f"{_spread(forced, '.3f') if forced else '–'} | "
+            f"{f'{worst + 1} ({curve[worst]:.3f})' if curve else '–'} | "
+            f"{sum(a < TARGET for a in curve)} of {len(curve)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def by_position(client, run_id: str) -> list[float]:
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "test/token_acc_by_position"))
+    return [value for _, value in history]
+
+
+def zoo_plot(client, runs: list[dict]):
+    """Test token accuracy by output position, one panel per n, a line per variant (mean over seeds)."""
+    ns = sorted({int(r["task.n_in"]) for r in runs})
+    fig, axes = plt.subplots(1, len(ns), figsize=(4 * len(ns), 3.8), squeeze=False)
+    variants = group(runs, ["model.name", "model.cell"])
+    for ax, n in zip(axes[0], ns):
+        for i, ((name, cell), rs) in enumerate(variants.items()):
+            curves = [by_position(client, r["run_id"]) for r in rs if int(r["task.n_in"]) == n]
+            curves = [c for c in curves if c]
+            if curves:
+                label = name if cell == "–" else f"{name} ({cell})"
+                ax.plot(range(1, n + 1), [mean(v) for v in zip(*curves)], "-", color=f"C{i}", lw=1.3, label=label)
+        ax.axhline(0.01, color="grey", ls=":", lw=1)  # chance
+        ax.set(xlabel="output position", ylabel="test token accuracy", title=f"n = {n}", ylim=(-0.02, 1.02))
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def report(client, study: str, sweep: str | None = None):
     """The study's table (Markdown) and figure for `sweep` (default: its latest), or None."""
     runs = load_runs(client, study, sweep)
@@ -214,6 +348,12 @@ def report(client, study: str, sweep: str | None = None):
     if study == "study_capacity":
         text += "\n" + capacity_table(runs)
         fig = capacity_plot(runs)
+    elif study == "study_length":
+        text = length_table(client, runs, keys)
+        fig = length_plot(client, runs, keys)
+    elif study == "study_zoo":
+        text += "\n" + zoo_table(client, runs)
+        fig = zoo_plot(client, runs)
     else:
         fig = learning_curves(client, runs, keys, study)
     sweep = client.get_run(runs[0]["run_id"]).data.tags[SWEEP_TAG]

@@ -95,7 +95,7 @@ def test_training_batches_are_fresh_sequences_every_epoch():
     assert one_hot_encode(val_x, 100).shape == (48, 21, 5, 100)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"transformer"}))  # every recurrent one
 def test_every_network_starts_from_keras_initial_weights(name):
     net = build_net(name, n_in=5, n_features=100, hidden_size=20, n_classes=100, n_out=2)
     lstms = [m for m in net.modules() if isinstance(m, torch.nn.LSTM)]

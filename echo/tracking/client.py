@@ -268,6 +268,22 @@ class Tracker:
             return None
         return run_page(experiment, self.run_id) if experiment else None
 
+    def log_length_generalisation(
+        self, by_length: dict[int, tuple[float, float]], trained: tuple[int, int], chance: float
+    ) -> None:
+        """`length_generalisation.png`: {length: (token acc, exact match)} against length, drawn by the worker."""
+        rows = [[n, token, exact] for n, (token, exact) in sorted(by_length.items())]
+        self._send(op="lengths", rows=rows, trained=list(trained), chance=chance)
+
+    def log_params(self, params: dict[str, object]) -> None:
+        """More params, known only once training is set up (e.g. `n_params`)."""
+        self._send(op="params", params={k: str(v) for k, v in params.items()})
+
+    def log_by_position(self, accuracy: list[float], chance: float) -> None:
+        """`test/token_acc_by_position` (MLflow step = 1-based position) and its plot artifact."""
+        self.log_metrics([("test/token_acc_by_position", j, acc) for j, acc in enumerate(accuracy, 1)])
+        self._send(op="positions", accuracy=accuracy, chance=chance)
+
     def end(self, status: str = "FINISHED", error: str | None = None, timeout: float = 300) -> None:
         """Close the run as FINISHED, FAILED or KILLED once everything sent is written.
 

@@ -107,6 +107,11 @@ class Outbox:
         path = self.folder / "tags.json" if self.folder else None
         self._guard(lambda: self._write_json("tags.json", {**_read_json(path, {}), **tags}))
 
+    def params(self, params: dict[str, str]) -> None:
+        """Params sent after the run started (its first ones are in run.json)."""
+        path = self.folder / "params.json" if self.folder else None
+        self._guard(lambda: self._write_json("params.json", {**_read_json(path, {}), **params}))
+
     def text(self, text: str, name: str) -> None:
         self._guard(lambda: _write_text(self.folder / "artifacts" / name, text))
 
@@ -184,3 +189,8 @@ def failed_message(answer: dict, run_name: str, run_id: str | None, uri: str) ->
     else:
         line += f"; it could not be kept locally either ({answer.get('lost')})"
     return line
+
+
+def read_params(folder: str | os.PathLike) -> dict[str, str]:
+    """The params an outbox kept beyond the run's first ones (`Outbox.params`)."""
+    return _read_json(Path(folder) / "params.json", {})

@@ -10,17 +10,20 @@ ends KILLED.
 Messages, one JSON object per line, `op` naming the `RunWriter` method that handles it
 (`RunWriter.OPS`):
 
-| op        | fields                                  | what the worker does                         | answer        |
-|-----------|-----------------------------------------|----------------------------------------------|---------------|
-| start     | uri, experiment, run_name, tags, params | creates the run, logs its params             | run id/failed |
-| metrics   | rows [[name, step, value], ...], ms     | buffers them; writes 1,000 per call, or 10 s |               |
-| text      | text, name                              | a text artifact                              |               |
-| tags      | tags                                    | sets tags                                    |               |
-| curve     | history, target                         | draws learning_curve.png                     |               |
-| artifacts | folder, path, remove                    | the folder's files under `path` (checkpoint) |               |
-| provenance| argv                                    | tags git commit, dirty diff, versions, device |               |
-| where     |                                         | (answers at once, also for a kept run)       | experiment id |
-| end       | status, error                           | flushes, ends the run FINISHED/FAILED/KILLED | ended/unsent  |
+| op | fields | what the worker does | answer |
+|---|---|---|---|
+| start | uri, experiment, run_name, tags, params | creates the run, logs its params | run id/failed |
+| metrics | rows [[name, step, value], ...], ms | buffers them; writes 1,000 per call, or 10 s |  |
+| text | text, name | a text artifact |  |
+| tags | tags | sets tags |  |
+| params | params | logs more params (e.g. n_params) |  |
+| curve | history, target | draws learning_curve.png |  |
+| positions | accuracy, chance | draws token_acc_by_position.png |  |
+| lengths | rows [[L, token acc, exact], ...], trained, chance | draws length_generalisation.png |  |
+| artifacts | folder, path, remove | the folder's files under `path` (checkpoint) |  |
+| provenance | argv | tags git commit, dirty diff, versions, device |  |
+| where |  | (answers at once, also for a kept run) | experiment id |
+| end | status, error | flushes, ends the run FINISHED/FAILED/KILLED | ended/unsent |
 
 Answers are lines of stdout starting with ANSWER (MLflow may print other lines there). A run the
 store cannot create is answered `failed <why>`. A write the store refuses is kept, with the rest
@@ -45,9 +48,9 @@ import sys
 import time
 
 if __name__ == "__main__":  # run as a script: its sibling module, without importing the echo package
-    from outbox import Outbox, read, reason
+    from outbox import Outbox, read, read_params, reason
 else:
-    from echo.tracking.outbox import Outbox, read, reason
+    from echo.tracking.outbox import Outbox, read, read_params, reason
 
 ANSWER = "echo-tracking: "  # marks the answers on stdout
 
@@ -98,6 +101,35 @@ def learning_curve(history: list[list], target: float):
     return fig
 
 
+def length_generalisation(rows: list[list], trained: list[int], chance: float):
+    """Token accuracy and exact match against window length, the trained lengths shaded, chance
+    dotted (a token: `chance`; a whole window of L: chance ** L), as a matplotlib figure."""
+    lengths = [n for n, _, _ in rows]
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    ax.axvspan(trained[0] - 0.5, trained[1] + 0.5, color="C2", alpha=0.15, label=f"trained {trained[0]}-{trained[1]}")
+    ax.plot(lengths, [token for _, token, _ in rows], "-o", ms=3, label="token accuracy")
+    ax.plot(lengths, [exact for _, _, exact in rows], "-o", ms=3, label="exact match")
+    ax.plot(lengths, [chance] * len(lengths), ":", color="grey", label=f"chance, token ({chance:.2g})")
+    ax.plot(lengths, [chance**n for n in lengths], ":", color="black", label="chance, whole window")
+    ax.set(xlabel="window length L (n_in = n_out = L)", ylabel="test accuracy", ylim=(-0.02, 1.02))
+    ax.set_title("length generalisation")
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.13, top=0.92)
+    return fig
+
+
+def by_position(accuracy: list[float], chance: float):
+    """Test token accuracy against output position, as a matplotlib figure."""
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
+    positions = range(1, len(accuracy) + 1)
+    ax.plot(positions, accuracy, "-o", ms=3, label="test/token_acc_by_position")
+    ax.axhline(chance, color="grey", linestyle=":", label=f"chance {chance:.3g}")
+    ax.set(xlabel="output position (1 = oldest item of the window)", ylabel="token accuracy", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.15, top=0.95)
+    return fig
+
+
 class RunWriter:
     """Writes runs, one at a time: params at the start, metrics in batches, artifacts, the status.
 
@@ -106,7 +138,10 @@ class RunWriter:
     A run the store cannot even create is answered `failed <why>`, and nothing of it is kept
     (the training process stops before training)."""
 
-    OPS = frozenset({"start", "metrics", "text", "tags", "curve", "artifacts", "provenance", "where", "end"})
+    OPS = frozenset(  # the messages (table above)
+        {"start", "metrics", "text", "tags", "params", "curve", "positions", "lengths", "artifacts", "provenance"}
+        | {"where", "end"}
+    )
 
     def __init__(self, flush_every_s: float = 10.0, reply=answer):
         self.flush_every_s, self.pending, self.run_id, self.reply = flush_every_s, [], None, reply
@@ -151,7 +186,7 @@ class RunWriter:
             from mlflow import MlflowClient
             from mlflow.entities import Metric, Param, RunTag
 
-            self.Metric, self.RunTag = Metric, RunTag
+            self.Metric, self.RunTag, self.Param = Metric, RunTag, Param
             if uri != self.uri:
                 self.client, self.uri = MlflowClient(uri), uri
             run = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name, tags=tags)
@@ -188,6 +223,14 @@ class RunWriter:
     def tags(self, tags) -> None:
         self.client.log_batch(self.run_id, tags=[self.RunTag(k, str(v)) for k, v in tags.items()])
 
+    def params(self, params) -> None:
+        self.client.log_batch(self.run_id, params=[self.Param(k, v) for k, v in params.items()])
+
+    def positions(self, accuracy, chance) -> None:
+        figure = by_position(accuracy, chance)
+        self.client.log_figure(self.run_id, figure, "token_acc_by_position.png")
+        pyplot().close(figure)
+
     def curve(self, history, target) -> None:
         figure = learning_curve(history, target)
         try:
@@ -215,6 +258,11 @@ class RunWriter:
             self.reply(self.client.get_run(self.run_id).info.experiment_id)
         except Exception:  # no run, or the store is gone: the training process prints no address
             self.reply("")
+
+    def lengths(self, rows, trained, chance) -> None:
+        figure = length_generalisation(rows, trained, chance)
+        self.client.log_figure(self.run_id, figure, "length_generalisation.png")
+        pyplot().close(figure)
 
     def end(self, status, error=None) -> None:
         self.flush()
@@ -260,6 +308,16 @@ class RunWriter:
             box.artifacts(message["folder"], message["path"])
             if message.get("remove"):
                 shutil.rmtree(message["folder"], ignore_errors=True)
+        elif op == "params":
+            box.params({k: str(v) for k, v in message["params"].items()})
+        elif op in ("positions", "lengths"):
+            draw, name = {
+                "positions": (by_position, "token_acc_by_position.png"),
+                "lengths": (length_generalisation, "length_generalisation.png"),
+            }[op]
+            figure = draw(**message)
+            box.figure(figure, name)
+            pyplot().close(figure)
         elif op == "provenance":
             tags, diff = _source_tags(message["argv"])
             box.tags(tags)
@@ -426,6 +484,9 @@ def upload(folder: str, uri: str) -> str:
         items = [Param(k, str(v)) for k, v in run["params"].items()]
         for i in range(0, len(items), 100):
             client.log_batch(run_id, params=items[i : i + 100])
+    more = read_params(folder)  # params sent after the run started (e.g. n_params)
+    if more:
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in more.items()])
     if kept["tags"]:
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in kept["tags"].items()])
     metrics = [Metric(name, value, ms, step) for name, value, ms, step in kept["metrics"]]

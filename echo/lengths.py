@@ -1,0 +1,47 @@
+"""Length generalisation: test every window length of `task.test_lengths` on its own held-out windows.
+
+The score is the Chomsky-hierarchy suite's: the mean accuracy over the tested lengths longer
+than any trained (`test/ood_*`), beside the mean over the trained lengths (`test/iid_exact_match`).
+"""
+
+from __future__ import annotations
+
+from statistics import mean
+
+import torch
+
+BY_LENGTH = ("test/token_acc_by_length", "test/exact_match_by_length")  # MLflow step = window length
+
+
+@torch.no_grad()
+def evaluate_lengths(module, data, lengths: tuple[int, int]) -> dict[int, tuple[float, float]]:
+    """{L: (token accuracy, exact match)} for every L in `lengths` (both included), each on the
+    data's fixed test windows of that length, evaluated as the model was trained (stateful:
+    batch by batch with state carried, reset at each length)."""
+    module.eval()
+    scores = {}
+    for n in range(lengths[0], lengths[1] + 1):
+        _, correct, tokens, exact, rows = module.eval_sums(data.eval_batches(*data.length_test_set(n))).tolist()
+        scores[n] = (correct / tokens, exact / rows)
+    return scores
+
+
+def length_scores(by_length: dict[int, tuple[float, float]], trained: tuple[int, int]) -> dict[str, float]:
+    """The summary of a per-length test: `test/ood_exact_match` and `test/ood_token_acc`, the means over
+    the tested lengths above the trained range (none if no tested length is), and `test/iid_exact_match`,
+    the mean over the tested lengths inside it. Lengths below the trained range count in neither."""
+    lo, hi = trained
+    ood = [by_length[n] for n in sorted(by_length) if n > hi]
+    iid = [by_length[n] for n in sorted(by_length) if lo <= n <= hi]
+    summary = {}
+    if ood:
+        summary["test/ood_exact_match"] = mean(exact for _, exact in ood)
+        summary["test/ood_token_acc"] = mean(token for token, _ in ood)
+    if iid:
+        summary["test/iid_exact_match"] = mean(exact for _, exact in iid)
+    return summary
+
+
+def length_rows(by_length: dict[int, tuple[float, float]]) -> list[tuple[str, int, float]]:
+    """(metric, step = length, value) rows of `test/token_acc_by_length` and `test/exact_match_by_length`."""
+    return [(name, n, value) for n, values in sorted(by_length.items()) for name, value in zip(BY_LENGTH, values)]
