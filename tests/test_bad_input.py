@@ -34,6 +34,7 @@ BAD = {
     "objective=train/loss": "objective='train/loss' is unknown",
     "checkpoint_every=0": "checkpoint_every=0 must be a whole number >= 1 or null",
     "resume=true": "resume=True must be an MLflow run id",
+    "evaluate=true": "evaluate=True must be an MLflow run id",
     "task.length=0": "task.length=0 must be a whole number >= 1",
     "task.length=2.5": "task.length=2.5 must be a whole number >= 1",
     "task.n_unique=-3": "task.n_unique=-3 must be a whole number >= 2",
@@ -54,6 +55,11 @@ BAD = {
     "model.batch_size=-7": "model.batch_size=-7 must be a whole number >= 1",
     "model.lr=-1": "model.lr=-1 must be a positive number",
     "model.lr=nan": "model.lr=nan must be a positive number",
+    "model.cell=rnn": "model.cell='rnn' is unknown",
+    "task.train_lengths=[5,1]": "task.train_lengths=[5, 1] must be [lo,hi] with 1 <= lo <= hi, or null",
+    "task.test_lengths=[0,3]": "task.test_lengths=[0, 3] must be [lo,hi] with 1 <= lo <= hi, or null",
+    "model=transformer model.n_heads=3": "model.n_heads=3 does not divide model.d_model",
+    "model=autoregressive model.teacher_forcing=1.5": "model.teacher_forcing=1.5 must be a probability in [0, 1]",
     "trainer.max_epochs=0": "trainer.max_epochs=0 must be a whole number >= 1",
     "trainer.check_val_every_n_epoch=0": "trainer.check_val_every_n_epoch=0 must be a whole number >= 1",
     "trainer.accelerator=ipu": "trainer.accelerator='ipu' is unknown",
@@ -114,7 +120,7 @@ def _leaves(tree: dict, prefix: str = "") -> list[str]:
 @pytest.mark.parametrize("override", BAD)
 def test_a_bad_value_is_refused_in_one_line_before_anything_is_built(override):
     with pytest.raises(ConfigError, match=pattern(BAD[override])) as raised:
-        checked(make_cfg(override))
+        checked(make_cfg(*override.split()))
     assert "\n" not in str(raised.value)
 
 
