@@ -164,7 +164,6 @@ CHECKS = {
     "checkpoint_every": optional(count),
     "resume": optional(run_id),
     "evaluate": optional(run_id),
-    "evaluate": optional(run_id),
     "task.length": count,
     "task.n_unique": at_least(2),
     "task.n_in": count,

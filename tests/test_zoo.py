@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, make_cfg
-from helpers import TINY, all_runs, artifacts, run_py
+from helpers import CONF, TINY, all_runs, artifacts, make_cfg, run_py
 from torch import nn
 
 from echo.config import ConfigError, validate
