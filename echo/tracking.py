@@ -321,3 +321,8 @@ def run_name_and_tags(hydra_cfg) -> tuple[str, dict[str, str]]:
     if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
         tags = {SWEEP_TAG: Path(hydra_cfg.sweep.dir).name, "echo.job": str(hydra_cfg.job.num)}
     return name, tags
+
+
+def log_artifacts(run_id: str, folder: str, artifact_path: str) -> None:
+    """Copy the files in `folder` into run `run_id`'s artifacts under `artifact_path`, now."""
+    mlflow_client().log_artifacts(run_id, folder, artifact_path)
