@@ -128,6 +128,7 @@ def train_population(members: list[Member], population_id: str, threads: int) ->
         member.tags = {**member.tags, POPULATION_TAG: population_id}
         if member.cfg.logger.name == "mlflow":
             member.tracker = start_tracker(member.cfg, member.run_name, member.tags)
+            member.tracker.log_text(OmegaConf.to_yaml(member.cfg, resolve=True), "config.yaml")  # there while it runs
     population = None
     try:
         population = _Population(members, threads)
@@ -208,7 +209,9 @@ class _Population:
         from echo.data import generate_sequences, to_windows
 
         t = self.task
-        seqs = torch.stack([generate_sequences(t.sequences_per_epoch, t.length, t.n_unique, g) for g in self.generators])
+        seqs = torch.stack(
+            [generate_sequences(t.sequences_per_epoch, t.length, t.n_unique, g) for g in self.generators]
+        )
         x, y = to_windows(seqs.flatten(0, 1), t.n_in, t.n_out, t.framing)
         k = len(self.members)
         x, y = x.view(k, t.sequences_per_epoch, *x.shape[1:]), y.view(k, t.sequences_per_epoch, *y.shape[1:])
@@ -309,7 +312,11 @@ class _Population:
         now = time.perf_counter() - self._t0
         for member in running:
             loss_sum, correct, tokens, exact, rows = results[self.members.index(member)]
-            metrics = {"val/loss": loss_sum / tokens, "val/token_acc": correct / tokens, "val/exact_match": exact / rows}
+            metrics = {
+                "val/loss": loss_sum / tokens,
+                "val/token_acc": correct / tokens,
+                "val/exact_match": exact / rows,
+            }
             member.history += [(name, epoch, value) for name, value in metrics.items()]
             member.summary.update(metrics)
             cfg = member.cfg
