@@ -29,7 +29,15 @@ from torch import Tensor
 from echo.config import windows_per_sequence
 from echo.encoding import PAD, REPRESENTATIONS
 from echo.models import build_net, detach_state
-from echo.stacked import STACKABLE, MemberAdam, StackedNet, member_loss_sums, stacked_batches
+from echo.stacked import (
+    STACKABLE,
+    MemberAdam,
+    StackedNet,
+    member_loss_sums,
+    member_sequences,
+    member_windows,
+    stacked_batches,
+)
 from echo.tracking import Tracker, log_artifacts, start_tracker
 
 POPULATION_TAG = "echo.population"
@@ -184,18 +192,19 @@ class _Population:
         self.stateful, self.mask_inputs = bool(model.stateful), task.framing == "mask"
         self.windows_per_epoch = task.sequences_per_epoch * windows_per_sequence(task)
         n_seq = -(-task.eval_windows // windows_per_sequence(task))
-        self.val = self._eval_batches(*self._held_out(n_seq, task.val_seed))
-        self.test = self._eval_batches(*self._held_out(n_seq, task.test_seed))
+        k = len(members)
+        self.val = self._eval_batches(*self._held_out(n_seq, [task.val_seed] * k))
+        self.test = self._eval_batches(*self._held_out(n_seq, [task.test_seed] * k))
         self.epochs_done = 0
         self._train_sums: list[tuple[int, Tensor, list[bool]]] = []
 
     # -- data --------------------------------------------------------------------------------
-    def _held_out(self, n_seq: int, seed: int) -> tuple[Tensor, Tensor]:
-        from echo.data import held_out
-
-        x, y = held_out(self.task, n_seq, seed, self.device)
-        k = len(self.members)
-        return x.expand(k, *x.shape), y.expand(k, *y.shape)
+    def _held_out(self, n_seq: int, seeds: list[int]) -> tuple[Tensor, Tensor]:
+        """Fixed windows from `n_seq` sequences per member, member k's drawn with seeds[k] on the
+        CPU and moved to the device, as `echo.data.held_out` draws them."""
+        t = self.task
+        seqs = member_sequences([torch.Generator().manual_seed(s) for s in seeds], n_seq, t.length, t.n_unique)
+        return member_windows(seqs.to(self.device), t.n_in, t.n_out, t.framing)
 
     def _eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
         """As `EchoData.eval_batches`: stateful batch by batch, stateless all windows at once."""
@@ -206,15 +215,9 @@ class _Population:
     def _fresh_batches(self) -> list[tuple[Tensor, Tensor]]:
         """One epoch: each member's `sequences_per_epoch` fresh sequences from its own generator,
         framed and batched as `EchoData.fresh_batches` does."""
-        from echo.data import generate_sequences, to_windows
-
         t = self.task
-        seqs = torch.stack(
-            [generate_sequences(t.sequences_per_epoch, t.length, t.n_unique, g) for g in self.generators]
-        )
-        x, y = to_windows(seqs.flatten(0, 1), t.n_in, t.n_out, t.framing)
-        k = len(self.members)
-        x, y = x.view(k, t.sequences_per_epoch, *x.shape[1:]), y.view(k, t.sequences_per_epoch, *y.shape[1:])
+        seqs = member_sequences(self.generators, t.sequences_per_epoch, t.length, t.n_unique)
+        x, y = member_windows(seqs, t.n_in, t.n_out, t.framing)
         return stacked_batches(x, y, self.model_cfg.batch_size, self.stateful)
 
     def _forward_batches(self, batches):
@@ -372,10 +375,7 @@ class _Population:
     @torch.no_grad()
     def _expected_predicted(self) -> list[str]:
         """Each member's tutorial evaluation: one fresh sequence of its own (seed 10,000 + seed)."""
-        from echo.data import held_out
-
-        pairs = [held_out(self.task, 1, seed=10_000 + m.cfg.seed, device=self.device) for m in self.members]
-        x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        x, y = self._held_out(1, [10_000 + m.cfg.seed for m in self.members])
         predicted = torch.cat([self.rep.decode(s) for s, _ in self._forward_batches(self._eval_batches(x, y))], 1)
         return [
             "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[k, 0].tolist(), predicted[k].tolist()))

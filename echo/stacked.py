@@ -192,6 +192,21 @@ class MemberAdam:
         }
 
 
+def member_sequences(generators: list[torch.Generator], n_seq: int, length: int, n_unique: int) -> Tensor:
+    """Each member's `n_seq` sequences (K, n_seq, length), drawn from its own generator exactly as
+    `echo.data.generate_sequences` draws them (echo.data loads Lightning, which a population never uses)."""
+    return torch.stack([torch.randint(0, n_unique, (n_seq, length), generator=g, device=g.device) for g in generators])
+
+
+def member_windows(seqs: Tensor, n_in: int, n_out: int, framing: str = "drop") -> tuple[Tensor, Tensor]:
+    """`echo.data.to_windows` for every member: seqs (K, n_seq, length) -> x (K, n_seq, rows, n_in),
+    y (K, n_seq, rows, n_out)."""
+    if framing == "mask":
+        seqs = F.pad(seqs, (n_in - 1, 0), value=PAD)
+    x = seqs.unfold(2, n_in, 1)
+    return x, x[..., :n_out]
+
+
 def stacked_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tuple[Tensor, Tensor]]:
     """`echo.data.to_batches` for every member at once: x, y (K, n_seq, rows, ...) -> the epoch's
     batches, each (K, windows, ...), member k's batch b being exactly its own `to_batches`' batch b."""

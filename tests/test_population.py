@@ -13,7 +13,14 @@ from echo.data import to_batches, to_windows
 from echo.encoding import PAD, LinearScale, OneHot
 from echo.models import build_net
 from echo.population import population_key, why_not_stackable
-from echo.stacked import MemberAdam, StackedNet, member_loss_sums, stacked_batches
+from echo.stacked import (
+    MemberAdam,
+    StackedNet,
+    member_loss_sums,
+    member_sequences,
+    member_windows,
+    stacked_batches,
+)
 
 POPULATION = ["-m", "hydra/launcher=population"]
 MODELS = ["seq2seq", "encdec", "one_to_one", "many_to_one"]
@@ -67,6 +74,19 @@ def test_each_members_batches_are_the_batches_it_would_train_on_alone(stateful, 
         assert len(alone) == len(together)
         for (xa, ya), (xt, yt) in zip(alone, together):
             assert torch.equal(xa, xt[k]) and torch.equal(ya, yt[k])
+
+
+@pytest.mark.parametrize("framing", ["drop", "mask"])
+def test_each_member_draws_the_sequences_and_windows_its_seed_gives_a_run_alone(framing):
+    from echo.data import generate_sequences
+
+    seqs = member_sequences([torch.Generator().manual_seed(s) for s in (0, 7)], 3, 25, 100)
+    x, y = member_windows(seqs, 5, 2, framing)
+    for k, seed in enumerate((0, 7)):
+        alone = generate_sequences(3, 25, 100, torch.Generator().manual_seed(seed))
+        assert torch.equal(seqs[k], alone)
+        x_alone, y_alone = to_windows(alone, 5, 2, framing)
+        assert torch.equal(x[k], x_alone) and torch.equal(y[k], y_alone)
 
 
 def test_one_adam_over_stacked_weights_is_each_members_adam_and_a_frozen_member_stays_put():
