@@ -21,7 +21,14 @@ an in-process logger cannot; and sweep parents and checkpoints need the client A
 from echo.tracking.client import SERVICE_ENV, Tracker, start_tracker, warm_up
 from echo.tracking.naming import PARENT_RUN_ENV, SWEEP_TAG, flatten, run_name_and_tags, run_page, tracking_uri
 from echo.tracking.service import TrackingService
-from echo.tracking.store import download_artifact, experiment_id, mlflow_client, run_tags, tag_provenance
+from echo.tracking.store import (
+    download_artifact,
+    experiment_id,
+    log_artifacts,
+    mlflow_client,
+    run_tags,
+    tag_provenance,
+)
 
 __all__ = [
     "PARENT_RUN_ENV",
@@ -32,6 +39,7 @@ __all__ = [
     "download_artifact",
     "experiment_id",
     "flatten",
+    "log_artifacts",
     "mlflow_client",
     "run_name_and_tags",
     "run_page",

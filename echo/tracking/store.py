@@ -8,7 +8,7 @@ import os
 from echo.tracking.naming import tracking_uri
 from echo.tracking.worker import experiment_id
 
-__all__ = ["download_artifact", "experiment_id", "mlflow_client", "run_tags", "tag_provenance"]
+__all__ = ["download_artifact", "experiment_id", "log_artifacts", "mlflow_client", "run_tags", "tag_provenance"]
 
 
 def mlflow_client():
@@ -49,3 +49,8 @@ def tag_provenance(client, run_id: str) -> None:
     client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
     if diff:
         client.log_text(run_id, diff, DIFF_ARTIFACT)
+
+
+def log_artifacts(run_id: str, folder: str, artifact_path: str) -> None:
+    """Copy the files in `folder` into run `run_id`'s artifacts under `artifact_path`, now."""
+    mlflow_client().log_artifacts(run_id, folder, artifact_path)

@@ -1,0 +1,422 @@
+"""A population: K runs whose configs differ only in settings that leave every tensor's shape
+alone (seed, learning rate, ...), trained as one stacked model in one process (docs/populations.md).
+
+Each member is an honest run: its own network, built under its own seed exactly as
+`echo.train` builds it, its own training data (its own generator, seeded as `echo.data.EchoData`
+seeds it), its own Adam (`echo.stacked.MemberAdam`: element-wise, so one over the stacked weights
+is K independent ones), its own validation, stopping, metrics and MLflow run. The loss is the sum
+of the members' mean losses, so each member's gradient is the one it would have alone. A member
+that reaches `stop_at` is frozen (its updates masked) while the others go on; one whose loss
+becomes NaN or infinite ends FAILED and the others go on; an interrupt (Ctrl-C, SIGTERM) ends
+every member KILLED with a checkpoint. The loop is a plain PyTorch loop (no Lightning): a member's
+step is the same computation as an independent run's, batch for batch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from echo.config import windows_per_sequence
+from echo.encoding import PAD, REPRESENTATIONS
+from echo.models import build_net, detach_state
+from echo.stacked import (
+    STACKABLE,
+    MemberAdam,
+    StackedNet,
+    member_loss_sums,
+    member_sequences,
+    member_windows,
+    stacked_batches,
+)
+from echo.tracking import Tracker, log_artifacts, start_tracker
+
+POPULATION_TAG = "echo.population"
+CHECKPOINT = "population.pt"  # in each member's artifacts, under checkpoints/
+# Settings that may differ between the members of one population: none changes a tensor's shape,
+# the data's framing or the training's cadence. (progress and objective change nothing trained.)
+MEMBER_SETTINGS = ("seed", "model.lr", "target", "stop_at", "objective", "progress")
+
+
+def why_not_stackable(cfg: DictConfig) -> str | None:
+    """Why a run of `cfg` cannot be a population member (None if it can)."""
+    model, task = cfg.model, cfg.task
+    if model.name not in STACKABLE:
+        return f"model={model.name} has no stacked form"
+    if model.get("cell", "lstm") != "lstm":
+        return f"model.cell={model.cell} has no stacked form (lstm only)"
+    for key in ("resume", "evaluate"):
+        if cfg.get(key):
+            return f"{key}={cfg.get(key)} continues or reads one run"
+    for key in ("train_lengths", "test_lengths"):
+        if task.get(key) is not None:
+            return f"task.{key} varies tensor shapes"
+    return None
+
+
+def population_key(cfg: DictConfig) -> str:
+    """Runs whose configs have the same key can train as one population: the config without
+    MEMBER_SETTINGS."""
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    for path in MEMBER_SETTINGS:
+        *parents, leaf = path.split(".")
+        node = tree
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return repr(sorted(_flat_items(tree)))
+
+
+def _flat_items(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", repr(value)
+
+
+@dataclass
+class Member:
+    """One run of the population: its config (resolved and checked, as run.py leaves it), run name
+    and tags, and what it has done so far."""
+
+    cfg: DictConfig
+    run_name: str
+    tags: dict[str, str]
+    tracker: Tracker | None = None
+    history: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    status: str = "RUNNING"  # RUNNING (training), STOPPED (done training), FAILED, KILLED, FINISHED
+    error: str | None = None
+    sent: int = 0  # rows of `history` handed to the tracker
+
+    def send(self) -> None:
+        if self.tracker:
+            self.tracker.log_metrics(self.history[self.sent :])
+        self.sent = len(self.history)
+
+
+def population_threads(cfgs: list[DictConfig], cores: int | None = None) -> int:
+    """CPU threads for the population: the members' `threads`, or for `threads=auto` the count an
+    independent run would choose for a step as wide as all the members' steps together."""
+    from echo.config import cpu_threads
+
+    cfg = cfgs[0]
+    if cfg.threads != "auto":
+        return cfg.threads
+    wide = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    wide.task.sequences_per_epoch = cfg.task.sequences_per_epoch * len(cfgs)
+    return cpu_threads(wide, cores)
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def train_population(members: list[Member], population_id: str, threads: int) -> list[Member]:
+    """Train the members as one population; return them with their status and summary.
+
+    Every member's config must have the same `population_key`. Each starts an MLflow run (tagged
+    `echo.population=<population_id>`) if its logger is mlflow. KeyboardInterrupt (Ctrl-C, or
+    SIGTERM as the sweep turns it) propagates after every member has ended KILLED with a checkpoint.
+    """
+    for member in members:
+        member.tags = {**member.tags, POPULATION_TAG: population_id}
+        if member.cfg.logger.name == "mlflow":
+            member.tracker = start_tracker(member.cfg, member.run_name, member.tags)
+            member.tracker.log_text(OmegaConf.to_yaml(member.cfg, resolve=True), "config.yaml")  # there while it runs
+    population = None
+    try:
+        population = _Population(members, threads)
+        population.fit()
+        population.test_and_report()
+    except BaseException as exception:
+        interrupted = isinstance(exception, KeyboardInterrupt)
+        if population is not None:
+            population.flush_train_metrics()  # the metrics so far are kept, as an independent run keeps them
+            if interrupted:
+                population.save_checkpoints()
+        error = None if interrupted else traceback.format_exc()
+        for member in members:
+            if member.status in ("RUNNING", "STOPPED"):
+                member.status, member.error = ("KILLED", None) if interrupted else ("FAILED", error)
+        raise
+    finally:
+        for member in members:
+            if member.tracker:
+                member.send()
+                member.tracker.end(member.status, member.error)
+    return members
+
+
+class _Population:
+    """The stacked model, its members' data and optimizer, and the training loop."""
+
+    def __init__(self, members: list[Member], threads: int):
+        self.members = members
+        cfg = members[0].cfg
+        self.task, self.model_cfg, self.trainer_cfg = cfg.task, cfg.model, cfg.trainer
+        task, model = cfg.task, cfg.model
+        torch.set_num_threads(threads)
+        self.device = _device(cfg)
+        self.rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
+        nets = []
+        for member in members:  # as echo.train builds an independent run's network
+            torch.manual_seed(member.cfg.seed)
+            nets.append(
+                build_net(
+                    model.name,
+                    n_in=task.n_in,
+                    n_features=self.rep.n_features,
+                    hidden_size=model.hidden_size,
+                    n_classes=self.rep.n_outputs,
+                    n_out=task.n_out,
+                )
+            )
+        self.net = StackedNet(nets).to(self.device)
+        lrs = torch.tensor([float(m.cfg.model.lr) for m in members], device=self.device)
+        self.optimizer = MemberAdam(list(self.net.parameters()), lrs)
+        self.generators = [torch.Generator(self.device).manual_seed(m.cfg.seed) for m in members]
+        self.stateful, self.mask_inputs = bool(model.stateful), task.framing == "mask"
+        self.windows_per_epoch = task.sequences_per_epoch * windows_per_sequence(task)
+        n_seq = -(-task.eval_windows // windows_per_sequence(task))
+        k = len(members)
+        self.val = self._eval_batches(*self._held_out(n_seq, [task.val_seed] * k))
+        self.test = self._eval_batches(*self._held_out(n_seq, [task.test_seed] * k))
+        self.epochs_done = 0
+        self._train_sums: list[tuple[int, Tensor, list[bool]]] = []
+
+    # -- data --------------------------------------------------------------------------------
+    def _held_out(self, n_seq: int, seeds: list[int]) -> tuple[Tensor, Tensor]:
+        """Fixed windows from `n_seq` sequences per member, member k's drawn with seeds[k] on the
+        CPU and moved to the device, as `echo.data.held_out` draws them."""
+        t = self.task
+        seqs = member_sequences([torch.Generator().manual_seed(s) for s in seeds], n_seq, t.length, t.n_unique)
+        return member_windows(seqs.to(self.device), t.n_in, t.n_out, t.framing)
+
+    def _eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """As `EchoData.eval_batches`: stateful batch by batch, stateless all windows at once."""
+        if self.stateful:
+            return stacked_batches(x, y, self.model_cfg.batch_size, stateful=True)
+        return stacked_batches(x, y, x.shape[2], stateful=False)
+
+    def _fresh_batches(self) -> list[tuple[Tensor, Tensor]]:
+        """One epoch: each member's `sequences_per_epoch` fresh sequences from its own generator,
+        framed and batched as `EchoData.fresh_batches` does."""
+        t = self.task
+        seqs = member_sequences(self.generators, t.sequences_per_epoch, t.length, t.n_unique)
+        x, y = member_windows(seqs, t.n_in, t.n_out, t.framing)
+        return stacked_batches(x, y, self.model_cfg.batch_size, self.stateful)
+
+    def _forward_batches(self, batches):
+        """(scores, targets) batch by batch, state carried (detached) if stateful, zeros first."""
+        state = None
+        for x, y in batches:
+            mask = x != PAD if self.mask_inputs else None
+            scores, state = self.net(self.rep.encode(x), state if self.stateful else None, mask)
+            yield scores, y
+            state = detach_state(state)
+
+    # -- training ------------------------------------------------------------------------------
+    def _train_epoch(self) -> Tensor:
+        """One epoch for every member; returns per member [summed loss, correct tokens, tokens] (3, K)."""
+        sums = []
+        for scores, y in self._forward_batches(self._fresh_batches()):
+            tokens = (y != PAD).flatten(1).sum(1)
+            loss_sums = member_loss_sums(self.rep, scores, y)
+            self.optimizer.zero_grad()
+            (loss_sums / tokens).sum().backward()  # each member's gradient: that of its own mean loss
+            self.optimizer.step()
+            correct = (self.rep.decode(scores.detach()) == y).flatten(1).sum(1)
+            sums.append(torch.stack([loss_sums.detach(), correct, tokens]))
+        return torch.stack(sums).sum(0)
+
+    def fit(self) -> None:
+        every = self.trainer_cfg.get("check_val_every_n_epoch", 1) or 1
+        self._t0 = time.perf_counter()
+        bar = self._progress_bar()
+        for epoch in range(1, self.trainer_cfg.max_epochs + 1):
+            active = [m.status == "RUNNING" for m in self.members]
+            self._train_sums.append((epoch, self._train_epoch(), active))
+            self.epochs_done = epoch
+            if bar is not None:
+                bar.update(1)
+            if epoch % every == 0:
+                self._validate(epoch)
+            if not any(m.status == "RUNNING" for m in self.members):
+                break
+        else:  # max_epochs: the members still training end here
+            self.flush_train_metrics()
+            self._check_finite()
+            for member in self._running():
+                self._stop(member, self.epochs_done)
+        if bar is not None:
+            bar.close()
+
+    def _progress_bar(self):
+        if not self.members[0].cfg.get("progress"):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.trainer_cfg.max_epochs, unit="epoch", mininterval=0.25, dynamic_ncols=True)
+
+    def _running(self) -> list[Member]:
+        return [m for m in self.members if m.status == "RUNNING"]
+
+    def _stop(self, member: Member, epoch: int) -> None:
+        member.status = "STOPPED"
+        member.summary.update(train_time_s=time.perf_counter() - self._t0, epochs=epoch)
+        self.optimizer.freeze(self.members.index(member))
+
+    def flush_train_metrics(self) -> None:
+        """Per-epoch training metrics into each member's history, for the epochs it trained."""
+        if not self._train_sums:
+            return
+        sums = torch.stack([s for _, s, _ in self._train_sums]).tolist()  # (epochs, 3, K)
+        for (epoch, _, active), (loss_sums, correct, tokens) in zip(self._train_sums, sums):
+            for k, member in enumerate(self.members):
+                if active[k]:
+                    member.history += [
+                        ("train/loss", epoch, loss_sums[k] / tokens[k]),
+                        ("train/acc", epoch, correct[k] / tokens[k]),
+                    ]
+        self._train_sums = []
+
+    @torch.no_grad()
+    def _evaluate(self, batches) -> list[list[float]]:
+        """Per member [summed loss, correct tokens, tokens, exact rows, rows] (K lists of 5)."""
+        total = 0
+        for scores, y in self._forward_batches(batches):
+            real = y != PAD
+            correct = (self.rep.decode(scores) == y) & real
+            exact = (correct | ~real).all(-1) & real.any(-1)
+            counts = [member_loss_sums(self.rep, scores, y), correct.flatten(1).sum(1), real.flatten(1).sum(1)]
+            counts += [exact.sum(1), real.any(-1).sum(1)]
+            total = total + torch.stack([c.float() for c in counts], 1)
+        return total.tolist()
+
+    def _validate(self, epoch: int) -> None:
+        """As an independent run validates: metrics, target, stop_at; then the NaN check."""
+        running = self._running()
+        self.flush_train_metrics()
+        results = self._evaluate(self.val)
+        now = time.perf_counter() - self._t0
+        for member in running:
+            loss_sum, correct, tokens, exact, rows = results[self.members.index(member)]
+            metrics = {
+                "val/loss": loss_sum / tokens,
+                "val/token_acc": correct / tokens,
+                "val/exact_match": exact / rows,
+            }
+            member.history += [(name, epoch, value) for name, value in metrics.items()]
+            member.summary.update(metrics)
+            cfg = member.cfg
+            if metrics["val/exact_match"] >= cfg.target and "epochs_to_target" not in member.summary:
+                member.summary.update(
+                    time_to_target_s=now, epochs_to_target=epoch, samples_to_target=epoch * self.windows_per_epoch
+                )
+            if cfg.stop_at is not None and metrics["val/exact_match"] >= cfg.stop_at:
+                self._stop(member, epoch)
+        self._check_finite(running)
+        for member in running:
+            member.send()
+
+    def _check_finite(self, members: list[Member] | None = None) -> None:
+        """A member whose loss became NaN or infinite ends FAILED (as `echo.faults.NonFiniteGuard`
+        ends an independent run); the others go on."""
+        for member in members if members is not None else self._running():
+            rows = sorted(member.history[member.sent :], key=lambda r: (r[1], not r[0].startswith("train")))
+            bad = next(((n, e, v) for n, e, v in rows if n.endswith("loss") and not math.isfinite(v)), None)
+            if bad is None:
+                continue
+            name, epoch, value = bad
+            message = (
+                f"{name} became {value} at epoch {epoch}: training diverged; "
+                f"lower the learning rate (model.lr={member.cfg.model.lr}) or change the seed"
+            )
+            member.status, member.error = "FAILED", f"echo.faults.TrainingError: {message}\n"
+            self.optimizer.freeze(self.members.index(member), zero=True)
+            print(f"echo: run failed: {member.run_name}: {message}", file=sys.stderr)
+
+    # -- the end -------------------------------------------------------------------------------
+    def test_and_report(self) -> None:
+        """Test every member that trained to its end, print and log what an independent run does."""
+        done = [m for m in self.members if m.status == "STOPPED"]
+        for member in done:
+            if member.tracker:  # the history is complete: the worker draws the curve
+                member.tracker.log_learning_curve(member.history, member.cfg.target)
+        results = self._evaluate(self.test)
+        tables = self._expected_predicted()
+        for member in done:
+            _, correct, tokens, exact, rows = results[self.members.index(member)]
+            member.summary.update({"test/token_acc": correct / tokens, "test/exact_match": exact / rows})
+            table = tables[self.members.index(member)]
+            print(f"{member.run_name}: {_summary_line(member.summary)}")
+            if member.tracker:
+                epochs = member.summary["epochs"]
+                final = [(n, epochs, v) for n, v in member.summary.items() if not n.startswith("val/")]
+                member.send()
+                member.tracker.log_metrics(final)
+                member.tracker.log_text(table + "\n", "expected_predicted.txt")
+            member.status = "FINISHED"
+
+    @torch.no_grad()
+    def _expected_predicted(self) -> list[str]:
+        """Each member's tutorial evaluation: one fresh sequence of its own (seed 10,000 + seed)."""
+        x, y = self._held_out(1, [10_000 + m.cfg.seed for m in self.members])
+        predicted = torch.cat([self.rep.decode(s) for s, _ in self._forward_batches(self._eval_batches(x, y))], 1)
+        return [
+            "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[k, 0].tolist(), predicted[k].tolist()))
+            for k in range(len(self.members))
+        ]
+
+    def save_checkpoints(self) -> None:
+        """Each member's weights (its own network's layout), Adam moments, data generator and epoch
+        count into its run's artifacts: checkpoints/population.pt and checkpoints/config.yaml."""
+        saved = 0
+        for k, member in enumerate(self.members):
+            if member.tracker is None or member.status not in ("RUNNING", "STOPPED"):
+                continue
+            state = {
+                "state_dict": {f"net.{n}": v for n, v in self.net.member_state_dict(k).items()},
+                "adam": self.optimizer.member_state(k, self.net.names, self.net.member_layout),
+                "generator": self.generators[k].get_state(),
+                "epochs_done": self.epochs_done if member.status == "RUNNING" else member.summary["epochs"],
+                "summary": dict(member.summary),
+            }
+            try:
+                with tempfile.TemporaryDirectory() as folder:
+                    torch.save(state, Path(folder) / CHECKPOINT)
+                    yaml = OmegaConf.to_yaml(member.cfg, resolve=True)
+                    (Path(folder) / "config.yaml").write_text(yaml)
+                    log_artifacts(member.tracker.run_id, folder, "checkpoints")
+                saved += 1
+            except Exception:  # the others are still worth saving
+                traceback.print_exc()
+        print(
+            f"echo: population stopped after {self.epochs_done} complete epochs; "
+            f"{saved} members' checkpoints saved (checkpoints/{CHECKPOINT} in each run)",
+            file=sys.stderr,
+        )
+
+
+def _summary_line(s: dict[str, float]) -> str:
+    line = (
+        f"test/token_acc {s['test/token_acc']:.4f}  test/exact_match {s['test/exact_match']:.4f}  "
+        f"after {s['epochs']} epochs, {s['train_time_s']:.1f} s training"
+    )
+    if "time_to_target_s" in s:
+        line += f"; target reached at epoch {s['epochs_to_target']} ({s['time_to_target_s']:.1f} s)"
+    return line

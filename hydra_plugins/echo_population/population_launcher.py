@@ -1,0 +1,182 @@
+"""`hydra/launcher=population`: a multirun's jobs that differ only in settings that leave every
+tensor's shape alone (seed, model.lr, ...) train together as one stacked model in this process
+(echo/population.py); the others run one after another, as the basic launcher runs them.
+
+Hydra imports this module whenever it starts (it looks for plugins in `hydra_plugins`), so it
+imports nothing heavy: torch and echo's training load only when a population launches.
+"""
+
+import atexit
+import copy
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from omegaconf import DictConfig, open_dict, read_write
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PopulationLauncherConf:
+    _target_: str = "hydra_plugins.echo_population.population_launcher.PopulationLauncher"
+    max_members: int = 64  # the most runs trained as one population; more form further populations
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="population_base", node=PopulationLauncherConf)
+
+
+@dataclass
+class _Job:
+    num: int
+    overrides: list[str]
+    config: DictConfig  # the job's whole config, hydra node included
+    task_cfg: DictConfig  # what the job's task function would get
+
+
+class PopulationLauncher(Launcher):
+    def __init__(self, max_members: int = 64) -> None:
+        if not isinstance(max_members, int) or max_members < 1:
+            print(
+                f"echo: bad config: hydra.launcher.max_members={max_members!r} must be a whole number >= 1",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        self.max_members = max_members
+        self.config = self.task_function = self.hydra_context = None
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        jobs = [self._job(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
+        returns: dict[int, JobReturn] = {}
+        for unit in self._plan(jobs):
+            if len(unit) == 1:
+                returns[unit[0].num] = self._run_alone(unit[0])
+            else:
+                returns.update(self._run_population(unit))
+        return [returns[job.num] for job in jobs]
+
+    # -- planning ------------------------------------------------------------------------------
+    def _job(self, num: int, overrides: list[str]) -> _Job:
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(config):
+            config.hydra.job.id = num
+            config.hydra.job.num = num
+        task_cfg = copy.deepcopy(config)
+        with read_write(task_cfg), open_dict(task_cfg):
+            del task_cfg["hydra"]
+        return _Job(num, overrides, config, task_cfg)
+
+    def _plan(self, jobs: list[_Job]) -> list[list[_Job]]:
+        """Populations of jobs with the same population key (at most max_members each), and jobs
+        that run alone, in the order of their first job."""
+        from echo.config import ConfigError, validate
+        from echo.population import population_key, why_not_stackable
+
+        open_units: dict[str, list[_Job]] = {}  # per population key, the population being filled
+        units: list[list[_Job]] = []
+        for job in jobs:
+            HydraConfig.instance().set_config(job.config)
+            try:
+                validate(job.task_cfg)
+            except ConfigError as error:
+                print(f"echo: bad config: job #{job.num} ({' '.join(job.overrides)}): {error}", file=sys.stderr)
+                sys.exit(2)
+            reason = why_not_stackable(job.task_cfg)
+            if reason is not None:
+                print(f"echo: population: job #{job.num} ({_said(job)}) runs on its own: {reason}", file=sys.stderr)
+                units.append([job])
+                continue
+            key = population_key(job.task_cfg)
+            unit = open_units.get(key)
+            if unit is None or len(unit) >= self.max_members:
+                unit = open_units[key] = []
+                units.append(unit)
+            unit.append(job)
+        return units
+
+    # -- running -------------------------------------------------------------------------------
+    def _run_alone(self, job: _Job) -> JobReturn:
+        """As the basic launcher runs a job: run.py's task function, in this process."""
+        log.info(f"\t#{job.num} : {' '.join(filter_overrides(job.overrides))}")
+        result = run_job(
+            hydra_context=self.hydra_context,
+            task_function=self.task_function,
+            config=job.config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return result
+
+    def _run_population(self, jobs: list[_Job]) -> dict[int, JobReturn]:
+        from echo.config import resolve_threads
+        from echo.population import Member, population_threads, train_population
+        from echo.sweeps import job_name_and_tags, objective_value
+
+        threads = population_threads([job.task_cfg for job in jobs])
+        members = []
+        for job in jobs:
+            HydraConfig.instance().set_config(job.config)
+            resolve_threads(job.task_cfg)  # each run records the count an independent run would
+            name, tags = job_name_and_tags(job.config.hydra, job.task_cfg)
+            members.append(Member(job.task_cfg, name, tags))
+        population_id = f"{Path(str(self.config.hydra.sweep.dir)).name}-{jobs[0].num}"
+        print(
+            f"echo: population {population_id}: jobs #{', #'.join(str(j.num) for j in jobs)} "
+            f"({'; '.join(_said(j) for j in jobs)}) train as one stacked model, {threads} thread(s)",
+            file=sys.stderr,
+        )
+        if jobs[0].task_cfg.logger.name == "mlflow":
+            _share_one_tracking_process()
+        try:
+            train_population(members, population_id, threads)
+        except KeyboardInterrupt:
+            print("echo: population interrupted: its runs ended KILLED", file=sys.stderr)
+            sys.exit(1)
+        returns = {}
+        for job, member in zip(jobs, members):
+            result = JobReturn(
+                overrides=job.overrides,
+                cfg=job.task_cfg,
+                hydra_cfg=job.config,
+                working_dir=os.getcwd(),
+                task_name=job.config.hydra.job.name,
+                status=JobStatus.COMPLETED,
+            )
+            objective = job.task_cfg.get("objective", "val/exact_match")
+            # a diverged member scores worst and the sweep goes on, as run.py does for a failed job
+            result.return_value = objective_value(member.summary if member.status == "FINISHED" else {}, objective)
+            returns[job.num] = result
+        return returns
+
+
+def _said(job: _Job) -> str:
+    return " ".join(filter_overrides(job.overrides)) or "defaults"
+
+
+_service = []
+
+
+def _share_one_tracking_process() -> None:
+    """One tracking process writes every member's run (the parallel sweeps' tracking service),
+    rather than one worker each: it imports mlflow once. Closed at exit, after this process's
+    connections to it."""
+    from echo.tracking import SERVICE_ENV, TrackingService
+
+    if _service or os.environ.get(SERVICE_ENV):
+        return
+    _service.append(TrackingService())
+    atexit.register(_service[0].close)

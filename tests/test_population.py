@@ -1,0 +1,247 @@
+"""Populations (hydra/launcher=population): K runs trained as one stacked model, each member an
+honest run that matches the independent run with its config."""
+
+import signal
+import time
+
+import pytest
+import torch
+from helpers import TINY, all_runs, artifacts, make_cfg, run_py, start_run_py
+
+from echo.data import to_batches, to_windows
+from echo.encoding import PAD, LinearScale, OneHot
+from echo.models import build_net
+from echo.population import population_key, why_not_stackable
+from echo.stacked import (
+    MemberAdam,
+    StackedNet,
+    member_loss_sums,
+    member_sequences,
+    member_windows,
+    stacked_batches,
+)
+
+POPULATION = ["-m", "hydra/launcher=population"]
+MODELS = ["seq2seq", "encdec", "one_to_one", "many_to_one"]
+
+
+def _members(name: str, rep, seeds=(0, 1, 2), hidden=8, n_in=5, n_out=3):
+    nets = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        nets.append(build_net(name, n_in, rep.n_features, hidden, rep.n_outputs, n_out))
+    return nets
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("rep", [OneHot(20), LinearScale(20)], ids=["onehot", "linear"])
+def test_a_stacked_network_computes_each_members_scores_state_and_gradient(name, rep):
+    nets = _members(name, rep)
+    stacked = StackedNet(nets)
+    x = torch.randint(0, 20, (3, 7, 5))
+    mask = None
+    if name != "one_to_one":  # masked framing: left padding, as to_windows pads
+        x[:, :2, :2] = PAD
+        mask = x != PAD
+    scores, state = stacked(rep.encode(x), None, mask)
+    scores, _ = stacked(rep.encode(x), state, mask)  # a carried state, as a stateful run carries it
+    y = x[..., :3].clamp(min=0)
+    (member_loss_sums(rep, scores, y) / y[0].numel()).sum().backward()
+    for k, net in enumerate(nets):
+        kwargs = {"mask": mask[k]} if mask is not None else {}
+        alone, state_k = net(rep.encode(x[k]), None, **kwargs)
+        alone, _ = net(rep.encode(x[k]), state_k, **kwargs)
+        torch.testing.assert_close(scores[k], alone, atol=1e-6, rtol=1e-5)
+        (rep.loss_sum(alone, y[k]) / y[k].numel()).backward()
+        for param_name, param in net.named_parameters():
+            grad = stacked.p(param_name).grad[k]
+            grad = grad.t() if param_name in stacked.matrices else grad.squeeze(0)
+            torch.testing.assert_close(grad, param.grad, atol=1e-6, rtol=1e-4)
+        assert all(torch.equal(v, net.state_dict()[n]) for n, v in stacked.member_state_dict(k).items())
+
+
+@pytest.mark.parametrize("stateful", [True, False])
+@pytest.mark.parametrize("framing", ["drop", "mask"])
+def test_each_members_batches_are_the_batches_it_would_train_on_alone(stateful, framing):
+    seqs = torch.randint(0, 100, (3, 2, 25))  # 3 members, 2 sequences each
+    windows = [to_windows(s, 5, 2, framing) for s in seqs]
+    x, y = torch.stack([w[0] for w in windows]), torch.stack([w[1] for w in windows])
+    batch_size = 7 if framing == "drop" else 5
+    together = stacked_batches(x, y, batch_size, stateful)
+    for k in range(3):
+        alone = to_batches(*windows[k], batch_size, stateful)
+        assert len(alone) == len(together)
+        for (xa, ya), (xt, yt) in zip(alone, together):
+            assert torch.equal(xa, xt[k]) and torch.equal(ya, yt[k])
+
+
+@pytest.mark.parametrize("framing", ["drop", "mask"])
+def test_each_member_draws_the_sequences_and_windows_its_seed_gives_a_run_alone(framing):
+    from echo.data import generate_sequences
+
+    seqs = member_sequences([torch.Generator().manual_seed(s) for s in (0, 7)], 3, 25, 100)
+    x, y = member_windows(seqs, 5, 2, framing)
+    for k, seed in enumerate((0, 7)):
+        alone = generate_sequences(3, 25, 100, torch.Generator().manual_seed(seed))
+        assert torch.equal(seqs[k], alone)
+        x_alone, y_alone = to_windows(alone, 5, 2, framing)
+        assert torch.equal(x[k], x_alone) and torch.equal(y[k], y_alone)
+
+
+def test_one_adam_over_stacked_weights_is_each_members_adam_and_a_frozen_member_stays_put():
+    torch.manual_seed(0)
+    lrs = [1e-3, 1e-2, 3e-3, 1e-1]
+    stacked = torch.nn.Parameter(torch.randn(4, 6, 5))  # a (6, 5) weight for each of 4 members
+    alone = [torch.nn.Parameter(stacked[k].detach().clone()) for k in range(4)]
+    adams = [torch.optim.Adam([p], lr=lr, fused=True) for p, lr in zip(alone, lrs)]
+    ours = MemberAdam([stacked], torch.tensor(lrs))
+    for step in range(30):
+        if step == 20:
+            ours.freeze(3)
+            frozen = stacked[3].detach().clone()
+        grads = torch.randn(4, 6, 5)
+        stacked.grad = grads.clone()
+        ours.step()
+        for k in range(3 if step >= 20 else 4):
+            alone[k].grad = grads[k].clone()
+            adams[k].step()
+    for k in range(3):
+        torch.testing.assert_close(stacked[k].detach(), alone[k].detach(), atol=1e-6, rtol=1e-5)
+    assert torch.equal(stacked[3].detach(), frozen)
+
+
+def test_seeds_and_learning_rates_share_a_population_and_shapes_do_not():
+    base = population_key(make_cfg())
+    assert population_key(make_cfg("seed=3", "model.lr=0.01", "stop_at=null")) == base
+    assert population_key(make_cfg("model.hidden_size=50")) != base
+    assert population_key(make_cfg("task.n_out=2")) != base
+    assert why_not_stackable(make_cfg("model=encdec", "task.representation=linear")) is None
+    assert "resume" in why_not_stackable(make_cfg("resume=abc"))
+
+
+def _history(uri, run_id, name):
+    from echo.tracking import mlflow_client
+
+    return {m.step: m.value for m in mlflow_client().get_metric_history(run_id, name)}
+
+
+def _by_tag(runs, tag):
+    return [r for r in runs if tag in r.data.tags]
+
+
+def test_members_are_ordinary_children_of_the_sweep_and_match_independent_runs(store, tmp_path):
+    from echo.train import train
+
+    settings = ["trainer.max_epochs=10", "trainer.check_val_every_n_epoch=5", "progress=false"]
+    result = run_py(*POPULATION, "seed=0,1", "model.lr=1e-3,3e-3", *settings, cwd=tmp_path, uri=store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train as one stacked model" in result.stderr
+    parent = next(r for r in all_runs(store) if r.data.tags.get("echo.sweep_parent") == "true")
+    members = _by_tag(all_runs(store), "echo.population")
+    assert len(members) == 4 and len({m.data.tags["echo.population"] for m in members}) == 1
+    for member in members:
+        assert member.info.status == "FINISHED"
+        assert member.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"config.yaml", "expected_predicted.txt", "learning_curve.png"} <= set(
+            artifacts(store, member.info.run_id)
+        )
+    for seed, lr in [(0, "0.001"), (1, "0.003")]:
+        member = next(m for m in members if m.data.params["seed"] == str(seed) and m.data.params["model.lr"] == lr)
+        train(make_cfg(f"seed={seed}", f"model.lr={lr}", *settings), run_name=f"alone {seed}")
+        alone = next(r for r in all_runs(store) if r.info.run_name == f"alone {seed}")
+        assert member.data.params == alone.data.params  # the same resolved config
+        assert set(member.data.metrics) == set(alone.data.metrics)
+        for name in ("train/loss", "train/acc", "val/loss"):
+            ours, theirs = _history(store, member.info.run_id, name), _history(store, alone.info.run_id, name)
+            assert ours.keys() == theirs.keys()
+            assert all(abs(ours[e] - theirs[e]) < 1e-4 for e in ours), (name, ours, theirs)
+        assert abs(member.data.metrics["test/token_acc"] - alone.data.metrics["test/token_acc"]) < 2e-3
+
+
+@pytest.mark.slow
+def test_a_population_reaches_the_target_when_its_members_alone_do_and_stops_each_on_its_own(store, tmp_path):
+    """Listing A to stop_at: each member stops at its own validation, frozen, as its run alone stops."""
+    from echo.train import train
+
+    result = run_py(*POPULATION, "seed=0,1", "progress=false", cwd=tmp_path, uri=store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    members = {int(m.data.params["seed"]): m for m in _by_tag(all_runs(store), "echo.population")}
+    for seed, member in members.items():
+        alone = train(make_cfg(f"seed={seed}"), run_name=f"alone {seed}")
+        ours = member.data.metrics
+        assert abs(ours["epochs_to_target"] - alone["epochs_to_target"]) <= 20, (ours, alone)
+        assert ours["test/exact_match"] >= 0.99
+        assert max(_history(store, member.info.run_id, "train/loss")) == ours["epochs"]  # nothing after its stop
+
+
+def test_a_diverging_member_fails_and_the_others_go_on(store, tmp_path):
+    settings = ["trainer.max_epochs=10", "trainer.check_val_every_n_epoch=5", "stop_at=null", "progress=false"]
+    result = run_py(*POPULATION, "model.lr=1e-3,inf", *settings, cwd=tmp_path, uri=store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    members = {m.data.params["model.lr"]: m for m in _by_tag(all_runs(store), "echo.population")}
+    failed, fine = members["inf"], members["0.001"]
+    assert failed.info.status == "FAILED" and "training diverged" in failed.data.tags["echo.error"]
+    assert "echo: run failed" in result.stderr
+    assert fine.info.status == "FINISHED" and fine.data.metrics["epochs"] == 10
+    assert max(_history(store, fine.info.run_id, "train/loss")) == 10
+
+
+def test_shapes_form_populations_of_at_most_max_members_and_the_rest_run_alone(store, tmp_path):
+    settings = ["trainer.max_epochs=4", "trainer.check_val_every_n_epoch=2", "progress=false"]
+    sweep = ["model.hidden_size=4,8", "seed=0,1,2", "hydra.launcher.max_members=2"]
+    result = run_py(*POPULATION, *sweep, *settings, cwd=tmp_path, uri=store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    children = [r for r in all_runs(store) if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 6 and all(r.info.status == "FINISHED" for r in children)
+    populations = {}
+    for run in _by_tag(children, "echo.population"):
+        populations.setdefault(run.data.tags["echo.population"], set()).add(
+            (run.data.params["model.hidden_size"], run.data.params["seed"])
+        )
+    assert sorted(populations.values(), key=sorted) == [{("4", "0"), ("4", "1")}, {("8", "0"), ("8", "1")}]
+
+
+def test_jobs_with_no_stacked_form_run_alone_with_a_line_saying_so(store, tmp_path):
+    result = run_py(*POPULATION, "seed=0,1", "+resume=null", "+model.cell=gru", *TINY, cwd=tmp_path, uri=store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("runs on its own: model.cell=gru has no stacked form") == 2
+    children = [r for r in all_runs(store) if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2 and not _by_tag(children, "echo.population")
+
+
+def _wait_for_running_members(uri, proc, n, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        try:
+            running = [r for r in all_runs(uri) if r.info.status == "RUNNING" and "echo.population" in r.data.tags]
+        except Exception:  # the store is being created
+            running = []
+        if len(running) == n:
+            return
+        time.sleep(0.5)
+    raise AssertionError("the members never started")
+
+
+@pytest.mark.slow
+def test_sigterm_ends_every_member_killed_with_its_checkpoint(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    long_runs = ["seed=0,1,2", "trainer.max_epochs=100000", "stop_at=null", "progress=false"]
+    proc = start_run_py(*POPULATION, *long_runs, cwd=tmp_path, uri=uri)
+    try:
+        _wait_for_running_members(uri, proc, 3)
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        proc.kill()
+    output = proc.stdout.read()
+    assert "checkpoints saved" in output, output[-3000:]
+    runs = all_runs(uri)
+    assert sorted(r.info.status for r in runs) == ["KILLED"] * 4  # the parent and its three members
+    for member in _by_tag(runs, "echo.population"):
+        assert set(artifacts(uri, member.info.run_id, "checkpoints")) == {
+            "checkpoints/config.yaml",
+            "checkpoints/population.pt",
+        }
+        assert "train/loss" in member.data.metrics  # its metrics so far
