@@ -46,14 +46,14 @@ class Checkpointer(pl.Callback):
         self.tracker.log_artifacts(folder, FOLDER, remove=True)
 
     def on_train_epoch_end(self, trainer, module) -> None:
-        if self.every and module.epochs_trained() % self.every == 0:  # epochs_per_step divides `every`
+        if self.every and module.epochs_at_step_end() % self.every == 0:  # epochs_per_step divides `every`
             self.save(trainer, epoch_done=True)  # its end hooks go on, and record its metrics
 
     def on_exception(self, trainer, module, exception) -> None:
         if not isinstance(exception, TrainingError):  # a diverged model is not worth resuming
             self.save(trainer)
             print(
-                f"echo: stopped after {module.epochs_done()} complete epochs; checkpoint saved: continue with "
+                f"echo: stopped after {module.epochs_completed()} complete epochs; checkpoint saved: continue with "
                 f"`python run.py resume={self.tracker.run_id}`",
                 file=sys.stderr,
             )

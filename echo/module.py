@@ -94,7 +94,7 @@ class EchoModule(PlainAttributes, pl.LightningModule):
     def _graphs(self) -> bool:
         return self.cuda_graph and self.device.type == "cuda"
 
-    def _scores(self, scores: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+    def _counts(self, scores: Tensor, y: Tensor) -> tuple[Tensor, ...]:
         """Summed loss, correct tokens, counted tokens, exactly echoed rows and rows of a
         batch. PAD targets count nowhere."""
         real = y != PAD
@@ -139,7 +139,7 @@ class EchoModule(PlainAttributes, pl.LightningModule):
             batches = draw()
             with torch.inference_mode():  # as validation runs
                 for scores, y in self._forward_batches(batches):
-                    self._scores(scores, y)
+                    self._counts(scores, y)
             with torch.enable_grad():  # as training runs
                 for scores, y in self._forward_batches(batches):
                     self.rep.loss_sum(scores, y).backward()
@@ -149,13 +149,13 @@ class EchoModule(PlainAttributes, pl.LightningModule):
     def on_train_start(self) -> None:
         self._t0 = time.perf_counter()  # time_to_target_s counts from here
 
-    def epochs_done(self) -> int:
+    def epochs_completed(self) -> int:
         """Tutorial epochs of the Lightning epochs completed (all of them once `fit` returns)."""
         return self.current_epoch * self.epochs_per_step
 
-    def epochs_trained(self) -> int:
+    def epochs_at_step_end(self) -> int:
         """Tutorial epochs trained once the current Lightning epoch (and step) is done."""
-        return self.epochs_done() + self.epochs_per_step
+        return self.epochs_completed() + self.epochs_per_step
 
     def training_step(self, draw: Draw, batch_idx: int) -> None:
         """`epochs_per_step` tutorial epochs in a row: each `draw()` gives one epoch's batches."""
@@ -182,7 +182,7 @@ class EchoModule(PlainAttributes, pl.LightningModule):
         return torch.stack(sums).sum(0)
 
     def on_train_epoch_end(self) -> None:  # after the step's validation: its epochs are complete
-        self._train_sums.append((self.epochs_done() + 1, self._step_sums))
+        self._train_sums.append((self.epochs_completed() + 1, self._step_sums))
 
     def flush_train_metrics(self) -> None:
         """Move the per-epoch training metrics accumulated on the device into `history`."""
@@ -202,11 +202,11 @@ class EchoModule(PlainAttributes, pl.LightningModule):
         batches = draw()
         sums, positions, forced = 0, 0, None
         for scores, y in self._forward_batches(batches):
-            sums = sums + torch.stack(self._scores(scores, y)).float()
+            sums = sums + torch.stack(self._counts(scores, y)).float()
             positions = _add_padded(positions, self._position_sums(scores, y))
         if self.teacher_forced:
             teacher = self._forward_batches(batches, teacher_forced=True)
-            forced = sum(torch.stack(self._scores(s, y)).float() for s, y in teacher)
+            forced = sum(torch.stack(self._counts(s, y)).float() for s, y in teacher)
         if batch_idx == 0:
             self._eval_sums, self._eval_positions, self._forced_sums = sums, positions, forced
             return
@@ -217,7 +217,7 @@ class EchoModule(PlainAttributes, pl.LightningModule):
 
     def eval_sums(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
         """[summed loss, correct tokens, tokens, exactly echoed rows, rows] over evaluation batches."""
-        return sum(torch.stack(self._scores(s, y)).float() for s, y in self._forward_batches(batches))
+        return sum(torch.stack(self._counts(s, y)).float() for s, y in self._forward_batches(batches))
 
     validation_step = test_step = _eval_step
 
@@ -236,7 +236,7 @@ class EchoModule(PlainAttributes, pl.LightningModule):
         if self.teacher_forced:
             _, _, _, exact, rows = self._forced_sums.tolist()
             metrics["val/exact_match_teacher_forced"] = exact / rows
-        epoch = self.epochs_trained()
+        epoch = self.epochs_at_step_end()
         self.history += [(name, epoch, value) for name, value in metrics.items()]
         self.summary.update(metrics)
         exact = metrics["val/exact_match"]

@@ -137,7 +137,7 @@ def _fit_and_test(
     if tracker:
         save_network(net, config_yaml, tracker)
 
-    epochs = module.epochs_done()
+    epochs = module.epochs_completed()
     chance = 1 / task.n_unique  # a uniform guess per token
     summary = {**module.summary, "train_time_s": train_time, "epochs": epochs}
     # a whole window by chance (with train_lengths: the held-out sets hold every trained length equally)

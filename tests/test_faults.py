@@ -125,7 +125,7 @@ def test_an_interrupt_as_an_epoch_ends_loses_none_of_its_metrics(store, monkeypa
     progress = EpochProgress.on_train_epoch_end
 
     def interrupt_at_epoch_10(self, trainer, module):  # a callback hook that runs before the module's
-        if module.epochs_trained() == 10:  # the second Lightning epoch, of 5 epochs (one validation's)
+        if module.epochs_at_step_end() == 10:  # the second Lightning epoch, of 5 epochs (one validation's)
             raise KeyboardInterrupt
         progress(self, trainer, module)
 
@@ -217,7 +217,7 @@ def test_a_resumed_run_may_validate_at_another_cadence(store, monkeypatch):
     step = EchoModule.training_step
 
     def ctrl_c_in_epochs_11_to_15(self, *args):
-        if self.epochs_trained() == 15:
+        if self.epochs_at_step_end() == 15:
             raise KeyboardInterrupt
         return step(self, *args)
 
