@@ -112,7 +112,7 @@ def lengths_pair(path: str, value) -> None:
     """[lo, hi] with 1 <= lo <= hi."""
     ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
     if not ok or not all(_is_count(v) for v in value) or value[0] > value[1]:
-        raise ConfigError(f"{path}={value!r} must be [lo,hi] with 1 <= lo <= hi, or null: e.g. {path}=[1,10]")
+        raise ConfigError(f"{path}={value!r} must be [lo,hi] with 1 <= lo <= hi: e.g. {path}=[1,10]")
 
 
 def optional(check):
@@ -131,7 +131,7 @@ def optional(check):
 
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
-# The scalar metrics a run returns, which `objective` may name (DESIGN.md sections 4 and 8).
+# The scalar metrics a run returns, which `objective` may name (README.md, What a run records).
 OBJECTIVES = (
     "val/loss",
     "val/token_acc",

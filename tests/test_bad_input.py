@@ -56,8 +56,8 @@ BAD = {
     "model.lr=-1": "model.lr=-1 must be a positive number",
     "model.lr=nan": "model.lr=nan must be a positive number",
     "model.cell=rnn": "model.cell='rnn' is unknown",
-    "task.train_lengths=[5,1]": "task.train_lengths=[5, 1] must be [lo,hi] with 1 <= lo <= hi, or null",
-    "task.test_lengths=[0,3]": "task.test_lengths=[0, 3] must be [lo,hi] with 1 <= lo <= hi, or null",
+    "task.train_lengths=[5,1]": "task.train_lengths=[5, 1] must be [lo,hi] with 1 <= lo <= hi or null",
+    "task.test_lengths=[0,3]": "task.test_lengths=[0, 3] must be [lo,hi] with 1 <= lo <= hi or null",
     "model=transformer model.n_heads=3": "model.n_heads=3 does not divide model.d_model",
     "model=autoregressive model.teacher_forcing=1.5": "model.teacher_forcing=1.5 must be a probability in [0, 1]",
     "trainer.max_epochs=0": "trainer.max_epochs=0 must be a whole number >= 1",
@@ -320,7 +320,7 @@ def test_a_full_disk_mid_run_keeps_the_run_in_the_temporary_directory(small_disk
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     uri = f"sqlite:///{small_disk}/mlflow.db"
-    all_runs(uri)  # the store's schema, made here: reading a fresh store while the run makes it races (FACTS.md)
+    all_runs(uri)  # the store's schema, made here: reading a fresh store while the run makes it races
     epochs = ["trainer.max_epochs=300", "trainer.check_val_every_n_epoch=10", "stop_at=null", "progress=false"]
     process = start_run_py(*epochs, cwd=small_disk, uri=uri)
     deadline = time.monotonic() + 300

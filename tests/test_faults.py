@@ -48,8 +48,8 @@ def test_an_exception_ends_the_run_failed_with_the_error_recorded(store, monkeyp
 def test_a_nan_loss_stops_the_run_with_a_clear_message(store, monkeypatch):
     forward = EchoModule.forward
 
-    def diverges_at_epoch_3(self, x, state=None):
-        scores, state = forward(self, x, state)
+    def diverges_at_epoch_3(self, x, state=None, **kwargs):
+        scores, state = forward(self, x, state, **kwargs)
         return (scores * torch.nan if self.training and self.current_epoch >= 2 else scores), state
 
     monkeypatch.setattr(EchoModule, "forward", diverges_at_epoch_3)

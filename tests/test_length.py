@@ -132,10 +132,10 @@ def test_the_length_study_sweeps_every_network_preset():
 REFUSED = {
     ("model=many_to_one", "task.train_lengths=[1,10]"): "model=many_to_one is built for one window length",
     ("model=one_to_one", "task.test_lengths=[1,10]"): "model=one_to_one is built for one window length",
-    ("task.train_lengths=[0,10]",): "task.train_lengths=[0, 10] must be null or [lo,hi]",
-    ("task.train_lengths=[6,3]",): "task.train_lengths=[6, 3] must be null or [lo,hi]",
-    ("task.test_lengths=[1,2,3]",): "task.test_lengths=[1, 2, 3] must be null or [lo,hi]",
-    ("task.train_lengths=7",): "task.train_lengths=7 must be null or [lo,hi]",
+    ("task.train_lengths=[0,10]",): "task.train_lengths=[0, 10] must be [lo,hi] with 1 <= lo <= hi or null",
+    ("task.train_lengths=[6,3]",): "task.train_lengths=[6, 3] must be [lo,hi] with 1 <= lo <= hi or null",
+    ("task.test_lengths=[1,2,3]",): "task.test_lengths=[1, 2, 3] must be [lo,hi] with 1 <= lo <= hi or null",
+    ("task.train_lengths=7",): "task.train_lengths=7 must be [lo,hi] with 1 <= lo <= hi or null",
     ("task.framing=mask", "model.batch_size=5", "task.train_lengths=[1,5]"): "task.framing=mask cannot be combined",
     ("task=partial", "task.test_lengths=[1,8]"): "this run trains a partial one (task.n_out=2 < task.n_in=5)",
     ("model=transformer", "model.positional=learned", "task.test_lengths=[1,80]"): (

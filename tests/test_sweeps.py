@@ -175,6 +175,7 @@ def test_the_slurm_preset_asks_for_one_cpu_per_job():
 
 def test_checking_configs_imports_no_torch_and_knows_every_model_and_representation():
     """A sweep checks every job in the launching process, which with a parallel launcher trains nothing."""
+    import os
     import subprocess
     import sys
 
@@ -187,5 +188,12 @@ def test_checking_configs_imports_no_torch_and_knows_every_model_and_representat
     check = "import sys; from helpers import make_cfg; from echo.config import validate; validate(make_cfg()); "
     check += "print(sorted(m for m in ('torch', 'pytorch_lightning', 'mlflow') if m in sys.modules))"
     tests = str(Path(__file__).parent)
-    result = subprocess.run([sys.executable, "-c", check], cwd=tests, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=tests,
+        env={**os.environ, "PYTHONPATH": str(Path(tests).parent)},  # this checkout's echo, installed or not
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.stdout.strip() == "[]", result.stderr[-2000:]

@@ -70,7 +70,7 @@ BAD_CONFIGS = {
     "model.hidden_size=0": "model.hidden_size=0 must be a whole number >= 1",
     "task.n_unique=-3": "task.n_unique=-3 must be a whole number >= 2",
     "trainer.max_epochs=0": "trainer.max_epochs=0 must be a whole number >= 1",
-    "model.name=transformer": "model.name='transformer' is unknown",
+    "model.name=lstm9": "model.name='lstm9' is unknown",
     "model.lr=-1": "model.lr=-1 must be a positive number",
     "stop_at=2": "stop_at=2 must be a fraction",
     "threads=0": "threads=0 must be auto or a whole number >= 1",
