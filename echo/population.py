@@ -28,7 +28,7 @@ from torch import Tensor
 
 from echo.config import windows_per_sequence
 from echo.encoding import PAD, REPRESENTATIONS
-from echo.models import build_net, detach_state
+from echo.models import build_net, count_parameters, detach_state
 from echo.stacked import (
     STACKABLE,
     MemberAdam,
@@ -185,6 +185,9 @@ class _Population:
                     n_out=task.n_out,
                 )
             )
+        for member, net in zip(members, nets):
+            if member.tracker:  # as an independent run logs it
+                member.tracker.log_params({"n_params": count_parameters(net)})
         self.net = StackedNet(nets).to(self.device)
         lrs = torch.tensor([float(m.cfg.model.lr) for m in members], device=self.device)
         self.optimizer = MemberAdam(list(self.net.parameters()), lrs)
@@ -307,6 +310,16 @@ class _Population:
             total = total + torch.stack([c.float() for c in counts], 1)
         return total.tolist()
 
+    @torch.no_grad()
+    def _by_position(self, batches) -> list[list[float]]:
+        """Per member, the token accuracy at each output position (K lists of n_out)."""
+        correct = real = 0
+        for scores, y in self._forward_batches(batches):
+            counted = y != PAD
+            correct = correct + ((self.rep.decode(scores) == y) & counted).sum(1)
+            real = real + counted.sum(1)
+        return (correct / real.clamp(min=1)).tolist()
+
     def _validate(self, epoch: int) -> None:
         """As an independent run validates: metrics, target, stop_at; then the NaN check."""
         running = self._running()
@@ -358,10 +371,15 @@ class _Population:
             if member.tracker:  # the history is complete: the worker draws the curve
                 member.tracker.log_learning_curve(member.history, member.cfg.target)
         results = self._evaluate(self.test)
+        positions = self._by_position(self.test)
         tables = self._expected_predicted()
+        chance = 1 / self.task.n_unique  # a uniform guess per token
         for member in done:
             _, correct, tokens, exact, rows = results[self.members.index(member)]
             member.summary.update({"test/token_acc": correct / tokens, "test/exact_match": exact / rows})
+            member.summary.update({"chance/token_acc": chance, "chance/exact_match": chance**self.task.n_out})
+            if member.tracker:
+                member.tracker.log_by_position(positions[self.members.index(member)], chance)
             table = tables[self.members.index(member)]
             print(f"{member.run_name}: {_summary_line(member.summary)}")
             if member.tracker:

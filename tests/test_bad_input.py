@@ -324,10 +324,10 @@ def test_a_full_disk_mid_run_keeps_the_run_in_the_temporary_directory(small_disk
     epochs = ["trainer.max_epochs=300", "trainer.check_val_every_n_epoch=10", "stop_at=null", "progress=false"]
     process = start_run_py(*epochs, cwd=small_disk, uri=uri)
     deadline = time.monotonic() + 300
-    while not all_runs(uri):
+    while not (runs := all_runs(uri)) or "echo.git_dirty" not in runs[0].data.tags:  # started: mid-run from here
         assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
         time.sleep(0.2)
-    run_id = all_runs(uri)[0].info.run_id
+    run_id = runs[0].info.run_id
     filler = small_disk / "filler"
     with open(filler, "wb") as file:  # the disk is full now
         try:

@@ -176,10 +176,10 @@ def test_a_population_reaches_the_target_when_its_members_alone_do_and_stops_eac
 
 def test_a_diverging_member_fails_and_the_others_go_on(store, tmp_path):
     settings = ["trainer.max_epochs=10", "trainer.check_val_every_n_epoch=5", "stop_at=null", "progress=false"]
-    result = run_py(*POPULATION, "model.lr=1e-3,inf", *settings, cwd=tmp_path, uri=store)
+    result = run_py(*POPULATION, "model.lr=1e-3,1e38", *settings, cwd=tmp_path, uri=store)
     assert result.returncode == 0, result.stderr[-3000:]
     members = {m.data.params["model.lr"]: m for m in _by_tag(all_runs(store), "echo.population")}
-    failed, fine = members["inf"], members["0.001"]
+    failed, fine = members["1e+38"], members["0.001"]
     assert failed.info.status == "FAILED" and "training diverged" in failed.data.tags["echo.error"]
     assert "echo: run failed" in result.stderr
     assert fine.info.status == "FINISHED" and fine.data.metrics["epochs"] == 10
@@ -202,7 +202,7 @@ def test_shapes_form_populations_of_at_most_max_members_and_the_rest_run_alone(s
 
 
 def test_jobs_with_no_stacked_form_run_alone_with_a_line_saying_so(store, tmp_path):
-    result = run_py(*POPULATION, "seed=0,1", "+resume=null", "+model.cell=gru", *TINY, cwd=tmp_path, uri=store)
+    result = run_py(*POPULATION, "seed=0,1", "+resume=null", "model.cell=gru", *TINY, cwd=tmp_path, uri=store)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("runs on its own: model.cell=gru has no stacked form") == 2
     children = [r for r in all_runs(store) if "mlflow.parentRunId" in r.data.tags]
