@@ -317,6 +317,7 @@ def warm_up() -> None:
     imports torch and checks the config; the next run's Tracker takes it."""
     if not _idle:
         _idle.append(_take_worker())
+    _idle[-1].send({"op": "open", "uri": tracking_uri()})  # the store opens meanwhile too
 
 
 def start_tracker(cfg, run_name: str, tags: dict[str, str] | None = None) -> Tracker:

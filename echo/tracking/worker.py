@@ -23,6 +23,7 @@ Messages, one JSON object per line, `op` naming the `RunWriter` method that hand
 | artifacts | folder, path, remove | the folder's files under `path` (checkpoint) |  |
 | provenance | argv | tags git commit, dirty diff, versions, device |  |
 | where |  | (answers at once, also for a kept run) | experiment id |
+| open | uri | opens the store before a run starts (the warm-up) |  |
 | end | status, error | flushes, ends the run FINISHED/FAILED/KILLED | ended/unsent |
 
 Answers are lines of stdout starting with ANSWER (MLflow may print other lines there). A run the
@@ -140,7 +141,7 @@ class RunWriter:
 
     OPS = frozenset(  # the messages (table above)
         {"start", "metrics", "text", "tags", "params", "curve", "positions", "lengths", "artifacts", "provenance"}
-        | {"where", "end"}
+        | {"where", "open", "end"}
     )
 
     def __init__(self, flush_every_s: float = 10.0, reply=answer):
@@ -158,6 +159,8 @@ class RunWriter:
             self.start(**message)
         elif op == "where":
             self.where()
+        elif op == "open":
+            self.open(**message)
         elif self.failed_start is not None or self.run is None:  # nothing of it can be tracked
             if op == "artifacts" and message.get("remove"):
                 shutil.rmtree(message["folder"], ignore_errors=True)
@@ -251,6 +254,21 @@ class RunWriter:
         self.tags(tags)
         if diff:
             self.text(diff, _provenance().DIFF_ARTIFACT)
+
+    def open(self, uri) -> None:
+        """Open an existing SQLite store now (its engine, its schema checked: about 1.5 s), while the
+        training process imports torch and checks its config: the run's `start` then costs little.
+        A store that fails here fails again at `start`, which says so."""
+        if not (uri.startswith("sqlite:///") and os.path.exists(uri.removeprefix("sqlite:///"))):
+            return  # a server needs no opening; a new store is created by the run that needs it, not ahead
+        from mlflow import MlflowClient
+
+        try:
+            if uri != self.uri:
+                self.client, self.uri = MlflowClient(uri), uri
+            self.client.search_experiments(max_results=1)
+        except Exception:
+            self.client, self.uri = None, None
 
     def where(self) -> None:
         """Answer the run's experiment id (for the address of the run's page); empty if unknown."""
