@@ -38,6 +38,7 @@ from echo.stacked import (
     member_windows,
     stacked_batches,
 )
+from echo.summary import summary_line
 from echo.tracking import Tracker, log_artifacts, start_tracker
 
 POPULATION_TAG = "echo.population"
@@ -381,7 +382,7 @@ class _Population:
             if member.tracker:
                 member.tracker.log_by_position(positions[self.members.index(member)], chance)
             table = tables[self.members.index(member)]
-            print(f"{member.run_name}: {_summary_line(member.summary)}")
+            print(f"{member.run_name}: {summary_line(member.summary)}")
             if member.tracker:
                 epochs = member.summary["epochs"]
                 final = [(n, epochs, v) for n, v in member.summary.items() if not n.startswith("val/")]
@@ -428,13 +429,3 @@ class _Population:
             f"{saved} members' checkpoints saved (checkpoints/{CHECKPOINT} in each run)",
             file=sys.stderr,
         )
-
-
-def _summary_line(s: dict[str, float]) -> str:
-    line = (
-        f"test/token_acc {s['test/token_acc']:.4f}  test/exact_match {s['test/exact_match']:.4f}  "
-        f"after {s['epochs']} epochs, {s['train_time_s']:.1f} s training"
-    )
-    if "time_to_target_s" in s:
-        line += f"; target reached at epoch {s['epochs_to_target']} ({s['time_to_target_s']:.1f} s)"
-    return line

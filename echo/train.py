@@ -24,6 +24,7 @@ from echo.models import NET_OPTIONS, build_net, count_parameters
 from echo.module import EchoModule
 from echo.preflight import out_of_memory_as_training_error, preflight
 from echo.reuse import EVALUATED_FROM, network_to_evaluate, save_network
+from echo.summary import summary_line
 from echo.tracking import Tracker, start_tracker, tracking_uri
 from echo.tracking.outbox import TrackingStartError, unreachable
 
@@ -151,7 +152,7 @@ def _fit_and_test(
             tracker.log_length_generalisation(by_length, trained_lengths(task), chance)
     table = expected_predicted(module, data, task, seed=cfg.seed)
     print(table)
-    print(_summary_line(summary))
+    print(summary_line(summary))
     if tracker:
         final = [(name, epochs, v) for name, v in summary.items() if not name.startswith("val/")]
         tracker.log_metrics(final)  # val/* is in the history already
@@ -225,18 +226,6 @@ def expected_predicted(module: EchoModule, data: EchoData, task, seed: int) -> s
     x, y = held_out(task, 1, seed=10_000 + seed, device=module.device)
     pred = module.predict_windows(data.eval_batches(x, y))
     return "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[0].tolist(), pred.tolist()))
-
-
-def _summary_line(s: dict[str, float]) -> str:
-    line = (
-        f"test/token_acc {s['test/token_acc']:.4f}  test/exact_match {s['test/exact_match']:.4f}  "
-        f"after {s['epochs']} epochs, {s['train_time_s']:.1f} s training"
-    )
-    if "time_to_target_s" in s:
-        line += f"; target reached at epoch {s['epochs_to_target']} ({s['time_to_target_s']:.1f} s)"
-    if "test/ood_exact_match" in s:
-        line += f"\ntest/ood_exact_match {s['test/ood_exact_match']:.4f} (lengths above the trained ones)"
-    return line
 
 
 class EpochProgress(pl.Callback):

@@ -21,18 +21,18 @@ print(callable(matplotlib.pyplot.subplots), bool(flags._MATPLOTLIB_AVAILABLE))
 """
 
 
+def python(code: str) -> subprocess.CompletedProcess:
+    """`python -c code` in the checkout, as a fresh process."""
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+
+
 def test_lightning_loads_without_scipy_signal_and_pyplot_which_work_when_used():
     """torchmetrics imports scipy.signal and matplotlib.pyplot (together about 1.5 s), which echo
     never uses in training: neither loads. scipy.signal loads when something reads from it, and
     then works through every reference to it (torchmetrics' `scipy.signal.hamming` included);
     matplotlib imports as usual, and only torchmetrics' own plots are off."""
-    result = subprocess.run(
-        [sys.executable, "-c", IMPORT_THEN_USE],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = python(IMPORT_THEN_USE)
     assert result.stdout.splitlines() == [
         "Deferred False False",
         "True [0.08, 0.77, 0.77, 0.08] [0.0, 1.0, 0.0]",
@@ -44,11 +44,5 @@ def test_lightning_loads_without_scipy_signal_and_pyplot_which_work_when_used():
 def test_importing_echo_leaves_other_libraries_alone():
     """Only the command line defers imports: `import echo` (a notebook, a test) does not."""
     code = "import echo, echo.train, scipy.signal, sys; print(type(sys.modules['scipy.signal']).__name__)"
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = python(code)
     assert result.stdout.strip() == "module", result.stderr
