@@ -15,47 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from echo.config import length_range, length_seed, windows_per_sequence
-from echo.encoding import PAD
-
-
-def generate_sequences(n_seq: int, length: int, n_unique: int, generator: torch.Generator | None = None) -> Tensor:
-    """`n_seq` sequences of `length` integers drawn uniformly from [0, n_unique-1]."""
-    device = generator.device if generator is not None else None
-    return torch.randint(0, n_unique, (n_seq, length), generator=generator, device=device)
-
-
-def to_windows(seqs: Tensor, n_in: int, n_out: int, framing: str = "drop") -> tuple[Tensor, Tensor]:
-    """Frame sequences as the tutorial's `to_supervised` does.
-
-    Row t is `X = seq[t-n_in+1 .. t]` (oldest first) and `y = X[:n_out]`, the oldest `n_out`
-    items of the window. `framing="drop"` drops the rows with missing history
-    (`length - n_in + 1` rows); `framing="mask"` keeps them, left-padded with PAD (`length` rows).
-    `seqs` is (n_seq, length); returns X (n_seq, rows, n_in) and y (n_seq, rows, n_out).
-    """
-    if framing == "mask":
-        seqs = torch.nn.functional.pad(seqs, (n_in - 1, 0), value=PAD)
-    x = seqs.unfold(1, n_in, 1)
-    return x, x[..., :n_out]
-
-
-def to_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tuple[Tensor, Tensor]]:
-    """Split windows of shape (n_seq, rows, ...) into the optimizer steps of one epoch.
-
-    Each step holds `batch_size` windows of every sequence. Stateful: in sequence order, so
-    row i of batch b+1 is the window that follows row i of batch b (Keras `stateful=True`
-    with `shuffle=False`); `batch_size` must divide `rows`. Stateless: consecutive chunks of
-    all windows, the last one possibly smaller.
-    """
-    n_seq, rows = x.shape[:2]
-    if not stateful:
-        flat_x, flat_y = x.reshape(n_seq * rows, -1), y.reshape(n_seq * rows, -1)
-        return list(zip(flat_x.split(n_seq * batch_size), flat_y.split(n_seq * batch_size)))
-
-    def interleave(t: Tensor) -> Tensor:
-        steps = rows // batch_size
-        return t.reshape(n_seq, steps, batch_size, -1).transpose(0, 1).reshape(steps, n_seq * batch_size, -1)
-
-    return list(zip(interleave(x).unbind(), interleave(y).unbind()))
+from echo.windows import generate_sequences, to_batches, to_windows
 
 
 class Draw:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from echo.encoding import PAD
 from echo.models import EncoderDecoder, ManyToOne, OneToOne, Seq2Seq
+from echo.windows import generate_sequences, to_windows
 
 STACKABLE = {"seq2seq": Seq2Seq, "encdec": EncoderDecoder, "one_to_one": OneToOne, "many_to_one": ManyToOne}
 LSTMS = {Seq2Seq: ("lstm",), EncoderDecoder: ("encoder", "decoder"), OneToOne: ("lstm",), ManyToOne: ("lstm",)}
@@ -193,18 +194,15 @@ class MemberAdam:
 
 
 def member_sequences(generators: list[torch.Generator], n_seq: int, length: int, n_unique: int) -> Tensor:
-    """Each member's `n_seq` sequences (K, n_seq, length), drawn from its own generator exactly as
-    `echo.data.generate_sequences` draws them (echo.data loads Lightning, which a population never uses)."""
-    return torch.stack([torch.randint(0, n_unique, (n_seq, length), generator=g, device=g.device) for g in generators])
+    """Each member's `n_seq` sequences (K, n_seq, length), drawn from its own generator."""
+    return torch.stack([generate_sequences(n_seq, length, n_unique, g) for g in generators])
 
 
 def member_windows(seqs: Tensor, n_in: int, n_out: int, framing: str = "drop") -> tuple[Tensor, Tensor]:
-    """`echo.data.to_windows` for every member: seqs (K, n_seq, length) -> x (K, n_seq, rows, n_in),
+    """`to_windows` for every member: seqs (K, n_seq, length) -> x (K, n_seq, rows, n_in),
     y (K, n_seq, rows, n_out)."""
-    if framing == "mask":
-        seqs = F.pad(seqs, (n_in - 1, 0), value=PAD)
-    x = seqs.unfold(2, n_in, 1)
-    return x, x[..., :n_out]
+    x, y = to_windows(seqs.flatten(0, 1), n_in, n_out, framing)
+    return x.unflatten(0, seqs.shape[:2]), y.unflatten(0, seqs.shape[:2])
 
 
 def stacked_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tuple[Tensor, Tensor]]:
