@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from echo.config import windows_per_sequence
-from echo.encoding import PAD, REPRESENTATIONS
+from echo.encoding import PAD, REPRESENTATIONS, OneHot
 from echo.models import build_net, count_parameters, detach_state
 from echo.stacked import (
     STACKABLE,
@@ -190,6 +190,7 @@ class _Population:
             if member.tracker:  # as an independent run logs it
                 member.tracker.log_params({"n_params": count_parameters(net)})
         self.net = StackedNet(nets).to(self.device)
+        self.tokens = isinstance(self.rep, OneHot) and self.net.reads_tokens  # one-hot codes as their tokens
         lrs = torch.tensor([float(m.cfg.model.lr) for m in members], device=self.device)
         self.optimizer = MemberAdam(list(self.net.parameters()), lrs)
         self.generators = [torch.Generator(self.device).manual_seed(m.cfg.seed) for m in members]
@@ -229,7 +230,8 @@ class _Population:
         state = None
         for x, y in batches:
             mask = x != PAD if self.mask_inputs else None
-            scores, state = self.net(self.rep.encode(x), state if self.stateful else None, mask)
+            inputs = x if self.tokens else self.rep.encode(x)
+            scores, state = self.net(inputs, state if self.stateful else None, mask)
             yield scores, y
             state = detach_state(state)
 

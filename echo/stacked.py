@@ -5,7 +5,8 @@ product is a batched one (`torch.bmm`), so K small networks train in the time of
 written out here. A stacked network is built from K ordinary networks (`echo.models`), each
 made as an independent run makes it, and gives each member's weights back in that network's
 own layout (`member_state_dict`). Inputs and outputs carry the member axis first:
-x (K, batch, n_in, n_features) -> scores (K, batch, n_out, n_classes).
+x (K, batch, n_in, n_features) -> scores (K, batch, n_out, n_classes). One-hot inputs may be
+given as their tokens, x (K, batch, n_in), to every network but OneToOne (`reads_tokens`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from echo.windows import generate_sequences, to_windows
 
 STACKABLE = {"seq2seq": Seq2Seq, "encdec": EncoderDecoder, "one_to_one": OneToOne, "many_to_one": ManyToOne}
 LSTMS = {Seq2Seq: ("lstm",), EncoderDecoder: ("encoder", "decoder"), OneToOne: ("lstm",), ManyToOne: ("lstm",)}
+TOKEN_INPUTS = (Seq2Seq, EncoderDecoder, ManyToOne)  # their first LSTM reads one input item per step
 
 
 def _stored(name: str, value: Tensor) -> Tensor:
@@ -54,6 +56,11 @@ class StackedNet(nn.Module):
             if module.num_layers != 1 or module.bidirectional or module.proj_size:
                 raise TypeError(f"{lstm}: only one-layer unidirectional LSTMs have a stacked form")
 
+    @property
+    def reads_tokens(self) -> bool:
+        """Whether one-hot inputs may be passed as tokens (K, batch, n_in) instead of their codes."""
+        return self.kind in TOKEN_INPUTS
+
     def p(self, name: str) -> Tensor:
         return getattr(self, name.replace(".", "__"))
 
@@ -77,22 +84,24 @@ class StackedNet(nn.Module):
         return torch.baddbmm(b, h.reshape(k, -1, h.shape[-1]), w).view(k, *shape, w.shape[-1])
 
     def _lstm(self, prefix: str, x: Tensor, state, mask: Tensor | None = None):
-        """One-layer LSTM over x (K, batch, steps, inputs) from `state` ((h, c), each (K, batch,
-        hidden), or None for zeros); gates in nn.LSTM's order (input, forget, cell, output).
+        """One-layer LSTM over x (K, batch, steps, inputs), or tokens (K, batch, steps) (see
+        `_input_gates`), from `state` ((h, c), each (K, batch, hidden), or None for zeros).
         Where `mask` (K, batch, steps) is False the step is skipped as `echo.models.masked_lstm`
         skips it. Returns outputs (K, batch, steps, hidden) and the final (h, c)."""
-        w_ih, w_hh = self.p(f"{prefix}.weight_ih_l0"), self.p(f"{prefix}.weight_hh_l0")
-        b_ih, b_hh = self.p(f"{prefix}.bias_ih_l0"), self.p(f"{prefix}.bias_hh_l0")
-        k, batch, steps, n_in = x.shape
-        hidden = w_hh.shape[1]
-        inputs = torch.baddbmm(b_ih + b_hh, x.reshape(k, batch * steps, n_in), w_ih).view(k, batch, steps, -1)
+        return self._recur(prefix, self._input_gates(prefix, x), state, mask)
+
+    def _recur(self, prefix: str, inputs: Tensor, state, mask: Tensor | None = None):
+        """The LSTM's recurrence over its input gates (K, batch, steps, 4 hidden); gates in nn.LSTM's
+        order (input, forget, cell, output)."""
+        w_hh = self.p(f"{prefix}.weight_hh_l0")
+        k, batch = inputs.shape[:2]
         if state is None:
-            h = c = x.new_zeros(k, batch, hidden)
+            h = c = inputs.new_zeros(k, batch, w_hh.shape[1])
         else:
             h, c = state
         outputs = []
-        for t in range(steps):
-            gates = torch.baddbmm(inputs[:, :, t], h, w_hh)
+        for t, step_inputs in enumerate(inputs.unbind(2)):
+            gates = torch.baddbmm(step_inputs, h, w_hh)
             i, f, g, o = gates.chunk(4, -1)
             c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h_new = torch.sigmoid(o) * torch.tanh(c_new)
@@ -104,9 +113,25 @@ class StackedNet(nn.Module):
             outputs.append(h)
         return torch.stack(outputs, 2), (h, c)
 
+    def _input_gates(self, prefix: str, x: Tensor) -> Tensor:
+        """The LSTM's input projection plus both biases for every step: (K, batch, steps, 4 hidden).
+        x is features (K, batch, steps, inputs), or tokens (K, batch, steps) standing for one-hot
+        codes: a code times the weights is the weights' row for its token, so the rows are looked up
+        instead (the same numbers, without a matrix product over mostly zeros). A PAD token's code is
+        all zeros, so its row is zeroed."""
+        w_ih, bias = self.p(f"{prefix}.weight_ih_l0"), self.p(f"{prefix}.bias_ih_l0") + self.p(f"{prefix}.bias_hh_l0")
+        k, n_in = w_ih.shape[:2]
+        if x.is_floating_point():
+            return torch.baddbmm(bias, x.reshape(k, -1, n_in), w_ih).view(*x.shape[:3], -1)
+        offsets = torch.arange(k, device=x.device).view(k, 1, 1) * n_in  # member k's rows in the flat table
+        rows = w_ih.reshape(k * n_in, -1)[x.clamp(min=0) + offsets]
+        rows = rows * (x >= 0).unsqueeze(-1) if (x < 0).any() else rows
+        return rows + bias.unsqueeze(1)
+
     def _repeated_lstm(self, prefix: str, x: Tensor, steps: int, state):
-        """The LSTM fed the same input (K, batch, inputs) at every one of `steps` steps."""
-        return self._lstm(prefix, x.unsqueeze(2).expand(-1, -1, steps, -1), state)
+        """The LSTM fed the same input (K, batch, inputs) at every one of `steps` steps: its input
+        gates are computed once."""
+        return self._recur(prefix, self._input_gates(prefix, x.unsqueeze(2)).expand(-1, -1, steps, -1), state)
 
     # -- the topologies of echo.models -----------------------------------------------------
     def forward(self, x: Tensor, state=None, mask: Tensor | None = None):
@@ -139,20 +164,22 @@ def member_loss_sums(rep, scores: Tensor, y: Tensor) -> Tensor:
 
 class MemberAdam:
     """Adam over a stacked network's parameters, one independent Adam per member: Adam is
-    element-wise, so this is torch.optim.Adam's update (defaults: betas 0.9, 0.999, eps 1e-8),
-    with member k's own learning rate, 0 for a member that is frozen (stopped or failed).
+    element-wise, so this is torch.optim.Adam's update (defaults: betas 0.9, 0.999, eps 1e-8)
+    with member k's own learning rate; a frozen member (stopped or failed) is not updated at all.
 
-    The learning rates are a tensor (K,): `active` masks them, so a frozen member's weights do
-    not move at all, while the others go on. Written with `torch._foreach_*`: a few kernels a
-    step for all the parameters.
+    Each step runs torch's fused Adam kernel, the one an independent run's `Adam(fused=True)`
+    runs: one pass over the weights. Members that share a learning rate go through one call; all
+    of them at once (the usual seed sweep) pass the stacked tensors whole, otherwise each
+    member's slices.
     """
 
     def __init__(self, params: list[Tensor], lrs: Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params, self.lrs = list(params), lrs
+        self.params, self.lrs = list(params), [float(lr) for lr in lrs]
         self.beta1, self.beta2, self.eps, self.step_count = betas[0], betas[1], eps, 0
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.active = torch.ones_like(lrs, dtype=torch.bool)
+        self.active = [True] * len(self.lrs)
+        self._step = torch.zeros((), device=self.params[0].device)  # the kernel reads Adam's step count here
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -161,19 +188,27 @@ class MemberAdam:
     @torch.no_grad()
     def step(self) -> None:
         self.step_count += 1
-        grads = [p.grad for p in self.params]
-        torch._foreach_lerp_(self.exp_avg, grads, 1 - self.beta1)
-        torch._foreach_mul_(self.exp_avg_sq, self.beta2)
-        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, 1 - self.beta2)
-        bias1 = 1 - self.beta1**self.step_count
-        bias2_sqrt = (1 - self.beta2**self.step_count) ** 0.5
-        denom = torch._foreach_sqrt(self.exp_avg_sq)
-        torch._foreach_div_(denom, bias2_sqrt)
-        torch._foreach_add_(denom, self.eps)
-        updates = torch._foreach_div(self.exp_avg, denom)
-        step_sizes = torch.where(self.active, self.lrs, 0.0) / bias1
-        torch._foreach_mul_(updates, [step_sizes.view(-1, *[1] * (p.dim() - 1)) for p in self.params])
-        torch._foreach_sub_(self.params, updates)
+        self._step.fill_(self.step_count)
+        groups: dict[float, list[int]] = {}
+        for k, lr in enumerate(self.lrs):
+            if self.active[k]:
+                groups.setdefault(lr, []).append(k)
+        for lr, members in groups.items():
+            tensors = [self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq]
+            if len(members) < len(self.lrs):
+                tensors = [[t[k] for t in group for k in members] for group in tensors]
+            torch._fused_adam_(
+                *tensors,
+                [],
+                [self._step] * len(tensors[0]),
+                lr=lr,
+                beta1=self.beta1,
+                beta2=self.beta2,
+                weight_decay=0.0,
+                eps=self.eps,
+                amsgrad=False,
+                maximize=False,
+            )
 
     @torch.no_grad()
     def freeze(self, k: int, zero: bool = False) -> None:
