@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from echo.encoding import REPRESENTATIONS  # noqa: E402
 from echo.models import NET_OPTIONS, build_net, count_parameters  # noqa: E402
+from echo.population import POPULATION_TAG  # noqa: E402
 from echo.sweeps import PARENT_TAG, parent_of_sweep  # noqa: E402
 from echo.tracking import SWEEP_TAG, mlflow_client, tracking_uri  # noqa: E402
 
@@ -67,8 +68,28 @@ def load_runs(client, study: str, sweep: str | None = None) -> list[dict]:
         return []
     latest = sweep or max(r.data.tags[SWEEP_TAG] for r in runs)
     return [
-        {**r.data.params, **r.data.metrics, "run_id": r.info.run_id} for r in runs if r.data.tags[SWEEP_TAG] == latest
+        {
+            **r.data.params,
+            **r.data.metrics,
+            "run_id": r.info.run_id,
+            "start": r.info.start_time,
+            "end": r.info.end_time,
+            "population": r.data.tags.get(POPULATION_TAG),
+        }
+        for r in runs
+        if r.data.tags[SWEEP_TAG] == latest
     ]
+
+
+def how_it_ran(runs: list[dict]) -> str:
+    """How long the sweep's runs took, first start to last end, and whether they trained as populations."""
+    minutes = (max(r["end"] for r in runs) - min(r["start"] for r in runs)) / 60_000
+    populations = {r["population"] for r in runs if r["population"]}
+    alone = sum(1 for r in runs if not r["population"])
+    if not populations:
+        return f"{minutes:.1f} min, one run after another"
+    said = f"{minutes:.1f} min as {len(populations)} population{'s' * (len(populations) > 1)}"
+    return said + (f" and {alone} run{'s' * (alone > 1)} alone" if alone else "")
 
 
 def parameters(run: dict) -> int:
@@ -357,7 +378,7 @@ def report(client, study: str, sweep: str | None = None):
     else:
         fig = learning_curves(client, runs, keys, study)
     sweep = client.get_run(runs[0]["run_id"]).data.tags[SWEEP_TAG]
-    text = f"Sweep `{sweep}`, {len(runs)} runs; mean (min–max) over seeds.\n\n" + text
+    text = f"Sweep `{sweep}`, {len(runs)} runs ({how_it_ran(runs)}); mean (min–max) over seeds.\n\n" + text
     return text, fig
 
 

@@ -20,7 +20,7 @@ def checkout_state() -> dict[str, str]:
 def test_a_study_sweep_reports_into_its_parent_run_and_the_report_script_into_the_files(store, tmp_path):
     before = checkout_state()
     short = ["trainer.max_epochs=10", "trainer.check_val_every_n_epoch=5"]
-    sweep = ["model.stateful=true,false", "model.batch_size=7", "seed=0"]  # 2 of the study's 12 jobs
+    sweep = ["model.stateful=true", "model.batch_size=7", "seed=0,1"]  # 2 of the study's 12 jobs: one population
     result = run_py("-m", "experiment=study_stateless", *sweep, *short, cwd=tmp_path, uri=store)
     assert result.returncode == 0, result.stderr[-3000:]
     assert checkout_state() == before  # the sweep wrote no file in the checkout
@@ -32,7 +32,8 @@ def test_a_study_sweep_reports_into_its_parent_run_and_the_report_script_into_th
 
     stored = mlflow_client().download_artifacts(parent.info.run_id, "study_stateless.md", str(tmp_path))
     table = open(stored).read()
-    assert "2 runs" in table and table.count("| True | 7 |") == table.count("| False | 7 |") == 1
+    assert "2 runs (" in table and " min as 1 population)" in table
+    assert table.count("| True | 7 | 0,1 |") == 1 and "| False |" not in table
 
     from experiments.report import regenerate
 
