@@ -122,6 +122,11 @@ def _download(run_id: str, name: str, folder: str) -> str:
     try:
         return client.download_artifacts(run_id, f"{FOLDER}/{name}", folder)
     except Exception:
+        if name == "last.ckpt" and f"{FOLDER}/population.pt" in {f.path for f in client.list_artifacts(run_id, FOLDER)}:
+            raise ConfigError(
+                f"resume={run_id}: the run is a population member, whose checkpoint ({FOLDER}/population.pt) "
+                f"cannot be resumed yet; start the sweep again (docs/populations.md)"
+            ) from None
         raise ConfigError(
             f"resume={run_id}: the run has no checkpoint (runs save one when interrupted or failed, or every "
             f"checkpoint_every epochs)"

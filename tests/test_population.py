@@ -213,10 +213,7 @@ def _wait_for_running_members(uri, proc, n, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        try:
-            running = [r for r in all_runs(uri) if r.info.status == "RUNNING" and "echo.population" in r.data.tags]
-        except Exception:  # the store is being created
-            running = []
+        running = [r for r in all_runs(uri) if r.info.status == "RUNNING" and "echo.population" in r.data.tags]
         if len(running) == n:
             return
         time.sleep(0.5)
@@ -227,6 +224,7 @@ def _wait_for_running_members(uri, proc, n, timeout=240):
 def test_sigterm_ends_every_member_killed_with_its_checkpoint(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     long_runs = ["seed=0,1,2", "trainer.max_epochs=100000", "stop_at=null", "progress=false"]
+    assert all_runs(uri) == []  # the store's tables exist before the sweep: polling it cannot race their creation
     proc = start_run_py(*POPULATION, *long_runs, cwd=tmp_path, uri=uri)
     try:
         _wait_for_running_members(uri, proc, 3)
@@ -245,3 +243,6 @@ def test_sigterm_ends_every_member_killed_with_its_checkpoint(tmp_path):
             "checkpoints/population.pt",
         }
         assert "train/loss" in member.data.metrics  # its metrics so far
+    refused = run_py(f"resume={member.info.run_id}", cwd=tmp_path, uri=uri)
+    assert refused.returncode == 2 and "is a population member" in refused.stderr, refused.stderr[-2000:]
+    assert len(all_runs(uri)) == 4  # nothing half-written
