@@ -137,6 +137,7 @@ OBJECTIVES = (
     "val/token_acc",
     "val/exact_match",
     "val/exact_match_teacher_forced",
+    "val/token_acc_teacher_forced",
     "test/token_acc",
     "test/exact_match",
     "test/ood_exact_match",

@@ -234,8 +234,7 @@ class EchoModule(PlainAttributes, pl.LightningModule):
             return
         metrics = self._eval_metrics("val")
         if self.teacher_forced:
-            _, _, _, exact, rows = self._forced_sums.tolist()
-            metrics["val/exact_match_teacher_forced"] = exact / rows
+            metrics.update(self._forced_metrics("val"))
         epoch = self.epochs_at_step_end()
         self.history += [(name, epoch, value) for name, value in metrics.items()]
         self.summary.update(metrics)
@@ -249,9 +248,21 @@ class EchoModule(PlainAttributes, pl.LightningModule):
         if self.stop_at is not None and exact >= self.stop_at:
             self.trainer.should_stop = True
 
+    def _forced_metrics(self, prefix: str) -> dict[str, float]:
+        """The teacher-forced scores. Token accuracy shows the exposure-bias gap; exact match cannot:
+        decoding greedily, a row all of whose tokens are right is fed exactly the true tokens, so it
+        is exact teacher-forced if and only if it is exact free-running."""
+        _, correct, tokens, exact, rows = self._forced_sums.tolist()
+        return {
+            f"{prefix}/token_acc_teacher_forced": correct / tokens,
+            f"{prefix}/exact_match_teacher_forced": exact / rows,
+        }
+
     def on_test_epoch_end(self) -> None:
         metrics = self._eval_metrics("test")
         del metrics["test/loss"]
+        if self.teacher_forced:
+            metrics.update(self._forced_metrics("test"))
         self.summary.update(metrics)
         correct, counted = self._eval_positions.float()
         self.by_position = (correct / counted.clamp(min=1)).tolist()
