@@ -127,7 +127,7 @@ PINNED = {
     "fast_partial_echo": ("encdec", 150, True, 21, 1e-2, 5, 2, 25, 8, 1000, 10, 0.995, True, "echo"),
     "tutorial_full_echo": ("seq2seq", 20, True, 7, 1e-3, 5, 5, 25, 1, 500, 10, None, True, "echo"),
     "tutorial_partial_echo": ("encdec", 150, True, 21, 1e-3, 5, 2, 25, 1, 5000, 50, None, True, "echo"),
-    "study_capacity": ("encdec", 150, True, 21, 1e-2, 5, 5, 25, 8, 300, 10, 0.995, False, "study_capacity"),
+    "study_capacity": ("encdec", 150, True, 21, 1e-2, 5, 5, 25, 8, 3000, 10, 0.995, False, "study_capacity"),
     "study_linear": ("seq2seq", 20, True, 7, 1e-3, 5, 5, 25, 1, 500, 10, None, False, "study_linear"),
     "study_long": ("seq2seq", 20, True, 7, 1e-2, 5, 5, 25, 1, 200, 10, 0.995, False, "study_long"),
     "study_masking": ("encdec", 150, False, 25, 1e-2, 5, 2, 25, 8, 600, 10, 0.995, False, "study_masking"),
@@ -165,6 +165,13 @@ def test_a_study_sweep_reports_into_its_parent_run_and_no_other_preset_does(name
     assert set(callbacks) == expected
     if name.startswith("study_"):
         assert callbacks.report._target_ == "experiments.report.ReportCallback"
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_the_studies_of_stackable_networks_train_their_seeds_as_populations(name):
+    launcher = composed(name, hydra=True).hydra.launcher._target_
+    stackable = name.startswith("study_") and name not in ("study_zoo", "study_length")  # decoders, lengths
+    assert launcher.endswith("PopulationLauncher") == stackable, launcher
 
 
 @pytest.mark.slow
