@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run every extension study (one Hydra multirun each, one after another), then the report.
-# About 22 minutes on a shared 2-core CPU; see experiments/README.md for each study's share.
+# Over two hours on a shared 2-core CPU, most of it the capacity study's 3,000 steps; see
+# experiments/README.md for each study's time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for study in "${@:-study_linear study_masking study_stateless study_topology study_long study_capacity}"; do
