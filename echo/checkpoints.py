@@ -122,9 +122,12 @@ def _download(run_id: str, name: str, folder: str) -> str:
     try:
         return client.download_artifacts(run_id, f"{FOLDER}/{name}", folder)
     except Exception:
-        if name == "last.ckpt" and f"{FOLDER}/population.pt" in {f.path for f in client.list_artifacts(run_id, FOLDER)}:
+        from echo.population import CHECKPOINT as MEMBER_CHECKPOINT  # what a member saves instead
+
+        saved = {f.path for f in client.list_artifacts(run_id, FOLDER)}
+        if name == "last.ckpt" and f"{FOLDER}/{MEMBER_CHECKPOINT}" in saved:
             raise ConfigError(
-                f"resume={run_id}: the run is a population member, whose checkpoint ({FOLDER}/population.pt) "
+                f"resume={run_id}: the run is a population member, whose checkpoint ({FOLDER}/{MEMBER_CHECKPOINT}) "
                 f"cannot be resumed yet; start the sweep again (docs/populations.md)"
             ) from None
         raise ConfigError(

@@ -191,8 +191,7 @@ class _Population:
                 member.tracker.log_params({"n_params": count_parameters(net)})
         self.net = StackedNet(nets).to(self.device)
         self.tokens = isinstance(self.rep, OneHot) and self.net.reads_tokens  # one-hot codes as their tokens
-        lrs = torch.tensor([float(m.cfg.model.lr) for m in members], device=self.device)
-        self.optimizer = MemberAdam(list(self.net.parameters()), lrs)
+        self.optimizer = MemberAdam(list(self.net.parameters()), [float(m.cfg.model.lr) for m in members])
         self.generators = [torch.Generator(self.device).manual_seed(m.cfg.seed) for m in members]
         self.stateful, self.mask_inputs = bool(model.stateful), task.framing == "mask"
         self.windows_per_epoch = task.sequences_per_epoch * windows_per_sequence(task)
@@ -301,9 +300,10 @@ class _Population:
         self._train_sums = []
 
     @torch.no_grad()
-    def _evaluate(self, batches) -> list[list[float]]:
-        """Per member [summed loss, correct tokens, tokens, exact rows, rows] (K lists of 5)."""
-        total = 0
+    def _evaluate(self, batches, by_position: bool = False):
+        """Per member [summed loss, correct tokens, tokens, exact rows, rows] (K lists of 5); with
+        `by_position`, also per member the token accuracy at each output position (K lists of n_out)."""
+        total = correct_at = real_at = 0
         for scores, y in self._forward_batches(batches):
             real = y != PAD
             correct = (self.rep.decode(scores) == y) & real
@@ -311,17 +311,11 @@ class _Population:
             counts = [member_loss_sums(self.rep, scores, y), correct.flatten(1).sum(1), real.flatten(1).sum(1)]
             counts += [exact.sum(1), real.any(-1).sum(1)]
             total = total + torch.stack([c.float() for c in counts], 1)
-        return total.tolist()
-
-    @torch.no_grad()
-    def _by_position(self, batches) -> list[list[float]]:
-        """Per member, the token accuracy at each output position (K lists of n_out)."""
-        correct = real = 0
-        for scores, y in self._forward_batches(batches):
-            counted = y != PAD
-            correct = correct + ((self.rep.decode(scores) == y) & counted).sum(1)
-            real = real + counted.sum(1)
-        return (correct / real.clamp(min=1)).tolist()
+            if by_position:
+                correct_at, real_at = correct_at + correct.sum(1), real_at + real.sum(1)
+        if not by_position:
+            return total.tolist()
+        return total.tolist(), (correct_at / real_at.clamp(min=1)).tolist()
 
     def _validate(self, epoch: int) -> None:
         """As an independent run validates: metrics, target, stop_at; then the NaN check."""
@@ -373,8 +367,7 @@ class _Population:
         for member in done:
             if member.tracker:  # the history is complete: the worker draws the curve
                 member.tracker.log_learning_curve(member.history, member.cfg.target)
-        results = self._evaluate(self.test)
-        positions = self._by_position(self.test)
+        results, positions = self._evaluate(self.test, by_position=True)
         tables = self._expected_predicted()
         chance = 1 / self.task.n_unique  # a uniform guess per token
         for member in done:

@@ -173,13 +173,19 @@ class MemberAdam:
     member's slices.
     """
 
-    def __init__(self, params: list[Tensor], lrs: Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params, self.lrs = list(params), [float(lr) for lr in lrs]
+    def __init__(self, params: list[Tensor], lrs, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lrs = list(params), [float(lr) for lr in lrs]  # lrs: one per member
         self.beta1, self.beta2, self.eps, self.step_count = betas[0], betas[1], eps, 0
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.active = [True] * len(self.lrs)
         self._step = torch.zeros((), device=self.params[0].device)  # the kernel reads Adam's step count here
+        self._group(active=range(len(self.lrs)))
+
+    def _group(self, active) -> None:
+        """The members still training, by learning rate: one kernel call each (set again by `freeze`)."""
+        self.groups: dict[float, list[int]] = {}
+        for k in active:
+            self.groups.setdefault(self.lrs[k], []).append(k)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -189,11 +195,7 @@ class MemberAdam:
     def step(self) -> None:
         self.step_count += 1
         self._step.fill_(self.step_count)
-        groups: dict[float, list[int]] = {}
-        for k, lr in enumerate(self.lrs):
-            if self.active[k]:
-                groups.setdefault(lr, []).append(k)
-        for lr, members in groups.items():
+        for lr, members in self.groups.items():
             tensors = [self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq]
             if len(members) < len(self.lrs):
                 tensors = [[t[k] for t in group for k in members] for group in tensors]
@@ -214,7 +216,7 @@ class MemberAdam:
     def freeze(self, k: int, zero: bool = False) -> None:
         """Member k trains no more; `zero`: also clear its weights and moments (a diverged member,
         whose NaNs would otherwise stay in the arithmetic)."""
-        self.active[k] = False
+        self._group(active=sorted(j for members in self.groups.values() for j in members if j != k))
         if zero:
             for t in (*self.params, *self.exp_avg, *self.exp_avg_sq):
                 t[k] = 0
