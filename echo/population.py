@@ -27,8 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from echo.config import windows_per_sequence
+from echo.data import Draw
 from echo.encoding import PAD, REPRESENTATIONS, OneHot
 from echo.models import build_net, count_parameters, detach_state
+from echo.speedups import EpochGraph
 from echo.stacked import (
     STACKABLE,
     MemberAdam,
@@ -193,6 +195,9 @@ class _Population:
         self.tokens = isinstance(self.rep, OneHot) and self.net.reads_tokens  # one-hot codes as their tokens
         self.optimizer = MemberAdam(list(self.net.parameters()), [float(m.cfg.model.lr) for m in members])
         self.generators = [torch.Generator(self.device).manual_seed(m.cfg.seed) for m in members]
+        self.draw = Draw(self._fresh_batches, tuple(self.generators))
+        # On a GPU an epoch is replayed as one CUDA graph, as an independent run's is.
+        self.graph = EpochGraph() if self.device.type == "cuda" and cfg.get("cuda_graph", True) else None
         self.stateful, self.mask_inputs = bool(model.stateful), task.framing == "mask"
         self.windows_per_epoch = task.sequences_per_epoch * windows_per_sequence(task)
         n_seq = -(-task.eval_windows // windows_per_sequence(task))
@@ -235,10 +240,16 @@ class _Population:
             state = detach_state(state)
 
     # -- training ------------------------------------------------------------------------------
-    def _train_epoch(self) -> Tensor:
-        """One epoch for every member; returns per member [summed loss, correct tokens, tokens] (3, K)."""
+    def train_epoch(self) -> Tensor:
+        """One epoch on fresh data: `_train_epoch`, replayed as a CUDA graph once captured on a GPU."""
+        return self.graph(self._train_epoch, self.draw) if self.graph else self._train_epoch(self.draw())
+
+    def _train_epoch(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """One epoch for every member on its batches; returns per member [summed loss, correct
+        tokens, tokens] (3, K), on the device. Nothing in it reads a value back to the host, so a
+        CUDA graph can capture it."""
         sums = []
-        for scores, y in self._forward_batches(self._fresh_batches()):
+        for scores, y in self._forward_batches(batches):
             tokens = (y != PAD).flatten(1).sum(1)
             loss_sums = member_loss_sums(self.rep, scores, y)
             self.optimizer.zero_grad()
@@ -254,7 +265,7 @@ class _Population:
         bar = self._progress_bar()
         for epoch in range(1, self.trainer_cfg.max_epochs + 1):
             active = [m.status == "RUNNING" for m in self.members]
-            self._train_sums.append((epoch, self._train_epoch(), active))
+            self._train_sums.append((epoch, self.train_epoch(), active))
             self.epochs_done = epoch
             if bar is not None:
                 bar.update(1)
@@ -283,7 +294,14 @@ class _Population:
     def _stop(self, member: Member, epoch: int) -> None:
         member.status = "STOPPED"
         member.summary.update(train_time_s=time.perf_counter() - self._t0, epochs=epoch)
-        self.optimizer.freeze(self.members.index(member))
+        self._freeze(member)
+
+    def _freeze(self, member: Member, zero: bool = False) -> None:
+        """The member trains no more (see `MemberAdam.freeze`). A captured epoch updates the members
+        that trained when it was captured: it is captured again at the next epoch."""
+        self.optimizer.freeze(self.members.index(member), zero)
+        if self.graph is not None:
+            self.graph.graph = None
 
     def flush_train_metrics(self) -> None:
         """Per-epoch training metrics into each member's history, for the epochs it trained."""
@@ -357,7 +375,7 @@ class _Population:
                 f"lower the learning rate (model.lr={member.cfg.model.lr}) or change the seed"
             )
             member.status, member.error = "FAILED", f"echo.faults.TrainingError: {message}\n"
-            self.optimizer.freeze(self.members.index(member), zero=True)
+            self._freeze(member, zero=True)
             print(f"echo: run failed: {member.run_name}: {message}", file=sys.stderr)
 
     # -- the end -------------------------------------------------------------------------------

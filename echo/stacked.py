@@ -117,15 +117,14 @@ class StackedNet(nn.Module):
         """The LSTM's input projection plus both biases for every step: (K, batch, steps, 4 hidden).
         x is features (K, batch, steps, inputs), or tokens (K, batch, steps) standing for one-hot
         codes: a code times the weights is the weights' row for its token, so the rows are looked up
-        instead (the same numbers, without a matrix product over mostly zeros). A PAD token's code is
-        all zeros, so its row is zeroed."""
+        instead (the same numbers, without a matrix product over mostly zeros). PAD tokens come only
+        with a mask, which skips their steps: the row looked up for them counts nowhere."""
         w_ih, bias = self.p(f"{prefix}.weight_ih_l0"), self.p(f"{prefix}.bias_ih_l0") + self.p(f"{prefix}.bias_hh_l0")
         k, n_in = w_ih.shape[:2]
         if x.is_floating_point():
             return torch.baddbmm(bias, x.reshape(k, -1, n_in), w_ih).view(*x.shape[:3], -1)
         offsets = torch.arange(k, device=x.device).view(k, 1, 1) * n_in  # member k's rows in the flat table
         rows = w_ih.reshape(k * n_in, -1)[x.clamp(min=0) + offsets]
-        rows = rows * (x >= 0).unsqueeze(-1) if (x < 0).any() else rows
         return rows + bias.unsqueeze(1)
 
     def _repeated_lstm(self, prefix: str, x: Tensor, steps: int, state):
@@ -175,10 +174,12 @@ class MemberAdam:
 
     def __init__(self, params: list[Tensor], lrs, betas=(0.9, 0.999), eps: float = 1e-8):
         self.params, self.lrs = list(params), [float(lr) for lr in lrs]  # lrs: one per member
-        self.beta1, self.beta2, self.eps, self.step_count = betas[0], betas[1], eps, 0
+        self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self._step = torch.zeros((), device=self.params[0].device)  # the kernel reads Adam's step count here
+        # Adam's step count, where the kernel reads it: counted on the device, so a CUDA graph's
+        # replay counts its steps too.
+        self._step = torch.zeros((), device=self.params[0].device)
         self._group(active=range(len(self.lrs)))
 
     def _group(self, active) -> None:
@@ -193,8 +194,7 @@ class MemberAdam:
 
     @torch.no_grad()
     def step(self) -> None:
-        self.step_count += 1
-        self._step.fill_(self.step_count)
+        self._step += 1
         for lr, members in self.groups.items():
             tensors = [self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq]
             if len(members) < len(self.lrs):
@@ -224,7 +224,7 @@ class MemberAdam:
     def member_state(self, k: int, names: list[str], layout) -> dict:
         """Member k's moments, in its own network's layout (by parameter name), and the step count."""
         return {
-            "step": self.step_count,
+            "step": int(self._step),
             "exp_avg": {n: layout(n, m[k]) for n, m in zip(names, self.exp_avg)},
             "exp_avg_sq": {n: layout(n, v[k]) for n, v in zip(names, self.exp_avg_sq)},
         }

@@ -13,6 +13,7 @@ from helpers import TINY, all_runs, make_cfg, metric_history, run_py
 from echo.data import EchoData
 from echo.models import build_net
 from echo.module import EchoModule
+from echo.population import Member, _Population
 from echo.speedups import WARM_EPOCHS
 from echo.train import train
 
@@ -82,3 +83,54 @@ def test_loading_the_cuda_libraries_first_changes_nothing(monkeypatch):
     skipped = train(make_cfg(*settings))
     for name in ("val/loss", "test/token_acc", "test/exact_match"):
         assert loaded[name] == pytest.approx(skipped[name], rel=1e-4, abs=1e-5), name
+
+
+def _population(settings: list[str], graphed: bool) -> _Population:
+    cfgs = [make_cfg(*GPU, *settings, f"cuda_graph={graphed}", f"seed={seed}") for seed in (0, 1, 2)]
+    return _Population([Member(cfg, f"seed={cfg.seed}", {}) for cfg in cfgs], threads=1)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_populations_graphed_epochs_train_as_its_eager_epochs_do(variant):
+    """A population's epoch is captured after the warm-up and replayed; freezing a member captures
+    it again. Nothing changes but the speed: the same draws, the same steps, the frozen member
+    stays put."""
+    losses, weights = {}, {}
+    for graphed in (True, False):
+        population = _population(VARIANTS[variant], graphed)
+        first = population.net.p(population.net.names[0])
+        sums, captured = [], None
+        for epoch in range(1, WARM_EPOCHS + 9):
+            if epoch == WARM_EPOCHS + 4:
+                captured = population.graph.graph if graphed else None
+                population._freeze(population.members[1])
+                frozen = first[1].detach().clone()
+            sums.append(population.train_epoch())
+        assert torch.equal(first[1], frozen)  # member 1 stayed put after its freeze
+        if graphed:
+            assert captured is not None and population.graph.graph is not None
+            assert population.graph.graph is not captured  # captured again after the freeze
+        else:
+            assert population.graph is None
+        sums = torch.stack(sums)  # (epochs, 3, members)
+        losses[graphed], weights[graphed] = sums[:, 0] / sums[:, 2], first.detach().clone()
+        assert len(set(losses[graphed][:, 0].tolist())) == len(losses[graphed])  # fresh data every replay
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-3, atol=1e-5)
+
+
+def test_a_population_on_the_gpu_is_tracked_and_its_members_match_independent_runs(store, tmp_path):
+    settings = [*TINY, "model=encdec", "task.n_out=2", "trainer.accelerator=gpu"]
+    result = run_py("-m", "hydra/launcher=population", "seed=0,1", *settings, cwd=tmp_path, uri=store)
+    assert result.returncode == 0, result.stderr
+    result = run_py(*settings, "seed=1", "logger.experiment=alone", cwd=tmp_path, uri=store)
+    assert result.returncode == 0, result.stderr
+    members, (alone,) = [r for r in all_runs(store) if "echo.population" in r.data.tags], all_runs(store, "alone")
+    assert len(members) == 2 and all(r.info.status == "FINISHED" for r in members)
+    (member,) = [r for r in members if r.data.params["seed"] == "1"]
+    for name in ("train/loss", "val/loss"):
+        together = metric_history(store, member.info.run_id, name)
+        apart = metric_history(store, alone.info.run_id, name)
+        assert [step for step, _ in together] == [step for step, _ in apart]
+        for (_, a), (_, b) in zip(together[:5], apart[:5]):  # cuDNN's LSTM against the stacked cell: rounding
+            assert a == pytest.approx(b, rel=1e-3), name

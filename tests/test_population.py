@@ -11,7 +11,7 @@ from helpers import TINY, all_runs, artifacts, make_cfg, run_py, start_run_py
 from echo.data import to_batches, to_windows
 from echo.encoding import PAD, LinearScale, OneHot
 from echo.models import build_net
-from echo.population import population_key, why_not_stackable
+from echo.population import Member, _Population, population_key, why_not_stackable
 from echo.stacked import (
     MemberAdam,
     StackedNet,
@@ -117,6 +117,37 @@ def test_seeds_and_learning_rates_share_a_population_and_shapes_do_not():
     assert population_key(make_cfg("task.n_out=2")) != base
     assert why_not_stackable(make_cfg("model=encdec", "task.representation=linear")) is None
     assert "resume" in why_not_stackable(make_cfg("resume=abc"))
+
+
+VARIANTS = {  # the networks and settings a population trains
+    "listing A": [],
+    "listing B": ["model=encdec", "task.n_out=2"],
+    "stateless": ["model.stateful=false"],
+    "masked": ["task.framing=mask", "task.n_out=2", "model.batch_size=5"],
+    "linear": ["model=encdec", "task.n_out=2", "task.representation=linear"],
+    "many_to_one": ["model=many_to_one", "task.n_out=2"],
+    "one_to_one": ["model=one_to_one", "task.n_in=1", "task.n_out=1", "model.batch_size=5"],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_training_epoch_reads_nothing_back_from_the_device(variant, monkeypatch):
+    """On a GPU a population's epoch is captured in a CUDA graph, and a capture fails on any read of
+    a value back to the host (.item(), .tolist(), a tensor's truth value). Here, where there is no
+    GPU: the epoch trains while every such read raises."""
+    members = [Member(make_cfg("logger=none", f"seed={seed}", *VARIANTS[variant]), f"m{seed}", {}) for seed in (0, 1)]
+    population = _Population(members, threads=1)
+    before = population.net.p(population.net.names[0]).detach().clone()
+
+    def read(*args):
+        raise AssertionError("a training epoch read a value back from the device")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, read)
+    sums = population._train_epoch(population.draw())
+    monkeypatch.undo()
+    assert sums.shape == (3, 2) and (sums[2] > 0).all()  # [loss, correct, tokens] per member
+    assert not torch.equal(population.net.p(population.net.names[0]), before)  # it trained
 
 
 def _history(uri, run_id, name):
