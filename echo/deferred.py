@@ -1,11 +1,13 @@
 """Start-up cost paid only by whoever uses it: modules that load on first use, and the
-plotting torchmetrics would load at import, which an echo run never uses.
+optional packages torchmetrics would load at import, which an echo run never uses.
 
 Importing Lightning imports torchmetrics, which imports `scipy.signal` for its audio metrics and
 `matplotlib.pyplot` for its plots: together about a second and a half, a fifth of a default run's
-whole process, for nothing echo uses. The command line (run.py) applies `defer_unused_imports()`;
-importing echo from a notebook or a test changes nothing in other libraries.
-Checked with torchmetrics 1.9 (pinned in pyproject.toml): its flag `_MATPLOTLIB_AVAILABLE` and its
+whole process, for nothing echo uses. Where torchvision and transformers are installed (as on a
+typical GPU machine) it imports them too, for image and text metrics: about 10 s more.
+The command line (run.py) applies `defer_unused_imports()`; importing echo from a notebook or a
+test changes nothing in other libraries.
+Checked with torchmetrics 1.9 (pinned in pyproject.toml): its flags (`UNUSED_FLAGS`) and its
 `scipy.signal.hamming` check are what this relies on; tests/test_startup.py fails if they change.
 """
 
@@ -100,22 +102,36 @@ def after_import(name: str, then) -> None:
         sys.meta_path.insert(0, AfterImport(name, then))
 
 
-def _matplotlib_unavailable(imports) -> None:
-    flag = getattr(imports, "_MATPLOTLIB_AVAILABLE", None)
-    if flag is not None:  # a lightning_utilities RequirementCache: checked once, then cached
-        flag.available = False
-        flag.message = "torchmetrics' plots are off in an echo process, which never draws them (echo/deferred.py)"
+# torchmetrics' flags for optional packages it would import when Lightning loads, for metrics and
+# plots echo never uses: matplotlib.pyplot (Metric.plot, ~0.5 s), torchvision (image metrics) and
+# transformers (BERTScore, with scikit-learn): together ~10 s on a machine that has them all.
+UNUSED_FLAGS = (
+    "_MATPLOTLIB_AVAILABLE",
+    "_TORCHVISION_AVAILABLE",
+    "_TRANSFORMERS_AVAILABLE",
+    "_TRANSFORMERS_GREATER_EQUAL_4_4",
+    "_TRANSFORMERS_GREATER_EQUAL_4_10",
+)
 
 
-def keep_torchmetrics_from_pyplot() -> None:
-    """torchmetrics imports matplotlib.pyplot when Lightning loads (about half a second) if its flag
-    `_MATPLOTLIB_AVAILABLE` says matplotlib is installed, for `Metric.plot`, which echo never calls:
-    the flag is set to False as its module executes, before torchmetrics reads it. (The learning
-    curves are drawn by the tracking worker, a process of its own, with matplotlib.)"""
-    after_import("torchmetrics.utilities.imports", _matplotlib_unavailable)
+def _unused_packages_off(imports) -> None:
+    for name in UNUSED_FLAGS:
+        flag = getattr(imports, name, None)
+        if flag is not None:  # a lightning_utilities RequirementCache: checked once, then cached
+            flag.available = False
+            flag.message = f"{name} is off in an echo process, which never uses it (echo/deferred.py)"
+
+
+def keep_torchmetrics_from_unused_packages() -> None:
+    """torchmetrics imports optional packages when Lightning loads if its flags (UNUSED_FLAGS) say
+    they are installed: matplotlib.pyplot for `Metric.plot`, torchvision and transformers for image
+    and text metrics, none of which echo uses. The flags are set to False as their module executes,
+    before torchmetrics reads them. (The learning curves are drawn by the tracking worker, a process
+    of its own, with matplotlib.)"""
+    after_import("torchmetrics.utilities.imports", _unused_packages_off)
 
 
 def defer_unused_imports() -> None:
     """Both deferrals, before Lightning is imported (a no-op for modules already imported)."""
     defer_scipy_signal()
-    keep_torchmetrics_from_pyplot()
+    keep_torchmetrics_from_unused_packages()

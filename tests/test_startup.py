@@ -46,3 +46,35 @@ def test_importing_echo_leaves_other_libraries_alone():
     code = "import echo, echo.train, scipy.signal, sys; print(type(sys.modules['scipy.signal']).__name__)"
     result = python(code)
     assert result.stdout.strip() == "module", result.stderr
+
+
+IMPORTED_FOR_NOTHING = """
+import sys
+from echo.deferred import defer_unused_imports
+defer_unused_imports()  # as run.py does
+import echo.train  # Lightning, and torchmetrics with it
+import torchmetrics.utilities.imports as flags
+print("torchvision" in sys.modules, "transformers" in sys.modules, bool(flags._TRANSFORMERS_GREATER_EQUAL_4_4))
+import torchvision, transformers  # whoever needs them still imports them
+print(torchvision.__version__, transformers.__version__)
+"""
+
+
+def _installed(site: Path, name: str, version: str) -> None:
+    """A package `name` as pip would leave it: its module and its metadata."""
+    (site / name).mkdir()
+    (site / name / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    (site / f"{name}-{version}.dist-info").mkdir()
+    (site / f"{name}-{version}.dist-info" / "METADATA").write_text(f"Name: {name}\nVersion: {version}\n")
+
+
+def test_torchmetrics_loads_no_torchvision_or_transformers_where_they_are_installed(tmp_path):
+    """On a machine with torchvision and transformers installed (a typical GPU machine), torchmetrics
+    imports both when Lightning loads, for image and text metrics echo never uses: about 10 s of a
+    run's start-up. Here stand-ins of both are installed: neither loads with Lightning, and both
+    import when asked for."""
+    _installed(tmp_path, "torchvision", "0.26.0")
+    _installed(tmp_path, "transformers", "5.0.0")
+    code = f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n" + IMPORTED_FOR_NOTHING
+    result = python(code)
+    assert result.stdout.splitlines() == ["False False False", "0.26.0 5.0.0"], result.stderr
