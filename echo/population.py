@@ -87,7 +87,7 @@ def _flat_items(tree, prefix=""):
             yield f"{prefix}{key}", repr(value)
 
 
-@dataclass
+@dataclass(eq=False)  # a member is itself alone: finding it in a list compares no configs
 class Member:
     """One run of the population: its config (resolved and checked, as run.py leaves it), run name
     and tags, and what it has done so far."""
@@ -295,6 +295,8 @@ class _Population:
         member.status = "STOPPED"
         member.summary.update(train_time_s=time.perf_counter() - self._t0, epochs=epoch)
         self._freeze(member)
+        if member.tracker:  # its history is complete: the worker draws the curve while the others train
+            member.tracker.log_learning_curve(member.history, member.cfg.target)
 
     def _freeze(self, member: Member, zero: bool = False) -> None:
         """The member trains no more (see `MemberAdam.freeze`). A captured epoch updates the members
@@ -382,9 +384,6 @@ class _Population:
     def test_and_report(self) -> None:
         """Test every member that trained to its end, print and log what an independent run does."""
         done = [m for m in self.members if m.status == "STOPPED"]
-        for member in done:
-            if member.tracker:  # the history is complete: the worker draws the curve
-                member.tracker.log_learning_curve(member.history, member.cfg.target)
         results, positions = self._evaluate(self.test, by_position=True)
         tables = self._expected_predicted()
         chance = 1 / self.task.n_unique  # a uniform guess per token
