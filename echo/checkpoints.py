@@ -126,10 +126,7 @@ def _download(run_id: str, name: str, folder: str) -> str:
 
         saved = {f.path for f in client.list_artifacts(run_id, FOLDER)}
         if name == "last.ckpt" and f"{FOLDER}/{MEMBER_CHECKPOINT}" in saved:
-            raise ConfigError(
-                f"resume={run_id}: the run is a population member, whose checkpoint ({FOLDER}/{MEMBER_CHECKPOINT}) "
-                f"cannot be resumed yet; start the sweep again (docs/populations.md)"
-            ) from None
+            return client.download_artifacts(run_id, f"{FOLDER}/{MEMBER_CHECKPOINT}", folder)
         raise ConfigError(
             f"resume={run_id}: the run has no checkpoint (runs save one when interrupted or failed, or every "
             f"checkpoint_every epochs)"
@@ -137,17 +134,28 @@ def _download(run_id: str, name: str, folder: str) -> str:
 
 
 def download_checkpoint(run_id: str) -> str:
-    """The local path of run `run_id`'s last checkpoint (ConfigError if it has none, or if it holds
-    more than tensors and plain values: a store's files are untrusted, echo/reuse.py)."""
+    """The local path of run `run_id`'s last checkpoint: `last.ckpt`, or a population member's
+    `population.pt` (ConfigError if it has none, or if it holds more than tensors and plain values:
+    a store's files are untrusted, echo/reuse.py)."""
+    from echo.population import MEMBER_STATE
     from echo.reuse import read_weights_only
 
     folder = tempfile.mkdtemp(prefix="echo-resume-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # a copy: the run keeps its own
     path = _download(str(run_id), "last.ckpt", folder)
-    checkpoint = read_weights_only(path, f"resume={run_id}: the run's {FOLDER}/last.ckpt")
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(f"resume={run_id}: the run's {FOLDER}/last.ckpt is not a checkpoint, refused")
+    what = f"resume={run_id}: the run's {FOLDER}/{Path(path).name}"
+    checkpoint = read_weights_only(path, what)
+    needs = MEMBER_STATE if is_member_checkpoint(path) else ("state_dict",)
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in needs):
+        raise ConfigError(f"{what} is not a checkpoint, refused")
     return path
+
+
+def is_member_checkpoint(path: str) -> bool:
+    """Whether the checkpoint at `path` is a population member's (echo.population), not Lightning's."""
+    from echo.population import CHECKPOINT as MEMBER_CHECKPOINT
+
+    return Path(path).name == MEMBER_CHECKPOINT
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:

@@ -45,6 +45,7 @@ from echo.tracking import Tracker, log_artifacts, start_tracker
 
 POPULATION_TAG = "echo.population"
 CHECKPOINT = "population.pt"  # in each member's artifacts, under checkpoints/
+MEMBER_STATE = ("state_dict", "adam", "generator", "epochs_done", "summary")  # what CHECKPOINT holds
 # Settings that may differ between the members of one population: none changes a tensor's shape,
 # the data's framing or the training's cadence. (progress and objective change nothing trained.)
 MEMBER_SETTINGS = ("seed", "model.lr", "target", "stop_at", "objective", "progress")
@@ -128,21 +129,26 @@ def _device(cfg: DictConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def train_population(members: list[Member], population_id: str, threads: int) -> list[Member]:
+def train_population(
+    members: list[Member], population_id: str | None, threads: int, restore: dict | None = None
+) -> list[Member]:
     """Train the members as one population; return them with their status and summary.
 
     Every member's config must have the same `population_key`. Each starts an MLflow run (tagged
-    `echo.population=<population_id>`) if its logger is mlflow. KeyboardInterrupt (Ctrl-C, or
-    SIGTERM as the sweep turns it) propagates after every member has ended KILLED with a checkpoint.
+    `echo.population=<population_id>`, if given) if its logger is mlflow. KeyboardInterrupt (Ctrl-C,
+    or SIGTERM as the sweep turns it) propagates after every member has ended KILLED with a
+    checkpoint. `restore`: a member's checkpoint (CHECKPOINT's contents), for a population of one
+    that continues it.
     """
     for member in members:
-        member.tags = {**member.tags, POPULATION_TAG: population_id}
+        if population_id is not None:
+            member.tags = {**member.tags, POPULATION_TAG: population_id}
         if member.cfg.logger.name == "mlflow":
             member.tracker = start_tracker(member.cfg, member.run_name, member.tags)
             member.tracker.log_text(OmegaConf.to_yaml(member.cfg, resolve=True), "config.yaml")  # there while it runs
     population = None
     try:
-        population = _Population(members, threads)
+        population = _Population(members, threads, restore)
         population.fit()
         population.test_and_report()
     except BaseException as exception:
@@ -167,7 +173,8 @@ def train_population(members: list[Member], population_id: str, threads: int) ->
 class _Population:
     """The stacked model, its members' data and optimizer, and the training loop."""
 
-    def __init__(self, members: list[Member], threads: int):
+    def __init__(self, members: list[Member], threads: int, restore: dict | None = None):
+        assert restore is None or len(members) == 1, "a checkpoint restores one member"
         self.members = members
         cfg = members[0].cfg
         self.task, self.model_cfg, self.trainer_cfg = cfg.task, cfg.model, cfg.trainer
@@ -188,6 +195,8 @@ class _Population:
                     n_out=task.n_out,
                 )
             )
+        if restore is not None:
+            nets[0].load_state_dict({name.removeprefix("net."): w for name, w in restore["state_dict"].items()})
         for member, net in zip(members, nets):
             if member.tracker:  # as an independent run logs it
                 member.tracker.log_params({"n_params": count_parameters(net)})
@@ -206,6 +215,16 @@ class _Population:
         self.test = self._eval_batches(*self._held_out(n_seq, [task.test_seed] * k))
         self.epochs_done = 0
         self._train_sums: list[tuple[int, Tensor, list[bool]]] = []
+        if restore is not None:
+            self._restore(restore)
+
+    def _restore(self, state: dict) -> None:
+        """Continue the one member from its checkpoint: its Adam, its data generator, its epochs and
+        summary (its weights were loaded into its network before stacking)."""
+        self.optimizer.load_member_state(0, state["adam"], self.net.names, self.net.stacked_layout)
+        self.generators[0].set_state(state["generator"])
+        self.epochs_done = int(state["epochs_done"])
+        self.members[0].summary.update(state["summary"])
 
     # -- data --------------------------------------------------------------------------------
     def _held_out(self, n_seq: int, seeds: list[int]) -> tuple[Tensor, Tensor]:
@@ -263,7 +282,7 @@ class _Population:
         every = self.trainer_cfg.get("check_val_every_n_epoch", 1) or 1
         self._t0 = time.perf_counter()
         bar = self._progress_bar()
-        for epoch in range(1, self.trainer_cfg.max_epochs + 1):
+        for epoch in range(self.epochs_done + 1, self.trainer_cfg.max_epochs + 1):
             active = [m.status == "RUNNING" for m in self.members]
             self._train_sums.append((epoch, self.train_epoch(), active))
             self.epochs_done = epoch
@@ -413,6 +432,18 @@ class _Population:
             for k in range(len(self.members))
         ]
 
+    def member_state(self, k: int) -> dict:
+        """Member k's checkpoint (MEMBER_STATE): its weights in its own network's layout (under
+        `net.`, as in a Lightning checkpoint), Adam moments and step, data generator, epochs and summary."""
+        member = self.members[k]
+        return {
+            "state_dict": {f"net.{n}": v for n, v in self.net.member_state_dict(k).items()},
+            "adam": self.optimizer.member_state(k, self.net.names, self.net.member_layout),
+            "generator": self.generators[k].get_state(),
+            "epochs_done": self.epochs_done if member.status == "RUNNING" else member.summary["epochs"],
+            "summary": dict(member.summary),
+        }
+
     def save_checkpoints(self) -> None:
         """Each member's weights (its own network's layout), Adam moments, data generator and epoch
         count into its run's artifacts: checkpoints/population.pt and checkpoints/config.yaml."""
@@ -420,13 +451,7 @@ class _Population:
         for k, member in enumerate(self.members):
             if member.tracker is None or member.status not in ("RUNNING", "STOPPED"):
                 continue
-            state = {
-                "state_dict": {f"net.{n}": v for n, v in self.net.member_state_dict(k).items()},
-                "adam": self.optimizer.member_state(k, self.net.names, self.net.member_layout),
-                "generator": self.generators[k].get_state(),
-                "epochs_done": self.epochs_done if member.status == "RUNNING" else member.summary["epochs"],
-                "summary": dict(member.summary),
-            }
+            state = self.member_state(k)
             try:
                 with tempfile.TemporaryDirectory() as folder:
                     torch.save(state, Path(folder) / CHECKPOINT)
@@ -438,6 +463,22 @@ class _Population:
                 traceback.print_exc()
         print(
             f"echo: population stopped after {self.epochs_done} complete epochs; "
-            f"{saved} members' checkpoints saved (checkpoints/{CHECKPOINT} in each run)",
+            f"{saved} members' checkpoints saved (checkpoints/{CHECKPOINT} in each run): continue one with "
+            f"`python run.py resume=<its run id>`",
             file=sys.stderr,
         )
+
+
+def resume_member(cfg: DictConfig, run_name: str, tags: dict[str, str], checkpoint: str) -> dict[str, float]:
+    """`resume=<member run id>`: the member continues alone from its checkpoint (CHECKPOINT, read
+    with weights only and checked by `echo.checkpoints.download_checkpoint`), in the population's
+    loop, as a new run; returns its summary. A member that diverges raises TrainingError, as a run does."""
+    from echo.faults import TrainingError
+    from echo.reuse import read_weights_only
+
+    state = read_weights_only(checkpoint, f"resume={cfg.resume}: the run's checkpoints/{CHECKPOINT}")
+    member = Member(cfg, run_name, tags)
+    train_population([member], None, population_threads([cfg]), restore=state)
+    if member.status == "FAILED":
+        raise TrainingError((member.error or "").strip().removeprefix("echo.faults.TrainingError: "))
+    return member.summary

@@ -71,6 +71,12 @@ class StackedNet(nn.Module):
             out[name] = self.member_layout(name, self.p(name)[k])
         return out
 
+    @staticmethod
+    def stacked_layout(name: str, value: Tensor) -> Tensor:
+        """A member's parameter `name` (or Adam moment) in its network's layout as the stacked network
+        stores its slice: `member_layout`'s inverse."""
+        return _stored(name, value)
+
     def member_layout(self, name: str, value: Tensor) -> Tensor:
         """One member's slice of stacked parameter `name` (or of its Adam moments) in its network's layout."""
         value = value.detach()
@@ -220,6 +226,15 @@ class MemberAdam:
         if zero:
             for t in (*self.params, *self.exp_avg, *self.exp_avg_sq):
                 t[k] = 0
+
+    @torch.no_grad()
+    def load_member_state(self, k: int, state: dict, names: list[str], layout) -> None:
+        """Member k's moments and step count from `member_state`'s output (`layout` maps a moment in its
+        network's layout to the stacked one). The step count is shared: for a population of one."""
+        for i, name in enumerate(names):
+            self.exp_avg[i][k].copy_(layout(name, state["exp_avg"][name]))
+            self.exp_avg_sq[i][k].copy_(layout(name, state["exp_avg_sq"][name]))
+        self._step.fill_(state["step"])
 
     def member_state(self, k: int, names: list[str], layout) -> dict:
         """Member k's moments, in its own network's layout (by parameter name), and the step count."""

@@ -14,7 +14,13 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from echo.checkpoints import RESUMED_FROM, Checkpointer, download_checkpoint, saved_epochs_per_step
+from echo.checkpoints import (
+    RESUMED_FROM,
+    Checkpointer,
+    download_checkpoint,
+    is_member_checkpoint,
+    saved_epochs_per_step,
+)
 from echo.config import epochs_per_step, length_range, resolve_threads, trained_lengths, validate, windows_per_sequence
 from echo.data import EchoData, at_length, held_out
 from echo.encoding import REPRESENTATIONS
@@ -50,6 +56,11 @@ def train(
     if resume := cfg.get("resume"):  # a new run, linked to the one it continues
         checkpoint = download_checkpoint(resume)  # ConfigError if there is none: before anything is tracked
         tags = {**(tags or {}), RESUMED_FROM: str(resume)}
+        if is_member_checkpoint(checkpoint):  # a member goes on in the population's loop
+            from echo.population import resume_member
+
+            with _sigterm_as_interrupt():
+                return resume_member(cfg, run_name, tags, checkpoint)
     stored_net = None
     if evaluate := cfg.get("evaluate"):  # a new run, testing the network another one stored
         stored_net = network_to_evaluate(cfg)  # ConfigError if missing, unsafe or misfit: before tracking

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from helpers import TINY, all_runs, artifacts, make_cfg, run_py, start_run_py
+from helpers import TINY, all_runs, artifacts, make_cfg, metric_history, run_py, start_run_py
 
 from echo.data import to_batches, to_windows
 from echo.encoding import PAD, LinearScale, OneHot
@@ -150,6 +150,32 @@ def test_a_training_epoch_reads_nothing_back_from_the_device(variant, monkeypatc
     assert not torch.equal(population.net.p(population.net.names[0]), before)  # it trained
 
 
+def test_a_member_resumed_from_its_checkpoint_trains_on_as_if_never_stopped():
+    """A member's checkpoint (weights, Adam, data generator, epochs, summary) restores it alone, in a
+    population of one: it trains the epochs it had left exactly as it would have in its population."""
+    settings = ["logger=none", "stop_at=null", "trainer.check_val_every_n_epoch=2", "model=encdec", "task.n_out=2"]
+
+    def population(epochs: int, seeds=(0, 1), restore=None):
+        cfgs = [make_cfg(*settings, f"trainer.max_epochs={epochs}", f"seed={seed}") for seed in seeds]
+        together = _Population([Member(cfg, f"m{cfg.seed}", {}) for cfg in cfgs], threads=1, restore=restore)
+        together.fit()
+        return together
+
+    whole, halted = population(10), population(6)
+    state = halted.member_state(1)
+    assert state["epochs_done"] == 6 and state["adam"]["step"] == 6 * len(halted.draw())
+    resumed = population(10, seeds=(1,), restore=state)
+    for name in whole.net.names:
+        torch.testing.assert_close(resumed.net.p(name)[0], whole.net.p(name)[1], atol=1e-6, rtol=1e-5)
+
+    def losses(member):
+        return [(epoch, value) for name, epoch, value in member.history if name == "train/loss"]
+
+    together, alone = losses(whole.members[1]), losses(resumed.members[0])
+    assert [epoch for epoch, _ in alone] == [7, 8, 9, 10]  # it logs the epochs it trains, from the 7th
+    assert [value for _, value in alone] == pytest.approx([value for _, value in together[6:]], rel=1e-5)
+
+
 def _history(uri, run_id, name):
     from echo.tracking import mlflow_client
 
@@ -274,6 +300,12 @@ def test_sigterm_ends_every_member_killed_with_its_checkpoint(tmp_path):
             "checkpoints/population.pt",
         }
         assert "train/loss" in member.data.metrics  # its metrics so far
-    refused = run_py(f"resume={member.info.run_id}", cwd=tmp_path, uri=uri)
-    assert refused.returncode == 2 and "is a population member" in refused.stderr, refused.stderr[-2000:]
-    assert len(all_runs(uri)) == 4  # nothing half-written
+    # a member resumed alone: a new run that trains on from its checkpoint's epoch
+    done = max(step for step, _ in metric_history(uri, member.info.run_id, "train/loss"))
+    resumed = run_py(f"resume={member.info.run_id}", f"trainer.max_epochs={done + 20}", cwd=tmp_path, uri=uri)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (run,) = [r for r in all_runs(uri) if r.data.tags.get("echo.resumed_from") == member.info.run_id]
+    assert run.info.status == "FINISHED" and "echo.population" not in run.data.tags
+    steps = [step for step, _ in metric_history(uri, run.info.run_id, "train/loss")]
+    assert steps == list(range(done + 1, done + 21))
+    assert "test/exact_match" in run.data.metrics and run.data.params["seed"] == member.data.params["seed"]
