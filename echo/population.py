@@ -463,8 +463,8 @@ class _Population:
                 traceback.print_exc()
         print(
             f"echo: population stopped after {self.epochs_done} complete epochs; "
-            f"{saved} members' checkpoints saved (checkpoints/{CHECKPOINT} in each run): continue one with "
-            f"`python run.py resume=<its run id>`",
+            f"checkpoints saved for {saved} of {len(self.members)} members (checkpoints/{CHECKPOINT} in each run): "
+            "continue one with `python run.py resume=<its run id>`",
             file=sys.stderr,
         )
 

@@ -60,7 +60,10 @@ def train(
             from echo.population import resume_member
 
             with _sigterm_as_interrupt():
-                return resume_member(cfg, run_name, tags, checkpoint)
+                try:
+                    return resume_member(cfg, run_name, tags, checkpoint)
+                except KeyboardInterrupt:  # it ended KILLED with its checkpoint; exit as an interrupted run does
+                    sys.exit(1)
     stored_net = None
     if evaluate := cfg.get("evaluate"):  # a new run, testing the network another one stored
         stored_net = network_to_evaluate(cfg)  # ConfigError if missing, unsafe or misfit: before tracking
