@@ -10,6 +10,7 @@ remote Ray cluster), through the sweep's tag.
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import os
 import signal
@@ -32,7 +33,9 @@ from echo.tracking import (
     tag_provenance,
     tracking_uri,
 )
+from echo.tracking.naming import PENDING_PARENT
 from echo.tracking.outbox import ROOT, UPLOAD, outboxes, read, reason, unreachable
+from echo.tracking.worker import ANSWER
 
 PARENT_TAG = "echo.sweep_parent"
 # Objectives where lower is better; every other metric is maximised.
@@ -82,12 +85,13 @@ class SweepCallback(Callback):
 
     parent: str | None = None
     service: TrackingService | None = None
+    store: SweepStore | None = None
 
     def __getstate__(self) -> dict:
         """What a job gets: parallel and remote launchers (joblib, submitit, Ray) pickle this callback
         into every job. Jobs need no MLflow client, and unpickling one imports mlflow (seconds of CPU);
-        they find the tracking service through the environment."""
-        return {key: value for key, value in self.__dict__.items() if key not in ("client", "service")}
+        they find the tracking service and their parent run through the environment."""
+        return {key: value for key, value in self.__dict__.items() if key not in ("service", "store")}
 
     def on_multirun_start(self, config, **kwargs) -> None:
         check_sweep(config)
@@ -110,31 +114,48 @@ class SweepCallback(Callback):
         overrides = " ".join(o for o in config.hydra.overrides.task if o.split("=")[0] not in excluded)
         self.objective = config.get("objective", "val/exact_match")
         self.ignored = ("seed", *sorted(excluded))  # children that differ only in these are one setting
-        self.client = mlflow_client()
-        run = self.client.create_run(
-            experiment_id(self.client, config.logger.experiment),
-            run_name=f"sweep {overrides}",
-            tags={SWEEP_TAG: sweep, PARENT_TAG: "true", "echo.overrides": overrides, "echo.objective": self.objective},
+        self.store = SweepStore()
+        tags = {SWEEP_TAG: sweep, PARENT_TAG: "true", "echo.overrides": overrides, "echo.objective": self.objective}
+        self._pending = self.store.call(
+            "create", experiment=config.logger.experiment, run_name=f"sweep {overrides}", tags=tags
         )
-        self.parent = run.info.run_id
-        os.environ[PARENT_RUN_ENV] = self.parent
+        if _launcher(config) in IN_PROCESS:  # the jobs' runs ask for it as they start, after their imports
+            PENDING_PARENT.append(self._take_parent)
+        else:  # the jobs, elsewhere, find it in the environment
+            self._take_parent()
         atexit.register(self._end_if_reachable, "KILLED")  # if the sweep dies before on_multirun_end
         _sigterm_as_interrupt()
 
+    def _take_parent(self) -> None:
+        """The parent run, once created (PARENT_RUN_ENV set for the jobs); a line if it could not be."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is None:
+            return
+        try:
+            self.parent = pending.result()
+        except Exception as error:
+            print(f"echo: tracking failed: could not create the sweep's parent run ({reason(error)})", file=sys.stderr)
+            return
+        os.environ[PARENT_RUN_ENV] = self.parent
+
     def on_multirun_end(self, config, **kwargs) -> None:
         workers_stopped = stop_parallel_workers()  # they exit while the summary is written
+        self._take_parent()  # a sweep of no job never asked for it
         problem = None
         if self.parent is not None and (why := unreachable(tracking_uri())):
             problem, self.parent = f"could not write the sweep's summary: {tracking_uri()} is unreachable ({why})", None
         if self.parent is not None:
             try:
-                try:
-                    tag_provenance(self.client, self.parent)  # now: the jobs are done and this process idle
-                    summarize_sweep(self.client, self.parent, self.objective, self.ignored)
-                finally:
-                    self._end("FINISHED")
+                parent, self.parent = self.parent, None
+                os.environ.pop(PARENT_RUN_ENV, None)
+                ignored = list(self.ignored)
+                self.store.call(
+                    "finish", parent=parent, objective=self.objective, ignored=ignored, argv=sys.argv
+                ).result()
             except Exception as error:  # the store went away: the jobs' runs say where theirs are kept
                 problem = f"could not write the sweep's summary to {tracking_uri()} ({reason(error)})"
+        if self.store is not None:
+            self.store.close()
         workers_stopped()
         if self.service is not None:
             self.service.close()  # every job's connection has closed
@@ -155,15 +176,121 @@ class SweepCallback(Callback):
             print(f"echo: tracking failed: could not end the sweep's parent run ({reason(error)})", file=sys.stderr)
 
     def _end(self, status: str) -> None:
+        self._take_parent()
         if self.parent is None:
             return
         parent, self.parent = self.parent, None
         os.environ.pop(PARENT_RUN_ENV, None)
-        if status != "FINISHED":
-            for run in children(self.client, parent):
-                if run.info.status == "RUNNING":
-                    self.client.set_terminated(run.info.run_id, status)
-        self.client.set_terminated(parent, status)
+        self.store.call("end", parent=parent, status=status).result()
+
+
+IN_PROCESS = ("BasicLauncher", "PopulationLauncher")  # launchers that run every job in this process
+
+
+def _launcher(config) -> str:
+    return str(config.hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1]
+
+
+class SweepStore:
+    """A process of the sweep's own for its MLflow work (the parent run, the summary, its end): it
+    imports mlflow and opens the store (about 3.5 s on a small machine) while this process imports
+    torch and composes the jobs, so this process never imports mlflow. Requests go down its stdin as
+    JSON lines, one answer comes back for each; if this process dies first, the store process ends
+    the parent KILLED when its stdin closes."""
+
+    def __init__(self):
+        import subprocess
+
+        root = str(Path(__file__).resolve().parents[1])
+        code = f"import sys; sys.path.insert(0, {root!r}); from echo.sweeps import serve; serve()"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # Ctrl-C is for this process, which ends the sweep
+        )
+        self.sent, self.answers = 0, []  # requests are answered in order
+
+    def call(self, op: str, **args) -> Answer:
+        """Send request `op`; its answer, read when asked for."""
+        self.process.stdin.write(json.dumps({"op": op, "uri": tracking_uri(), **args}) + "\n")
+        self.process.stdin.flush()
+        self.sent += 1
+        return Answer(self, self.sent - 1)
+
+    def answer(self, index: int):
+        """Request `index`'s answer (RuntimeError if the store process failed it, or exited)."""
+        while len(self.answers) <= index:
+            line = self.process.stdout.readline()
+            if line and not line.startswith(ANSWER):  # MLflow prints too (a run's address)
+                continue
+            self.answers.append(json.loads(line[len(ANSWER) :]) if line else {"error": "the store process exited"})
+        if "error" in self.answers[index]:
+            raise RuntimeError(self.answers[index]["error"])
+        return self.answers[index].get("value")
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+@dataclass
+class Answer:
+    """A request's answer, read from the sweep's store process when `result()` is asked for."""
+
+    store: SweepStore
+    index: int
+
+    def result(self):
+        return self.store.answer(self.index)
+
+
+def serve() -> None:
+    """The sweep's store process (SweepStore): answer requests until stdin closes; a parent created
+    and not ended by then (the launching process died) ends KILLED."""
+    from mlflow import MlflowClient
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    open_parent = None
+    for line in sys.stdin:
+        request = json.loads(line)
+        client = MlflowClient(request.pop("uri"))
+        op = request.pop("op")
+        try:
+            if op == "create":
+                value = open_parent = create_parent(client, **request)
+            elif op == "finish":
+                value, open_parent = finish_sweep(client, **request), None
+            else:  # "end"
+                value, open_parent = end_sweep(client, **request), None
+            print(ANSWER + json.dumps({"value": value}), flush=True)
+        except Exception as error:
+            print(ANSWER + json.dumps({"error": reason(error)}), flush=True)
+    if open_parent is not None:
+        end_sweep(client, open_parent, "KILLED")
+
+
+def create_parent(client, experiment: str, run_name: str, tags: dict[str, str]) -> str:
+    """A sweep's parent run; its id."""
+    return client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags).info.run_id
+
+
+def finish_sweep(client, parent: str, objective: str, ignored: list[str], argv: list[str]) -> None:
+    """The sweep's end: its parent tagged with where it came from (`argv`), its summary, FINISHED."""
+    try:
+        tag_provenance(client, parent, argv)
+        summarize_sweep(client, parent, objective, ignored)
+    finally:
+        client.set_terminated(parent, "FINISHED")
+
+
+def end_sweep(client, parent: str, status: str) -> None:
+    """End a sweep's parent run, and its children still RUNNING, with `status` (KILLED, FAILED)."""
+    for run in children(client, parent):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+    client.set_terminated(parent, status)
 
 
 def _sweep_of(outbox: Path) -> str | None:
@@ -527,7 +654,7 @@ def job_name_and_tags(hydra_cfg, cfg) -> tuple[str, dict[str, str]]:
     """The run name and tags of one Hydra job; a sweep's job is tagged with its parent run."""
     name, tags = run_name_and_tags(hydra_cfg)
     tags.update(slurm_tags())  # echo.slurm_job_id, echo.slurm_node in a SLURM job
-    if SWEEP_TAG in tags and cfg.logger.name == "mlflow" and PARENT_RUN_ENV not in os.environ:
+    if SWEEP_TAG in tags and cfg.logger.name == "mlflow" and PARENT_RUN_ENV not in os.environ and not PENDING_PARENT:
         if parent := parent_of_sweep(tags[SWEEP_TAG], cfg.logger.experiment):
             tags["mlflow.parentRunId"] = parent
     return name, tags

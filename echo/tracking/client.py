@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from echo.tracking.naming import PARENT_RUN_ENV, flatten, run_page, tracking_uri
+from echo.tracking.naming import PARENT_RUN_ENV, flatten, parent_run_id, run_page, tracking_uri
 from echo.tracking.outbox import ROOT, TrackingFailed, TrackingStartError, failed_message
 from echo.tracking.worker import ANSWER
 
@@ -122,7 +122,7 @@ class _ServiceConnection(_Worker):
 
 
 # Set by torch and Lightning in the training process as they load and train; MLflow reads none.
-_NOT_FOR_MLFLOW = ("TORCH", "PYTORCH_", "PL_", "CUDA_")
+_NOT_FOR_MLFLOW = ("TORCH", "PYTORCH_", "PL_", "CUDA_", PARENT_RUN_ENV)  # the worker is told the parent
 
 
 def _owner() -> tuple:
@@ -190,7 +190,7 @@ class Tracker:
     def start(self, params: dict[str, object]) -> None:
         self._worker = _take_worker()
         tags = dict(self.tags)
-        if parent := os.environ.get(PARENT_RUN_ENV):
+        if parent := parent_run_id():
             tags["mlflow.parentRunId"] = parent
         params = {k: str(v) for k, v in params.items()}
         self._send(

@@ -7,6 +7,15 @@ from pathlib import Path
 
 PARENT_RUN_ENV = "ECHO_PARENT_RUN_ID"  # set by the sweep callback for its jobs
 SWEEP_TAG = "echo.sweep"
+# A sweep's parent run while another process creates it: calling this sets PARENT_RUN_ENV (echo.sweeps).
+PENDING_PARENT: list = []
+
+
+def parent_run_id() -> str | None:
+    """The parent run of this process's runs (PARENT_RUN_ENV), once any pending one is created."""
+    while PENDING_PARENT:
+        PENDING_PARENT.pop()()
+    return os.environ.get(PARENT_RUN_ENV)
 
 
 def tracking_uri() -> str:

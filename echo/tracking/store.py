@@ -37,15 +37,14 @@ def download_artifact(run_id: str, path: str, folder: str) -> str | None:
         return None
 
 
-def tag_provenance(client, run_id: str) -> None:
-    """Tag run `run_id` (a sweep's parent), as its jobs are, with where it came from (provenance.py)."""
-    import sys
-
+def tag_provenance(client, run_id: str, argv: list[str]) -> None:
+    """Tag run `run_id` (a sweep's parent), as its jobs are, with where it came from (provenance.py):
+    the command line `argv`."""
     from mlflow.entities import RunTag
 
     from echo.tracking.provenance import DIFF_ARTIFACT, source_tags
 
-    tags, diff = source_tags(sys.argv)
+    tags, diff = source_tags(argv)
     client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
     if diff:
         client.log_text(run_id, diff, DIFF_ARTIFACT)
