@@ -1,10 +1,11 @@
 """Sweeps in MLflow: one parent run per multirun, its jobs as children, and a summary at the end.
 
 Works with every Hydra launcher (basic, joblib, submitit, Ray) and sweeper (basic, Optuna):
-the parent is created in the launching process before any job starts (which also creates the
-SQLite schema and the experiment once: parallel jobs racing on a fresh store crash), and each
-job finds its parent through the environment, or, where the environment does not travel (a
-remote Ray cluster), through the sweep's tag.
+the parent is created as the sweep starts, by a process of the sweep's own (`SweepStore`, which
+also writes the summary: the launching process never imports mlflow), before any job's run (which
+also creates the SQLite schema and the experiment once: parallel jobs racing on a fresh store
+crash), and each job finds its parent through the environment, or, where the environment does not
+travel (a remote Ray cluster), through the sweep's tag.
 """
 
 from __future__ import annotations
