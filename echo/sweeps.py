@@ -250,13 +250,11 @@ class Answer:
 def serve() -> None:
     """The sweep's store process (SweepStore): answer requests until stdin closes; a parent created
     and not ended by then (the launching process died) ends KILLED."""
-    from mlflow import MlflowClient
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     open_parent = None
     for line in sys.stdin:
         request = json.loads(line)
-        client = MlflowClient(request.pop("uri"))
+        client = mlflow_client(request.pop("uri"))
         op = request.pop("op")
         try:
             if op == "create":
@@ -269,7 +267,10 @@ def serve() -> None:
         except Exception as error:
             print(ANSWER + json.dumps({"error": reason(error)}), flush=True)
     if open_parent is not None:
-        end_sweep(client, open_parent, "KILLED")
+        try:
+            end_sweep(client, open_parent, "KILLED")
+        except Exception:  # the store is gone: the launching process has said so
+            pass
 
 
 def create_parent(client, experiment: str, run_name: str, tags: dict[str, str]) -> str:

@@ -11,12 +11,12 @@ from echo.tracking.worker import experiment_id
 __all__ = ["download_artifact", "experiment_id", "log_artifacts", "mlflow_client", "run_tags", "tag_provenance"]
 
 
-def mlflow_client():
-    """An `MlflowClient` on the tracking store (`tracking_uri()`), for reading runs and artifacts."""
+def mlflow_client(uri: str | None = None):
+    """An `MlflowClient` on the tracking store (`uri`, else `tracking_uri()`), for reading runs and artifacts."""
     from mlflow import MlflowClient
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for a file or two: noise
-    return MlflowClient(tracking_uri())
+    return MlflowClient(uri or tracking_uri())
 
 
 def run_tags(run_id: str) -> dict[str, str] | None:
