@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from echo.config import ConfigError
 from echo.faults import TrainingError
+from echo.population import CHECKPOINT as MEMBER_CHECKPOINT  # what a population's member saves instead
+from echo.population import MEMBER_STATE
 from echo.tracking import mlflow_client, tracking_uri
 
 FOLDER = "checkpoints"
@@ -122,8 +124,6 @@ def _download(run_id: str, name: str, folder: str) -> str:
     try:
         return client.download_artifacts(run_id, f"{FOLDER}/{name}", folder)
     except Exception:
-        from echo.population import CHECKPOINT as MEMBER_CHECKPOINT  # what a member saves instead
-
         saved = {f.path for f in client.list_artifacts(run_id, FOLDER)}
         if name == "last.ckpt" and f"{FOLDER}/{MEMBER_CHECKPOINT}" in saved:
             return client.download_artifacts(run_id, f"{FOLDER}/{MEMBER_CHECKPOINT}", folder)
@@ -137,7 +137,6 @@ def download_checkpoint(run_id: str) -> str:
     """The local path of run `run_id`'s last checkpoint: `last.ckpt`, or a population member's
     `population.pt` (ConfigError if it has none, or if it holds more than tensors and plain values:
     a store's files are untrusted, echo/reuse.py)."""
-    from echo.population import MEMBER_STATE
     from echo.reuse import read_weights_only
 
     folder = tempfile.mkdtemp(prefix="echo-resume-")
@@ -153,8 +152,6 @@ def download_checkpoint(run_id: str) -> str:
 
 def is_member_checkpoint(path: str) -> bool:
     """Whether the checkpoint at `path` is a population member's (echo.population), not Lightning's."""
-    from echo.population import CHECKPOINT as MEMBER_CHECKPOINT
-
     return Path(path).name == MEMBER_CHECKPOINT
 
 

@@ -39,6 +39,7 @@ from echo.stacked import (
     member_sequences,
     member_windows,
     stacked_batches,
+    stacked_layout,
 )
 from echo.summary import summary_line
 from echo.tracking import Tracker, log_artifacts, start_tracker
@@ -221,7 +222,7 @@ class _Population:
     def _restore(self, state: dict) -> None:
         """Continue the one member from its checkpoint: its Adam, its data generator, its epochs and
         summary (its weights were loaded into its network before stacking)."""
-        self.optimizer.load_member_state(0, state["adam"], self.net.names, self.net.stacked_layout)
+        self.optimizer.load_member_state(0, state["adam"], self.net.names, stacked_layout)
         self.generators[0].set_state(state["generator"])
         self.epochs_done = int(state["epochs_done"])
         self.members[0].summary.update(state["summary"])
@@ -322,7 +323,7 @@ class _Population:
         that trained when it was captured: it is captured again at the next epoch."""
         self.optimizer.freeze(self.members.index(member), zero)
         if self.graph is not None:
-            self.graph.graph = None
+            self.graph.reset()
 
     def flush_train_metrics(self) -> None:
         """Per-epoch training metrics into each member's history, for the epochs it trained."""

@@ -25,6 +25,10 @@ class EpochGraph:
         self.warm_epochs = 0
         self.sums: Tensor | None = None
 
+    def reset(self) -> None:
+        """Capture the epoch again at the next call (what it updates has changed); no warm-up again."""
+        self.graph = None
+
     def __call__(self, train_epoch: Callable[[list], Tensor], draw: Draw) -> Tensor:
         """`train_epoch(draw())`'s result, by replaying the captured epoch once it is captured."""
         if self.graph is None:

@@ -24,7 +24,7 @@ LSTMS = {Seq2Seq: ("lstm",), EncoderDecoder: ("encoder", "decoder"), OneToOne: (
 TOKEN_INPUTS = (Seq2Seq, EncoderDecoder, ManyToOne)  # their first LSTM reads one input item per step
 
 
-def _stored(name: str, value: Tensor) -> Tensor:
+def stacked_layout(name: str, value: Tensor) -> Tensor:
     """A member's parameter as the stacked network stores it: matrices as (inputs, outputs), so
     that `x @ w` is the layer; biases as (1, outputs), to broadcast over a batch."""
     return value.t() if value.dim() == 2 else value.unsqueeze(0)
@@ -49,7 +49,7 @@ class StackedNet(nn.Module):
         self.matrices = {name for name, value in first.named_parameters() if value.dim() == 2}
         for name in self.names:
             values = [dict(net.named_parameters())[name].detach() for net in nets]
-            stacked = torch.stack([_stored(name, v) for v in values]).contiguous()
+            stacked = torch.stack([stacked_layout(name, v) for v in values]).contiguous()
             self.register_parameter(name.replace(".", "__"), nn.Parameter(stacked))
         for lstm in LSTMS[self.kind]:
             module = getattr(first, lstm)
@@ -70,12 +70,6 @@ class StackedNet(nn.Module):
         for name in self.names:
             out[name] = self.member_layout(name, self.p(name)[k])
         return out
-
-    @staticmethod
-    def stacked_layout(name: str, value: Tensor) -> Tensor:
-        """A member's parameter `name` (or Adam moment) in its network's layout as the stacked network
-        stores its slice: `member_layout`'s inverse."""
-        return _stored(name, value)
 
     def member_layout(self, name: str, value: Tensor) -> Tensor:
         """One member's slice of stacked parameter `name` (or of its Adam moments) in its network's layout."""

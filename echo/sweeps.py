@@ -87,12 +87,13 @@ class SweepCallback(Callback):
     parent: str | None = None
     service: TrackingService | None = None
     store: SweepStore | None = None
+    _pending: Answer | None = None  # the parent run's id, until taken
 
     def __getstate__(self) -> dict:
         """What a job gets: parallel and remote launchers (joblib, submitit, Ray) pickle this callback
         into every job. Jobs need no MLflow client, and unpickling one imports mlflow (seconds of CPU);
         they find the tracking service and their parent run through the environment."""
-        return {key: value for key, value in self.__dict__.items() if key not in ("service", "store")}
+        return {key: value for key, value in self.__dict__.items() if key not in ("service", "store", "_pending")}
 
     def on_multirun_start(self, config, **kwargs) -> None:
         check_sweep(config)
@@ -129,7 +130,7 @@ class SweepCallback(Callback):
 
     def _take_parent(self) -> None:
         """The parent run, once created (PARENT_RUN_ENV set for the jobs); a line if it could not be."""
-        pending, self._pending = getattr(self, "_pending", None), None
+        pending, self._pending = self._pending, None
         if pending is None:
             return
         try:
@@ -251,10 +252,11 @@ def serve() -> None:
     """The sweep's store process (SweepStore): answer requests until stdin closes; a parent created
     and not ended by then (the launching process died) ends KILLED."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    open_parent = None
+    open_parent, clients = None, {}
     for line in sys.stdin:
         request = json.loads(line)
-        client = mlflow_client(request.pop("uri"))
+        uri = request.pop("uri")
+        client = clients[uri] = clients.get(uri) or mlflow_client(uri)  # one per store: opening one costs
         op = request.pop("op")
         try:
             if op == "create":
