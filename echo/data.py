@@ -6,7 +6,6 @@ Everything is vectorised in torch and can be generated directly on the training 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytorch_lightning as pl
@@ -15,23 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from echo.config import length_range, length_seed, windows_per_sequence
-from echo.windows import generate_sequences, to_batches, to_windows
-
-
-class Draw:
-    """The data of one Lightning step: each call gives the batches of one tutorial epoch, fresh
-    sequences every call in training (the step calls it once per epoch it trains).
-
-    The step draws the batches itself, so that on a GPU drawing them can be captured in the
-    epoch's CUDA graph; `generators` are the random generators such a graph must register.
-    (A plain object, not a collection: Lightning passes it through untouched.)
-    """
-
-    def __init__(self, make_batches: Callable[[], list[tuple[Tensor, Tensor]]], generators: tuple = ()):
-        self.make_batches, self.generators = make_batches, generators
-
-    def __call__(self) -> list[tuple[Tensor, Tensor]]:
-        return self.make_batches()
+from echo.windows import Draw, generate_sequences, to_batches, to_windows
 
 
 def _fixed(batches: list[tuple[Tensor, Tensor]]) -> Draw:

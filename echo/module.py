@@ -8,10 +8,10 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from echo.data import Draw
 from echo.encoding import PAD, LinearScale, OneHot
 from echo.models import detach_state
 from echo.speedups import EpochGraph, PlainAttributes
+from echo.windows import Draw
 
 
 class EchoModule(PlainAttributes, pl.LightningModule):

@@ -27,7 +27,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from echo.config import windows_per_sequence
-from echo.data import Draw
 from echo.encoding import PAD, REPRESENTATIONS, OneHot
 from echo.models import build_net, count_parameters, detach_state
 from echo.speedups import EpochGraph
@@ -43,6 +42,7 @@ from echo.stacked import (
 )
 from echo.summary import summary_line
 from echo.tracking import Tracker, log_artifacts, start_tracker
+from echo.windows import Draw
 
 POPULATION_TAG = "echo.population"
 CHECKPOINT = "population.pt"  # in each member's artifacts, under checkpoints/

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from echo.data import Draw
+from echo.windows import Draw
 
 WARM_EPOCHS = 3  # eager epochs before an epoch is captured in a CUDA graph
 

@@ -1,7 +1,10 @@
-"""The tutorial's framing in plain torch (no Lightning): random sequences, supervised windows and
-one epoch's batches. echo/data.py builds the training loaders on them, echo/stacked.py a population's."""
+"""The tutorial's framing in plain torch (no Lightning): random sequences, supervised windows,
+one epoch's batches, and the `Draw` that makes them. echo/data.py builds the training loaders on
+them, echo/stacked.py and echo/population.py a population's (which never imports Lightning)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -47,3 +50,20 @@ def to_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tu
         return t.reshape(n_seq, steps, batch_size, -1).transpose(0, 1).reshape(steps, n_seq * batch_size, -1)
 
     return list(zip(interleave(x).unbind(), interleave(y).unbind()))
+
+
+class Draw:
+    """The data of one training step (a Lightning step, or a population's epoch): each call gives
+    the batches of one tutorial epoch, fresh sequences every call in training (the step calls it
+    once per epoch it trains).
+
+    The step draws the batches itself, so that on a GPU drawing them can be captured in the
+    epoch's CUDA graph; `generators` are the random generators such a graph must register.
+    (A plain object, not a collection: Lightning passes it through untouched.)
+    """
+
+    def __init__(self, make_batches: Callable[[], list[tuple[Tensor, Tensor]]], generators: tuple = ()):
+        self.make_batches, self.generators = make_batches, generators
+
+    def __call__(self) -> list[tuple[Tensor, Tensor]]:
+        return self.make_batches()

@@ -12,7 +12,6 @@ from helpers import CONF, TINY, all_runs, artifacts, make_cfg, run_py
 from torch import nn
 
 from echo.config import ConfigError, validate
-from echo.data import Draw
 from echo.encoding import PAD
 from echo.models import (
     MODELS,
@@ -26,6 +25,7 @@ from echo.models import (
 )
 from echo.module import EchoModule
 from echo.train import train
+from echo.windows import Draw
 
 NEW = ["attention", "autoregressive", "transformer"]
 RECURRENT = ["seq2seq", "encdec", "one_to_one", "many_to_one", "attention", "autoregressive"]
