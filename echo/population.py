@@ -29,6 +29,7 @@ from torch import Tensor
 from echo.config import windows_per_sequence
 from echo.encoding import PAD, REPRESENTATIONS, OneHot
 from echo.models import build_net, count_parameters, detach_state
+from echo.reuse import save_network
 from echo.speedups import EpochGraph
 from echo.stacked import (
     STACKABLE,
@@ -100,7 +101,7 @@ class Member:
     tracker: Tracker | None = None
     history: list = field(default_factory=list)
     summary: dict = field(default_factory=dict)
-    status: str = "RUNNING"  # RUNNING (training), STOPPED (done training), FAILED, KILLED, FINISHED
+    status: str = "RUNNING"  # RUNNING (training), STOPPED (trained, not yet tested), FINISHED, FAILED, KILLED
     error: str | None = None
     sent: int = 0  # rows of `history` handed to the tracker
 
@@ -151,7 +152,6 @@ def train_population(
     try:
         population = _Population(members, threads, restore)
         population.fit()
-        population.test_and_report()
     except BaseException as exception:
         interrupted = isinstance(exception, KeyboardInterrupt)
         if population is not None:
@@ -202,6 +202,7 @@ class _Population:
             if member.tracker:  # as an independent run logs it
                 member.tracker.log_params({"n_params": count_parameters(net)})
         self.net = StackedNet(nets).to(self.device)
+        self.nets = nets  # each member's own network, to store its trained weights in (echo.reuse)
         self.tokens = isinstance(self.rep, OneHot) and self.net.reads_tokens  # one-hot codes as their tokens
         self.optimizer = MemberAdam(list(self.net.parameters()), [float(m.cfg.model.lr) for m in members])
         self.generators = [torch.Generator(self.device).manual_seed(m.cfg.seed) for m in members]
@@ -249,15 +250,21 @@ class _Population:
         x, y = member_windows(seqs, t.n_in, t.n_out, t.framing)
         return stacked_batches(x, y, self.model_cfg.batch_size, self.stateful)
 
-    def _forward_batches(self, batches):
-        """(scores, targets) batch by batch, state carried (detached) if stateful, zeros first."""
+    def _forward_batches(self, batches, members: list[int] | None = None):
+        """(scores, targets) batch by batch, state carried (detached) if stateful, zeros first; of
+        every member, or of `members` (indices) only, whose batches hold theirs only."""
+        index = None if members is None else torch.tensor(members, device=self.device)
         state = None
         for x, y in batches:
             mask = x != PAD if self.mask_inputs else None
             inputs = x if self.tokens else self.rep.encode(x)
-            scores, state = self.net(inputs, state if self.stateful else None, mask)
+            scores, state = self.net(inputs, state if self.stateful else None, mask, members=index)
             yield scores, y
             state = detach_state(state)
+
+    def _indices(self, members: list[Member]) -> list[int] | None:
+        """The members' indices in the population, or None for all of them."""
+        return None if len(members) == len(self.members) else [self.members.index(m) for m in members]
 
     # -- training ------------------------------------------------------------------------------
     def train_epoch(self) -> Tensor:
@@ -296,8 +303,10 @@ class _Population:
         else:  # max_epochs: the members still training end here
             self.flush_train_metrics()
             self._check_finite()
-            for member in self._running():
+            last = self._running()
+            for member in last:
                 self._stop(member, self.epochs_done)
+            self._finish(last)
         if bar is not None:
             bar.close()
 
@@ -340,11 +349,14 @@ class _Population:
         self._train_sums = []
 
     @torch.no_grad()
-    def _evaluate(self, batches, by_position: bool = False):
-        """Per member [summed loss, correct tokens, tokens, exact rows, rows] (K lists of 5); with
-        `by_position`, also per member the token accuracy at each output position (K lists of n_out)."""
+    def _evaluate(self, batches, members: list[int] | None = None, by_position: bool = False):
+        """Per member (every one, or `members`, indices) [summed loss, correct tokens, tokens, exact
+        rows, rows] (lists of 5); with `by_position`, also per member the token accuracy at each
+        output position (lists of n_out)."""
+        if members is not None:
+            batches = [(x[members], y[members]) for x, y in batches]
         total = correct_at = real_at = 0
-        for scores, y in self._forward_batches(batches):
+        for scores, y in self._forward_batches(batches, members):
             real = y != PAD
             correct = (self.rep.decode(scores) == y) & real
             exact = (correct | ~real).all(-1) & real.any(-1)
@@ -358,13 +370,14 @@ class _Population:
         return total.tolist(), (correct_at / real_at.clamp(min=1)).tolist()
 
     def _validate(self, epoch: int) -> None:
-        """As an independent run validates: metrics, target, stop_at; then the NaN check."""
+        """As an independent run validates (the members still training): metrics, target, stop_at;
+        then the NaN check, and the test of the members that stopped."""
         running = self._running()
         self.flush_train_metrics()
-        results = self._evaluate(self.val)
+        results = self._evaluate(self.val, self._indices(running))
         now = time.perf_counter() - self._t0
-        for member in running:
-            loss_sum, correct, tokens, exact, rows = results[self.members.index(member)]
+        stopped = []
+        for member, (loss_sum, correct, tokens, exact, rows) in zip(running, results):
             metrics = {
                 "val/loss": loss_sum / tokens,
                 "val/token_acc": correct / tokens,
@@ -379,9 +392,11 @@ class _Population:
                 )
             if cfg.stop_at is not None and metrics["val/exact_match"] >= cfg.stop_at:
                 self._stop(member, epoch)
+                stopped.append(member)
         self._check_finite(running)
         for member in running:
             member.send()
+        self._finish([m for m in stopped if m.status == "STOPPED"])
 
     def _check_finite(self, members: list[Member] | None = None) -> None:
         """A member whose loss became NaN or infinite ends FAILED (as `echo.faults.NonFiniteGuard`
@@ -401,36 +416,45 @@ class _Population:
             print(f"echo: run failed: {member.run_name}: {message}", file=sys.stderr)
 
     # -- the end -------------------------------------------------------------------------------
-    def test_and_report(self) -> None:
-        """Test every member that trained to its end, print and log what an independent run does."""
-        done = [m for m in self.members if m.status == "STOPPED"]
-        results, positions = self._evaluate(self.test, by_position=True)
-        tables = self._expected_predicted()
+    def _finish(self, members: list[Member]) -> None:
+        """Test members that stopped training, store their networks, print and log what an
+        independent run does at its end. Their weights no longer change, so this runs as soon as they
+        stop: the tracking process writes their figures and files while the others train on."""
+        if not members:
+            return
+        index = self._indices(members)
+        results, positions = self._evaluate(self.test, index, by_position=True)
+        tables = self._expected_predicted(members, index)
         chance = 1 / self.task.n_unique  # a uniform guess per token
-        for member in done:
-            _, correct, tokens, exact, rows = results[self.members.index(member)]
+        for member, (_, correct, tokens, exact, rows), at, table in zip(members, results, positions, tables):
             member.summary.update({"test/token_acc": correct / tokens, "test/exact_match": exact / rows})
             member.summary.update({"chance/token_acc": chance, "chance/exact_match": chance**self.task.n_out})
-            if member.tracker:
-                member.tracker.log_by_position(positions[self.members.index(member)], chance)
-            table = tables[self.members.index(member)]
             print(f"{member.run_name}: {summary_line(member.summary)}")
             if member.tracker:
                 epochs = member.summary["epochs"]
                 final = [(n, epochs, v) for n, v in member.summary.items() if not n.startswith("val/")]
                 member.send()
                 member.tracker.log_metrics(final)
+                member.tracker.log_by_position(at, chance)
                 member.tracker.log_text(table + "\n", "expected_predicted.txt")
+                save_network(self._member_net(member), OmegaConf.to_yaml(member.cfg, resolve=True), member.tracker)
             member.status = "FINISHED"
 
+    def _member_net(self, member: Member) -> torch.nn.Module:
+        """The member's own network (echo.models), holding its trained weights."""
+        net = self.nets[self.members.index(member)]
+        net.load_state_dict(self.net.member_state_dict(self.members.index(member)))
+        return net
+
     @torch.no_grad()
-    def _expected_predicted(self) -> list[str]:
+    def _expected_predicted(self, members: list[Member], index: list[int] | None) -> list[str]:
         """Each member's tutorial evaluation: one fresh sequence of its own (seed 10,000 + seed)."""
-        x, y = self._held_out(1, [10_000 + m.cfg.seed for m in self.members])
-        predicted = torch.cat([self.rep.decode(s) for s, _ in self._forward_batches(self._eval_batches(x, y))], 1)
+        x, y = self._held_out(1, [10_000 + m.cfg.seed for m in members])
+        batches = self._eval_batches(x, y)
+        predicted = torch.cat([self.rep.decode(s) for s, _ in self._forward_batches(batches, index)], 1)
         return [
-            "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[k, 0].tolist(), predicted[k].tolist()))
-            for k in range(len(self.members))
+            "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[j, 0].tolist(), predicted[j].tolist()))
+            for j in range(len(members))
         ]
 
     def member_state(self, k: int) -> dict:

@@ -55,6 +55,7 @@ class StackedNet(nn.Module):
             module = getattr(first, lstm)
             if module.num_layers != 1 or module.bidirectional or module.proj_size:
                 raise TypeError(f"{lstm}: only one-layer unidirectional LSTMs have a stacked form")
+        self._members: Tensor | None = None  # set by `forward` for the duration of a pass
 
     @property
     def reads_tokens(self) -> bool:
@@ -62,7 +63,9 @@ class StackedNet(nn.Module):
         return self.kind in TOKEN_INPUTS
 
     def p(self, name: str) -> Tensor:
-        return getattr(self, name.replace(".", "__"))
+        """Stacked parameter `name`: every member's, or in a forward pass given `members`, theirs."""
+        value = getattr(self, name.replace(".", "__"))
+        return value if self._members is None else value[self._members]
 
     def member_state_dict(self, k: int) -> dict[str, Tensor]:
         """Member k's weights in its own network's layout (a `state_dict` of the echo.models class)."""
@@ -133,7 +136,16 @@ class StackedNet(nn.Module):
         return self._recur(prefix, self._input_gates(prefix, x.unsqueeze(2)).expand(-1, -1, steps, -1), state)
 
     # -- the topologies of echo.models -----------------------------------------------------
-    def forward(self, x: Tensor, state=None, mask: Tensor | None = None):
+    def forward(self, x: Tensor, state=None, mask: Tensor | None = None, members: Tensor | None = None):
+        """Scores and state of every member, or of `members` (their indices) only: then x, state and
+        mask hold only theirs, in that order (evaluating members that still train, or one that stopped)."""
+        self._members = members
+        try:
+            return self._forward(x, state, mask)
+        finally:
+            self._members = None
+
+    def _forward(self, x: Tensor, state, mask: Tensor | None):
         k, batch = x.shape[:2]
         if self.kind is Seq2Seq:
             h, state = self._lstm("lstm", x, state, mask)

@@ -208,11 +208,18 @@ def test_members_are_ordinary_children_of_the_sweep_and_match_independent_runs(s
         alone = next(r for r in all_runs(store) if r.info.run_name == f"alone {seed}")
         assert member.data.params == alone.data.params  # the same resolved config
         assert set(member.data.metrics) == set(alone.data.metrics)
+        assert artifacts(store, member.info.run_id) == artifacts(store, alone.info.run_id)  # figures, network
+        assert artifacts(store, member.info.run_id, "model") == ["model/config.yaml", "model/weights.pt"]
         for name in ("train/loss", "train/acc", "val/loss"):
             ours, theirs = _history(store, member.info.run_id, name), _history(store, alone.info.run_id, name)
             assert ours.keys() == theirs.keys()
             assert all(abs(ours[e] - theirs[e]) < 1e-4 for e in ours), (name, ours, theirs)
         assert abs(member.data.metrics["test/token_acc"] - alone.data.metrics["test/token_acc"]) < 2e-3
+    # a member's stored network is tested again as any run's is (echo.reuse), and scores the same
+    again = run_py(f"evaluate={member.info.run_id}", "progress=false", cwd=tmp_path, uri=store)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (run,) = [r for r in all_runs(store) if r.data.tags.get("echo.evaluated_from") == member.info.run_id]
+    assert run.data.metrics["test/exact_match"] == pytest.approx(member.data.metrics["test/exact_match"], abs=1e-6)
 
 
 @pytest.mark.slow
