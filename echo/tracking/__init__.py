@@ -18,7 +18,7 @@ also ends a run KILLED when its training process dies, even by SIGKILL (its stdi
 an in-process logger cannot; and sweep parents and checkpoints need the client API anyway.
 """
 
-from echo.tracking.client import SERVICE_ENV, Tracker, start_tracker, warm_up
+from echo.tracking.client import SERVICE_ENV, Tracker, close_service_connections, start_tracker, warm_up
 from echo.tracking.naming import PARENT_RUN_ENV, SWEEP_TAG, flatten, run_name_and_tags, run_page, tracking_uri
 from echo.tracking.service import TrackingService
 from echo.tracking.store import (
@@ -35,6 +35,7 @@ __all__ = [
     "SERVICE_ENV",
     "SWEEP_TAG",
     "Tracker",
+    "close_service_connections",
     "TrackingService",
     "download_artifact",
     "experiment_id",

@@ -164,6 +164,15 @@ def _close(worker: _Worker, wait: float = 300) -> None:
     worker.close(wait)
 
 
+def close_service_connections() -> None:
+    """Close this process's idle connections to the sweep's tracking service (their runs have
+    ended), so that the service exits once the sweep is over: the jobs of an in-process launcher
+    (a population's members) keep theirs for the next run, as a worker is kept."""
+    for worker in [w for w in _idle if isinstance(w, _ServiceConnection)]:
+        _idle.remove(worker)
+        _close(worker)
+
+
 def _close_all() -> None:
     """At exit: every run this process left open ends KILLED, and its workers exit."""
     _idle.clear()

@@ -32,7 +32,9 @@ class TrackingService:
             text=True,
             start_new_session=True,  # Ctrl-C reaches the jobs, which end their runs
         )
-        if self.process.stdout.readline().strip() == ANSWER + "ready":  # listening
+        self.socket = None  # its socket, once it listens
+        if self.process.stdout.readline().strip() == ANSWER + "ready":
+            self.socket = path
             os.environ[SERVICE_ENV] = json.dumps({"socket": path, "cwd": os.getcwd()})
         self.process.stdout.close()
 

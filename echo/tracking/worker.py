@@ -131,6 +131,18 @@ def by_position(accuracy: list[float], chance: float):
     return fig
 
 
+_clients: dict = {}  # one MLflow client per store: opening one (engine, schema check) costs ~0.2 s
+
+
+def client(uri: str):
+    """This process's MLflow client for store `uri`: a service's connections share it."""
+    if uri not in _clients:
+        from mlflow import MlflowClient
+
+        _clients[uri] = MlflowClient(uri)
+    return _clients[uri]
+
+
 class RunWriter:
     """Writes runs, one at a time: params at the start, metrics in batches, artifacts, the status.
 
@@ -186,12 +198,11 @@ class RunWriter:
         self.run.update(run_id=None, params_written=False)
         self.pending, self.outbox, self.failed_start = [], None, None
         try:
-            from mlflow import MlflowClient
             from mlflow.entities import Metric, Param, RunTag
 
             self.Metric, self.RunTag, self.Param = Metric, RunTag, Param
             if uri != self.uri:
-                self.client, self.uri = MlflowClient(uri), uri
+                self.client, self.uri = client(uri), uri
             run = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name, tags=tags)
         except Exception as error:
             self.failed_start = reason(error)
@@ -261,13 +272,12 @@ class RunWriter:
         A store that fails here fails again at `start`, which says so."""
         if not (uri.startswith("sqlite:///") and os.path.exists(uri.removeprefix("sqlite:///"))):
             return  # a server needs no opening; a new store is created by the run that needs it, not ahead
-        from mlflow import MlflowClient
-
         try:
             if uri != self.uri:
-                self.client, self.uri = MlflowClient(uri), uri
+                self.client, self.uri = client(uri), uri
             self.client.search_experiments(max_results=1)
         except Exception:
+            _clients.pop(uri, None)
             self.client, self.uri = None, None
 
     def where(self) -> None:
@@ -378,7 +388,7 @@ class Connection:
 
     def __init__(self, sock):
         self.sock, self.buffer = sock, b""
-        self.writer = RunWriter(reply=self.reply)
+        self.writer = None  # a RunWriter; for the sweep's own requests (echo.sweeps.SweepStore), a SweepRequests
 
     def reply(self, text: str) -> None:
         try:
@@ -392,12 +402,27 @@ class Connection:
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
         for line in lines:
+            if self.writer is None:
+                sweep = json.loads(line)["op"].startswith("sweep.")
+                self.writer = _sweep_requests(self.reply) if sweep else RunWriter(reply=self.reply)
             self.writer.handle(line.decode())
         return bool(data)
 
     def close(self) -> None:
-        self.writer.abandon()  # if the training process went away without a word
+        if self.writer is not None:
+            self.writer.abandon()  # if the training process (or the sweep) went away without a word
         self.sock.close()
+
+
+def _sweep_requests(reply):
+    """The sweep's own requests (its parent run, summary, end: echo.sweeps.SweepStore), answered by
+    this service, so that one process imports mlflow and opens the store for the whole sweep."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from echo.sweeps import SweepRequests
+
+    return SweepRequests(reply, client)
 
 
 def serve(path: str) -> None:
