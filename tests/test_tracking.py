@@ -105,7 +105,7 @@ def test_a_sweeps_jobs_share_one_worker_and_a_killed_sweep_leaves_its_current_ru
             if running and "trainer.max_epochs=100000" in running[0].info.run_name:  # named at its creation
                 break
             time.sleep(0.2)
-        time.sleep(2)  # some epochs of job 1
+        time.sleep(5)  # some epochs of job 1 (and at least one validation, which sends its metrics)
         workers |= _tracking_workers(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)  # no handler runs: the worker sees its stdin close
         proc.wait(timeout=30)

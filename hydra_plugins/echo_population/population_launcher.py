@@ -70,7 +70,11 @@ class PopulationLauncher(Launcher):
 
     # -- planning ------------------------------------------------------------------------------
     def _job(self, num: int, overrides: list[str]) -> _Job:
-        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        from echo.sweeps import COMPOSED  # composed when the sweep was checked, if it was
+
+        config = COMPOSED.pop(tuple(overrides), None)
+        if config is None:
+            config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(config):
             config.hydra.job.id = num
             config.hydra.job.num = num
