@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from echo.config import windows_per_sequence
+from echo.config import WIDE_STEP, windows_per_sequence
 from echo.encoding import PAD, REPRESENTATIONS, OneHot
 from echo.models import build_net, count_parameters, detach_state
 from echo.reuse import save_network
@@ -217,6 +217,11 @@ class _Population:
         self.test = self._eval_batches(*self._held_out(n_seq, [task.test_seed] * k))
         self.epochs_done = 0
         self._train_sums: list[tuple[int, Tensor, list[bool]]] = []
+        # On a CPU, a step as wide as `cpu_threads` calls wide is arithmetic-bound: members that have
+        # stopped are then left out of the forward and backward (`_freeze`), not only of Adam's step.
+        width = task.sequences_per_epoch * model.batch_size * model.hidden_size * k
+        self.compact = self.device.type == "cpu" and width >= WIDE_STEP
+        self._training: Tensor | None = None  # the members still training, once one has stopped
         if restore is not None:
             self._restore(restore)
 
@@ -250,10 +255,9 @@ class _Population:
         x, y = member_windows(seqs, t.n_in, t.n_out, t.framing)
         return stacked_batches(x, y, self.model_cfg.batch_size, self.stateful)
 
-    def _forward_batches(self, batches, members: list[int] | None = None):
+    def _forward_batches(self, batches, index: Tensor | None = None):
         """(scores, targets) batch by batch, state carried (detached) if stateful, zeros first; of
-        every member, or of `members` (indices) only, whose batches hold theirs only."""
-        index = None if members is None else torch.tensor(members, device=self.device)
+        every member, or of the members `index` holds only, whose batches hold theirs only."""
         state = None
         for x, y in batches:
             mask = x != PAD if self.mask_inputs else None
@@ -275,8 +279,11 @@ class _Population:
         """One epoch for every member on its batches; returns per member [summed loss, correct
         tokens, tokens] (3, K), on the device. Nothing in it reads a value back to the host, so a
         CUDA graph can capture it."""
+        index = self._training  # None: every member trains
+        if index is not None:
+            batches = [(x[index], y[index]) for x, y in batches]
         sums = []
-        for scores, y in self._forward_batches(batches):
+        for scores, y in self._forward_batches(batches, index):
             tokens = (y != PAD).flatten(1).sum(1)
             loss_sums = member_loss_sums(self.rep, scores, y)
             self.optimizer.zero_grad()
@@ -284,7 +291,10 @@ class _Population:
             self.optimizer.step()
             correct = (self.rep.decode(scores.detach()) == y).flatten(1).sum(1)
             sums.append(torch.stack([loss_sums.detach(), correct, tokens]))
-        return torch.stack(sums).sum(0)
+        if index is None:
+            return torch.stack(sums).sum(0)
+        every = sums[0].new_zeros(3, len(self.members))  # (the members that no longer train: zeros)
+        return every.index_copy_(1, index, torch.stack(sums).sum(0))
 
     def fit(self) -> None:
         every = self.trainer_cfg.get("check_val_every_n_epoch", 1) or 1
@@ -329,10 +339,14 @@ class _Population:
 
     def _freeze(self, member: Member, zero: bool = False) -> None:
         """The member trains no more (see `MemberAdam.freeze`). A captured epoch updates the members
-        that trained when it was captured: it is captured again at the next epoch."""
+        that trained when it was captured: it is captured again at the next epoch. Where a step is
+        arithmetic-bound (a wide step on a CPU), the others now train without it."""
         self.optimizer.freeze(self.members.index(member), zero)
         if self.graph is not None:
             self.graph.reset()
+        if self.compact:
+            training = [k for k, m in enumerate(self.members) if m.status == "RUNNING"]
+            self._training = torch.tensor(training, dtype=torch.long, device=self.device)
 
     def flush_train_metrics(self) -> None:
         """Per-epoch training metrics into each member's history, for the epochs it trained."""
@@ -353,10 +367,11 @@ class _Population:
         """Per member (every one, or `members`, indices) [summed loss, correct tokens, tokens, exact
         rows, rows] (lists of 5); with `by_position`, also per member the token accuracy at each
         output position (lists of n_out)."""
-        if members is not None:
-            batches = [(x[members], y[members]) for x, y in batches]
+        index = None if members is None else torch.tensor(members, device=self.device)
+        if index is not None:
+            batches = [(x[index], y[index]) for x, y in batches]
         total = correct_at = real_at = 0
-        for scores, y in self._forward_batches(batches, members):
+        for scores, y in self._forward_batches(batches, index):
             real = y != PAD
             correct = (self.rep.decode(scores) == y) & real
             exact = (correct | ~real).all(-1) & real.any(-1)
@@ -451,6 +466,7 @@ class _Population:
         """Each member's tutorial evaluation: one fresh sequence of its own (seed 10,000 + seed)."""
         x, y = self._held_out(1, [10_000 + m.cfg.seed for m in members])
         batches = self._eval_batches(x, y)
+        index = None if index is None else torch.tensor(index, device=self.device)
         predicted = torch.cat([self.rep.decode(s) for s, _ in self._forward_batches(batches, index)], 1)
         return [
             "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[j, 0].tolist(), predicted[j].tolist()))

@@ -150,6 +150,31 @@ def test_a_training_epoch_reads_nothing_back_from_the_device(variant, monkeypatc
     assert not torch.equal(population.net.p(population.net.names[0]), before)  # it trained
 
 
+def test_members_still_training_train_alone_as_they_would_with_the_stopped_ones_masked():
+    """Where a step is arithmetic-bound (wide, on a CPU), a member that stops is left out of the
+    forward and backward: the others train exactly as when it is only masked out of Adam's step."""
+    cfgs = [make_cfg("logger=none", "model=encdec", "task.n_out=2", f"seed={seed}") for seed in (0, 1, 2)]
+    runs = {}
+    for compact in (True, False):
+        population = _Population([Member(cfg, f"m{cfg.seed}", {}) for cfg in cfgs], threads=1)
+        assert population.compact  # listing B's fast regime is wide
+        population.compact, population._t0 = compact, time.perf_counter()
+        losses = []
+        for epoch in range(1, 9):
+            if epoch == 4:
+                population._stop(population.members[1], 3)
+                stopped = [population.net.p(name)[1].detach().clone() for name in population.net.names]
+            losses.append(population.train_epoch())
+        runs[compact] = population, torch.stack(losses)
+    (compacted, together), (masked, apart) = runs[True], runs[False]
+    assert compacted._training.tolist() == [0, 2] and masked._training is None
+    torch.testing.assert_close(together[:, :, [0, 2]], apart[:, :, [0, 2]], atol=1e-5, rtol=1e-5)
+    assert (together[3:, :, 1] == 0).all()  # the stopped member's sums, once it is left out
+    for name, before in zip(compacted.net.names, stopped):
+        torch.testing.assert_close(compacted.net.p(name), masked.net.p(name), atol=1e-6, rtol=1e-5)
+        assert torch.equal(compacted.net.p(name)[1], before)
+
+
 def test_a_member_resumed_from_its_checkpoint_trains_on_as_if_never_stopped():
     """A member's checkpoint (weights, Adam, data generator, epochs, summary) restores it alone, in a
     population of one: it trains the epochs it had left exactly as it would have in its population."""
