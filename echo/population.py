@@ -266,9 +266,11 @@ class _Population:
             yield scores, y
             state = detach_state(state)
 
-    def _indices(self, members: list[Member]) -> list[int] | None:
-        """The members' indices in the population, or None for all of them."""
-        return None if len(members) == len(self.members) else [self.members.index(m) for m in members]
+    def _indices(self, members: list[Member]) -> Tensor | None:
+        """The members' indices in the population, on the device; None for all of them."""
+        if len(members) == len(self.members):
+            return None
+        return torch.tensor([self.members.index(m) for m in members], dtype=torch.long, device=self.device)
 
     # -- training ------------------------------------------------------------------------------
     def train_epoch(self) -> Tensor:
@@ -345,8 +347,7 @@ class _Population:
         if self.graph is not None:
             self.graph.reset()
         if self.compact:
-            training = [k for k, m in enumerate(self.members) if m.status == "RUNNING"]
-            self._training = torch.tensor(training, dtype=torch.long, device=self.device)
+            self._training = self._indices(self._running())
 
     def flush_train_metrics(self) -> None:
         """Per-epoch training metrics into each member's history, for the epochs it trained."""
@@ -363,11 +364,10 @@ class _Population:
         self._train_sums = []
 
     @torch.no_grad()
-    def _evaluate(self, batches, members: list[int] | None = None, by_position: bool = False):
-        """Per member (every one, or `members`, indices) [summed loss, correct tokens, tokens, exact
+    def _evaluate(self, batches, index: Tensor | None = None, by_position: bool = False):
+        """Per member (every one, or those `index` holds) [summed loss, correct tokens, tokens, exact
         rows, rows] (lists of 5); with `by_position`, also per member the token accuracy at each
         output position (lists of n_out)."""
-        index = None if members is None else torch.tensor(members, device=self.device)
         if index is not None:
             batches = [(x[index], y[index]) for x, y in batches]
         total = correct_at = real_at = 0
@@ -457,16 +457,16 @@ class _Population:
 
     def _member_net(self, member: Member) -> torch.nn.Module:
         """The member's own network (echo.models), holding its trained weights."""
-        net = self.nets[self.members.index(member)]
-        net.load_state_dict(self.net.member_state_dict(self.members.index(member)))
-        return net
+        k = self.members.index(member)
+        self.nets[k].load_state_dict(self.net.member_state_dict(k))
+        return self.nets[k]
 
     @torch.no_grad()
-    def _expected_predicted(self, members: list[Member], index: list[int] | None) -> list[str]:
-        """Each member's tutorial evaluation: one fresh sequence of its own (seed 10,000 + seed)."""
+    def _expected_predicted(self, members: list[Member], index: Tensor | None) -> list[str]:
+        """Each member's tutorial evaluation: one fresh sequence of its own (seed 10,000 + seed);
+        `index`: the members' indices (`_indices`)."""
         x, y = self._held_out(1, [10_000 + m.cfg.seed for m in members])
         batches = self._eval_batches(x, y)
-        index = None if index is None else torch.tensor(index, device=self.device)
         predicted = torch.cat([self.rep.decode(s) for s, _ in self._forward_batches(batches, index)], 1)
         return [
             "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[j, 0].tolist(), predicted[j].tolist()))
