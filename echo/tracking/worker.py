@@ -35,7 +35,9 @@ With `--serve SOCKET` it is a parallel sweep's tracking service instead (echo/tr
 it writes the runs of all the sweep's local jobs at once, each training process on its own
 connection to the Unix socket, with the same messages and answers; a connection that closes
 with its run open ends that run KILLED. The jobs pay for no mlflow import, and the service
-pays for its own while the sweep starts, on an otherwise idle core.
+pays for its own while the sweep starts, on an otherwise idle core. A connection whose first
+message is `sweep.create` carries the sweep's own requests instead (its parent run, summary and
+end: echo.sweeps.SweepStore and SweepRequests); closed with the parent open, it ends it KILLED.
 """
 
 from __future__ import annotations
