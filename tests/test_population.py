@@ -224,6 +224,7 @@ def test_members_are_ordinary_children_of_the_sweep_and_match_independent_runs(s
     for member in members:
         assert member.info.status == "FINISHED"
         assert member.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert member.data.tags["echo.sweep"] == parent.data.tags["echo.sweep"]  # one sweep folder, resolved once
         assert {"config.yaml", "expected_predicted.txt", "learning_curve.png"} <= set(
             artifacts(store, member.info.run_id)
         )
