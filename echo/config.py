@@ -204,14 +204,21 @@ _ABSENT = object()
 WIDE_STEP = 5_000
 
 
-def cpu_threads(cfg, cores: int | None = None, environ=os.environ) -> int:
-    """Torch CPU threads for a run: `threads`, or for `threads=auto` one thread for a narrow step
-    (a second gains nothing, and the other core serves the tracking worker or a parallel job) and
-    two for a wide one, within the cores this process may use and the threads a parallel launcher
-    grants each job (joblib and Ray set OMP_NUM_THREADS; SLURM limits the cores)."""
+def wide_step(cfg, members: int = 1) -> bool:
+    """Whether a step of `members` runs of `cfg` together (a population's) is wide: arithmetic-bound
+    on a CPU, where a second thread pays."""
+    return cfg.task.sequences_per_epoch * members * cfg.model.batch_size * cfg.model.hidden_size >= WIDE_STEP
+
+
+def cpu_threads(cfg, cores: int | None = None, environ=os.environ, members: int = 1) -> int:
+    """Torch CPU threads for a run (or a population of `members` runs): `threads`, or for
+    `threads=auto` one thread for a narrow step (a second gains nothing, and the other core serves
+    the tracking worker or a parallel job) and two for a wide one, within the cores this process
+    may use and the threads a parallel launcher grants each job (joblib and Ray set
+    OMP_NUM_THREADS; SLURM limits the cores)."""
     if cfg.threads != "auto":
         return cfg.threads
-    if cfg.task.sequences_per_epoch * cfg.model.batch_size * cfg.model.hidden_size < WIDE_STEP:
+    if not wide_step(cfg, members):
         return 1
     cores = cores or len(os.sched_getaffinity(0))
     granted = int(environ.get("OMP_NUM_THREADS") or cores)

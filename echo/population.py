@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from echo.config import WIDE_STEP, windows_per_sequence
+from echo.config import cpu_threads, wide_step, windows_per_sequence
 from echo.encoding import PAD, REPRESENTATIONS, OneHot
 from echo.models import build_net, count_parameters, detach_state
 from echo.reuse import save_network
@@ -114,14 +114,7 @@ class Member:
 def population_threads(cfgs: list[DictConfig], cores: int | None = None) -> int:
     """CPU threads for the population: the members' `threads`, or for `threads=auto` the count an
     independent run would choose for a step as wide as all the members' steps together."""
-    from echo.config import cpu_threads
-
-    cfg = cfgs[0]
-    if cfg.threads != "auto":
-        return cfg.threads
-    wide = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    wide.task.sequences_per_epoch = cfg.task.sequences_per_epoch * len(cfgs)
-    return cpu_threads(wide, cores)
+    return cpu_threads(cfgs[0], cores, members=len(cfgs))
 
 
 def _device(cfg: DictConfig) -> torch.device:
@@ -217,10 +210,9 @@ class _Population:
         self.test = self._eval_batches(*self._held_out(n_seq, [task.test_seed] * k))
         self.epochs_done = 0
         self._train_sums: list[tuple[int, Tensor, list[bool]]] = []
-        # On a CPU, a step as wide as `cpu_threads` calls wide is arithmetic-bound: members that have
-        # stopped are then left out of the forward and backward (`_freeze`), not only of Adam's step.
-        width = task.sequences_per_epoch * model.batch_size * model.hidden_size * k
-        self.compact = self.device.type == "cpu" and width >= WIDE_STEP
+        # On a CPU a wide step is arithmetic-bound: members that have stopped are then left out of
+        # the forward and backward (`_freeze`), not only of Adam's step.
+        self.compact = self.device.type == "cpu" and wide_step(cfg, k)
         self._training: Tensor | None = None  # the members still training, once one has stopped
         if restore is not None:
             self._restore(restore)

@@ -15,7 +15,9 @@ import json
 import math
 import os
 import signal
+import socket
 import statistics
+import subprocess
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from echo.tracking import (
 from echo.tracking.naming import PENDING_PARENT
 from echo.tracking.outbox import ROOT, UPLOAD, outboxes, read, reason, unreachable
 from echo.tracking.worker import ANSWER
+from echo.tracking.worker import client as cached_client  # one per store: opening one costs
 
 PARENT_TAG = "echo.sweep_parent"
 # Objectives where lower is better; every other metric is maximised.
@@ -210,15 +213,11 @@ class SweepStore:
         """`service`: the socket of the sweep's tracking service (echo.tracking.TrackingService)."""
         self.process = self.sock = None
         if service is not None:
-            import socket
-
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.connect(service)
             self.requests = self.sock.makefile("w", encoding="utf-8")
             self.replies = self.sock.makefile("r", encoding="utf-8")
         else:
-            import subprocess
-
             root = str(Path(__file__).resolve().parents[1])
             code = f"import sys; sys.path.insert(0, {root!r}); from echo.sweeps import serve; serve()"
             self.process = subprocess.Popen(
@@ -254,8 +253,6 @@ class SweepStore:
         if self.process is not None:
             self.process.wait()
             return
-        import socket
-
         try:
             self.sock.shutdown(socket.SHUT_WR)  # the service sees the end of the requests ...
             self.replies.read()  # ... and closes its side
@@ -281,7 +278,7 @@ class SweepRequests:
     client for a store. A parent created and not ended when the requests stop (the launching process
     died) ends KILLED (`abandon`)."""
 
-    def __init__(self, reply, client=mlflow_client):
+    def __init__(self, reply, client=cached_client):
         self.reply, self.client = reply, client
         self.open_parent, self.uri = None, None
 
@@ -314,14 +311,7 @@ def serve() -> None:
     """The sweep's store process (SweepStore, where the sweep has no tracking service): answer
     requests until stdin closes, then end a parent left open KILLED."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    clients = {}
-
-    def client(uri: str):
-        if uri not in clients:  # one per store: opening one costs
-            clients[uri] = mlflow_client(uri)
-        return clients[uri]
-
-    requests = SweepRequests(lambda text: print(ANSWER + text, flush=True), client)
+    requests = SweepRequests(lambda text: print(ANSWER + text, flush=True))
     for line in sys.stdin:
         requests.handle(line)
     requests.abandon()

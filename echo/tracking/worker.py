@@ -424,7 +424,7 @@ def _sweep_requests(reply):
         sys.path.insert(0, root)
     from echo.sweeps import SweepRequests
 
-    return SweepRequests(reply, client)
+    return SweepRequests(reply, client)  # this script's client: the runs' and the sweep's share it
 
 
 def serve(path: str) -> None:

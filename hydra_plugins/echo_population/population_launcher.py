@@ -6,7 +6,6 @@ Hydra imports this module whenever it starts (it looks for plugins in `hydra_plu
 imports nothing heavy: torch and echo's training load only when a population launches.
 """
 
-import atexit
 import copy
 import logging
 import os
@@ -145,9 +144,7 @@ class PopulationLauncher(Launcher):
             f"({'; '.join(_said(j) for j in jobs)}) train as one stacked model, {threads} thread(s)",
             file=sys.stderr,
         )
-        if jobs[0].task_cfg.logger.name == "mlflow":
-            _share_one_tracking_process()
-        try:
+        try:  # the members' runs are written by the sweep's tracking service (echo.sweeps.SweepCallback)
             train_population(members, population_id, threads)
         except KeyboardInterrupt:
             print("echo: population interrupted: its runs ended KILLED", file=sys.stderr)
@@ -171,18 +168,3 @@ class PopulationLauncher(Launcher):
 
 def _said(job: _Job) -> str:
     return " ".join(filter_overrides(job.overrides)) or "defaults"
-
-
-_service = []
-
-
-def _share_one_tracking_process() -> None:
-    """One tracking process writes every member's run (the parallel sweeps' tracking service),
-    rather than one worker each: it imports mlflow once. Closed at exit, after this process's
-    connections to it."""
-    from echo.tracking import SERVICE_ENV, TrackingService
-
-    if _service or os.environ.get(SERVICE_ENV):
-        return
-    _service.append(TrackingService())
-    atexit.register(_service[0].close)
