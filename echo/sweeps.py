@@ -100,8 +100,21 @@ class SweepCallback(Callback):
         return {key: value for key, value in self.__dict__.items() if key not in ("service", "store", "_pending")}
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        check_sweep(config)
-        if config.logger.name != "mlflow":
+        tracked = config.logger.name == "mlflow"
+        if tracked and _launcher(config) in SHARED_TRACKING:
+            # Parallel jobs on this machine, or a population's members: one tracking process writes
+            # all their runs. It starts first and imports mlflow while this process checks and
+            # composes the jobs and imports torch, instead of every job's worker later (or a
+            # population's, as it trains).
+            self.service = TrackingService()
+            atexit.register(self.service.close)
+        try:
+            check_sweep(config)
+        except SystemExit:  # a bad job: the service has written nothing, and need not finish its imports
+            if self.service:
+                self.service.kill()
+            raise
+        if not tracked:
             return
         # A store that stops answering: a few retries (about 15 s), not MLflow's minutes (as the jobs' workers)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
@@ -110,12 +123,6 @@ class SweepCallback(Callback):
                 f"echo: tracking failed: the tracking server {tracking_uri()} is unreachable ({why})", file=sys.stderr
             )
             sys.exit(2)
-        if _launcher(config) in SHARED_TRACKING:
-            # Parallel jobs on this machine, or a population's members: one tracking process writes
-            # all their runs, and it imports mlflow now, while this process composes the jobs and
-            # imports torch, instead of every job's worker later (or a population's, as it trains).
-            self.service = TrackingService()
-            atexit.register(self.service.close)
         sweep = self.sweep = Path(config.hydra.sweep.dir).name
         excluded = set(config.hydra.job.config.override_dirname.exclude_keys)  # progress, threads
         overrides = " ".join(o for o in config.hydra.overrides.task if o.split("=")[0] not in excluded)

@@ -85,9 +85,10 @@ def test_a_job_without_the_parent_in_its_environment_finds_it_by_the_sweep_tag(s
     assert name == "model.hidden_size=20" and job_tags["mlflow.parentRunId"] == parent
 
 
-def test_a_sweep_with_one_bad_job_stops_before_any_job_runs(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = run_py("-m", "model.hidden_size=20,-5", *TINY, cwd=tmp_path, uri=uri)
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=population"]], ids=["basic", "population"])
+def test_a_sweep_with_one_bad_job_stops_before_any_job_runs(tmp_path, launcher):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"  # (a population sweep's tracking service has started by then)
+    result = run_py("-m", *launcher, "model.hidden_size=20,-5", *TINY, cwd=tmp_path, uri=uri)
     assert result.returncode == 2
     assert "echo: bad sweep: job #1 (model.hidden_size=-5" in result.stderr
     assert "must be a whole number >= 1" in result.stderr

@@ -1,7 +1,9 @@
 """A process keeps its tracking worker for its next run: a sweep's jobs share one, each run
 still complete and its own, and a killed process still leaves its current run KILLED. A
-parallel sweep's jobs all write through one tracking service."""
+parallel sweep's jobs all write through one tracking service, which draws a run's figures
+into the figure it drew the last run's into."""
 
+import io
 import os
 import signal
 import socket
@@ -148,3 +150,38 @@ def test_a_joblib_sweeps_jobs_all_write_through_one_tracking_service(tmp_path):
         assert [m.step for m in MlflowClient(uri).get_metric_history(child.info.run_id, "train/loss")] == list(
             range(1, 11)
         )
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _history(epochs: int, rate: float) -> list[list]:
+    rows = []
+    for epoch in range(1, epochs + 1):
+        rows += [["train/loss", epoch, 4.6 * rate**epoch], ["train/acc", epoch, min(1.0, epoch / (epochs - 10))]]
+        if epoch % 10 == 0:
+            rows += [["val/loss", epoch, 4.0 * rate**epoch], ["val/exact_match", epoch, min(1.0, epoch / epochs)]]
+    return rows
+
+
+def test_a_figure_drawn_again_with_another_runs_data_is_the_figure_drawn_fresh():
+    from echo.tracking import worker
+
+    for draw, first, second in (
+        (worker.learning_curve, (_history(200, 0.97), 0.99), (_history(480, 0.99), 0.99)),
+        (worker.by_position, ([0.2, 0.4, 0.9], 0.01), ([1.0, 0.7, 0.1], 0.01)),
+    ):
+        worker._figures.clear()
+        fresh = _png(draw(*second))
+        worker._figures.clear()
+        _png(draw(*first))
+        again = _png(draw(*second))
+        assert len(worker._figures) == 1  # the first run's figure, with the second's data
+        assert again == fresh
+        ax = draw(*second).axes[0]  # its axes span the second's data
+        x, y = ax.lines[0].get_data()
+        (x_lo, x_hi), (y_lo, y_hi) = ax.get_xlim(), ax.get_ylim()
+        assert x_lo <= min(x) and max(x) <= x_hi and y_lo <= min(y) and max(y) <= y_hi

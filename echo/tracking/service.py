@@ -38,6 +38,14 @@ class TrackingService:
             os.environ[SERVICE_ENV] = json.dumps({"socket": path, "cwd": os.getcwd()})
         self.process.stdout.close()
 
+    def kill(self) -> None:
+        """Stop it at once (before any job or request connected: it has nothing to write)."""
+        os.environ.pop(SERVICE_ENV, None)
+        self.process.kill()
+        self.process.wait()
+        self.process.stdin.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
     def close(self, wait: float = 30) -> None:
         """No more jobs: it exits once every job's connection has closed (waited for up to `wait` s)."""
         os.environ.pop(SERVICE_ENV, None)
