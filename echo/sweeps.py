@@ -11,6 +11,7 @@ travel (a remote Ray cluster), through the sweep's tag.
 from __future__ import annotations
 
 import atexit
+import copy
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from echo.slurm import slurm_tags
 from echo.tracking import (
@@ -370,11 +372,6 @@ def stop_parallel_workers():
     return manager.join
 
 
-# The jobs' configs `check_sweep` composed, by their overrides, for the population launcher to take
-# rather than compose each again (about 0.15 s a job here).
-COMPOSED: dict[tuple[str, ...], object] = {}
-
-
 def check_sweep(config) -> None:
     """Check every job of a basic (grid) sweep before any starts; exit with one line on a bad one.
 
@@ -393,16 +390,37 @@ def check_sweep(config) -> None:
     arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
     jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)[0]
     loader = GlobalHydra.instance().config_loader()
-    keep = _launcher(config) == "PopulationLauncher"
+    composed = {}
     for num, overrides in enumerate(jobs):
-        job = loader.load_sweep_config(master_config=config, sweep_overrides=list(overrides))
+        job = composed[tuple(overrides)] = loader.load_sweep_config(
+            master_config=config, sweep_overrides=list(overrides)
+        )
         try:
             validate(job)
         except ConfigError as error:
             print(f"echo: bad sweep: job #{num} ({' '.join(overrides)}): {error}", file=sys.stderr)
             sys.exit(2)
-        if keep:
-            COMPOSED[tuple(overrides)] = job
+    if _launcher(config) in IN_PROCESS:
+        _hand_out_copies(loader, config, composed)
+
+
+def _hand_out_copies(loader, master, composed: dict) -> None:
+    """From now on Hydra's config `loader` answers the sweep's jobs with copies of the configs
+    `check_sweep` composed (about 5 ms each) instead of composing them again (about 0.1 s each):
+    Hydra's sweeper composes every job once more to check it, and an in-process launcher once
+    more to run it. A launcher that runs the jobs elsewhere pickles the loader: it is left as it is."""
+    compose = loader.load_sweep_config
+
+    def load_sweep_config(master_config, sweep_overrides):
+        job = composed.get(tuple(sweep_overrides)) if master_config is master else None
+        if job is None:
+            return compose(master_config, sweep_overrides)
+        job = copy.deepcopy(job)
+        # As Hydra's own does: the values resolved once for the sweep since (its ${now:} folder) are the job's.
+        OmegaConf.copy_cache(from_config=master_config, to_config=job)
+        return job
+
+    loader.load_sweep_config = load_sweep_config
 
 
 def _sigterm_as_interrupt() -> None:

@@ -198,3 +198,39 @@ def test_checking_configs_imports_no_torch_and_knows_every_model_and_representat
         timeout=120,
     )
     assert result.stdout.strip() == "[]", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("launcher", ["basic", "population", "joblib"])
+def test_a_checked_sweeps_jobs_are_not_composed_again_in_its_process(launcher, monkeypatch):
+    """Hydra composes each job of a sweep again to check it, and an in-process launcher again to
+    run it: they get copies of what `check_sweep` composed. Jobs run elsewhere compose their own."""
+    if launcher == "joblib":
+        pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    from helpers import CONF
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from echo.sweeps import check_sweep
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        sweep = loader.load_configuration(
+            "config", [f"hydra/launcher={launcher}", "seed=0,1", "model.hidden_size=7"], RunMode.MULTIRUN
+        )
+        check_sweep(sweep)
+        folder = sweep.hydra.sweep.dir  # resolved ${now:}, as Hydra's sweeper resolves it before the jobs
+        fresh = type(loader).load_sweep_config(loader, sweep, ["seed=1", "model.hidden_size=7"])
+        composed = []
+        monkeypatch.setattr(loader, "load_configuration", lambda *a, **k: composed.append(a) or fresh)
+        job = loader.load_sweep_config(sweep, ["seed=1", "model.hidden_size=7"])
+        assert job.seed == 1 and job.model.hidden_size == 7
+        assert OmegaConf.to_container(job) == OmegaConf.to_container(fresh)
+        assert job.hydra.sweep.dir == folder
+        if launcher == "joblib":
+            assert len(composed) == 1
+            return
+        assert composed == []
+        job.seed = 5  # each job is a copy of its own
+        assert loader.load_sweep_config(sweep, ["seed=1", "model.hidden_size=7"]).seed == 1

@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, open_dict, read_write
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,7 @@ class PopulationLauncher(Launcher):
 
     # -- planning ------------------------------------------------------------------------------
     def _job(self, num: int, overrides: list[str]) -> _Job:
-        from echo.sweeps import COMPOSED  # composed when the sweep was checked, if it was
-
-        config = COMPOSED.pop(tuple(overrides), None)
-        if config is None:
-            config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        else:  # as load_sweep_config does: values resolved once for the sweep (its ${now:...} folder) are its
-            OmegaConf.copy_cache(from_config=self.config, to_config=config)
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(config):
             config.hydra.job.id = num
             config.hydra.job.num = num
