@@ -36,6 +36,7 @@ from echo.stacked import (
     MemberAdam,
     StackedNet,
     member_loss_sums,
+    member_scored,
     member_sequences,
     member_windows,
     stacked_batches,
@@ -365,9 +366,10 @@ class _Population:
         total = correct_at = real_at = 0
         for scores, y in self._forward_batches(batches, index):
             real = y != PAD
-            correct = (self.rep.decode(scores) == y) & real
+            loss_sums, right = member_scored(self.rep, scores, y)
+            correct = right & real
             exact = (correct | ~real).all(-1) & real.any(-1)
-            counts = [member_loss_sums(self.rep, scores, y), correct.flatten(1).sum(1), real.flatten(1).sum(1)]
+            counts = [loss_sums, correct.flatten(1).sum(1), real.flatten(1).sum(1)]
             counts += [exact.sum(1), real.any(-1).sum(1)]
             total = total + torch.stack([c.float() for c in counts], 1)
             if by_position:

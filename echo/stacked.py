@@ -11,6 +11,8 @@ given as their tokens, x (K, batch, n_in), to every network but OneToOne (`reads
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -171,6 +173,32 @@ def member_loss_sums(rep, scores: Tensor, y: Tensor) -> Tensor:
         return (error.square() * (y != PAD)).reshape(k, -1).sum(1)
     losses = F.cross_entropy(scores.flatten(0, 2), y.flatten(), ignore_index=PAD, reduction="none")
     return losses.view(k, -1).sum(1)
+
+
+def member_scored(rep, scores: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Each member's summed loss (K,), and whether each output item decodes to its target (K,
+    batch, n_out): `member_loss_sums` and `rep.decode(scores) == y`, without gradients.
+
+    For one-hot scores on a CPU, in fewer passes over the scores, whose width (n_unique classes
+    per item) makes evaluation arithmetic-bound there: from the scores less their maximum, the
+    cross-entropy as log-sum-exp less the target's score, and an item right where its target's
+    score is that maximum and no other class's is. Where another class's is too, argmax (the
+    first class holding it) decides, as `decode` does."""
+    if hasattr(rep, "scale") or scores.is_cuda:
+        return member_loss_sums(rep, scores, y), rep.decode(scores) == y
+    k, real = y.shape[0], y != PAD
+    z = scores - scores.amax(-1, keepdim=True)
+    at = y.clamp(min=0).unsqueeze(-1)
+    target = z.gather(-1, at).squeeze(-1)
+    z.scatter_(-1, at, -math.inf)  # the other classes
+    best_other = z.amax(-1)
+    exp_sums = z.exp_().sum(-1) + target.exp()
+    loss_sums = ((exp_sums.log() - target) * real).view(k, -1).sum(1)
+    right = (target == 0) & (best_other < 0)
+    tied = (target == 0) & (best_other == 0)
+    if tied.any():
+        right[tied] = rep.decode(scores[tied]) == y[tied]
+    return loss_sums, right
 
 
 class MemberAdam:

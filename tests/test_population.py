@@ -16,6 +16,7 @@ from echo.stacked import (
     MemberAdam,
     StackedNet,
     member_loss_sums,
+    member_scored,
     member_sequences,
     member_windows,
     stacked_batches,
@@ -58,6 +59,25 @@ def test_a_stacked_network_computes_each_members_scores_state_and_gradient(name,
             grad = grad.t() if param_name in stacked.matrices else grad.squeeze(0)
             torch.testing.assert_close(grad, param.grad, atol=1e-6, rtol=1e-4)
         assert all(torch.equal(v, net.state_dict()[n]) for n, v in stacked.member_state_dict(k).items())
+
+
+@pytest.mark.parametrize("rep", [OneHot(20), LinearScale(20)], ids=["onehot", "linear"])
+def test_evaluation_scores_each_member_as_its_loss_and_decode_do(rep):
+    torch.manual_seed(0)
+    y = torch.randint(0, 20, (3, 64, 4))
+    y[:, :5, :2] = PAD  # masked framing's padded targets count nowhere
+    scores = torch.randn(3, 64, 4, rep.n_outputs) * 3
+    if rep.n_outputs > 1:
+        scores[0, 5:10] = 0.0  # ties: every class holds the maximum; decode's argmax takes the first
+        scores[1, 5:10, :, 7] = scores[1, 5:10].amax(-1) + 1  # two classes share a maximum
+        scores[1, 5:10, :, 3] = scores[1, 5:10, :, 7]
+        y[1, 5:8] = 3
+        y[1, 8:10] = 7
+    loss_sums, right = member_scored(rep, scores, y)
+    real = y != PAD
+    torch.testing.assert_close(loss_sums, member_loss_sums(rep, scores, y), rtol=1e-6, atol=1e-5)
+    assert torch.equal(right & real, (rep.decode(scores) == y) & real)
+    assert (right & real).any() and not (right & real).all()
 
 
 @pytest.mark.parametrize("stateful", [True, False])
