@@ -174,7 +174,11 @@ class _Population:
         cfg = members[0].cfg
         self.task, self.model_cfg, self.trainer_cfg = cfg.task, cfg.model, cfg.trainer
         task, model = cfg.task, cfg.model
-        torch.set_num_threads(threads)
+        # The set-up (weights, held-out data) on one thread, the training on `threads`: while the
+        # sweep starts, its tracking service is busy on the other core, and a second thread's
+        # share of each operation would wait for it (0.5-1 s for listing B's eight networks).
+        torch.set_num_threads(1)
+        self.threads = threads
         self.device = _device(cfg)
         self.rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
         nets = []
@@ -292,6 +296,7 @@ class _Population:
         return every.index_copy_(1, index, torch.stack(sums).sum(0))
 
     def fit(self) -> None:
+        torch.set_num_threads(self.threads)
         every = self.trainer_cfg.get("check_val_every_n_epoch", 1) or 1
         self._t0 = time.perf_counter()
         bar = self._progress_bar()
