@@ -452,6 +452,7 @@ class _Population:
                 member.tracker.log_by_position(at, chance)
                 member.tracker.log_text(table + "\n", "expected_predicted.txt")
                 save_network(self._member_net(member), OmegaConf.to_yaml(member.cfg, resolve=True), member.tracker)
+                member.tracker.end_soon("FINISHED")  # written while the others train
             member.status = "FINISHED"
 
     def _member_net(self, member: Member) -> torch.nn.Module:

@@ -41,6 +41,20 @@ def test_runs_of_one_process_share_its_worker_unless_the_directory_changed(store
         assert [m.value for m in client.get_metric_history(run_id, "m")] == [len(name)] * 2
 
 
+def test_a_run_asked_to_end_soon_is_written_ended_while_its_process_goes_on(store):
+    tracker = Tracker("echo", "soon")
+    tracker.start({"name": "soon"})
+    tracker.log_metrics([("m", 1, 1.0)])
+    tracker.end_soon("FINISHED")  # returns at once
+    client, deadline = MlflowClient(store), time.monotonic() + 30
+    while client.get_run(tracker.run_id).info.status != "FINISHED":  # before `end` waits for it
+        assert time.monotonic() < deadline, "the run was not ended"
+        time.sleep(0.05)
+    tracker.end("KILLED")  # waits only; the status asked for first stands
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and [m.value for m in client.get_metric_history(run.info.run_id, "m")] == [1.0]
+
+
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="the service listens on a Unix socket")
 def test_a_tracking_service_writes_overlapping_runs_and_ends_a_dropped_one_killed(store):
     service = TrackingService()

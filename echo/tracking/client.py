@@ -194,6 +194,7 @@ class Tracker:
         self._run_id: str | None = None
         self._worker: _Worker | None = None
         self._answered = False
+        self._end_sent = False
         self.start_error: str | None = None  # why the store could not create the run
 
     def start(self, params: dict[str, object]) -> None:
@@ -293,15 +294,24 @@ class Tracker:
         self.log_metrics([("test/token_acc_by_position", j, acc) for j, acc in enumerate(accuracy, 1)])
         self._send(op="positions", accuracy=accuracy, chance=chance)
 
+    def end_soon(self, status: str = "FINISHED", error: str | None = None) -> None:
+        """Ask for the run's end now, when nothing more will be sent, without waiting: the worker
+        writes it while this process goes on (a population's member that finished while the
+        others train), and `end` then only waits until it is written. Its status stands."""
+        if self._worker is not None and not self._end_sent:
+            self._worker.send({"op": "end", "status": status, "error": error})
+            self._end_sent = True
+
     def end(self, status: str = "FINISHED", error: str | None = None, timeout: float = 300) -> None:
-        """Close the run as FINISHED, FAILED or KILLED once everything sent is written.
+        """Close the run as FINISHED, FAILED or KILLED (unless `end_soon` did) once everything sent
+        is written.
 
         Raises TrackingStartError if the store never created the run, and TrackingFailed if it
         refused writes on the way (they are kept in the local folder the message names)."""
         if self._worker is None:
             return
+        self.end_soon(status, error)
         worker, self._worker = self._worker, None
-        worker.send({"op": "end", "status": status, "error": error})
         try:
             if not self._answered:  # the worker answers `start` first
                 self._take_start_answer(worker.answer(timeout))
