@@ -392,9 +392,8 @@ def check_sweep(config) -> None:
     loader = GlobalHydra.instance().config_loader()
     composed = {}
     for num, overrides in enumerate(jobs):
-        job = composed[tuple(overrides)] = loader.load_sweep_config(
-            master_config=config, sweep_overrides=list(overrides)
-        )
+        job = loader.load_sweep_config(master_config=config, sweep_overrides=list(overrides))
+        composed[tuple(overrides)] = job
         try:
             validate(job)
         except ConfigError as error:

@@ -199,3 +199,9 @@ def test_a_figure_drawn_again_with_another_runs_data_is_the_figure_drawn_fresh()
         x, y = ax.lines[0].get_data()
         (x_lo, x_hi), (y_lo, y_hi) = ax.get_xlim(), ax.get_ylim()
         assert x_lo <= min(x) and max(x) <= x_hi and y_lo <= min(y) and max(y) <= y_hi
+    pyplot = worker.pyplot()
+    pyplot.close("all")
+    worker._figures.clear()
+    for outputs in range(1, worker.KEPT_FIGURES + 4):  # a layout per output count: the oldest are closed
+        worker.by_position([0.5] * outputs, 0.01)
+    assert len(worker._figures) == len(pyplot.get_fignums()) == worker.KEPT_FIGURES

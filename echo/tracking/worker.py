@@ -96,14 +96,17 @@ def warm_up_figures() -> None:
 
 # Figures this process has drawn, by layout, with their data lines: the next run's figure of the
 # same layout is the same figure with new data, which draws in about half the time (its axes,
-# ticks and legend are made once). They stay open; a figure's lines are in `*_figure`'s order.
+# ticks and legend are made once). The last KEPT_FIGURES layouts stay open (pyplot warns past 20).
 _figures: dict[tuple, tuple] = {}
+KEPT_FIGURES = 8
 
 
 def _with_data(key: tuple, make, data: list[tuple[list, list]]):
     """The figure `make()` (figure, lines) builds for `key`, its lines holding `data` and its axes
     scaled to them, as if plotted fresh."""
     if key not in _figures:
+        if len(_figures) >= KEPT_FIGURES:
+            pyplot().close(_figures.pop(next(iter(_figures)))[0])
         _figures[key] = make()
     fig, lines = _figures[key]
     for line, (x, y) in zip(lines, data):
