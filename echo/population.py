@@ -112,12 +112,6 @@ class Member:
         self.sent = len(self.history)
 
 
-def population_threads(cfgs: list[DictConfig], cores: int | None = None) -> int:
-    """CPU threads for the population: the members' `threads`, or for `threads=auto` the count an
-    independent run would choose for a step as wide as all the members' steps together."""
-    return cpu_threads(cfgs[0], cores, members=len(cfgs))
-
-
 def _device(cfg: DictConfig) -> torch.device:
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
@@ -519,7 +513,7 @@ def resume_member(cfg: DictConfig, run_name: str, tags: dict[str, str], checkpoi
 
     state = read_weights_only(checkpoint, f"resume={cfg.resume}: the run's checkpoints/{CHECKPOINT}")
     member = Member(cfg, run_name, tags)
-    train_population([member], None, population_threads([cfg]), restore=state)
+    train_population([member], None, cpu_threads(cfg), restore=state)
     if member.status == "FAILED":
         raise TrainingError((member.error or "").strip().removeprefix("echo.faults.TrainingError: "))
     return member.summary

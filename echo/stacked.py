@@ -194,8 +194,9 @@ def member_scored(rep, scores: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     best_other = z.amax(-1)
     exp_sums = z.exp_().sum(-1) + target.exp()
     loss_sums = ((exp_sums.log() - target) * real).view(k, -1).sum(1)
-    right = (target == 0) & (best_other < 0)
-    tied = (target == 0) & (best_other == 0)
+    at_max = target == 0
+    right = at_max & (best_other < 0)
+    tied = at_max & (best_other == 0)
     if tied.any():
         right[tied] = rep.decode(scores[tied]) == y[tied]
     return loss_sums, right

@@ -40,11 +40,8 @@ class TrackingService:
 
     def kill(self) -> None:
         """Stop it at once (before any job or request connected: it has nothing to write)."""
-        os.environ.pop(SERVICE_ENV, None)
         self.process.kill()
-        self.process.wait()
-        self.process.stdin.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.close()
 
     def close(self, wait: float = 30) -> None:
         """No more jobs: it exits once every job's connection has closed (waited for up to `wait` s)."""

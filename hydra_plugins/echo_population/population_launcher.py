@@ -121,11 +121,12 @@ class PopulationLauncher(Launcher):
         return result
 
     def _run_population(self, jobs: list[_Job]) -> dict[int, JobReturn]:
-        from echo.config import resolve_threads
-        from echo.population import Member, population_threads, train_population
+        from echo.config import cpu_threads, resolve_threads
+        from echo.population import Member, train_population
         from echo.sweeps import job_name_and_tags, objective_value
 
-        threads = population_threads([job.task_cfg for job in jobs])
+        # the members' `threads`, or for `auto` what a run as wide as all the members' steps would take
+        threads = cpu_threads(jobs[0].task_cfg, members=len(jobs))
         members = []
         for job in jobs:
             HydraConfig.instance().set_config(job.config)
