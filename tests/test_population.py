@@ -59,6 +59,11 @@ def test_a_stacked_network_computes_each_members_scores_state_and_gradient(name,
             grad = grad.t() if param_name in stacked.matrices else grad.squeeze(0)
             torch.testing.assert_close(grad, param.grad, atol=1e-6, rtol=1e-4)
         assert all(torch.equal(v, net.state_dict()[n]) for n, v in stacked.member_state_dict(k).items())
+    with torch.no_grad():  # evaluation's path: the same scores, one-hot inputs read as their tokens where they can be
+        inputs = x if isinstance(rep, OneHot) and stacked.reads_tokens else rep.encode(x)
+        _, state = stacked(inputs, None, mask)
+        evaluated, _ = stacked(inputs, state, mask)
+    torch.testing.assert_close(evaluated, scores.detach(), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rep", [OneHot(20), LinearScale(20)], ids=["onehot", "linear"])
