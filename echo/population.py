@@ -30,7 +30,7 @@ from echo.config import cpu_threads, wide_step, windows_per_sequence
 from echo.encoding import PAD, REPRESENTATIONS, OneHot
 from echo.models import build_net, count_parameters, detach_state
 from echo.reuse import save_network
-from echo.speedups import EpochGraph
+from echo.speedups import EpochGraph, reuse_freed_memory
 from echo.stacked import (
     STACKABLE,
     MemberAdam,
@@ -172,6 +172,7 @@ class _Population:
         # sweep starts, its tracking service is busy on the other core, and a second thread's
         # share of each operation would wait for it (0.5-1 s for listing B's eight networks).
         torch.set_num_threads(1)
+        reuse_freed_memory()
         self.threads = threads
         self.device = _device(cfg)
         self.rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)

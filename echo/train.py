@@ -30,6 +30,7 @@ from echo.models import NET_OPTIONS, build_net, count_parameters
 from echo.module import EchoModule
 from echo.preflight import out_of_memory_as_training_error, preflight
 from echo.reuse import EVALUATED_FROM, network_to_evaluate, save_network
+from echo.speedups import reuse_freed_memory
 from echo.summary import summary_line
 from echo.tracking import Tracker, start_tracker, tracking_uri
 from echo.tracking.outbox import TrackingStartError, unreachable
@@ -100,6 +101,7 @@ def _fit_and_test(
     With `stored_net` (evaluate=) that network is tested, and nothing trained."""
     _quiet_lightning()
     torch.set_num_threads(cfg.threads)
+    reuse_freed_memory()
     torch.manual_seed(cfg.seed)
     task, model = cfg.task, cfg.model
     rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
