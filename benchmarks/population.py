@@ -122,19 +122,20 @@ def main() -> None:
     medians = []
     for name in args.cases:
         what, overrides, target = CASES[name]
-        ratios, walls = [], []
+        walls = []  # (sequential, population) wall seconds, pair by pair
         for _ in range(args.repeat):
             alone, alone_cpu, alone_exact = sweep([*overrides, *device], population=False, seeds=args.seeds)
             together, together_cpu, exact = sweep([*overrides, *device], population=True, seeds=args.seeds)
-            ratios.append(alone / together)
             walls.append((alone, together))
+            ratio = alone / together
             reached = "yes" if min(exact) >= 0.99 else f"no (min {min(exact):.3f}; sequential {min(alone_exact):.3f})"
-            verdict = "met" if ratios[-1] >= target else "missed"
+            verdict = "met" if ratio >= target else "missed"
             print(
-                f"| {what} | {alone:.1f} ({alone_cpu:.1f}) | {together:.1f} ({together_cpu:.1f}) | {ratios[-1]:.2f}x "
+                f"| {what} | {alone:.1f} ({alone_cpu:.1f}) | {together:.1f} ({together_cpu:.1f}) | {ratio:.2f}x "
                 f"({alone_cpu / together_cpu:.2f}x) | >= {target}x ({verdict}) | {reached} |"
             )
             sys.stdout.flush()
+        ratios = [a / t for a, t in walls]
         fastest = min(a for a, _ in walls) / min(t for _, t in walls)
         medians.append((what, statistics.median(ratios), target, ratios, fastest))
     if args.repeat > 1:

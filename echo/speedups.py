@@ -5,6 +5,7 @@ tensors instead of handed back to the kernel."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 512 * 2**20
 
 
+@functools.cache  # a setting of the process: every run of an in-process sweep asks for it
 def reuse_freed_memory() -> None:
     """Make glibc's malloc hand memory that tensors free to the next ones (elsewhere than glibc on
     Linux this does nothing). By default a block over 128 KiB may get fresh pages from the kernel,
