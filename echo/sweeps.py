@@ -41,7 +41,7 @@ from echo.tracking import (
 )
 from echo.tracking.naming import PENDING_PARENT
 from echo.tracking.outbox import ROOT, UPLOAD, outboxes, read, reason, unreachable
-from echo.tracking.worker import ANSWER
+from echo.tracking.worker import ANSWER, open_store
 from echo.tracking.worker import client as cached_client  # one per store: opening one costs
 
 PARENT_TAG = "echo.sweep_parent"
@@ -103,34 +103,37 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         tracked = config.logger.name == "mlflow"
-        if tracked and _launcher(config) in SHARED_TRACKING:
-            # Parallel jobs on this machine, or a population's members: one tracking process writes
-            # all their runs. It starts first and imports mlflow while this process checks and
-            # composes the jobs and imports torch, instead of every job's worker later (or a
-            # population's, as it trains).
-            self.service = TrackingService()
-            atexit.register(self.service.close)
+        if tracked:
+            # A store that stops answering: a few retries (about 15 s), not MLflow's minutes (as the jobs' workers)
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+            if _launcher(config) in SHARED_TRACKING:
+                # Parallel jobs on this machine, or a population's members: one tracking process writes
+                # all their runs. It starts first and imports mlflow while this process checks and
+                # composes the jobs and imports torch, instead of every job's worker later (or a
+                # population's, as it trains).
+                self.service = TrackingService()
+                atexit.register(self.service.close)
+            # The store opens meanwhile too, ready for the parent run
+            self.store = SweepStore(self.service.socket if self.service else None)
+            self.store.call("open")
         try:
             check_sweep(config)
-        except SystemExit:  # a bad job: the service has written nothing, and need not finish its imports
-            if self.service:
-                self.service.kill()
+        except SystemExit:  # a bad job: nothing is written, and the other processes need not finish their imports
+            self._stop_tracking()
             raise
         if not tracked:
             return
-        # A store that stops answering: a few retries (about 15 s), not MLflow's minutes (as the jobs' workers)
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
         if why := unreachable(tracking_uri()):
             print(
                 f"echo: tracking failed: the tracking server {tracking_uri()} is unreachable ({why})", file=sys.stderr
             )
+            self._stop_tracking()
             sys.exit(2)
         sweep = self.sweep = Path(config.hydra.sweep.dir).name
         excluded = set(config.hydra.job.config.override_dirname.exclude_keys)  # progress, threads
         overrides = " ".join(o for o in config.hydra.overrides.task if o.split("=")[0] not in excluded)
         self.objective = config.get("objective", "val/exact_match")
         self.ignored = ("seed", *sorted(excluded))  # children that differ only in these are one setting
-        self.store = SweepStore(self.service.socket if self.service else None)
         tags = {SWEEP_TAG: sweep, PARENT_TAG: "true", "echo.overrides": overrides, "echo.objective": self.objective}
         self._pending = self.store.call(
             "create", experiment=config.logger.experiment, run_name=f"sweep {overrides}", tags=tags
@@ -141,6 +144,12 @@ class SweepCallback(Callback):
             self._take_parent()
         atexit.register(self._end_if_reachable, "KILLED")  # if the sweep dies before on_multirun_end
         _sigterm_as_interrupt()
+
+    def _stop_tracking(self) -> None:
+        """Stop the tracking processes before the sweep's first write (a bad sweep)."""
+        for process in (self.service, self.store):  # the service first: the store's connection then closes at once
+            if process is not None:
+                process.kill()
 
     def _take_parent(self) -> None:
         """The parent run, once created (PARENT_RUN_ENV set for the jobs); a line if it could not be."""
@@ -240,7 +249,7 @@ class SweepStore:
         self.sent, self.answers = 0, []  # requests are answered in order
 
     def call(self, op: str, **args) -> Answer:
-        """Send request `op` (create, finish, end: `SweepRequests`); its answer, read when asked for."""
+        """Send request `op` (open, create, finish, end: `SweepRequests`); its answer, read when asked for."""
         self.requests.write(json.dumps({"op": f"sweep.{op}", "uri": tracking_uri(), **args}) + "\n")
         self.requests.flush()
         self.sent += 1
@@ -256,6 +265,12 @@ class SweepStore:
         if "error" in self.answers[index]:
             raise RuntimeError(self.answers[index]["error"])
         return self.answers[index].get("value")
+
+    def kill(self) -> None:
+        """Stop at once (before the sweep's first write)."""
+        if self.process is not None:
+            self.process.kill()
+        self.close()
 
     def close(self) -> None:
         self.requests.close()
@@ -294,8 +309,12 @@ class SweepRequests:
     def handle(self, line: str) -> None:
         request = json.loads(line)
         self.uri = request.pop("uri")
-        client = self.client(self.uri)
         op = request.pop("op")
+        if op == "sweep.open":  # while the jobs are checked: it writes nothing
+            open_store(self.uri, self.client)
+            self.reply(json.dumps({"value": None}))
+            return
+        client = self.client(self.uri)
         try:
             if op == "sweep.create":
                 value = self.open_parent = create_parent(client, **request)

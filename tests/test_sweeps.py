@@ -5,7 +5,8 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import TINY, artifacts, make_cfg, run_py, sweep_runs
+from helpers import TINY, all_runs, artifacts, make_cfg, run_py, sweep_runs
+from mlflow import MlflowClient
 
 from echo.sweeps import MISSED_TARGET, job_name_and_tags, objective_value, parent_of_sweep, summarize_sweep
 from echo.tracking import PARENT_RUN_ENV, SWEEP_TAG
@@ -85,14 +86,21 @@ def test_a_job_without_the_parent_in_its_environment_finds_it_by_the_sweep_tag(s
     assert name == "model.hidden_size=20" and job_tags["mlflow.parentRunId"] == parent
 
 
+@pytest.mark.parametrize("existing", [False, True], ids=["new store", "existing store"])
 @pytest.mark.parametrize("launcher", [[], ["hydra/launcher=population"]], ids=["basic", "population"])
-def test_a_sweep_with_one_bad_job_stops_before_any_job_runs(tmp_path, launcher):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"  # (a population sweep's tracking service has started by then)
+def test_a_sweep_with_one_bad_job_stops_before_any_job_runs(tmp_path, launcher, existing):
+    # (the sweep's store process, or a population sweep's tracking service, opens the store meanwhile)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    if existing:
+        MlflowClient(uri).create_experiment("echo")
     result = run_py("-m", *launcher, "model.hidden_size=20,-5", *TINY, cwd=tmp_path, uri=uri)
     assert result.returncode == 2
     assert "echo: bad sweep: job #1 (model.hidden_size=-5" in result.stderr
     assert "must be a whole number >= 1" in result.stderr
-    assert not (tmp_path / "mlflow.db").exists()  # nothing trained, nothing tracked
+    if existing:  # nothing trained, nothing tracked
+        assert all_runs(uri) == []
+    else:
+        assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_bad_sweep_syntax_is_one_clear_error(tmp_path):

@@ -184,6 +184,19 @@ def client(uri: str):
     return _clients[uri]
 
 
+def open_store(uri: str, client=client) -> None:
+    """Open an existing SQLite store now (its engine, its schema checked: about 1.5 s) with `client`,
+    ahead of the requests that need it. A store that fails here fails again when a request uses it,
+    which says so. A server needs no opening, and a new store is created by the run that needs it,
+    not ahead."""
+    if not (uri.startswith("sqlite:///") and os.path.exists(uri.removeprefix("sqlite:///"))):
+        return
+    try:
+        client(uri).search_experiments(max_results=1)
+    except Exception:
+        _clients.pop(uri, None)
+
+
 class RunWriter:
     """Writes runs, one at a time: params at the start, metrics in batches, artifacts, the status.
 
@@ -307,18 +320,9 @@ class RunWriter:
             self.text(diff, _provenance().DIFF_ARTIFACT)
 
     def open(self, uri) -> None:
-        """Open an existing SQLite store now (its engine, its schema checked: about 1.5 s), while the
-        training process imports torch and checks its config: the run's `start` then costs little.
-        A store that fails here fails again at `start`, which says so."""
-        if not (uri.startswith("sqlite:///") and os.path.exists(uri.removeprefix("sqlite:///"))):
-            return  # a server needs no opening; a new store is created by the run that needs it, not ahead
-        try:
-            if uri != self.uri:
-                self.client, self.uri = client(uri), uri
-            self.client.search_experiments(max_results=1)
-        except Exception:
-            _clients.pop(uri, None)
-            self.client, self.uri = None, None
+        """Open the store now (`open_store`), while the training process imports torch and checks
+        its config: the run's `start` then costs little."""
+        open_store(uri)
 
     def where(self) -> None:
         """Answer the run's experiment id (for the address of the run's page); empty if unknown."""
