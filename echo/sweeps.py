@@ -118,7 +118,7 @@ class SweepCallback(Callback):
             self.store.call("open")
         try:
             check_sweep(config)
-        except SystemExit:  # a bad job: nothing is written, and the other processes need not finish their imports
+        except (SystemExit, KeyboardInterrupt):  # a bad job, or Ctrl-C: nothing is written; stop the others
             self._stop_tracking()
             raise
         if not tracked:
@@ -146,7 +146,7 @@ class SweepCallback(Callback):
         _sigterm_as_interrupt()
 
     def _stop_tracking(self) -> None:
-        """Stop the tracking processes before the sweep's first write (a bad sweep)."""
+        """Stop the tracking processes before the sweep's first write (a bad sweep, or one interrupted)."""
         for process in (self.service, self.store):  # the service first: the store's connection then closes at once
             if process is not None:
                 process.kill()

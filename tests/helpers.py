@@ -73,3 +73,18 @@ def metric_history(uri: str, run_id: str, metric: str) -> list[tuple[int, float]
     from mlflow import MlflowClient
 
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, metric))
+
+
+def tracking_workers(pid: int) -> dict[int, bytes]:
+    """The tracking worker processes running under process `pid` now, with their command lines."""
+    parents, commands = {}, {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+    below = {pid}
+    for _ in range(5):  # the tree is shallow: launcher, its workers, theirs
+        below |= {child for child, parent in parents.items() if parent in below}
+    return {p: commands[p] for p in below if b"tracking/worker.py" in commands.get(p, b"")}

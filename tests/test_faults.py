@@ -5,10 +5,11 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, all_runs, artifacts, make_cfg, run_py, start_run_py
+from helpers import TINY, all_runs, artifacts, make_cfg, run_py, start_run_py, tracking_workers
 
 from echo.config import ConfigError
 from echo.faults import TrainingError
@@ -189,6 +190,26 @@ def test_sigterm_to_a_sweep_ends_the_parent_and_its_running_jobs_killed(tmp_path
     time.sleep(1)  # let parallel workers finish closing their runs
     statuses = sorted(r.info.status for r in all_runs(uri))
     assert statuses == ["KILLED"] * (1 + running)  # never RUNNING; a job that never started has no run
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_an_interrupt_while_a_sweep_checks_its_jobs_stops_it_at_once_with_nothing_written(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _fresh_store(uri)
+    # 60 jobs to compose and check: seconds, interrupted once the sweep's tracking service has started
+    proc = start_run_py("-m", "hydra/launcher=population", "seed=range(0,60)", *TINY, cwd=tmp_path, uri=uri)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(b"--serve" in command for command in tracking_workers(proc.pid).values()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+        time.sleep(1)  # it is ready (a moment after it starts); the checks take several seconds more
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=20)  # the service and the store's connection stopped, not waited for
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "in check_sweep" in output
+    assert all_runs(uri) == []
 
 
 def test_an_interrupt_between_two_epochs_resumes_at_the_next_one(store, monkeypatch):

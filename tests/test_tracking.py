@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY, all_runs, start_run_py, sweep_runs
+from helpers import TINY, all_runs, start_run_py, sweep_runs, tracking_workers
 from mlflow import MlflowClient
 
 from echo.tracking import SERVICE_ENV, Tracker, TrackingService
@@ -87,21 +87,6 @@ def test_a_tracking_service_writes_overlapping_runs_and_ends_a_dropped_one_kille
         assert [m.value for m in client.get_metric_history(run_id, "m")] == [value]
 
 
-def _tracking_workers(pid: int) -> dict[int, bytes]:
-    """The tracking worker processes running under process `pid` now, with their command lines."""
-    parents, commands = {}, {}
-    for entry in Path("/proc").iterdir():
-        try:
-            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            commands[int(entry.name)] = (entry / "cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-    below = {pid}
-    for _ in range(5):  # the tree is shallow: launcher, its workers, theirs
-        below |= {child for child, parent in parents.items() if parent in below}
-    return {p: commands[p] for p in below if b"tracking/worker.py" in commands.get(p, b"")}
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
 def test_a_sweeps_jobs_share_one_worker_and_a_killed_sweep_leaves_its_current_run_killed(tmp_path):
@@ -116,13 +101,13 @@ def test_a_sweeps_jobs_share_one_worker_and_a_killed_sweep_leaves_its_current_ru
         while True:
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "job 1 never started"
-            workers |= _tracking_workers(proc.pid)
+            workers |= tracking_workers(proc.pid)
             running = [r for r in all_runs(uri) if r.info.status == "RUNNING" and "mlflow.parentRunId" in r.data.tags]
             if running and "trainer.max_epochs=100000" in running[0].info.run_name:  # named at its creation
                 break
             time.sleep(0.2)
         time.sleep(5)  # some epochs of job 1 (and at least one validation, which sends its metrics)
-        workers |= _tracking_workers(proc.pid)
+        workers |= tracking_workers(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)  # no handler runs: the worker sees its stdin close
         proc.wait(timeout=30)
     finally:
@@ -152,7 +137,7 @@ def test_a_joblib_sweeps_jobs_all_write_through_one_tracking_service(tmp_path):
     proc = start_run_py(*args, cwd=tmp_path, uri=uri)
     workers: dict[int, bytes] = {}
     while proc.poll() is None:
-        workers |= _tracking_workers(proc.pid)
+        workers |= tracking_workers(proc.pid)
         time.sleep(0.1)
     assert proc.returncode == 0, proc.stdout.read()[-3000:]
     assert [b"--serve" in command for command in workers.values()] == [True]  # no job started its own
