@@ -192,9 +192,11 @@ def open_store(uri: str, client=client) -> None:
     if not (uri.startswith("sqlite:///") and os.path.exists(uri.removeprefix("sqlite:///"))):
         return
     try:
+        # A client is kept only once made, and making one opens the store: one whose first query
+        # failed is as good as a new one for the next request.
         client(uri).search_experiments(max_results=1)
     except Exception:
-        _clients.pop(uri, None)
+        pass
 
 
 class RunWriter:
