@@ -8,6 +8,7 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 import echo.resolvers  # noqa: F401  (registered before Hydra composes and resolves)
 from echo.config import ConfigError, resolve_threads, validate
@@ -37,8 +38,8 @@ def main(cfg: DictConfig) -> float:
             cfg = evaluated_config(cfg, hydra_cfg.overrides.task)
         validate(cfg)
         resolve_threads(cfg)  # in the job's own process: its launcher's thread grant and cores are here
-    except ConfigError as error:
-        print(f"echo: bad config: {error}", file=sys.stderr)
+    except (ConfigError, OmegaConfBaseException) as error:  # a bad value, or `${typo}` that cannot resolve
+        print(f"echo: bad config: {str(error).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
     if cfg.logger.name == "mlflow" and (why := unreachable(tracking_uri())):
         print(

@@ -118,9 +118,14 @@ class SweepCallback(Callback):
             self.store.call("open")
         try:
             check_sweep(config)
-        except (SystemExit, KeyboardInterrupt):  # a bad job, or Ctrl-C: nothing is written; stop the others
+        except BaseException as error:  # a bad job, or Ctrl-C: nothing is written; stop the others
             self._stop_tracking()
-            raise
+            if isinstance(error, SystemExit | KeyboardInterrupt):
+                raise
+            if _interrupted(error):
+                raise KeyboardInterrupt from error
+            # A bug: Hydra would turn it into a warning and run the sweep untracked
+            raise SystemExit(f"echo: could not check the sweep's jobs: {type(error).__name__}: {error}") from error
         if not tracked:
             return
         if why := unreachable(tracking_uri()):
@@ -131,7 +136,7 @@ class SweepCallback(Callback):
             sys.exit(2)
         sweep = self.sweep = Path(config.hydra.sweep.dir).name
         excluded = set(config.hydra.job.config.override_dirname.exclude_keys)  # progress, threads
-        overrides = " ".join(o for o in config.hydra.overrides.task if o.split("=")[0] not in excluded)
+        overrides = " ".join(o for o in task_overrides(config) if o.split("=")[0] not in excluded)
         self.objective = config.get("objective", "val/exact_match")
         self.ignored = ("seed", *sorted(excluded))  # children that differ only in these are one setting
         tags = {SWEEP_TAG: sweep, PARENT_TAG: "true", "echo.overrides": overrides, "echo.objective": self.objective}
@@ -391,6 +396,11 @@ def stop_parallel_workers():
     return manager.join
 
 
+def task_overrides(config) -> list[str]:
+    """The command line's overrides as typed, as Hydra's sweeper reads them: `x=1,${y}` is not resolved."""
+    return OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+
+
 def check_sweep(config) -> None:
     """Check every job of a basic (grid) sweep before any starts; exit with one line on a bad one.
 
@@ -402,24 +412,40 @@ def check_sweep(config) -> None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     from echo.config import ConfigError, validate
 
-    params = config.hydra.sweeper.get("params") or {}
-    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    params = OmegaConf.to_container(config.hydra.sweeper, resolve=False).get("params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + task_overrides(config)
     jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)[0]
     loader = GlobalHydra.instance().config_loader()
     composed = {}
     for num, overrides in enumerate(jobs):
-        job = loader.load_sweep_config(master_config=config, sweep_overrides=list(overrides))
-        composed[tuple(overrides)] = job
         try:
+            job = composed[tuple(overrides)] = loader.load_sweep_config(config, sweep_overrides=list(overrides))
             validate(job)
-        except ConfigError as error:
-            print(f"echo: bad sweep: job #{num} ({' '.join(overrides)}): {error}", file=sys.stderr)
+        except (ConfigError, HydraException, OmegaConfBaseException) as error:  # a bad value, or `${typo}`
+            if _interrupted(error):
+                raise KeyboardInterrupt from error
+            what = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(f"echo: bad sweep: job #{num} ({' '.join(overrides)}): {what}", file=sys.stderr)
             sys.exit(2)
     if _launcher(config) in IN_PROCESS:
         _hand_out_copies(loader, config, composed)
+
+
+def _interrupted(error: BaseException) -> bool:
+    """Whether Ctrl-C caused `error`: one amid Hydra's composing can surface as an OmegaConf or Hydra
+    error (or another), raised while handling the KeyboardInterrupt."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _hand_out_copies(loader, master, composed: dict) -> None:

@@ -141,6 +141,13 @@ def test_the_issues_table_each_ends_with_exit_2_and_one_line(tmp_path):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "echo-unsent").exists()  # nothing tracked
 
 
+def test_an_interpolation_that_cannot_resolve_is_one_line(tmp_path):
+    result = run_py("task.n_in=${nope}", cwd=tmp_path, uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == "echo: bad config: Interpolation key 'nope' not found"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 # -- tracking failures ---------------------------------------------------------------------------
 
 

@@ -212,6 +212,30 @@ def test_an_interrupt_while_a_sweep_checks_its_jobs_stops_it_at_once_with_nothin
     assert all_runs(uri) == []
 
 
+def test_an_interrupt_that_hydra_or_omegaconf_turned_into_their_own_error_is_still_an_interrupt():
+    # Ctrl-C as OmegaConf restores a node's flags surfaces as an AttributeError, then as Hydra's
+    # ConfigCompositionException: the sweep must stop as interrupted, not report a bad job
+    from hydra.errors import ConfigCompositionException
+
+    from echo.sweeps import _interrupted
+
+    def composed(interrupted: bool):
+        try:
+            try:
+                if interrupted:
+                    raise KeyboardInterrupt
+                raise KeyError("a key OmegaConf looked for")
+            except BaseException:
+                raise AttributeError("'NoneType' object has no attribute '_flags'")  # noqa: B904 (as OmegaConf)
+        except AttributeError as error:
+            raise ConfigCompositionException() from error
+
+    for interrupted in (True, False):
+        with pytest.raises(ConfigCompositionException) as raised:
+            composed(interrupted)
+        assert _interrupted(raised.value) is interrupted
+
+
 def test_an_interrupt_between_two_epochs_resumes_at_the_next_one(store, monkeypatch):
     """Interrupted as a Lightning epoch (here epochs 11-15) starts, before its training step."""
     original = EchoModule.on_train_epoch_start

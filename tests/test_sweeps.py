@@ -86,17 +86,37 @@ def test_a_job_without_the_parent_in_its_environment_finds_it_by_the_sweep_tag(s
     assert name == "model.hidden_size=20" and job_tags["mlflow.parentRunId"] == parent
 
 
-@pytest.mark.parametrize("existing", [False, True], ids=["new store", "existing store"])
-@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=population"]], ids=["basic", "population"])
-def test_a_sweep_with_one_bad_job_stops_before_any_job_runs(tmp_path, launcher, existing):
+BAD_VALUE = ("model.hidden_size=20,-5", "job #1 (model.hidden_size=-5", "must be a whole number >= 1")
+BAD_INTERPOLATION = ("task.n_in=5,${nope}", "job #1 (task.n_in=", "Interpolation key 'nope' not found")
+
+
+@pytest.mark.parametrize(
+    "launcher, existing, bad",
+    [
+        ([], False, BAD_VALUE),
+        ([], True, BAD_VALUE),
+        (["hydra/launcher=population"], False, BAD_VALUE),
+        (["hydra/launcher=population"], True, BAD_VALUE),
+        ([], True, BAD_INTERPOLATION),  # fails as it is composed, not in echo's checks
+    ],
+    ids=[
+        "basic, new store",
+        "basic, existing store",
+        "population, new store",
+        "population, existing store",
+        "interpolation",
+    ],
+)
+def test_a_sweep_with_one_bad_job_stops_before_any_job_runs(tmp_path, launcher, existing, bad):
     # (the sweep's store process, or a population sweep's tracking service, opens the store meanwhile)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     if existing:
         MlflowClient(uri).create_experiment("echo")
-    result = run_py("-m", *launcher, "model.hidden_size=20,-5", *TINY, cwd=tmp_path, uri=uri)
-    assert result.returncode == 2
-    assert "echo: bad sweep: job #1 (model.hidden_size=-5" in result.stderr
-    assert "must be a whole number >= 1" in result.stderr
+    sweep, job, why = bad
+    result = run_py("-m", *launcher, sweep, *TINY, cwd=tmp_path, uri=uri)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"echo: bad sweep: {job}" in result.stderr and why in result.stderr
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr
     if existing:  # nothing trained, nothing tracked
         assert all_runs(uri) == []
     else:
