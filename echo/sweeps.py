@@ -103,20 +103,20 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         tracked = config.logger.name == "mlflow"
-        if tracked:
-            # A store that stops answering: a few retries (about 15 s), not MLflow's minutes (as the jobs' workers)
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-            if _launcher(config) in SHARED_TRACKING:
-                # Parallel jobs on this machine, or a population's members: one tracking process writes
-                # all their runs. It starts first and imports mlflow while this process checks and
-                # composes the jobs and imports torch, instead of every job's worker later (or a
-                # population's, as it trains).
-                self.service = TrackingService()
-                atexit.register(self.service.close)
-            # The store opens meanwhile too, ready for the parent run
-            self.store = SweepStore(self.service.socket if self.service else None)
-            self.store.call("open")
         try:
+            if tracked:
+                # A store that stops answering: a few retries (about 15 s), not MLflow's minutes (as the jobs' workers)
+                os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+                if _launcher(config) in SHARED_TRACKING:
+                    # Parallel jobs on this machine, or a population's members: one tracking process writes
+                    # all their runs. It starts first and imports mlflow while this process checks and
+                    # composes the jobs and imports torch, instead of every job's worker later (or a
+                    # population's, as it trains).
+                    self.service = TrackingService()
+                    atexit.register(self.service.close)
+                # The store opens meanwhile too, ready for the parent run
+                self.store = SweepStore(self.service.socket if self.service else None)
+                self.store.call("open")
             check_sweep(config)
         except BaseException as error:  # a bad job, or Ctrl-C: nothing is written; stop the others
             self._stop_tracking()

@@ -200,16 +200,22 @@ def test_an_interrupt_while_a_sweep_checks_its_jobs_stops_it_at_once_with_nothin
     proc = start_run_py("-m", "hydra/launcher=population", "seed=range(0,60)", *TINY, cwd=tmp_path, uri=uri)
     try:
         deadline = time.monotonic() + 60
-        while not any(b"--serve" in command for command in tracking_workers(proc.pid).values()):
+        while not any(Path(socket).exists() for socket in _service_sockets(proc.pid)):  # it listens
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.05)
-        time.sleep(1)  # it is ready (a moment after it starts); the checks take several seconds more
+        time.sleep(1)  # the checks take several seconds more
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=20)  # the service and the store's connection stopped, not waited for
     finally:
         proc.kill()
     assert proc.returncode != 0 and "in check_sweep" in output
     assert all_runs(uri) == []
+
+
+def _service_sockets(pid: int) -> list[str]:
+    """The sockets of the sweep's tracking service (`worker.py --serve <socket>`), started by `pid`."""
+    commands = [command.split(b"\0") for command in tracking_workers(pid).values()]
+    return [c[c.index(b"--serve") + 1].decode() for c in commands if b"--serve" in c[:-1]]
 
 
 def test_an_interrupt_that_hydra_or_omegaconf_turned_into_their_own_error_is_still_an_interrupt():

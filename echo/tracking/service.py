@@ -33,7 +33,12 @@ class TrackingService:
             start_new_session=True,  # Ctrl-C reaches the jobs, which end their runs
         )
         self.socket = None  # its socket, once it listens
-        if self.process.stdout.readline().strip() == ANSWER + "ready":
+        try:
+            ready = self.process.stdout.readline().strip() == ANSWER + "ready"
+        except BaseException:  # Ctrl-C as it starts
+            self.process.kill()
+            raise
+        if ready:
             self.socket = path
             os.environ[SERVICE_ENV] = json.dumps({"socket": path, "cwd": os.getcwd()})
         self.process.stdout.close()
