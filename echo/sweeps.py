@@ -2,9 +2,8 @@
 
 Works with every Hydra launcher (basic, joblib, submitit, Ray) and sweeper (basic, Optuna):
 the parent is created as the sweep starts, by a process of the sweep's own (`SweepStore`, which
-also writes the summary: the launching process never imports mlflow), before any job's run (which
-also creates the SQLite schema and the experiment once: parallel jobs racing on a fresh store
-crash), and each job finds its parent through the environment, or, where the environment does not
+also writes the summary: the launching process never imports mlflow), before any job's run, and
+each job finds its parent through the environment, or, where the environment does not
 travel (a remote Ray cluster), through the sweep's tag.
 """
 

@@ -190,3 +190,34 @@ def test_a_figure_drawn_again_with_another_runs_data_is_the_figure_drawn_fresh()
     for outputs in range(1, worker.KEPT_FIGURES + 4):  # a layout per output count: the oldest are closed
         worker.by_position([0.5] * outputs, 0.01)
     assert len(worker._figures) == len(pyplot.get_fignums()) == worker.KEPT_FIGURES
+
+
+def test_processes_opening_one_new_store_at_once_create_it_once(tmp_path):
+    # A sweep's store process and its first job's worker, or parallel jobs: without the lock, one
+    # or two of three crash with `table ... already exists`
+    import subprocess
+    import sys
+
+    uri, go = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "go"
+    code = (
+        "import os, time; import mlflow; from echo.tracking.worker import new_client\n"
+        "print('ready', flush=True)\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
+        f"new_client({uri!r}).search_experiments()"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    try:
+        assert [p.stdout.readline().strip() for p in processes] == ["ready"] * 3  # mlflow imported: all go at once
+        go.touch()
+        errors = [p.communicate(timeout=120)[1] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert [p.returncode for p in processes] == [0, 0, 0], "\n".join(e[-1500:] for e in errors)
+    assert MlflowClient(uri).get_experiment("0").name == "Default"

@@ -6,17 +6,15 @@ from __future__ import annotations
 import os
 
 from echo.tracking.naming import tracking_uri
-from echo.tracking.worker import experiment_id
+from echo.tracking.worker import experiment_id, new_client
 
 __all__ = ["download_artifact", "experiment_id", "log_artifacts", "mlflow_client", "run_tags", "tag_provenance"]
 
 
 def mlflow_client(uri: str | None = None):
     """An `MlflowClient` on the tracking store (`uri`, else `tracking_uri()`), for reading runs and artifacts."""
-    from mlflow import MlflowClient
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for a file or two: noise
-    return MlflowClient(uri or tracking_uri())
+    return new_client(uri or tracking_uri())
 
 
 def run_tags(run_id: str) -> dict[str, str] | None:

@@ -42,6 +42,7 @@ end: echo.sweeps.SweepStore and SweepRequests); closed with the parent open, it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -178,10 +179,44 @@ _clients: dict = {}  # one MLflow client per store: opening one (engine, schema 
 def client(uri: str):
     """This process's MLflow client for store `uri`: a service's connections share it."""
     if uri not in _clients:
-        from mlflow import MlflowClient
-
-        _clients[uri] = MlflowClient(uri)
+        _clients[uri] = new_client(uri)
     return _clients[uri]
+
+
+def new_client(uri: str):
+    """An MLflow client for store `uri`. The first client of a new SQLite store creates its schema
+    (seconds of migrations), and two processes doing so at once crash (`table ... already exists`):
+    a sweep's store process and its first job's tracking worker, parallel jobs. Until the store is
+    complete, clients are made one at a time, under a lock on the store's folder."""
+    from mlflow import MlflowClient
+
+    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    if path is None or _complete(path):
+        return MlflowClient(uri)
+    try:
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:  # no such folder: MLflow says so
+        return MlflowClient(uri)
+    try:
+        import fcntl
+
+        fcntl.flock(folder, fcntl.LOCK_EX)  # released as it closes
+        return MlflowClient(uri)
+    finally:
+        os.close(folder)
+
+
+def _complete(path: str) -> bool:
+    """Whether the SQLite store at `path` has its schema: MLflow creates its Default experiment last."""
+    import sqlite3
+
+    if not os.path.exists(path):
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT 1 FROM experiments WHERE experiment_id = 0").fetchone() is not None
+    except sqlite3.Error:  # no such table yet, or locked
+        return False
 
 
 def open_store(uri: str, client=client) -> None:
@@ -551,11 +586,10 @@ def upload(folder: str, uri: str) -> str:
 
     The run it was kept from goes on where that run exists in this store (its metrics complete
     again); elsewhere a new run is created with the kept params and tags."""
-    from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
     kept = read(folder)
-    run, client = kept["run"], MlflowClient(uri)
+    run, client = kept["run"], new_client(uri)
     run_id, params = run.get("run_id"), not run.get("params_written")
     try:
         client.get_run(run_id) if run_id else None
