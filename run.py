@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 import echo.resolvers  # noqa: F401  (registered before Hydra composes and resolves)
-from echo.config import ConfigError, resolve_threads, validate
+from echo.config import ConfigError, first_line, resolve_threads, validate
 from echo.deferred import defer_unused_imports
 from echo.slurm import requeued_from
 from echo.sweeps import job_name_and_tags, objective_value
@@ -39,7 +39,7 @@ def main(cfg: DictConfig) -> float:
         validate(cfg)
         resolve_threads(cfg)  # in the job's own process: its launcher's thread grant and cores are here
     except (ConfigError, OmegaConfBaseException) as error:  # a bad value, or `${typo}` that cannot resolve
-        print(f"echo: bad config: {str(error).splitlines()[0]}", file=sys.stderr)
+        print(f"echo: bad config: {first_line(error)}", file=sys.stderr)
         sys.exit(2)
     if cfg.logger.name == "mlflow" and (why := unreachable(tracking_uri())):
         print(

@@ -25,6 +25,12 @@ class ConfigError(ValueError):
     """A config that cannot run; the message says what is wrong and how to fix it."""
 
 
+def first_line(error: BaseException) -> str:
+    """What `error` says, in one line (OmegaConf's add the key and the node's type below)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def _is_count(value) -> bool:
     """A whole number >= 1 (YAML's `true` is not one)."""
     return not isinstance(value, bool) and isinstance(value, int) and value >= 1

@@ -124,7 +124,7 @@ class SweepCallback(Callback):
             if _interrupted(error):
                 raise KeyboardInterrupt from error
             # A bug: Hydra would turn it into a warning and run the sweep untracked
-            raise SystemExit(f"echo: could not check the sweep's jobs: {type(error).__name__}: {error}") from error
+            raise SystemExit(f"echo: could not check the sweep's jobs: {reason(error)}") from error
         if not tracked:
             return
         if why := unreachable(tracking_uri()):
@@ -414,7 +414,7 @@ def check_sweep(config) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from echo.config import ConfigError, validate
+    from echo.config import ConfigError, first_line, validate
 
     params = OmegaConf.to_container(config.hydra.sweeper, resolve=False).get("params") or {}
     arguments = [f"{k}={v}" for k, v in params.items()] + task_overrides(config)
@@ -428,8 +428,7 @@ def check_sweep(config) -> None:
         except (ConfigError, HydraException, OmegaConfBaseException) as error:  # a bad value, or `${typo}`
             if _interrupted(error):
                 raise KeyboardInterrupt from error
-            what = str(error).splitlines()[0] if str(error) else type(error).__name__
-            print(f"echo: bad sweep: job #{num} ({' '.join(overrides)}): {what}", file=sys.stderr)
+            print(f"echo: bad sweep: job #{num} ({' '.join(overrides)}): {first_line(error)}", file=sys.stderr)
             sys.exit(2)
     if _launcher(config) in IN_PROCESS:
         _hand_out_copies(loader, config, composed)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY, all_runs, start_run_py, sweep_runs, tracking_workers
+from helpers import ROOT, TINY, all_runs, start_run_py, sweep_runs, tracking_workers
 from mlflow import MlflowClient
 
 from echo.tracking import SERVICE_ENV, Tracker, TrackingService
@@ -205,7 +205,7 @@ def test_processes_opening_one_new_store_at_once_create_it_once(tmp_path):
         f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
         f"new_client({uri!r}).search_experiments()"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     processes = [
         subprocess.Popen(
             [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -190,7 +190,7 @@ def new_client(uri: str):
     complete, clients are made one at a time, under a lock on the store's folder."""
     from mlflow import MlflowClient
 
-    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    path = _sqlite_path(uri)
     if path is None or _complete(path):
         return MlflowClient(uri)
     try:
@@ -204,6 +204,11 @@ def new_client(uri: str):
         return MlflowClient(uri)
     finally:
         os.close(folder)
+
+
+def _sqlite_path(uri: str) -> str | None:
+    """The file of a SQLite store's `uri`; None for another store (a server)."""
+    return uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
 
 
 def _complete(path: str) -> bool:
@@ -224,7 +229,8 @@ def open_store(uri: str, client=client) -> None:
     ahead of the requests that need it. A store that fails here fails again when a request uses it,
     which says so. A server needs no opening, and a new store is created by the run that needs it,
     not ahead."""
-    if not (uri.startswith("sqlite:///") and os.path.exists(uri.removeprefix("sqlite:///"))):
+    path = _sqlite_path(uri)
+    if path is None or not os.path.exists(path):
         return
     try:
         # A client is kept only once made, and making one opens the store: one whose first query
