@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from echo.config import ConfigError, epochs_per_step, windows_per_sequence
+from echo.config import ConfigError, epochs_per_step, first_line, windows_per_sequence
 from echo.faults import TrainingError
 
 FLOAT = 4  # bytes of a float32
@@ -69,8 +69,8 @@ def check_trainer(cfg) -> None:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:300].rstrip(".")
+    """`first_line`, inside a sentence: at most 300 characters, no closing full stop."""
+    return first_line(error)[:300].rstrip(".")
 
 
 # -- memory --------------------------------------------------------------------------------------
