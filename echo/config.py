@@ -198,8 +198,9 @@ CHECKS = {
     "trainer.max_epochs": count,
     "trainer.check_val_every_n_epoch": count,
     "trainer.accelerator": one_of(*ACCELERATORS),
-    "logger.name": one_of("mlflow", "none", hint="logger=mlflow or logger=none"),
+    "logger.name": one_of("mlflow", "csv", "none", hint="logger=mlflow, logger=csv or logger=none"),
     "logger.experiment": name,
+    "logger.save_dir": name,
 }
 _ABSENT = object()
 

@@ -4,40 +4,20 @@ from __future__ import annotations
 
 import math
 
-import pytorch_lightning as pl
-
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. its loss diverged); the message says why and what to try."""
 
 
-class NonFiniteGuard(pl.Callback):
-    """Stops a run whose loss became NaN or infinite, checked at each validation and at the end.
-
-    It reads the metrics the module already brings back to the host at validation time, so it
-    costs no device-to-host sync per step.
-    """
-
-    def __init__(self, lr: float):
-        self.lr, self._checked = lr, 0
-
-    def check(self, module) -> None:
-        module.flush_train_metrics()
-        new = sorted(module.history[self._checked :], key=lambda row: (row[1], not row[0].startswith("train")))
-        for name, epoch, value in new:  # the earliest epoch first, and there the training loss
-            if name.endswith("loss") and not math.isfinite(value):
-                raise TrainingError(
-                    f"{name} became {value} at epoch {epoch}: training diverged; "
-                    f"lower the learning rate (model.lr={self.lr}) or change the seed"
-                )
-        self._checked = len(module.history)
-
-    def on_validation_end(self, trainer, module) -> None:
-        if not trainer.sanity_checking:
-            self.check(module)
-
-    def on_train_end(self, trainer, module) -> None:
-        self.check(module)
+def check_finite(rows: list[tuple[str, int, float]], lr: float) -> None:
+    """Raise TrainingError for the earliest loss among (name, epoch, value) rows that became NaN or
+    infinite (at one epoch, the training loss first): training diverged."""
+    for name, epoch, value in sorted(rows, key=lambda row: (row[1], not row[0].startswith("train"))):
+        if name.endswith("loss") and not math.isfinite(value):
+            raise TrainingError(
+                f"{name} became {value} at epoch {epoch}: training diverged; "
+                f"lower the learning rate (model.lr={lr}) or change the seed"
+            )
 
 
 def interrupted(error: BaseException) -> bool:

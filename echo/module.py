@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from echo.encoding import PAD, LinearScale, OneHot
+from echo.faults import check_finite
 from echo.models import detach_state
 from echo.speedups import EpochGraph, PlainAttributes
 from echo.windows import Draw
@@ -27,7 +28,11 @@ class EchoModule(PlainAttributes, pl.LightningModule):
     run sets it to divide every epoch count that needs Lightning's hooks in between (validation,
     checkpoints, the last epoch): see `echo.config.epochs_per_step`. Metrics are accumulated on
     the device and read back once per validation, so the training loop never waits on the host.
-    `history` holds (name, epoch, value) rows, counted in tutorial epochs.
+
+    Metrics go to the Trainer's loggers, their step counted in tutorial epochs: the validation's with
+    `self.log_dict` (its `step` key is the epoch), the training's per-epoch rows, several epochs a
+    Lightning step, with `log_rows` at each validation and at the end. A loss that became NaN or
+    infinite stops the run there (`echo.faults.check_finite`). `summary` holds the latest scores.
 
     `representation` encodes tokens, scores outputs and decodes them (default: one-hot);
     `mask_inputs` hands the network a mask of the real (non-PAD) input items. A network with
@@ -63,9 +68,9 @@ class EchoModule(PlainAttributes, pl.LightningModule):
         self.epochs_per_step = epochs_per_step
         self.teacher_forced = getattr(net, "teacher_forced", False)
         self.by_position: list[float] = []  # test token accuracy at output positions 1, 2, ...
-        self.history: list[tuple[str, int, float]] = []
         self.summary: dict[str, float] = {}
         self._train_sums: list[tuple[int, Tensor]] = []  # (first epoch, per epoch [loss*tokens, correct, tokens])
+        self._unchecked: list[tuple[str, int, float]] = []  # the last validation's rows, for check_finite
         self.cuda_graph, self._graph = cuda_graph, EpochGraph()
         # Several optimizer steps per Lightning step, written out (manual optimization); it
         # also skips automatic optimization's closure and hooks, costly next to these steps.
@@ -184,15 +189,24 @@ class EchoModule(PlainAttributes, pl.LightningModule):
     def on_train_epoch_end(self) -> None:  # after the step's validation: its epochs are complete
         self._train_sums.append((self.epochs_completed() + 1, self._step_sums))
 
-    def flush_train_metrics(self) -> None:
-        """Move the per-epoch training metrics accumulated on the device into `history`."""
+    def on_train_end(self) -> None:
+        check_finite(self.log_train_metrics(), self.lr)
+
+    def log_train_metrics(self) -> list[tuple[str, int, float]]:
+        """Log the per-epoch training metrics accumulated on the device; returns their rows."""
         if not self._train_sums:
-            return
+            return []
         epochs = [first + i for first, sums in self._train_sums for i in range(len(sums))]
         sums = torch.cat([s for _, s in self._train_sums]).tolist()
-        for epoch, (loss_sum, correct, tokens) in zip(epochs, sums):
-            self.history += [("train/loss", epoch, loss_sum / tokens), ("train/acc", epoch, correct / tokens)]
         self._train_sums = []
+        rows = []
+        for epoch, (loss_sum, correct, tokens) in zip(epochs, sums):
+            rows += [("train/loss", epoch, loss_sum / tokens), ("train/acc", epoch, correct / tokens)]
+        log_rows(self.loggers, rows)
+        return rows
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [_KeepMetricsOnException()]
 
     # -- evaluation --------------------------------------------------------------------
     def _eval_step(self, draw: Draw, batch_idx: int) -> None:
@@ -236,7 +250,8 @@ class EchoModule(PlainAttributes, pl.LightningModule):
         if self.teacher_forced:
             metrics.update(self._forced_metrics("val"))
         epoch = self.epochs_at_step_end()
-        self.history += [(name, epoch, value) for name, value in metrics.items()]
+        self._unchecked = self.log_train_metrics() + [(name, epoch, value) for name, value in metrics.items()]
+        self.log_dict({**metrics, "step": float(epoch)})  # `step`: Lightning's x-axis for these
         self.summary.update(metrics)
         exact = metrics["val/exact_match"]
         if exact >= self.target and "epochs_to_target" not in self.summary:
@@ -247,6 +262,10 @@ class EchoModule(PlainAttributes, pl.LightningModule):
             )
         if self.stop_at is not None and exact >= self.stop_at:
             self.trainer.should_stop = True
+
+    def on_validation_end(self) -> None:  # once the loggers have the validation's metrics
+        rows, self._unchecked = self._unchecked, []
+        check_finite(rows, self.lr)
 
     def _forced_metrics(self, prefix: str) -> dict[str, float]:
         """The teacher-forced scores. Token accuracy shows the exposure-bias gap; exact match cannot:
@@ -272,6 +291,26 @@ class EchoModule(PlainAttributes, pl.LightningModule):
         """Predicted tokens for evaluation batches, with state carried and reset first."""
         self.eval()
         return torch.cat([self.rep.decode(scores) for scores, _ in self._forward_batches(batches)])
+
+
+class _KeepMetricsOnException(pl.Callback):
+    """A run that crashes or is interrupted keeps its training metrics so far."""
+
+    def on_exception(self, trainer, module: EchoModule, exception: BaseException) -> None:
+        module.log_train_metrics()
+
+
+def log_rows(loggers, rows: list[tuple[str, int, float]]) -> None:
+    """(name, step, value) rows through Lightning loggers: one `log_metrics` per step, then `save`."""
+    if not rows:
+        return
+    by_step: dict[int, dict[str, float]] = {}
+    for name, step, value in rows:
+        by_step.setdefault(step, {})[name] = value
+    for logger in loggers:
+        for step, metrics in by_step.items():
+            logger.log_metrics(metrics, step)
+        logger.save()
 
 
 def _add_padded(total: Tensor | int, sums: Tensor) -> Tensor:

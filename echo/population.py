@@ -14,7 +14,6 @@ step is the same computation as an independent run's, batch for batch.
 
 from __future__ import annotations
 
-import math
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from echo.config import cpu_threads, wide_step, windows_per_sequence
 from echo.encoding import PAD, REPRESENTATIONS, OneHot
+from echo.faults import TrainingError, check_finite
 from echo.models import build_net, count_parameters, detach_state
 from echo.reuse import save_network
 from echo.speedups import EpochGraph, reuse_freed_memory
@@ -408,21 +408,15 @@ class _Population:
         self._finish([m for m in stopped if m.status == "STOPPED"])
 
     def _check_finite(self, members: list[Member] | None = None) -> None:
-        """A member whose loss became NaN or infinite ends FAILED (as `echo.faults.NonFiniteGuard`
+        """A member whose loss became NaN or infinite ends FAILED (as `echo.faults.check_finite`
         ends an independent run); the others go on."""
         for member in members if members is not None else self._running():
-            rows = sorted(member.history[member.sent :], key=lambda r: (r[1], not r[0].startswith("train")))
-            bad = next(((n, e, v) for n, e, v in rows if n.endswith("loss") and not math.isfinite(v)), None)
-            if bad is None:
-                continue
-            name, epoch, value = bad
-            message = (
-                f"{name} became {value} at epoch {epoch}: training diverged; "
-                f"lower the learning rate (model.lr={member.cfg.model.lr}) or change the seed"
-            )
-            member.status, member.error = "FAILED", f"echo.faults.TrainingError: {message}\n"
-            self._freeze(member, zero=True)
-            print(f"echo: run failed: {member.run_name}: {message}", file=sys.stderr)
+            try:
+                check_finite(member.history[member.sent :], member.cfg.model.lr)
+            except TrainingError as error:
+                member.status, member.error = "FAILED", f"echo.faults.TrainingError: {error}\n"
+                self._freeze(member, zero=True)
+                print(f"echo: run failed: {member.run_name}: {error}", file=sys.stderr)
 
     # -- the end -------------------------------------------------------------------------------
     def _finish(self, members: list[Member]) -> None:
@@ -443,8 +437,9 @@ class _Population:
                 epochs = member.summary["epochs"]
                 final = [(n, epochs, v) for n, v in member.summary.items() if not n.startswith("val/")]
                 member.send()
-                member.tracker.log_metrics(final)
-                member.tracker.log_by_position(at, chance)
+                by_position = [("test/token_acc_by_position", j, acc) for j, acc in enumerate(at, 1)]
+                member.tracker.log_metrics(final + by_position)
+                member.tracker.log_by_position_plot(at, chance)
                 member.tracker.log_text(table + "\n", "expected_predicted.txt")
                 save_network(self._member_net(member), OmegaConf.to_yaml(member.cfg, resolve=True), member.tracker)
                 member.tracker.end_soon("FINISHED")  # written while the others train
@@ -509,7 +504,6 @@ def resume_member(cfg: DictConfig, run_name: str, tags: dict[str, str], checkpoi
     """`resume=<member run id>`: the member continues alone from its checkpoint (CHECKPOINT, read
     with weights only and checked by `echo.checkpoints.download_checkpoint`), in the population's
     loop, as a new run; returns its summary. A member that diverges raises TrainingError, as a run does."""
-    from echo.faults import TrainingError
     from echo.reuse import read_weights_only
 
     state = read_weights_only(checkpoint, f"resume={cfg.resume}: the run's checkpoints/{CHECKPOINT}")

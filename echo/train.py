@@ -24,10 +24,11 @@ from echo.checkpoints import (
 from echo.config import epochs_per_step, length_range, resolve_threads, trained_lengths, validate, windows_per_sequence
 from echo.data import EchoData, at_length, held_out
 from echo.encoding import REPRESENTATIONS
-from echo.faults import NonFiniteGuard, interrupted
+from echo.faults import interrupted
 from echo.lengths import evaluate_lengths, length_rows, length_scores
+from echo.logger import MLflowRunLogger, log_text, make_logger
 from echo.models import NET_OPTIONS, build_net, count_parameters
-from echo.module import EchoModule
+from echo.module import EchoModule, log_rows
 from echo.preflight import out_of_memory_as_training_error, preflight
 from echo.reuse import EVALUATED_FROM, network_to_evaluate, save_network
 from echo.speedups import reuse_freed_memory
@@ -125,16 +126,16 @@ def _fit_and_test(
     )
     data = EchoData(task, model.batch_size, model.stateful, seed=cfg.seed)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    if tracker:
-        tracker.log_text(config_yaml, "config.yaml")  # at the start: there while the run runs
+    logger = make_logger(cfg, tracker)
+    if logger is not None and tracker is None:  # (an MLflow run has the flattened config already)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    log_text(logger, config_yaml, "config.yaml")  # at the start: there while the run runs
     callbacks = [EpochProgress()] if cfg.progress else []
-    callbacks += [TrackingCallback(tracker)] if tracker else []
-    callbacks += [NonFiniteGuard(model.lr)]
     if tracker and stored_net is None:
         callbacks += [Checkpointer(tracker, config_yaml, cfg.get("checkpoint_every"))]
     trainer = pl.Trainer(
-        **in_lightning_epochs(cfg.trainer, k),
-        logger=False,
+        **{"log_every_n_steps": 1, **in_lightning_epochs(cfg.trainer, k)},  # (the module logs per validation)
+        logger=logger or False,
         callbacks=callbacks,
         enable_progress_bar=False,  # EpochProgress shows one bar over epochs instead
         enable_checkpointing=False,
@@ -144,12 +145,12 @@ def _fit_and_test(
     if tracker:
         tracker.log_tags(_device_tags(trainer.strategy.root_device))
     if stored_net is not None:
-        return _test_stored(cfg, tracker, trainer, module, data)
+        return _test_stored(cfg, logger, trainer, module, data)
     start = time.perf_counter()
     trainer.fit(module, data, ckpt_path=checkpoint, weights_only=True)  # download_checkpoint checked it
     train_time = time.perf_counter() - start
-    if tracker:  # the history is complete: the worker draws the curve while the test runs
-        tracker.log_learning_curve(module.history, cfg.target)
+    if isinstance(logger, MLflowRunLogger):  # its history is complete: the worker draws the curve meanwhile
+        tracker.log_learning_curve(logger.history, cfg.target)
     trainer.test(module, data, verbose=False)
     if tracker:
         save_network(net, config_yaml, tracker)
@@ -163,17 +164,20 @@ def _fit_and_test(
     if tested := length_range(task, "test_lengths"):
         by_length = evaluate_lengths(module, data, tested)
         summary.update(length_scores(by_length, trained_lengths(task)))
+        log_rows(trainer.loggers, length_rows(by_length))
         if tracker:
-            tracker.log_metrics(length_rows(by_length))
             tracker.log_length_generalisation(by_length, trained_lengths(task), chance)
     table = expected_predicted(module, data, task, seed=cfg.seed)
     print(table)
     print(summary_line(summary))
+    final = [(name, epochs, v) for name, v in summary.items() if not name.startswith("val/")]  # val/*: logged
+    by_position = [("test/token_acc_by_position", j, acc) for j, acc in enumerate(module.by_position, 1)]
+    log_rows(trainer.loggers, final + by_position)
     if tracker:
-        final = [(name, epochs, v) for name, v in summary.items() if not name.startswith("val/")]
-        tracker.log_metrics(final)  # val/* is in the history already
-        tracker.log_by_position(module.by_position, chance)
-        tracker.log_text(table + "\n", "expected_predicted.txt")
+        tracker.log_by_position_plot(module.by_position, chance)
+    log_text(logger, table + "\n", "expected_predicted.txt")
+    if logger is not None and not isinstance(logger, MLflowRunLogger):
+        print(f"Logged to {logger.log_dir}")
     return summary
 
 
@@ -193,7 +197,7 @@ def network(cfg: DictConfig, rep) -> torch.nn.Module:
     )
 
 
-def _test_stored(cfg: DictConfig, tracker: Tracker | None, trainer, module: EchoModule, data: EchoData) -> dict:
+def _test_stored(cfg: DictConfig, logger, trainer, module: EchoModule, data: EchoData) -> dict:
     """evaluate=: test the stored network, print and log the tutorial's table and the test metrics."""
     trainer.test(module, data, verbose=False)
     summary = dict(module.summary)
@@ -201,10 +205,8 @@ def _test_stored(cfg: DictConfig, tracker: Tracker | None, trainer, module: Echo
     print(table)
     scores = f"test/token_acc {summary['test/token_acc']:.4f}  test/exact_match {summary['test/exact_match']:.4f}"
     print(f"{scores}  of the network of run {cfg.evaluate}")
-    if tracker:
-        module.flush_train_metrics()
-        tracker.log_metrics(module.history + [(name, 0, value) for name, value in summary.items()])
-        tracker.log_text(table + "\n", "expected_predicted.txt")
+    log_rows(trainer.loggers, [(name, 0, value) for name, value in summary.items()])
+    log_text(logger, table + "\n", "expected_predicted.txt")
     return summary
 
 
@@ -266,27 +268,6 @@ class EpochProgress(pl.Callback):
     def on_exception(self, trainer, module, exception) -> None:
         if hasattr(self, "bar"):
             self.bar.close()
-
-
-class TrackingCallback(pl.Callback):
-    """Hands the module's new metric rows to the tracker after every validation."""
-
-    def __init__(self, tracker: Tracker):
-        self.tracker, self._sent = tracker, 0
-
-    def send(self, module: EchoModule) -> None:
-        module.flush_train_metrics()
-        rows, self._sent = module.history[self._sent :], len(module.history)
-        self.tracker.log_metrics(rows)
-
-    def on_validation_end(self, trainer, module) -> None:
-        self.send(module)
-
-    def on_train_end(self, trainer, module) -> None:
-        self.send(module)
-
-    def on_exception(self, trainer, module, exception) -> None:
-        self.send(module)  # keep the metrics so far of a crashed or interrupted run
 
 
 def _quiet_lightning() -> None:

@@ -88,3 +88,13 @@ def tracking_workers(pid: int) -> dict[int, bytes]:
     for _ in range(5):  # the tree is shallow: launcher, its workers, theirs
         below |= {child for child, parent in parents.items() if parent in below}
     return {p: commands[p] for p in below if b"tracking/worker.py" in commands.get(p, b"")}
+
+
+def csv_metrics(folder, name: str) -> list[tuple[int, float]]:
+    """(step, value) rows of metric `name` in the one Lightning CSVLogger `metrics.csv` under `folder`, by step."""
+    import csv
+
+    (path,) = Path(folder).rglob("metrics.csv")
+    with open(path, newline="") as file:
+        rows = [(int(row["step"]), float(row[name])) for row in csv.DictReader(file) if row.get(name)]
+    return sorted(rows)

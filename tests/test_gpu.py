@@ -4,11 +4,13 @@ Skipped where torch sees no GPU (as in CI); run them on a GPU machine with `pyte
 """
 
 import math
+import tempfile
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import TINY, all_runs, make_cfg, metric_history, run_py
+from helpers import TINY, all_runs, csv_metrics, make_cfg, metric_history, run_py
+from pytorch_lightning.loggers import CSVLogger
 
 from echo.data import EchoData
 from echo.models import build_net
@@ -41,13 +43,14 @@ def test_graphed_epochs_train_as_eager_epochs_do(variant):
 
 
 def fit(epochs: int, cuda_graph: bool) -> EchoModule:
+    tmp = tempfile.mkdtemp()
     cfg = make_cfg(*GPU, "model=encdec", "task.n_out=2")
     torch.manual_seed(0)
     net = build_net("encdec", n_in=5, n_features=100, hidden_size=150, n_classes=100, n_out=2)
     module = EchoModule(net, 100, 1e-2, True, windows_per_epoch=8 * 21, cuda_graph=cuda_graph)
     data = EchoData(cfg.task, 21, True, seed=0)
     trainer = pl.Trainer(
-        accelerator="gpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+        accelerator="gpu", devices=1, max_epochs=epochs, logger=CSVLogger(tmp), enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=5,
     )  # fmt: skip
     trainer.fit(module, data)
@@ -58,8 +61,7 @@ def fit(epochs: int, cuda_graph: bool) -> EchoModule:
 def test_an_epoch_is_captured_after_the_warm_up_and_replayed():
     module = fit(WARM_EPOCHS + 5, cuda_graph=True)
     assert module._graph.graph is not None
-    module.flush_train_metrics()
-    losses = [v for name, _, v in module.history if name == "train/loss"]
+    losses = [v for _, v in csv_metrics(module.logger.log_dir, "train/loss")]
     assert len(losses) == WARM_EPOCHS + 5 and len(set(losses)) == len(losses)  # fresh data every replay
     assert fit(WARM_EPOCHS + 5, cuda_graph=False)._graph.graph is None
 

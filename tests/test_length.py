@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONF, TINY, all_runs, artifacts, make_cfg, run_py
+from helpers import CONF, TINY, all_runs, artifacts, csv_metrics, make_cfg, run_py
 from mlflow import MlflowClient
 
 from echo.config import VARIABLE_LENGTH, ConfigError, validate
@@ -216,13 +216,10 @@ BEFORE = {
 
 
 @pytest.mark.parametrize("overrides", list(BEFORE), ids=" ".join)
-def test_runs_without_train_lengths_train_exactly_as_before(overrides, monkeypatch):
-    modules = []
-    monkeypatch.setattr("echo.train.EchoModule", lambda *a, **k: modules.append(EchoModule(*a, **k)) or modules[-1])
-    settings = ["logger=none", "threads=1", "trainer.max_epochs=10", "trainer.check_val_every_n_epoch=5"]
-    summary = train(make_cfg(*settings, *overrides))
-    modules[0].flush_train_metrics()
-    losses = [value for name, _, value in modules[0].history if name == "train/loss"]
+def test_runs_without_train_lengths_train_exactly_as_before(overrides, tmp_path):
+    settings = ["logger=csv", f"logger.save_dir={tmp_path}", "threads=1", "trainer.max_epochs=10"]
+    summary = train(make_cfg(*settings, "trainer.check_val_every_n_epoch=5", *overrides))
+    losses = [value for _, value in csv_metrics(tmp_path, "train/loss")]
     expected_losses, expected = BEFORE[overrides]
     assert losses == pytest.approx(expected_losses, abs=2e-6)
     assert {k: summary[k] for k in expected} == pytest.approx(expected, abs=2e-6)

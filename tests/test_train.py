@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from helpers import all_runs, artifacts, make_cfg, metric_history, run_py, sweep_runs
+from helpers import all_runs, artifacts, csv_metrics, make_cfg, metric_history, run_py, sweep_runs
 
 from echo.config import ConfigError
 from echo.train import train
@@ -34,6 +34,21 @@ def test_a_run_lands_in_mlflow_with_params_metrics_and_artifacts(store, capsys):
         assert name in run.data.metrics
     assert {"config.yaml", "expected_predicted.txt", "learning_curve.png"} <= set(artifacts(store, run.info.run_id))
     assert "Expected: [" in capsys.readouterr().out
+
+
+def test_logger_csv_writes_lightnings_metrics_csv_and_nothing_to_mlflow(store, tmp_path):
+    """The module logs through Lightning's Logger interface: Lightning's own CSVLogger takes it all."""
+    result = run_py("logger=csv", "trainer.max_epochs=20", "progress=false", cwd=tmp_path, uri=store)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "csv_logs" / "echo" / "version_0"
+    assert [step for step, _ in csv_metrics(folder, "train/loss")] == list(range(1, 21))
+    assert [step for step, _ in csv_metrics(folder, "val/exact_match")] == [10, 20]
+    assert [step for step, _ in csv_metrics(folder, "test/token_acc_by_position")] == [1, 2, 3, 4, 5]
+    for name in ("train/acc", "val/loss", "test/exact_match", "train_time_s", "chance/token_acc"):
+        assert csv_metrics(folder, name), name
+    assert "  name: csv\n" in (folder / "config.yaml").read_text()
+    assert "Expected: [" in (folder / "expected_predicted.txt").read_text()
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_reaching_the_target_is_recorded_and_stops_training(store):

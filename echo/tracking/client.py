@@ -289,9 +289,8 @@ class Tracker:
         """More params, known only once training is set up (e.g. `n_params`)."""
         self._send(op="params", params={k: str(v) for k, v in params.items()})
 
-    def log_by_position(self, accuracy: list[float], chance: float) -> None:
-        """`test/token_acc_by_position` (MLflow step = 1-based position) and its plot artifact."""
-        self.log_metrics([("test/token_acc_by_position", j, acc) for j, acc in enumerate(accuracy, 1)])
+    def log_by_position_plot(self, accuracy: list[float], chance: float) -> None:
+        """The plot of `test/token_acc_by_position` (accuracy at output positions 1, 2, ...), drawn by the worker."""
         self._send(op="positions", accuracy=accuracy, chance=chance)
 
     def end_soon(self, status: str = "FINISHED", error: str | None = None) -> None:
