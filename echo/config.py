@@ -137,6 +137,124 @@ def optional(check):
 
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+
+# -- Lightning's Trainer arguments: those echo supports, and why it refuses the others --------------
+
+# pytorch_lightning.Trainer's arguments (2.6), named here so that the checks import no torch
+# (tests/test_bad_input.py keeps this in step with the real signature).
+LIGHTNING_TRAINER_ARGS = (
+    "accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks", "fast_dev_run",
+    "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches",
+    "limit_val_batches", "limit_test_batches", "limit_predict_batches", "overfit_batches",
+    "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps", "log_every_n_steps",
+    "enable_checkpointing", "enable_progress_bar", "enable_model_summary", "accumulate_grad_batches",
+    "gradient_clip_val", "gradient_clip_algorithm", "deterministic", "benchmark", "inference_mode",
+    "use_distributed_sampler", "profiler", "detect_anomaly", "barebones", "plugins", "sync_batchnorm",
+    "reload_dataloaders_every_n_epochs", "default_root_dir", "enable_autolog_hparams", "model_registry",
+)  # fmt: skip
+# The ones echo supports, single runs and populations alike (docs/bad-input.md); each value is checked in CHECKS.
+TRAINER_SUPPORTED = (
+    "max_epochs", "check_val_every_n_epoch", "accelerator", "devices", "precision", "gradient_clip_val",
+    "gradient_clip_algorithm", "accumulate_grad_batches", "strategy", "num_nodes",
+)  # fmt: skip
+ONE_DEVICE = "a run trains in one process on one device; a sweep runs several runs"
+OUTSIDE_LIGHTNING = "populations (hydra/launcher=population) train outside Lightning's Trainer and would ignore it"
+ECHO_SETS = "echo sets it itself"
+NO_LIMIT = (
+    "each Lightning epoch is one batch of fresh sequences: a limit would train or evaluate nothing, or change "
+    "nothing; use trainer.max_epochs, task.sequences_per_epoch or task.eval_windows"
+)
+TRAINER_REFUSED = {
+    "logger": f"{ECHO_SETS}; choose logger=mlflow or logger=none",
+    "callbacks": f"{ECHO_SETS}: its callbacks track, checkpoint and stop the run",
+    "fast_dev_run": "a quick try is trainer.max_epochs=1 logger=none",
+    "min_epochs": "a run stops at stop_at; stop_at=null trains every epoch",
+    "max_steps": "echo counts epochs of several optimizer steps each; use trainer.max_epochs",
+    "min_steps": "echo counts epochs of several optimizer steps each; use stop_at=null",
+    "max_time": OUTSIDE_LIGHTNING,
+    "limit_train_batches": NO_LIMIT,
+    "limit_val_batches": NO_LIMIT,
+    "limit_test_batches": NO_LIMIT,
+    "limit_predict_batches": NO_LIMIT,
+    "overfit_batches": "every epoch draws fresh sequences: there is no fixed batch to overfit",
+    "val_check_interval": "echo validates between epochs; use trainer.check_val_every_n_epoch",
+    "num_sanity_val_steps": f"{ECHO_SETS} (0)",
+    "log_every_n_steps": "echo logs every epoch's metrics itself",
+    "enable_checkpointing": f"{ECHO_SETS}; use checkpoint_every=<epochs>",
+    "enable_progress_bar": f"{ECHO_SETS}; use progress=true or progress=false",
+    "enable_model_summary": f"{ECHO_SETS} (off)",
+    "deterministic": OUTSIDE_LIGHTNING,
+    "benchmark": OUTSIDE_LIGHTNING,
+    "inference_mode": OUTSIDE_LIGHTNING,
+    "profiler": OUTSIDE_LIGHTNING,
+    "detect_anomaly": OUTSIDE_LIGHTNING,
+    "use_distributed_sampler": ONE_DEVICE,
+    "sync_batchnorm": ONE_DEVICE,
+    "plugins": "echo runs on Lightning's default plugins",
+    "barebones": "echo needs Lightning's hooks for validation, checkpoints and stopping",
+    "reload_dataloaders_every_n_epochs": "every epoch draws fresh sequences already",
+    "default_root_dir": "echo writes nothing there: runs live in the tracking store",
+    "enable_autolog_hparams": "echo logs its config to the tracking store itself",
+    "model_registry": "echo stores every finished run's network itself",
+}
+PRECISIONS = ("32", "32-true", "64", "64-true")  # trainer.precision values echo supports
+LIGHTNING_PRECISIONS = ("16", "bf16", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "transformer-engine",
+                        "transformer-engine-float16")  # fmt: skip
+HALF = (
+    "echo trains in float32 or float64: half and mixed precision need Lightning's autocast and loss scaling "
+    "around each optimizer step, which echo's own steps do not go through"
+)
+
+
+def check_trainer_keys(trainer) -> None:
+    """Refuse a trainer.* key echo does not support, in one line saying why."""
+    for key in trainer:
+        if key in TRAINER_SUPPORTED:
+            continue
+        if key not in LIGHTNING_TRAINER_ARGS:
+            raise ConfigError(f"trainer.{key} is not an argument of Lightning's Trainer: remove +trainer.{key}=...")
+        why = TRAINER_REFUSED.get(key, "not tried with echo")
+        raise ConfigError(
+            f"trainer.{key} is not supported by echo ({why}): remove it; supported: "
+            f"{', '.join(f'trainer.{k}' for k in TRAINER_SUPPORTED)} (docs/bad-input.md)"
+        )
+
+
+def precision(path: str, value) -> None:
+    if str(value) in PRECISIONS:
+        return
+    if str(value) in LIGHTNING_PRECISIONS:
+        raise ConfigError(f"{path}={value!r} is not supported by echo ({HALF}): set {path}=32 or {path}=64")
+    raise ConfigError(f"{path}={value!r} is unknown: choose {path}=32 or {path}=64")
+
+
+def one_device(path: str, value) -> None:
+    """1, auto, or one device's index in a list ([0]): Lightning's single-device settings."""
+    listed = not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and len(value) == 1
+    if listed and not isinstance(value[0], bool) and isinstance(value[0], int) and value[0] >= 0:
+        return
+    if not listed and not isinstance(value, bool) and value in (1, "1", "auto"):
+        return
+    raise ConfigError(
+        f"{path}={value!r} is not supported by echo ({ONE_DEVICE}): set {path}=1, {path}=auto or {path}=[<index>]"
+    )
+
+
+def only(allowed, why: str):
+    """Exactly `allowed` (what echo can do of a Lightning setting); `why` the others are refused."""
+
+    def check(path: str, value) -> None:
+        if value != allowed or isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r} is not supported by echo ({why}): set {path}={allowed} or remove it")
+
+    return check
+
+
+def non_negative(path: str, value) -> None:
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{path}={value!r} must be a number >= 0 (0: no clipping): e.g. {path}=1.0")
+
+
 # The scalar metrics a run returns, which `objective` may name (README.md, What a run records).
 OBJECTIVES = (
     "val/loss",
@@ -158,8 +276,9 @@ OBJECTIVES = (
 )
 
 # Every key a user may set, with its check (keys a config does not have are skipped: a new key
-# gets its row here). Lightning's own Trainer arguments are checked when the Trainer is built
-# (echo.preflight), and settings that depend on each other after these, in `validate`.
+# gets its row here). trainer.* keys outside TRAINER_SUPPORTED are refused (`check_trainer_keys`);
+# Lightning builds a Trainer with the rest (echo.preflight); settings that depend on each other
+# are checked after these, in `validate`.
 CHECKS = {
     "seed": seed,
     "threads": auto_or_count,
@@ -198,6 +317,13 @@ CHECKS = {
     "trainer.max_epochs": count,
     "trainer.check_val_every_n_epoch": count,
     "trainer.accelerator": one_of(*ACCELERATORS),
+    "trainer.devices": one_device,
+    "trainer.num_nodes": only(1, ONE_DEVICE),
+    "trainer.strategy": only("auto", ONE_DEVICE),
+    "trainer.precision": precision,
+    "trainer.gradient_clip_val": optional(non_negative),
+    "trainer.gradient_clip_algorithm": one_of("norm", "value"),
+    "trainer.accumulate_grad_batches": count,
     "logger.name": one_of("mlflow", "csv", "none", hint="logger=mlflow, logger=csv or logger=none"),
     "logger.experiment": name,
     "logger.save_dir": name,
@@ -324,6 +450,7 @@ def validate(cfg) -> None:
     then the settings that depend on each other."""
     from omegaconf import OmegaConf
 
+    check_trainer_keys(cfg.trainer)
     for path, check in CHECKS.items():
         value = OmegaConf.select(cfg, path, default=_ABSENT)
         if value is not _ABSENT:

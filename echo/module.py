@@ -12,6 +12,7 @@ from echo.encoding import PAD, LinearScale, OneHot
 from echo.faults import check_finite
 from echo.models import detach_state
 from echo.speedups import EpochGraph, PlainAttributes
+from echo.steps import StepSettings
 from echo.windows import Draw
 
 
@@ -60,12 +61,14 @@ class EchoModule(PlainAttributes, pl.LightningModule):
         mask_inputs: bool = False,
         cuda_graph: bool = True,
         epochs_per_step: int = 1,
+        steps: StepSettings | None = None,
     ):
         super().__init__()
         self.net, self.n_unique, self.lr, self.stateful = net, n_unique, lr, stateful
         self.windows_per_epoch, self.target, self.stop_at = windows_per_epoch, target, stop_at
         self.rep, self.mask_inputs = representation or OneHot(n_unique), mask_inputs
         self.epochs_per_step = epochs_per_step
+        self.steps = steps or StepSettings()  # Lightning's clipping and accumulation (echo/steps.py)
         self.teacher_forced = getattr(net, "teacher_forced", False)
         self.by_position: list[float] = []  # test token accuracy at output positions 1, 2, ...
         self.summary: dict[str, float] = {}
@@ -90,7 +93,10 @@ class EchoModule(PlainAttributes, pl.LightningModule):
             options["n_out"] = n_out
         if targets is not None and self.teacher_forced:
             options["targets"] = targets
-        return self.net(self.rep.encode(x), state, **options)
+        inputs = self.rep.encode(x)
+        if inputs.dtype != self.dtype:  # trainer.precision=64: the network is float64
+            inputs = inputs.to(self.dtype)
+        return self.net(inputs, state, **options)
 
     def configure_optimizers(self):
         # Fused: one kernel per step. Capturable: its step count stays on the device, for graphs.
@@ -173,15 +179,20 @@ class EchoModule(PlainAttributes, pl.LightningModule):
     def _train_epoch(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
         """Train on the batches in order; returns [summed loss, correct tokens, tokens] on the
         device. The plain optimizer and `backward()`: Lightning's per-step hooks would cost more
-        than these tiny steps."""
+        than these tiny steps. Clipping and accumulation as `self.steps` says (echo/steps.py)."""
         optimizer = self.optimizers(use_pl_optimizer=False)
+        steps, scale = self.steps, self.steps.loss_scale()
         sums = []
-        for scores, y in self._forward_batches(batches, teacher_forced=self.teacher_forced):
+        batched = self._forward_batches(batches, teacher_forced=self.teacher_forced)
+        for i, (scores, y) in enumerate(batched):
             tokens = (y != PAD).sum()
             loss_sum = self.rep.loss_sum(scores, y)
-            optimizer.zero_grad()
-            (loss_sum / tokens).backward()
-            optimizer.step()
+            if steps.zero_before(i):
+                optimizer.zero_grad()
+            (loss_sum / tokens * scale if scale != 1 else loss_sum / tokens).backward()
+            if steps.step_after(i, len(batches)):
+                steps.clip(self.parameters())
+                optimizer.step()
             correct = (self.rep.decode(scores.detach()) == y).sum()  # PAD (-1) is never a prediction
             sums.append(torch.stack([loss_sum.detach(), correct, tokens]))
         return torch.stack(sums).sum(0)

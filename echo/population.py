@@ -42,6 +42,7 @@ from echo.stacked import (
     stacked_batches,
     stacked_layout,
 )
+from echo.steps import StepSettings
 from echo.summary import summary_line
 from echo.tracking import Tracker, log_artifacts, start_tracker
 from echo.windows import Draw
@@ -113,10 +114,17 @@ class Member:
 
 
 def _device(cfg: DictConfig) -> torch.device:
+    """trainer.accelerator's device; on a GPU, trainer.devices=[i]'s (echo.config allows one device)."""
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
+        devices = cfg.trainer.get("devices", 1)
+        return torch.device("cuda", int(devices[0])) if not isinstance(devices, (int, str)) else torch.device("cuda")
     return torch.device("cpu")
+
+
+def _dtype(cfg: DictConfig) -> torch.dtype:
+    """The weights' and inputs' type trainer.precision asks for (echo.config allows 32 and 64 only)."""
+    return torch.float64 if str(cfg.trainer.get("precision", "32")).startswith("64") else torch.float32
 
 
 def train_population(
@@ -174,7 +182,8 @@ class _Population:
         torch.set_num_threads(1)
         reuse_freed_memory()
         self.threads = threads
-        self.device = _device(cfg)
+        self.device, self.dtype = _device(cfg), _dtype(cfg)
+        self.steps = StepSettings.from_trainer(cfg.trainer)  # clipping (per member) and accumulation
         self.rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
         nets = []
         for member in members:  # as echo.train builds an independent run's network
@@ -187,14 +196,14 @@ class _Population:
                     hidden_size=model.hidden_size,
                     n_classes=self.rep.n_outputs,
                     n_out=task.n_out,
-                )
+                ).to(self.dtype)
             )
         if restore is not None:
             nets[0].load_state_dict({name.removeprefix("net."): w for name, w in restore["state_dict"].items()})
         for member, net in zip(members, nets):
             if member.tracker:  # as an independent run logs it
                 member.tracker.log_params({"n_params": count_parameters(net)})
-        self.net = StackedNet(nets).to(self.device)
+        self.net = StackedNet(nets).to(self.device)  # (float64 already, with trainer.precision=64)
         self.nets = nets  # each member's own network, to store its trained weights in (echo.reuse)
         self.tokens = isinstance(self.rep, OneHot) and self.net.reads_tokens  # one-hot codes as their tokens
         self.optimizer = MemberAdam(list(self.net.parameters()), [float(m.cfg.model.lr) for m in members])
@@ -253,7 +262,7 @@ class _Population:
         state = None
         for x, y in batches:
             mask = x != PAD if self.mask_inputs else None
-            inputs = x if self.tokens else self.rep.encode(x)
+            inputs = x if self.tokens else self.rep.encode(x).to(self.dtype)
             scores, state = self.net(inputs, state if self.stateful else None, mask, members=index)
             yield scores, y
             state = detach_state(state)
@@ -276,13 +285,18 @@ class _Population:
         index = self._training  # None: every member trains
         if index is not None:
             batches = [(x[index], y[index]) for x, y in batches]
+        steps, scale = self.steps, self.steps.loss_scale()
         sums = []
-        for scores, y in self._forward_batches(batches, index):
+        for i, (scores, y) in enumerate(self._forward_batches(batches, index)):
             tokens = (y != PAD).flatten(1).sum(1)
             loss_sums = member_loss_sums(self.rep, scores, y)
-            self.optimizer.zero_grad()
-            (loss_sums / tokens).sum().backward()  # each member's gradient: that of its own mean loss
-            self.optimizer.step()
+            if steps.zero_before(i):
+                self.optimizer.zero_grad()
+            mean_losses = loss_sums / tokens * scale if scale != 1 else loss_sums / tokens
+            mean_losses.sum().backward()  # each member's gradient: that of its own mean loss
+            if steps.step_after(i, len(batches)):
+                steps.clip(self.optimizer.params, members=True)  # each member's own norm
+                self.optimizer.step()
             correct = (self.rep.decode(scores.detach()) == y).flatten(1).sum(1)
             sums.append(torch.stack([loss_sums.detach(), correct, tokens]))
         if index is None:

@@ -15,7 +15,9 @@ from echo.config import ConfigError, epochs_per_step, first_line, windows_per_se
 from echo.faults import TrainingError
 
 FLOAT = 4  # bytes of a float32
-CHECKED_HERE = {"max_epochs", "check_val_every_n_epoch", "accelerator", "devices"}  # (echo.config.CHECKS)
+# trainer.* keys echo.config checks in full (CHECKS); with others Lightning builds a Trainer to check them
+CHECKED_HERE = {"max_epochs", "check_val_every_n_epoch", "accelerator", "devices", "strategy", "num_nodes"}
+CHECKED_HERE |= {"gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches"}  # echo's (echo/steps.py)
 SHRINK = "use a smaller model.hidden_size, model.batch_size, task.sequences_per_epoch or task.eval_windows"
 
 
@@ -42,7 +44,13 @@ def check_trainer(cfg) -> None:
         )
     if accelerator == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.accelerator=mps: this machine has no Apple GPU: use trainer.accelerator=auto")
-    if set(cfg.trainer) <= CHECKED_HERE and cfg.trainer.get("devices", 1) == 1:
+    devices = cfg.trainer.get("devices", 1)
+    if devices == "auto" and uses_cuda(cfg) and torch.cuda.device_count() > 1:
+        raise ConfigError(
+            f"trainer.devices=auto would train on all {torch.cuda.device_count()} GPUs, and echo trains on one: "
+            f"set trainer.devices=1 or trainer.devices=[<index>]"
+        )
+    if set(cfg.trainer) <= CHECKED_HERE and devices in (1, "1", "auto"):
         return  # the settings echo.config checks already (building a Trainer costs 30-50 ms)
     _quiet_lightning()
     try:

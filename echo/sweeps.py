@@ -85,8 +85,9 @@ class SweepCallback(Callback):
 
     At the end the parent holds the best child (tags `echo.best_run`, `echo.best_run_id`,
     metric `best/<objective>`), a table of all children (`sweep.md`) and a plot of the
-    objective against each swept setting (`sweep.png`). If the sweep is interrupted (Ctrl-C,
-    SIGTERM) or dies, the parent and its unfinished children end KILLED, never RUNNING.
+    objective against each swept setting (`sweep.png`). A sweep one of whose jobs FAILED ends its
+    parent FAILED (after its summary, if it went on); an interrupted one (Ctrl-C, SIGTERM) ends the
+    parent and its unfinished children KILLED, never RUNNING (`end_sweep`).
     """
 
     parent: str | None = None
@@ -146,7 +147,7 @@ class SweepCallback(Callback):
             PENDING_PARENT.append(self._take_parent)
         else:  # the jobs, elsewhere, find it in the environment
             self._take_parent()
-        atexit.register(self._end_if_reachable, "KILLED")  # if the sweep dies before on_multirun_end
+        atexit.register(self._end_if_reachable, None)  # if the sweep stops before on_multirun_end
         _sigterm_as_interrupt()
 
     def _stop_tracking(self) -> None:
@@ -199,13 +200,16 @@ class SweepCallback(Callback):
             print(f"echo: tracking failed: {problem}", file=sys.stderr)
             sys.exit(3)
 
-    def _end_if_reachable(self, status: str) -> None:
+    def _end_if_reachable(self, status: str | None) -> None:
+        """End the parent with `status`; None: KILLED after an interrupt, else as `end_sweep` finds."""
+        if status is None and INTERRUPTED:
+            status = "KILLED"
         try:
             self._end(status)
         except Exception as error:  # the store is gone: the jobs' lines said where their runs are kept
             print(f"echo: tracking failed: could not end the sweep's parent run ({reason(error)})", file=sys.stderr)
 
-    def _end(self, status: str) -> None:
+    def _end(self, status: str | None) -> None:
         self._take_parent()
         if self.parent is None:
             return
@@ -355,17 +359,28 @@ def create_parent(client, experiment: str, run_name: str, tags: dict[str, str]) 
 
 
 def finish_sweep(client, parent: str, objective: str, ignored: list[str], argv: list[str]) -> None:
-    """The sweep's end: its parent tagged with where it came from (`argv`), its summary, FINISHED."""
+    """The sweep's end: its parent tagged with where it came from (`argv`), its summary, FINISHED, or
+    FAILED if one of its jobs failed (a diverged job: the sweep went on)."""
+    status = "FINISHED"
     try:
         tag_provenance(client, parent, argv)
-        summarize_sweep(client, parent, objective, ignored)
+        summary = summarize_sweep(client, parent, objective, ignored)
+        if summary["failed"]:
+            status = "FAILED"
     finally:
-        client.set_terminated(parent, "FINISHED")
+        client.set_terminated(parent, status)
 
 
-def end_sweep(client, parent: str, status: str) -> None:
-    """End a sweep's parent run, and its children still RUNNING, with `status` (KILLED, FAILED)."""
-    for run in children(client, parent):
+def end_sweep(client, parent: str, status: str | None) -> None:
+    """End a sweep's parent run, and its children still RUNNING, with `status` (KILLED, FAILED). None:
+    a sweep that stopped before its end, for a reason its launching process did not see (an error
+    raised from a job, or an interrupt while a job's own handler had the signal): its children
+    tell. An interrupted job ended KILLED: KILLED; else one that ended FAILED: FAILED; else KILLED."""
+    runs = children(client, parent)
+    if status is None:
+        statuses = {run.info.status for run in runs}
+        status = "FAILED" if "FAILED" in statuses and "KILLED" not in statuses else "KILLED"
+    for run in runs:
         if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, status)
     client.set_terminated(parent, status)
@@ -420,17 +435,24 @@ def check_sweep(config) -> None:
     arguments = [f"{k}={v}" for k, v in params.items()] + task_overrides(config)
     jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)[0]
     loader = GlobalHydra.instance().config_loader()
+    # Where the jobs run in this process, torch and Lightning load here for the first one anyway: each
+    # job's memory estimate and Trainer (what a run checks before it starts) are checked here first.
+    in_process = _launcher(config) in IN_PROCESS
     composed = {}
     for num, overrides in enumerate(jobs):
         try:
             job = composed[tuple(overrides)] = loader.load_sweep_config(config, sweep_overrides=list(overrides))
             validate(job)
+            if in_process:
+                from echo.preflight import preflight
+
+                preflight(job)
         except (ConfigError, HydraException, OmegaConfBaseException) as error:  # a bad value, or `${typo}`
             if _interrupted(error):
                 raise KeyboardInterrupt from error
             print(f"echo: bad sweep: job #{num} ({' '.join(overrides)}): {first_line(error)}", file=sys.stderr)
             sys.exit(2)
-    if _launcher(config) in IN_PROCESS:
+    if in_process:
         _hand_out_copies(loader, config, composed)
 
 
@@ -465,11 +487,23 @@ def _hand_out_copies(loader, master, composed: dict) -> None:
     loader.load_sweep_config = load_sweep_config
 
 
+INTERRUPTED: list[int] = []  # the signals (SIGINT, SIGTERM) that interrupted the sweep's launching process
+
+
 def _sigterm_as_interrupt() -> None:
-    """SIGTERM to the launching process ends the sweep as Ctrl-C does, so atexit handlers run."""
+    """SIGTERM to the launching process ends the sweep as Ctrl-C does, so atexit handlers run; both
+    are noted (INTERRUPTED), for the parent's status. (A job's run, in this process, handles SIGTERM
+    itself while it trains: `end_sweep` tells that from its children.)"""
+
+    def interrupt(signum, frame) -> None:
+        INTERRUPTED.append(signum)
+        signal.default_int_handler(signal.SIGINT, frame)
+
     try:
         if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, lambda *_: signal.default_int_handler(signal.SIGINT, None))
+            signal.signal(signal.SIGTERM, interrupt)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, interrupt)
     except ValueError:  # not the main thread
         pass
 
@@ -512,6 +546,7 @@ def summarize_sweep(
     settings = seed_statistics(runs, keys, objective)
     client.log_text(parent_run_id, sweep_table(runs, swept, objective, settings, keys), "sweep.md")
     summary: dict[str, object] = {"children": len(runs), "swept": swept, "settings": [s.as_dict() for s in settings]}
+    summary["failed"] = sum(run.info.status == "FAILED" for run in runs)
     scored = [r for r in runs if objective in r.data.metrics]
     if scored:
         best = scored[0]

@@ -32,6 +32,7 @@ from echo.module import EchoModule, log_rows
 from echo.preflight import out_of_memory_as_training_error, preflight
 from echo.reuse import EVALUATED_FROM, network_to_evaluate, save_network
 from echo.speedups import reuse_freed_memory
+from echo.steps import ECHO_STEPS, StepSettings
 from echo.summary import summary_line
 from echo.tracking import Tracker, start_tracker, tracking_uri
 from echo.tracking.outbox import TrackingStartError, unreachable
@@ -123,6 +124,7 @@ def _fit_and_test(
         mask_inputs=task.framing == "mask",
         cuda_graph=cfg.get("cuda_graph", True) and not variable,  # a graph replays one shape only
         epochs_per_step=k,
+        steps=StepSettings.from_trainer(cfg.trainer),  # clipping, accumulation: echo's steps, not the Trainer's
     )
     data = EchoData(task, model.batch_size, model.stateful, seed=cfg.seed)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
@@ -228,8 +230,11 @@ def _run_line(tracker: Tracker, page: str | None) -> str:
 
 
 def in_lightning_epochs(trainer_cfg, k: int) -> dict:
-    """The Trainer's arguments, with the epoch counts in Lightning epochs of `k` tutorial epochs."""
+    """The Trainer's arguments, with the epoch counts in Lightning epochs of `k` tutorial epochs, less
+    those echo's own optimizer steps take (echo/steps.py: Lightning refuses them with manual optimization)."""
     args = OmegaConf.to_container(trainer_cfg, resolve=True)
+    for key in ECHO_STEPS:
+        args.pop(key, None)
     for key in ("max_epochs", "check_val_every_n_epoch", "min_epochs"):
         if args.get(key):
             args[key] = -(-args[key] // k)  # k divides all but min_epochs

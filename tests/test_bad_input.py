@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 from helpers import RUN_PY, TINY, all_runs, artifacts, make_cfg, run_py, start_run_py
 
-from echo.config import CHECKS, ConfigError, check_threads, validate
+from echo.config import (
+    CHECKS,
+    LIGHTNING_TRAINER_ARGS,
+    TRAINER_REFUSED,
+    TRAINER_SUPPORTED,
+    ConfigError,
+    check_threads,
+    validate,
+)
 
 # Every key a user may set, with bad values, and what the one line says. Most run in this process
 # (validate, then the checks a run makes before it is tracked); ISSUE's rows run as `python run.py`.
@@ -63,8 +71,13 @@ BAD = {
     "trainer.max_epochs=0": "trainer.max_epochs=0 must be a whole number >= 1",
     "trainer.check_val_every_n_epoch=0": "trainer.check_val_every_n_epoch=0 must be a whole number >= 1",
     "trainer.accelerator=ipu": "trainer.accelerator='ipu' is unknown",
-    "trainer.devices=0": "Lightning refuses the trainer settings: `Trainer(devices=0)`",
-    "+trainer.precision=banana": "Lightning refuses the trainer settings: Precision 'banana' is invalid",
+    "trainer.devices=0": "trainer.devices=0 is not supported by echo (a run trains in one process on one device",
+    "+trainer.precision=banana": "trainer.precision='banana' is unknown: choose trainer.precision=32 or",
+    "+trainer.gradient_clip_val=-1": "trainer.gradient_clip_val=-1 must be a number >= 0",
+    "+trainer.gradient_clip_algorithm=max": "trainer.gradient_clip_algorithm='max' is unknown",
+    "+trainer.accumulate_grad_batches=0": "trainer.accumulate_grad_batches=0 must be a whole number >= 1",
+    "+trainer.strategy=ddp": "trainer.strategy='ddp' is not supported by echo",
+    "+trainer.num_nodes=2": "trainer.num_nodes=2 is not supported by echo",
     "+trainer.no_such_flag=1": "trainer.no_such_flag is not an argument of Lightning's Trainer",
     "logger.name=wandb": "logger.name='wandb' is unknown: choose logger=mlflow or logger=none",
     "logger.experiment=''": "logger.experiment='' must be a name",
@@ -139,6 +152,91 @@ def test_the_issues_table_each_ends_with_exit_2_and_one_line(tmp_path):
         assert re.search(pattern(expected), lines[0]), (override, lines[0])
         assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "echo-unsent").exists()  # nothing tracked
+
+
+# -- Lightning's Trainer arguments: supported (docs/bad-input.md) or refused in one line ------------
+
+# One value of each Trainer argument echo refuses, and the values of supported ones it cannot honour.
+REFUSED_VALUES = {
+    **{key: "1" for key in TRAINER_REFUSED},
+    "fast_dev_run": "true",
+    "limit_train_batches": "0",
+    "limit_val_batches": "0.5",
+    "profiler": "simple",
+    "strategy": "ddp",
+    "num_nodes": "2",
+    "devices": "2",
+    "precision": "bf16-mixed",
+}
+
+
+def test_echos_list_of_lightnings_trainer_arguments_is_lightnings():
+    import inspect
+
+    import pytorch_lightning as pl
+
+    assert set(LIGHTNING_TRAINER_ARGS) == set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    assert set(TRAINER_SUPPORTED) | set(TRAINER_REFUSED) == set(LIGHTNING_TRAINER_ARGS)
+    assert {f"trainer.{key}" for key in TRAINER_SUPPORTED} <= set(CHECKS)  # every supported value is checked
+
+
+@pytest.mark.parametrize("key", sorted(REFUSED_VALUES))
+def test_a_trainer_argument_echo_cannot_honour_is_refused_in_one_line(key):
+    override = f"trainer.{key}={REFUSED_VALUES[key]}"
+    with pytest.raises(ConfigError, match=rf"^trainer\.{key}(=\S+)? is not supported by echo \(") as raised:
+        validate(make_cfg(override if key in ("devices",) else f"+{override}"))
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("precision", ["16", "bf16", "16-mixed", "bf16-mixed", "16-true", "bf16-true"])
+def test_half_and_mixed_precision_are_refused_with_the_reason(precision):
+    with pytest.raises(ConfigError, match="echo trains in float32 or float64: half and mixed precision need"):
+        validate(make_cfg(f"+trainer.precision={precision}"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["+trainer.precision=64", "trainer.devices=auto"],
+        ["+trainer.precision=32-true", "+trainer.strategy=auto", "+trainer.num_nodes=1"],
+        ["+trainer.gradient_clip_val=0.5", "+trainer.gradient_clip_algorithm=value"],
+        ["+trainer.gradient_clip_val=null", "+trainer.accumulate_grad_batches=4"],
+    ],
+)
+def test_the_supported_trainer_arguments_pass_every_check(overrides):
+    checked(make_cfg(*overrides))
+
+
+# Each class of refusal as a user meets it, `python run.py <override>` (and a population's sweep).
+REFUSED_RUNS = {
+    ("+trainer.num_nodes=2",): "echo: bad config: trainer.num_nodes=2 is not supported by echo",
+    ("trainer.devices=2",): "echo: bad config: trainer.devices=2 is not supported by echo",
+    ("+trainer.precision=bf16",): "echo: bad config: trainer.precision='bf16' is not supported by echo (echo trains",
+    ("+trainer.fast_dev_run=true",): "echo: bad config: trainer.fast_dev_run is not supported by echo (",
+    ("+trainer.limit_train_batches=0",): "echo: bad config: trainer.limit_train_batches is not supported by echo (",
+    ("-m", "hydra/launcher=population", "seed=0,1", "+trainer.precision=16-mixed"): (
+        "echo: bad sweep: job #0 (seed=0 +trainer.precision=16-mixed"
+    ),
+}
+
+
+@pytest.mark.parametrize("args", REFUSED_RUNS, ids=[" ".join(a) for a in REFUSED_RUNS])
+def test_a_refused_trainer_argument_exits_2_with_one_line_and_nothing_tracked(tmp_path, args):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_py(*args, *TINY, cwd=tmp_path, uri=uri)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert one_line(result).startswith(REFUSED_RUNS[args]), result.stderr
+    assert "Expected:" not in result.stdout  # nothing trained
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "echo-unsent").exists()
+
+
+def test_gradient_clipping_runs_and_is_logged_as_a_param(store):
+    from echo.train import train
+
+    summary = train(make_cfg("+trainer.gradient_clip_val=1.0", "trainer.max_epochs=20"), run_name="clipped")
+    (run,) = all_runs(store)
+    assert run.info.status == "FINISHED" and summary["epochs"] == 20
+    assert run.data.params["trainer.gradient_clip_val"] == "1.0"
 
 
 def test_an_interpolation_that_cannot_resolve_is_one_line(tmp_path):

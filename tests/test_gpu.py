@@ -28,6 +28,13 @@ VARIANTS = {
     "stateless": ["model.stateful=false"],
     "masked framing": ["task.framing=mask", "task.n_out=2", "model.batch_size=5"],
     "linear representation": ["task.representation=linear"],
+    # Lightning's settings echo's own steps take (echo/steps.py), captured with the epoch
+    "clipped, accumulated": ["+trainer.gradient_clip_val=0.05", "+trainer.accumulate_grad_batches=2"],
+    "float64, clipped by value": [
+        "+trainer.precision=64",
+        "+trainer.gradient_clip_val=0.01",
+        "+trainer.gradient_clip_algorithm=value",
+    ],
 }
 
 

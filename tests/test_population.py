@@ -11,6 +11,7 @@ from helpers import TINY, all_runs, artifacts, make_cfg, metric_history, run_py,
 from echo.data import to_batches, to_windows
 from echo.encoding import PAD, LinearScale, OneHot
 from echo.models import build_net
+from echo.module import EchoModule
 from echo.population import Member, _Population, population_key, why_not_stackable
 from echo.stacked import (
     MemberAdam,
@@ -367,3 +368,60 @@ def test_sigterm_ends_every_member_killed_with_its_checkpoint(tmp_path):
     steps = [step for step, _ in metric_history(uri, run.info.run_id, "train/loss")]
     assert steps == list(range(done + 1, done + 21))
     assert "test/exact_match" in run.data.metrics and run.data.params["seed"] == member.data.params["seed"]
+
+
+# -- Lightning's gradient clipping and accumulation, precision 64: as an independent run's ----------
+
+
+def test_clipping_a_members_gradient_norm_is_clipping_it_alone():
+    from echo.steps import StepSettings
+
+    torch.manual_seed(0)
+    stacked = [torch.nn.Parameter(torch.randn(3, 6, 5)), torch.nn.Parameter(torch.randn(3, 1, 5))]
+    grads = [torch.randn(3, 6, 5) * torch.tensor([10.0, 0.01, 3.0]).view(3, 1, 1), torch.randn(3, 1, 5)]
+    for p, g in zip(stacked, grads):
+        p.grad = g.clone()
+    StepSettings(clip_val=0.5).clip(stacked, members=True)
+    for k in range(3):
+        alone = [torch.nn.Parameter(p[k].detach().clone()) for p in stacked]
+        for p, g in zip(alone, grads):
+            p.grad = g[k].clone()
+        before = torch.nn.utils.clip_grad_norm_(alone, 0.5)  # Lightning's norm clipping
+        for p, q in zip(stacked, alone):
+            torch.testing.assert_close(p.grad[k], q.grad, atol=1e-7, rtol=1e-6)
+        after = torch.linalg.vector_norm(torch.cat([p.grad[k].flatten() for p in stacked]))
+        assert after == pytest.approx(min(0.5, float(before)), rel=1e-5)  # member 1's small gradient is kept
+    StepSettings(clip_val=1e-3, clip_algorithm="value").clip(stacked, members=True)
+    assert max(float(p.grad.abs().max()) for p in stacked) == pytest.approx(1e-3)  # clamped, float32
+
+
+STEPS = {  # Lightning's trainer settings echo's own steps take, each a real change to the updates
+    "clip norm, accumulate 2": ["+trainer.gradient_clip_val=0.05", "+trainer.accumulate_grad_batches=2"],
+    "clip value": ["+trainer.gradient_clip_val=0.001", "+trainer.gradient_clip_algorithm=value"],
+    "precision 64, clip norm": ["+trainer.precision=64", "+trainer.gradient_clip_val=0.05"],
+}
+
+
+@pytest.mark.parametrize("steps", STEPS)
+def test_a_member_steps_as_its_independent_run_does_clipped_accumulated_or_in_float64(steps, monkeypatch):
+    """Listing A, 4 epochs of 3 batches: each member's weights after its clipped (or accumulated, or
+    float64) steps are its independent run's (echo.train), which differ from the plain ones."""
+    from echo import train as training
+
+    settings = ["logger=none", "stop_at=null", "trainer.max_epochs=4", "trainer.check_val_every_n_epoch=2"]
+    modules = []
+    monkeypatch.setattr(training, "EchoModule", lambda *a, **k: modules.append(EchoModule(*a, **k)) or modules[-1])
+    cfgs = [make_cfg(*settings, *STEPS[steps], f"seed={seed}") for seed in (0, 1)]
+    population = _Population([Member(cfg, f"m{cfg.seed}", {}) for cfg in cfgs], threads=1)
+    population.fit()
+    for k, cfg in enumerate(cfgs):
+        training.train(cfg)
+        training.train(make_cfg(*settings, f"seed={cfg.seed}"))  # plain steps
+        (alone, plain), modules[:] = modules, []
+        ours = population.net.member_state_dict(k)
+        for name, value in alone.net.state_dict().items():
+            assert ours[name].dtype == value.dtype == (torch.float64 if "64" in steps else torch.float32)
+            torch.testing.assert_close(ours[name], value, atol=1e-5, rtol=1e-4)
+        assert any(not torch.allclose(v, plain.net.state_dict()[n].to(v.dtype)) for n, v in ours.items())
+        adam_steps = int(next(iter(alone.optimizers().optimizer.state.values()))["step"])
+        assert adam_steps == int(population.optimizer._step) == (8 if "accumulate 2" in steps else 12)

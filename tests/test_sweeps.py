@@ -88,6 +88,9 @@ def test_a_job_without_the_parent_in_its_environment_finds_it_by_the_sweep_tag(s
 
 BAD_VALUE = ("model.hidden_size=20,-5", "job #1 (model.hidden_size=-5", "must be a whole number >= 1")
 BAD_INTERPOLATION = ("task.n_in=5,${nope}", "job #1 (task.n_in=", "Interpolation key 'nope' not found")
+# checked with torch (echo.preflight) before the first job trains: its memory, its Trainer
+BAD_MEMORY = ("model.hidden_size=20,100000000", "job #1 (model.hidden_size=100000000", "this run needs about 640 PB")
+BAD_TRAINER = ("trainer.devices=1,[0]", "job #1 (trainer.devices=[0]", "Lightning refuses the trainer settings")
 
 
 @pytest.mark.parametrize(
@@ -98,6 +101,8 @@ BAD_INTERPOLATION = ("task.n_in=5,${nope}", "job #1 (task.n_in=", "Interpolation
         (["hydra/launcher=population"], False, BAD_VALUE),
         (["hydra/launcher=population"], True, BAD_VALUE),
         ([], True, BAD_INTERPOLATION),  # fails as it is composed, not in echo's checks
+        ([], True, BAD_MEMORY),
+        (["hydra/launcher=population"], True, BAD_TRAINER),  # (a CPU has no device [0] in Lightning)
     ],
     ids=[
         "basic, new store",
@@ -105,6 +110,8 @@ BAD_INTERPOLATION = ("task.n_in=5,${nope}", "job #1 (task.n_in=", "Interpolation
         "population, new store",
         "population, existing store",
         "interpolation",
+        "memory",
+        "population, trainer",
     ],
 )
 def test_a_sweep_with_one_bad_job_stops_before_any_job_runs(tmp_path, launcher, existing, bad):
@@ -117,10 +124,46 @@ def test_a_sweep_with_one_bad_job_stops_before_any_job_runs(tmp_path, launcher, 
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"echo: bad sweep: {job}" in result.stderr and why in result.stderr
     assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+    assert "Expected:" not in result.stdout  # no job trained
     if existing:  # nothing trained, nothing tracked
         assert all_runs(uri) == []
     else:
         assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_sweep_whose_job_diverged_goes_on_and_ends_its_parent_failed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_py("-m", "model.lr=1e-3,1e38", "stop_at=null", *TINY, cwd=tmp_path, uri=uri)
+    assert result.returncode == 0, result.stderr[-3000:]  # the diverged job scores worst; the sweep goes on
+    parent, children = sweep_runs(uri)
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
+    assert parent.info.status == "FAILED" and "sweep.md" in artifacts(uri, parent.info.run_id)  # summarised
+
+
+def test_a_sweep_whose_job_crashed_ends_its_parent_failed_not_killed(tmp_path):
+    """A job that raises stops the sweep (Hydra re-raises its error): the parent ends FAILED; KILLED is
+    for an interrupt (tests/test_faults.py)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import RUN_PY
+
+    crash = (
+        "import runpy, sys; from echo.module import EchoModule\n"
+        "def boom(self, batch, batch_idx): raise RuntimeError('the disk is on fire')\n"
+        "EchoModule.training_step = boom\n"
+        f"sys.argv = [{RUN_PY!r}, '-m', 'seed=0', *{TINY!r}]\n"
+        f"runpy.run_path({RUN_PY!r}, run_name='__main__')\n"
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(Path(RUN_PY).parent)}
+    env.pop("ECHO_PARENT_RUN_ID", None)
+    result = subprocess.run([sys.executable, "-c", crash], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 1 and "the disk is on fire" in result.stderr, result.stderr[-3000:]
+    parent, children = sweep_runs(uri)
+    assert [c.info.status for c in children] == ["FAILED"]
+    assert parent.info.status == "FAILED"
 
 
 def test_bad_sweep_syntax_is_one_clear_error(tmp_path):
