@@ -157,12 +157,15 @@ def is_member_checkpoint(path: str) -> bool:
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """The config of the run being resumed, with this command's plain `key=value` overrides on top
-    (e.g. `trainer.max_epochs=2000` to train longer); a group override cannot change a resumed run."""
+    (e.g. `trainer.max_epochs=2000` to train longer); a group override cannot change a resumed run.
+    The stored config is data (echo.reuse.read_stored_config): no interpolation, no unknown key."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from echo.reuse import read_stored_config
 
     run_id = str(cfg.resume)
     with tempfile.TemporaryDirectory() as folder:
-        saved = OmegaConf.load(_download(run_id, "config.yaml", folder))
+        saved = read_stored_config(_download(run_id, "config.yaml", folder), f"resume={run_id}", cfg)
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
         if key == "resume" or key.startswith("hydra"):
