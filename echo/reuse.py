@@ -10,7 +10,8 @@ shared `mlflow server` has no authentication by default) could plant a file whos
 runs code. Files are read with `torch.load(weights_only=True)`, which builds tensors and plain
 values only, and a file that needs more, or is malformed, is refused with one line naming the run.
 A stored config is data: plain YAML values, no interpolation (`${...}` is refused, never resolved) and
-no key this checkout's config does not have.
+no key this checkout's config does not have. A stored network's sizes are checked, and its tensors
+compared with the network they describe, on torch's meta device, before anything is allocated.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from echo.config import ConfigError, first_line, windows_per_sequence
+from echo.config import CELLS, POSITIONAL, ConfigError, first_line, windows_per_sequence
 
 FOLDER = "model"
 WEIGHTS, CONFIG = f"{FOLDER}/weights.pt", f"{FOLDER}/config.yaml"
@@ -33,6 +34,9 @@ EVALUATE_KEEPS = ("model.",)
 EVALUATE_MAY_SET = ("model.batch_size",)  # a stateful batch must divide another length's windows
 CONF = Path(__file__).resolve().parents[1] / "conf"  # the config a stored one is checked against
 MAX_NODES = 10_000  # values and keys of a stored config: echo's have about 50 (this bounds YAML aliases)
+# A stored network's sizes, by build_net's argument: whole numbers >= 1, or one of these names.
+NETWORK_SIZES = ("n_in", "n_features", "hidden_size", "n_classes", "n_out", "d_model", "n_layers", "n_heads", "max_len")
+NETWORK_NAMES = {"cell": CELLS, "positional": POSITIONAL}
 
 
 class LoadError(ConfigError):
@@ -213,14 +217,31 @@ def _stored(run_id: str, key: str) -> tuple[dict, DictConfig, dict[str, str]]:
 
 
 def _build(stored: dict, run_id: str, key: str):
-    """The stored network, built with its own sizes and its weights loaded (LoadError if they differ)."""
+    """The stored network, built with its own sizes and its weights loaded: its sizes are checked, and
+    its tensors compared with the network they describe built on torch's meta device (nothing
+    allocated), first (LoadError if they differ or it cannot fit in memory)."""
+    import torch
+
     from echo.models import MODELS, build_net
 
     args = dict(stored["network"])
     name = args.pop("name")
+    what = f"{key}={run_id}: the run's {WEIGHTS}"
     if name not in MODELS:
         known = ", ".join(MODELS)
         raise LoadError(f"{key}={run_id}: the run's network {name!r} is not one this checkout has ({known})")
+    _check_sizes(args, stored["state_dict"], what)
+    built = ", ".join(f"{k}={v}" for k, v in args.items())
+    try:
+        with torch.device("meta"):
+            shapes = build_net(name, **args)
+    except (TypeError, RuntimeError, KeyError, ValueError, AssertionError) as error:
+        raise LoadError(
+            f"{what} describes a {name} network ({built}) that cannot be built ({first_line(error)})"
+        ) from None
+    check_memory(shapes, f"{what} describes a {name} network ({built}) that")
+    if why := misfit(stored["state_dict"], shapes.state_dict()):
+        raise LoadError(f"{what} does not fit the {name} network it describes ({built}): {why}, refused")
     try:
         net = build_net(name, **args)
         net.load_state_dict(stored["state_dict"])
@@ -228,6 +249,57 @@ def _build(stored: dict, run_id: str, key: str):
         first = str(error).strip().splitlines()[0]
         raise LoadError(f"{key}={run_id}: the stored {name} network does not fit this checkout's ({first})") from None
     return net.eval()
+
+
+def _check_sizes(args: dict, state_dict: dict, what: str) -> None:
+    """A stored network's arguments are build_net's, its sizes whole numbers >= 1, and no more layers
+    than it has tensors (each layer costs time to build, even on the meta device)."""
+    for arg, value in args.items():
+        if arg in NETWORK_SIZES:
+            ok = not isinstance(value, bool) and isinstance(value, int) and value >= 1
+            if ok and arg == "n_layers" and value > len(state_dict):
+                raise LoadError(
+                    f"{what} describes {value} layers, more than its {len(state_dict)} tensors hold, refused"
+                )
+        elif arg in NETWORK_NAMES:
+            ok = value in NETWORK_NAMES[arg]
+        else:
+            ok = arg == "teacher_forcing" and not isinstance(value, bool) and isinstance(value, (int, float))
+            ok = ok and 0 <= value <= 1
+        if not ok:
+            raise LoadError(f"{what} describes its network with {arg}={value!r}, which no echo network has, refused")
+
+
+def check_memory(net, what: str) -> None:
+    """LoadError if `net` (built on the meta device) cannot be built for real in the memory free here:
+    `what` is the sentence's subject."""
+    from echo.preflight import _size, host_free_bytes
+
+    need = 4 * sum(p.numel() for p in net.parameters())  # float32, as echo's networks are built
+    free = host_free_bytes()
+    if free is not None and need > free:
+        raise LoadError(
+            f"{what} needs about {_size(need)} of memory for its weights, more than the {_size(free)} "
+            f"available on this machine, refused"
+        )
+
+
+def misfit(stored: dict, expected: dict) -> str | None:
+    """How tensors `stored` (name -> tensor) first differ from `expected` (name -> tensor, e.g. a
+    state_dict on the meta device): a missing or unexpected key, or a shape; None if they fit."""
+    import torch
+
+    for key, tensor in expected.items():
+        if key not in stored:
+            return f"missing key {key}"
+        value = stored[key]
+        if not isinstance(value, torch.Tensor):
+            return f"{key} is not a tensor"
+        if value.shape != tensor.shape:
+            return f"{key} has shape {tuple(value.shape)}, the network's is {tuple(tensor.shape)}"
+    if unexpected := next((key for key in stored if key not in expected), None):
+        return f"unexpected key {unexpected}"
+    return None
 
 
 def _say_code_version(run_id: str, tags: dict[str, str]) -> None:
