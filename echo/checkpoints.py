@@ -20,7 +20,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from echo.config import ConfigError
+from echo.config import ConfigError, first_line
 from echo.faults import TrainingError
 from echo.population import CHECKPOINT as MEMBER_CHECKPOINT  # what a population's member saves instead
 from echo.population import MEMBER_STATE
@@ -133,10 +133,10 @@ def _download(run_id: str, name: str, folder: str) -> str:
         ) from None
 
 
-def download_checkpoint(run_id: str) -> str:
+def download_checkpoint(run_id: str, cfg: DictConfig | None = None) -> str:
     """The local path of run `run_id`'s last checkpoint: `last.ckpt`, or a population member's
-    `population.pt` (ConfigError if it has none, or if it holds more than tensors and plain values:
-    a store's files are untrusted, echo/reuse.py)."""
+    `population.pt` (ConfigError if it has none, if it holds more than tensors and plain values: a
+    store's files are untrusted, echo/reuse.py, or if its tensors do not fit the network `cfg` builds)."""
     from echo.reuse import read_weights_only
 
     folder = tempfile.mkdtemp(prefix="echo-resume-")
@@ -147,7 +147,49 @@ def download_checkpoint(run_id: str) -> str:
     needs = MEMBER_STATE if is_member_checkpoint(path) else ("state_dict",)
     if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in needs):
         raise ConfigError(f"{what} is not a checkpoint, refused")
+    if cfg is not None:
+        try:
+            why = _misfit(checkpoint, cfg, is_member_checkpoint(path))
+        except Exception as error:  # a planted structure where tensors belong
+            raise ConfigError(
+                f"{what} is not a checkpoint of this network, refused ({type(error).__name__}: {first_line(error)})"
+            ) from None
+        if why:
+            raise ConfigError(f"{what} does not fit the network its config builds: {why}, refused")
     return path
+
+
+def _misfit(checkpoint: dict, cfg: DictConfig, member: bool) -> str | None:
+    """How the checkpoint's weights and Adam moments first differ from those of the network `cfg`
+    builds (on torch's meta device: nothing allocated); None if they fit."""
+    import torch
+
+    from echo.encoding import REPRESENTATIONS
+    from echo.reuse import misfit
+    from echo.train import network
+
+    rep = REPRESENTATIONS[cfg.task.get("representation", "onehot")](cfg.task.n_unique)
+    with torch.device("meta"):
+        net = network(cfg, rep)
+    if why := misfit(checkpoint["state_dict"], {f"net.{k}": v for k, v in net.state_dict().items()}):
+        return why
+    params = dict(net.named_parameters())
+    if member:  # echo.population's own Adam: moments by parameter name
+        for moment in ("exp_avg", "exp_avg_sq"):
+            if why := misfit(checkpoint["adam"][moment], params):
+                return f"Adam's {moment}: {why}"
+        return None
+    names = list(params)
+    for optimizer in checkpoint.get("optimizer_states") or []:  # Lightning's: torch's Adam, by parameter index
+        counted = sum(len(group["params"]) for group in optimizer["param_groups"])
+        if counted != len(names) or any(index not in range(len(names)) for index in optimizer["state"]):
+            return f"its Adam state is for {counted} parameters, the network has {len(names)}"
+        for index, state in optimizer["state"].items():
+            for moment in ("exp_avg", "exp_avg_sq"):
+                shape, expected = tuple(state[moment].shape), tuple(params[names[index]].shape)
+                if shape != expected:
+                    return f"Adam's {moment} of net.{names[index]} has shape {shape}, the network's is {expected}"
+    return None
 
 
 def is_member_checkpoint(path: str) -> bool:
@@ -157,12 +199,15 @@ def is_member_checkpoint(path: str) -> bool:
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """The config of the run being resumed, with this command's plain `key=value` overrides on top
-    (e.g. `trainer.max_epochs=2000` to train longer); a group override cannot change a resumed run."""
+    (e.g. `trainer.max_epochs=2000` to train longer); a group override cannot change a resumed run.
+    The stored config is data (echo.reuse.read_stored_config): no interpolation, no unknown key."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from echo.reuse import read_stored_config
 
     run_id = str(cfg.resume)
     with tempfile.TemporaryDirectory() as folder:
-        saved = OmegaConf.load(_download(run_id, "config.yaml", folder))
+        saved = read_stored_config(_download(run_id, "config.yaml", folder), f"resume={run_id}", cfg)
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
         if key == "resume" or key.startswith("hydra"):

@@ -9,6 +9,9 @@ Whatever is read back from a store is untrusted: anyone who can write a run's ar
 shared `mlflow server` has no authentication by default) could plant a file whose unpickling
 runs code. Files are read with `torch.load(weights_only=True)`, which builds tensors and plain
 values only, and a file that needs more, or is malformed, is refused with one line naming the run.
+A stored config is data: plain YAML values, no interpolation (`${...}` is refused, never resolved) and
+no key this checkout's config does not have. A stored network's sizes are checked, and its tensors
+compared with the network they describe, on torch's meta device, before anything is allocated.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from echo.config import ConfigError, windows_per_sequence
+from echo.config import CELLS, POSITIONAL, ConfigError, first_line, windows_per_sequence
 
 FOLDER = "model"
 WEIGHTS, CONFIG = f"{FOLDER}/weights.pt", f"{FOLDER}/config.yaml"
@@ -29,6 +32,11 @@ GROUPS = ("task", "model", "trainer", "logger", "experiment", "hparams_search")
 # What evaluate= may change besides task.*: not the network, which is the stored one.
 EVALUATE_KEEPS = ("model.",)
 EVALUATE_MAY_SET = ("model.batch_size",)  # a stateful batch must divide another length's windows
+CONF = Path(__file__).resolve().parents[1] / "conf"  # the config a stored one is checked against
+MAX_NODES = 10_000  # values and keys of a stored config: echo's have about 50 (this bounds YAML aliases)
+# A stored network's sizes, by build_net's argument: whole numbers >= 1, or one of these names.
+NETWORK_SIZES = ("n_in", "n_features", "hidden_size", "n_classes", "n_out", "d_model", "n_layers", "n_heads", "max_len")
+NETWORK_NAMES = {"cell": CELLS, "positional": POSITIONAL}
 
 
 class LoadError(ConfigError):
@@ -76,6 +84,97 @@ def read_weights_only(path: str, what: str):
         ) from None
 
 
+def read_stored_config(path: str, what: str, cfg: DictConfig | None = None) -> DictConfig:
+    """The config at `path`, read back from a store (`what` names it, e.g. `resume=<id>`), as data:
+    plain YAML values, no interpolation (`${...}`, refused: never resolved) and no key that neither
+    `cfg` (this command's config) nor conf/'s presets have. LoadError, in one line, otherwise."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as error:
+        raise LoadError(f"{what}: the stored config is not readable YAML, refused ({first_line(error)})") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{what}: the stored config is not a mapping of settings, refused")
+    leaves = _leaves(data, what)  # every key and value, each checked for `${`
+    known = known_keys(cfg)  # None: an installed echo without conf/ and no command line to compare with
+    unknown = next((_first_unknown(key, known) for key in leaves if key not in known), None) if known else None
+    if unknown is not None:
+        hint = f" (a setting a run added with +{unknown}=... is known when this command adds it too)" if cfg else ""
+        raise LoadError(
+            f"{what}: the stored config holds {unknown}, a key this checkout's config does not have: a stored "
+            f"config is data, and only known keys are taken, refused{hint}"
+        )
+    try:
+        return OmegaConf.create(data)
+    except Exception as error:  # a value OmegaConf cannot hold (a YAML date, bytes, a set)
+        raise LoadError(
+            f"{what}: the stored config holds a value that is not a setting, refused ({first_line(error)})"
+        ) from None
+
+
+def _leaves(data: dict, what: str) -> list[str]:
+    """The dotted keys of `data`'s settings (a list is one setting), in order; LoadError at the first
+    `${` in a key or value (lists included), or past MAX_NODES nodes (YAML aliases repeat a node)."""
+    leaves, seen, todo = [], 0, [("", data, False)]
+    while todo:
+        path, node, in_list = todo.pop()
+        seen += 1
+        if seen > MAX_NODES:
+            raise LoadError(f"{what}: the stored config holds more than {MAX_NODES} values, refused")
+        if "${" in path or (isinstance(node, str) and "${" in node):
+            raise LoadError(
+                f"{what}: the stored config holds an interpolation (${{...}}) at {path}: a stored config is data, "
+                f"and nothing in it is resolved, refused"
+            )
+        if isinstance(node, dict) and (node or not path):
+            todo += [(f"{path}.{k}" if path else str(k), v, in_list) for k, v in reversed(node.items())]
+            continue
+        if not in_list:
+            leaves.append(path)
+        if isinstance(node, list):
+            todo += [(f"{path}[{i}]", item, True) for i, item in reversed(list(enumerate(node)))]
+    return leaves
+
+
+def _first_unknown(key: str, known: set[str]) -> str:
+    """The shortest part of dotted `key` that is neither a key in `known` nor a group of them."""
+    parts = key.split(".")
+    for n in range(1, len(parts)):
+        head = ".".join(parts[:n])
+        if head not in known and not any(k.startswith(f"{head}.") for k in known):
+            return head
+    return key
+
+
+def known_keys(cfg: DictConfig | None = None) -> set[str] | None:
+    """The dotted keys a config of this checkout may hold: `cfg`'s (the command line's composition)
+    and those conf/ sets: its top level, the task, trainer and logger defaults, and every model
+    preset's (a stored run may have used another network than this command's)."""
+    import yaml
+
+    known = set(_dotted(OmegaConf.to_container(cfg, resolve=False))) if cfg is not None else set()
+    if not (CONF / "config.yaml").is_file():
+        return known or None
+    top = yaml.safe_load((CONF / "config.yaml").read_text())
+    known |= {key for key in top if key not in ("defaults", "hydra")}
+    for group in ("task", "trainer", "logger"):
+        for file in sorted((CONF / group).glob("*.yaml")):
+            known |= {f"{group}.{key}" for key in _dotted(yaml.safe_load(file.read_text()) or {}) if key != "defaults"}
+    for file in sorted((CONF / "model").glob("*.yaml")):  # `# @package _global_`
+        known |= {key for key in _dotted(yaml.safe_load(file.read_text()) or {}) if key != "defaults"}
+    return known
+
+
+def _dotted(data: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of the settings in `data` (a nested dict of an echo config: a list is one setting)."""
+    keys = []
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        keys += _dotted(value, f"{path}.") if isinstance(value, dict) and value else [path]
+    return keys
+
+
 def _run_tags(run_id: str, key: str) -> dict[str, str]:
     from echo.tracking import run_tags, tracking_uri
 
@@ -103,7 +202,7 @@ def _stored(run_id: str, key: str) -> tuple[dict, DictConfig, dict[str, str]]:
     folder = tempfile.mkdtemp(prefix="echo-load-")
     try:
         weights = _download(run_id, WEIGHTS, folder, tags, key)
-        config = OmegaConf.load(_download(run_id, CONFIG, folder, tags, key))
+        config = read_stored_config(_download(run_id, CONFIG, folder, tags, key), f"{key}={run_id}")
         stored = read_weights_only(weights, f"{key}={run_id}: the run's {WEIGHTS}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -118,14 +217,31 @@ def _stored(run_id: str, key: str) -> tuple[dict, DictConfig, dict[str, str]]:
 
 
 def _build(stored: dict, run_id: str, key: str):
-    """The stored network, built with its own sizes and its weights loaded (LoadError if they differ)."""
+    """The stored network, built with its own sizes and its weights loaded: its sizes are checked, and
+    its tensors compared with the network they describe built on torch's meta device (nothing
+    allocated), first (LoadError if they differ or it cannot fit in memory)."""
+    import torch
+
     from echo.models import MODELS, build_net
 
     args = dict(stored["network"])
     name = args.pop("name")
+    what = f"{key}={run_id}: the run's {WEIGHTS}"
     if name not in MODELS:
         known = ", ".join(MODELS)
         raise LoadError(f"{key}={run_id}: the run's network {name!r} is not one this checkout has ({known})")
+    _check_sizes(args, stored["state_dict"], what)
+    built = ", ".join(f"{k}={v}" for k, v in args.items())
+    try:
+        with torch.device("meta"):
+            shapes = build_net(name, **args)
+    except (TypeError, RuntimeError, KeyError, ValueError, AssertionError) as error:
+        raise LoadError(
+            f"{what} describes a {name} network ({built}) that cannot be built ({first_line(error)})"
+        ) from None
+    check_memory(shapes, f"{what} describes a {name} network ({built}) that")
+    if why := misfit(stored["state_dict"], shapes.state_dict()):
+        raise LoadError(f"{what} does not fit the {name} network it describes ({built}): {why}, refused")
     try:
         net = build_net(name, **args)
         net.load_state_dict(stored["state_dict"])
@@ -133,6 +249,57 @@ def _build(stored: dict, run_id: str, key: str):
         first = str(error).strip().splitlines()[0]
         raise LoadError(f"{key}={run_id}: the stored {name} network does not fit this checkout's ({first})") from None
     return net.eval()
+
+
+def _check_sizes(args: dict, state_dict: dict, what: str) -> None:
+    """A stored network's arguments are build_net's, its sizes whole numbers >= 1, and no more layers
+    than it has tensors (each layer costs time to build, even on the meta device)."""
+    for arg, value in args.items():
+        if arg in NETWORK_SIZES:
+            ok = not isinstance(value, bool) and isinstance(value, int) and value >= 1
+            if ok and arg == "n_layers" and value > len(state_dict):
+                raise LoadError(
+                    f"{what} describes {value} layers, more than its {len(state_dict)} tensors hold, refused"
+                )
+        elif arg in NETWORK_NAMES:
+            ok = value in NETWORK_NAMES[arg]
+        else:
+            ok = arg == "teacher_forcing" and not isinstance(value, bool) and isinstance(value, (int, float))
+            ok = ok and 0 <= value <= 1
+        if not ok:
+            raise LoadError(f"{what} describes its network with {arg}={value!r}, which no echo network has, refused")
+
+
+def check_memory(net, what: str) -> None:
+    """LoadError if `net` (built on the meta device) cannot be built for real in the memory free here:
+    `what` is the sentence's subject."""
+    from echo.preflight import _size, host_free_bytes
+
+    need = 4 * sum(p.numel() for p in net.parameters())  # float32, as echo's networks are built
+    free = host_free_bytes()
+    if free is not None and need > free:
+        raise LoadError(
+            f"{what} needs about {_size(need)} of memory for its weights, more than the {_size(free)} "
+            f"available on this machine, refused"
+        )
+
+
+def misfit(stored: dict, expected: dict) -> str | None:
+    """How tensors `stored` (name -> tensor) first differ from `expected` (name -> tensor, e.g. a
+    state_dict on the meta device): a missing or unexpected key, or a shape; None if they fit."""
+    import torch
+
+    for key, tensor in expected.items():
+        if key not in stored:
+            return f"missing key {key}"
+        value = stored[key]
+        if not isinstance(value, torch.Tensor):
+            return f"{key} is not a tensor"
+        if value.shape != tensor.shape:
+            return f"{key} has shape {tuple(value.shape)}, the network's is {tuple(tensor.shape)}"
+    if unexpected := next((key for key in stored if key not in expected), None):
+        return f"unexpected key {unexpected}"
+    return None
 
 
 def _say_code_version(run_id: str, tags: dict[str, str]) -> None:
@@ -169,7 +336,7 @@ def evaluated_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         raise ConfigError(f"resume={cfg.resume} and evaluate={run_id}: choose one")
     tags = _run_tags(run_id, "evaluate")
     with tempfile.TemporaryDirectory() as folder:
-        saved = OmegaConf.load(_download(run_id, CONFIG, folder, tags, "evaluate"))
+        saved = read_stored_config(_download(run_id, CONFIG, folder, tags, "evaluate"), f"evaluate={run_id}", cfg)
     base = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     merged = OmegaConf.merge(base, saved)
     keys = set()

@@ -57,7 +57,7 @@ def train(
             f"the tracking server {tracking_uri()} is unreachable ({why}): start it, or run with logger=none"
         )
     if resume := cfg.get("resume"):  # a new run, linked to the one it continues
-        checkpoint = download_checkpoint(resume)  # ConfigError if there is none: before anything is tracked
+        checkpoint = download_checkpoint(resume, cfg)  # ConfigError if none, or misfit: before anything is tracked
         tags = {**(tags or {}), RESUMED_FROM: str(resume)}
         if is_member_checkpoint(checkpoint):  # a member goes on in the population's loop
             from echo.population import resume_member
