@@ -13,6 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 import echo.resolvers  # noqa: F401  (registered before Hydra composes and resolves)
 from echo.config import ConfigError, first_line, resolve_threads, validate
 from echo.deferred import defer_unused_imports
+from echo.hydra_errors import one_line_errors
 from echo.slurm import requeued_from
 from echo.sweeps import job_name_and_tags, objective_value
 from echo.tracking import tracking_uri, warm_up
@@ -74,7 +75,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors(main):  # Hydra's own refusals (an unknown option or key) in one line too
+        main()
     if not multiprocessing.active_children():  # others' workers stop in the normal exit (joblib's stopped)
         # Every run is written (its tracking worker said so): run the exit handlers, then
         # skip the interpreter's slow teardown of torch and Lightning (about 0.8 s).

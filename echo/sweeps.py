@@ -415,6 +415,7 @@ def check_sweep(config) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from echo.config import ConfigError, first_line, validate
+    from echo.hydra_errors import describe
 
     params = OmegaConf.to_container(config.hydra.sweeper, resolve=False).get("params") or {}
     arguments = [f"{k}={v}" for k, v in params.items()] + task_overrides(config)
@@ -428,7 +429,8 @@ def check_sweep(config) -> None:
         except (ConfigError, HydraException, OmegaConfBaseException) as error:  # a bad value, or `${typo}`
             if _interrupted(error):
                 raise KeyboardInterrupt from error
-            print(f"echo: bad sweep: job #{num} ({' '.join(overrides)}): {first_line(error)}", file=sys.stderr)
+            why = describe(error, overrides) if isinstance(error, HydraException) else first_line(error)
+            print(f"echo: bad sweep: job #{num} ({' '.join(overrides)}): {why}", file=sys.stderr)
             sys.exit(2)
     if _launcher(config) in IN_PROCESS:
         _hand_out_copies(loader, config, composed)

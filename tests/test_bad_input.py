@@ -363,3 +363,53 @@ def test_a_full_disk_mid_run_keeps_the_run_in_the_temporary_directory(small_disk
     client = MlflowClient(uri)
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, 301))
+
+
+# Hydra's own refusals, each as `python run.py <args>`: the one line says what and how to fix it.
+HYDRA = {
+    "model=encdek": "model=encdek is unknown: choose model=attention, autoregressive, .* (did you mean model=encdec?)",
+    "experiment=foo": "experiment=foo is unknown: choose experiment=fast_partial_echo, .*tutorial_partial_echo",
+    "logger=foo": "logger=foo is unknown: choose logger=mlflow or none",
+    "hydra/launcher=foo": "hydra/launcher=foo is unknown: choose hydra/launcher=basic, joblib, population",
+    "hparams_search=foo": "hparams_search=foo is unknown: choose hparams_search=optuna or optuna_time",
+    "foo=1": "foo=1: the config has no key foo: to add one write +foo=1",
+    "model.hiden_size=5": "model.hiden_size=5: the config has no key model.hiden_size: write model.hidden_size=5 "
+    "(the closest key), or +model.hiden_size=5 to add a new one",
+    "task.n_in=[1": "'task.n_in=[1' cannot be read (no viable alternative at input '[1'): quote a value .* "
+    "e.g. \"task.n_in='[1'\"",
+    "task.n_in=é": "'task.n_in=é' cannot be read (a character it cannot read unquoted): quote a value that holds "
+    "brackets, commas, spaces or non-ASCII characters, e.g. \"task.n_in='é'\"",
+    "-m model=encdek": "model=encdek is unknown: choose model=",
+    "-m foo=1": "foo=1: the config has no key foo",
+}
+
+
+def test_hydras_own_refusals_each_end_with_exit_2_and_one_line(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for args, expected in HYDRA.items():
+        result = run_py(*args.split(), "logger.experiment=x", cwd=tmp_path, uri=uri)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("echo: bad config: "), (args, result.stderr[-2000:])
+        assert re.fullmatch(pattern(f"echo: bad config: {expected}.*"), lines[0]), (args, lines[0])
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "multirun").exists()
+    from hydra.errors import ConfigCompositionException
+
+    from echo.hydra_errors import refused_by_hydra
+
+    def task():
+        raise ConfigCompositionException("a bug of the task's own")
+
+    with pytest.raises(ConfigCompositionException) as raised:
+        task()
+    assert not refused_by_hydra(raised.value, task)  # propagates, with its traceback
+    assert refused_by_hydra(ConfigCompositionException("Hydra's"), task)
+
+
+def test_a_bad_job_of_a_sweep_names_the_job_and_what_hydra_refused(tmp_path):
+    result = run_py("-m", "model=seq2seq,encdek", "logger=none", cwd=tmp_path, uri=f"sqlite:///{tmp_path}/m.db")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "echo: bad sweep: job #1 (model=encdek logger=none): model=encdek is unknown: choose model=attention, "
+        "autoregressive, encdec, many_to_one, one_to_one, seq2seq or transformer (did you mean model=encdec?)"
+    ]
