@@ -17,7 +17,7 @@ from echo.hydra_errors import one_line_errors
 from echo.slurm import requeued_from
 from echo.sweeps import job_name_and_tags, objective_value
 from echo.tracking import tracking_uri, warm_up
-from echo.tracking.outbox import TrackingError, TrackingFailed, unreachable
+from echo.tracking.outbox import TrackingError, TrackingFailed, cannot_write, unreachable
 
 defer_unused_imports()  # what torchmetrics would load for nothing echo uses: 1.5 s here, ~10 s on a GPU machine
 
@@ -48,6 +48,9 @@ def main(cfg: DictConfig) -> float:
             f"or run with logger=none",
             file=sys.stderr,
         )
+        sys.exit(2)
+    if cfg.logger.name == "mlflow" and (why := cannot_write(tracking_uri())):
+        print(f"echo: tracking failed: {why}", file=sys.stderr)
         sys.exit(2)
     run_name, tags = job_name_and_tags(hydra_cfg, cfg)
     if cfg.logger.name == "mlflow":

@@ -39,7 +39,7 @@ from echo.tracking import (
     tracking_uri,
 )
 from echo.tracking.naming import PENDING_PARENT
-from echo.tracking.outbox import ROOT, UPLOAD, outboxes, read, reason, unreachable
+from echo.tracking.outbox import ROOT, UPLOAD, cannot_write, outboxes, read, reason, unreachable
 from echo.tracking.worker import ANSWER, open_store
 from echo.tracking.worker import client as cached_client  # one per store: opening one costs
 
@@ -131,6 +131,10 @@ class SweepCallback(Callback):
             print(
                 f"echo: tracking failed: the tracking server {tracking_uri()} is unreachable ({why})", file=sys.stderr
             )
+            self._stop_tracking()
+            sys.exit(2)
+        if why := cannot_write(tracking_uri()):
+            print(f"echo: tracking failed: {why}", file=sys.stderr)
             self._stop_tracking()
             sys.exit(2)
         sweep = self.sweep = Path(config.hydra.sweep.dir).name

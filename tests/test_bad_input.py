@@ -413,3 +413,24 @@ def test_a_bad_job_of_a_sweep_names_the_job_and_what_hydra_refused(tmp_path):
         "echo: bad sweep: job #1 (model=encdek logger=none): model=encdek is unknown: choose model=attention, "
         "autoregressive, encdec, many_to_one, one_to_one, seq2seq or transformer (did you mean model=encdec?)"
     ]
+
+
+def test_a_store_that_cannot_be_written_stops_the_run_in_one_line_within_seconds(tmp_path):
+    """Paths that cannot be written even by root (tests run as root, whom chmod does not stop): MLflow
+    alone would retry for about 100 s, printing its retries."""
+    (tmp_path / "a_file").touch()
+    cases = [  # (uri, cwd, args, what the line says)
+        ("", "/proc", [], "sqlite:////proc/mlflow.db (/proc: .*): run from a folder you can write, set "),
+        ("sqlite:////proc/nope/mlflow.db", tmp_path, [], "sqlite:////proc/nope/mlflow.db (/proc: "),
+        (f"sqlite:///{tmp_path}/a_file/mlflow.db", tmp_path, [], f".* ({tmp_path}/a_file: Not a directory): set "),
+        ("", "/proc", ["-m", "seed=0,1"], "sqlite:////proc/mlflow.db (/proc: "),
+    ]
+    for uri, cwd, args, expected in cases:
+        start = time.monotonic()
+        result = run_py(*args, *TINY, cwd=cwd, uri=uri)
+        assert result.returncode == 2, (uri, result.stderr[-2000:])
+        line = one_line(result)
+        assert re.match(pattern(f"echo: tracking failed: cannot write the tracking store {expected}"), line), line
+        assert line.endswith("or run with logger=none"), line
+        assert time.monotonic() - start < 60, "took as long as MLflow's retries"  # ~3 s here
+    assert list(tmp_path.iterdir()) == [tmp_path / "a_file"]

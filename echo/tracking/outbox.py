@@ -59,6 +59,34 @@ def unreachable(uri: str, timeout: float = 5.0) -> str | None:
         return error.strerror or str(error) or type(error).__name__
 
 
+def cannot_write(uri: str) -> str | None:
+    """Why the SQLite store at `uri` cannot be written, with the fix, in one line (None if it can be, or
+    if the store is not a SQLite file). Checked before the run: MLflow would retry for about 100 s."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
+    if not path.name or path.name == ":memory:":
+        return None
+    folder = path.parent  # SQLite writes its journal beside the file; MLflow creates missing folders
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if path.exists():
+            os.close(os.open(path, os.O_RDWR))  # opened for writing, nothing written
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".echo-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+        return None
+    except OSError as error:
+        why = f"{error.filename if error.filename == str(path) else folder}: {error.strerror or error}"
+    fix = (
+        "set MLFLOW_TRACKING_URI to a store you can write"
+        if os.environ.get("MLFLOW_TRACKING_URI")
+        else ("run from a folder you can write, set MLFLOW_TRACKING_URI")
+    )
+    return f"cannot write the tracking store {uri} ({why}): {fix}, or run with logger=none"
+
+
 def reason(error: BaseException) -> str:
     """An exception in one line."""
     lines = str(error).strip().splitlines()
