@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TINY, all_runs, start_run_py, sweep_runs, tracking_workers
+from helpers import ROOT, TINY, all_runs, run_py, start_run_py, sweep_runs, tracking_workers
 from mlflow import MlflowClient
 
 from echo.tracking import SERVICE_ENV, Tracker, TrackingService
@@ -221,3 +221,22 @@ def test_processes_opening_one_new_store_at_once_create_it_once(tmp_path):
             p.kill()
     assert [p.returncode for p in processes] == [0, 0, 0], "\n".join(e[-1500:] for e in errors)
     assert MlflowClient(uri).get_experiment("0").name == "Default"
+
+
+def test_a_run_whose_artifacts_cannot_be_written_does_not_stay_running(tmp_path):
+    """The store takes the run but not its artifacts (their folder cannot be made, even by root): the
+    run exits non-zero in one line, what it could not write is kept locally, and it ends in the store."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    (tmp_path / "a_file").touch()
+    MlflowClient(uri).create_experiment("echo", artifact_location=str(tmp_path / "a_file" / "artifacts"))
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_py(*TINY, cwd=work, uri=uri)
+    assert result.returncode == 3, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("echo: tracking failed: could not write run"), lines
+    assert "Traceback" not in result.stdout + result.stderr
+    (run,) = all_runs(uri)
+    assert run.info.status == "FAILED" and run.data.tags["echo.kept_in"] in lines[0]
+    kept = Path(run.data.tags["echo.kept_in"])
+    assert kept.parent == work / "echo-unsent" and (kept / "end.json").read_text() == '{\n "status": "FINISHED"\n}'
