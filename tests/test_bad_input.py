@@ -236,7 +236,7 @@ def test_a_server_killed_mid_run_fails_the_run_keeps_its_metrics_and_they_upload
     assert "Traceback" not in output
     folder = Path(line[0].split("is kept in ")[1].split(":")[0])
     assert folder.parent == work / "echo-unsent" and folder.is_dir()
-    assert f"`python -m echo.upload {folder}`" in line[0]
+    assert f"`python -m echo.upload {folder} --to {url}`" in line[0]
     kept = [json.loads(row) for row in (folder / "metrics.jsonl").read_text().splitlines()]
     assert {row[0] for row in kept} >= {"train/loss", "val/exact_match", "test/exact_match"}
     assert (folder / "artifacts" / "learning_curve.png").exists()
@@ -434,3 +434,31 @@ def test_a_store_that_cannot_be_written_stops_the_run_in_one_line_within_seconds
         assert line.endswith("or run with logger=none"), line
         assert time.monotonic() - start < 60, "took as long as MLflow's retries"  # ~3 s here
     assert list(tmp_path.iterdir()) == [tmp_path / "a_file"]
+
+
+def test_upload_writes_only_to_a_store_it_is_given(tmp_path):
+    """Never to the store a kept folder's run.json names (anyone who could write the folder chose it)."""
+    from echo.tracking.outbox import Outbox
+
+    named, given = f"sqlite:///{tmp_path}/named.db", f"sqlite:///{tmp_path}/given.db"
+    run = {"uri": named, "experiment": "echo", "run_name": "r", "run_id": None, "tags": {}, "params": {"a": "1"}}
+    box = Outbox(run, "why", root=tmp_path / "echo-unsent")
+    box.metrics([("train/loss", 0.5, 1000, 1)])
+    box.end("FINISHED")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    upload = [sys.executable, "-m", "echo.upload", str(tmp_path / "echo-unsent")]
+    result = subprocess.run(upload, cwd=Path(RUN_PY).parent, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.splitlines() == [
+        "echo: upload: no store to write to: name one with --to <uri> (e.g. --to sqlite:///mlflow.db) "
+        "or set MLFLOW_TRACKING_URI"
+    ]
+    assert box.folder.is_dir() and not (tmp_path / "named.db").exists()
+    result = subprocess.run(
+        [*upload, "--to", given], cwd=Path(RUN_PY).parent, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0] == f"uploading 1 kept run to {given}"
+    (uploaded,) = all_runs(given)
+    assert uploaded.info.status == "FINISHED" and uploaded.data.metrics == {"train/loss": 0.5}
+    assert not box.folder.exists() and not (tmp_path / "named.db").exists()

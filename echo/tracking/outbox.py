@@ -253,7 +253,8 @@ def failed_message(answer: dict, run_name: str, run_id: str | None, uri: str) ->
     where = f"run '{run_name}'" + (f" ({run_id})" if run_id else "")
     line = f"could not write {where} to {uri} ({answer.get('why')})"
     if answer.get("folder"):
-        line += f"; what it could not write is kept in {answer['folder']}: upload it with `{UPLOAD} {answer['folder']}`"
+        kept = answer["folder"]
+        line += f"; what it could not write is kept in {kept}: upload it with `{UPLOAD} {kept} --to {uri}`"
         if answer.get("lost"):
             line += f" (some could not be kept either: {answer['lost']})"
     else:
