@@ -13,10 +13,11 @@ from omegaconf.errors import OmegaConfBaseException
 import echo.resolvers  # noqa: F401  (registered before Hydra composes and resolves)
 from echo.config import ConfigError, first_line, resolve_threads, validate
 from echo.deferred import defer_unused_imports
+from echo.hydra_errors import one_line_errors
 from echo.slurm import requeued_from
 from echo.sweeps import job_name_and_tags, objective_value
 from echo.tracking import tracking_uri, warm_up
-from echo.tracking.outbox import TrackingError, TrackingFailed, unreachable
+from echo.tracking.outbox import TrackingError, TrackingFailed, cannot_write, unreachable
 
 defer_unused_imports()  # what torchmetrics would load for nothing echo uses: 1.5 s here, ~10 s on a GPU machine
 
@@ -48,6 +49,9 @@ def main(cfg: DictConfig) -> float:
             file=sys.stderr,
         )
         sys.exit(2)
+    if cfg.logger.name == "mlflow" and (why := cannot_write(tracking_uri())):
+        print(f"echo: tracking failed: {why}", file=sys.stderr)
+        sys.exit(2)
     run_name, tags = job_name_and_tags(hydra_cfg, cfg)
     if cfg.logger.name == "mlflow":
         # Start the tracking worker before the heavy imports: MLflow loads on the other core
@@ -74,7 +78,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors(main):  # Hydra's own refusals (an unknown option or key) in one line too
+        main()
     if not multiprocessing.active_children():  # others' workers stop in the normal exit (joblib's stopped)
         # Every run is written (its tracking worker said so): run the exit handlers, then
         # skip the interpreter's slow teardown of torch and Lightning (about 0.8 s).

@@ -39,7 +39,7 @@ from echo.tracking import (
     tracking_uri,
 )
 from echo.tracking.naming import PENDING_PARENT
-from echo.tracking.outbox import ROOT, UPLOAD, outboxes, read, reason, unreachable
+from echo.tracking.outbox import ROOT, UPLOAD, cannot_write, outboxes, read, reason, unreachable
 from echo.tracking.worker import ANSWER, open_store
 from echo.tracking.worker import client as cached_client  # one per store: opening one costs
 
@@ -132,6 +132,10 @@ class SweepCallback(Callback):
             print(
                 f"echo: tracking failed: the tracking server {tracking_uri()} is unreachable ({why})", file=sys.stderr
             )
+            self._stop_tracking()
+            sys.exit(2)
+        if why := cannot_write(tracking_uri()):
+            print(f"echo: tracking failed: {why}", file=sys.stderr)
             self._stop_tracking()
             sys.exit(2)
         sweep = self.sweep = Path(config.hydra.sweep.dir).name
@@ -430,6 +434,7 @@ def check_sweep(config) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from echo.config import ConfigError, first_line, validate
+    from echo.hydra_errors import describe
 
     params = OmegaConf.to_container(config.hydra.sweeper, resolve=False).get("params") or {}
     arguments = [f"{k}={v}" for k, v in params.items()] + task_overrides(config)
@@ -450,7 +455,8 @@ def check_sweep(config) -> None:
         except (ConfigError, HydraException, OmegaConfBaseException) as error:  # a bad value, or `${typo}`
             if _interrupted(error):
                 raise KeyboardInterrupt from error
-            print(f"echo: bad sweep: job #{num} ({' '.join(overrides)}): {first_line(error)}", file=sys.stderr)
+            why = describe(error, overrides) if isinstance(error, HydraException) else first_line(error)
+            print(f"echo: bad sweep: job #{num} ({' '.join(overrides)}): {why}", file=sys.stderr)
             sys.exit(2)
     if in_process:
         _hand_out_copies(loader, config, composed)

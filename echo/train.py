@@ -35,7 +35,7 @@ from echo.speedups import reuse_freed_memory
 from echo.steps import ECHO_STEPS, StepSettings
 from echo.summary import summary_line
 from echo.tracking import Tracker, start_tracker, tracking_uri
-from echo.tracking.outbox import TrackingStartError, unreachable
+from echo.tracking.outbox import TrackingStartError, cannot_write, unreachable
 
 
 def train(
@@ -56,6 +56,8 @@ def train(
         raise TrackingStartError(
             f"the tracking server {tracking_uri()} is unreachable ({why}): start it, or run with logger=none"
         )
+    if cfg.logger.name == "mlflow" and (why := cannot_write(tracking_uri())):
+        raise TrackingStartError(why)
     if resume := cfg.get("resume"):  # a new run, linked to the one it continues
         checkpoint = download_checkpoint(resume, cfg)  # ConfigError if none, or misfit: before anything is tracked
         tags = {**(tags or {}), RESUMED_FROM: str(resume)}

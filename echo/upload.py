@@ -2,9 +2,10 @@
 
 A run whose store refused its writes (a server gone, a full disk) keeps them in
 `./echo-unsent/<run>/` (echo/tracking/outbox.py) and names that folder in its last line. This writes
-each folder given (or each one inside a folder given, e.g. `echo-unsent`) into a store, then
-removes it: by default the store of `MLFLOW_TRACKING_URI` if set, else the one the run was
-meant for; `--to URI` names another. Exit status 0 if every folder was uploaded, else 1.
+each folder given (or each one inside a folder given, e.g. `echo-unsent`) into the store `--to URI`
+names, else the one `MLFLOW_TRACKING_URI` names, then removes it. It never writes to the store a
+folder's run.json names (a folder is data: anyone could have written it); without a store given it
+stops with one line, exit 2. Exit status 0 if every folder was uploaded, else 1.
 """
 
 from __future__ import annotations
@@ -14,25 +15,33 @@ import os
 import shutil
 import sys
 
-from echo.tracking.outbox import outboxes, read, reason
+from echo.tracking.outbox import outboxes, reason
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m echo.upload", description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", help="an outbox folder, or a folder of them (e.g. echo-unsent)")
-    parser.add_argument("--to", metavar="URI", help="the tracking store to write to")
+    parser.add_argument("--to", metavar="URI", help="the tracking store to write to (else MLFLOW_TRACKING_URI)")
     parser.add_argument("--keep", action="store_true", help="keep the folders after uploading them")
     args = parser.parse_args(argv)
 
+    uri = args.to or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        print(
+            "echo: upload: no store to write to: name one with --to <uri> (e.g. --to sqlite:///mlflow.db) "
+            "or set MLFLOW_TRACKING_URI",
+            file=sys.stderr,
+        )
+        return 2
     from echo.tracking.worker import upload
 
     found = [box for folder in args.folders for box in outboxes(folder)]
     if not found:
         print(f"echo: no kept runs in {' '.join(args.folders)}", file=sys.stderr)
         return 1
+    print(f"uploading {len(found)} kept run{'s' if len(found) > 1 else ''} to {uri}")
     failed = 0
     for box in found:
-        uri = args.to or os.environ.get("MLFLOW_TRACKING_URI") or read(box)["run"]["uri"]
         try:
             run_id = upload(str(box), uri)
         except Exception as error:

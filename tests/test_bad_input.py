@@ -334,7 +334,7 @@ def test_a_server_killed_mid_run_fails_the_run_keeps_its_metrics_and_they_upload
     assert "Traceback" not in output
     folder = Path(line[0].split("is kept in ")[1].split(":")[0])
     assert folder.parent == work / "echo-unsent" and folder.is_dir()
-    assert f"`python -m echo.upload {folder}`" in line[0]
+    assert f"`python -m echo.upload {folder} --to {url}`" in line[0]
     kept = [json.loads(row) for row in (folder / "metrics.jsonl").read_text().splitlines()]
     assert {row[0] for row in kept} >= {"train/loss", "val/exact_match", "test/exact_match"}
     assert (folder / "artifacts" / "learning_curve.png").exists()
@@ -461,3 +461,102 @@ def test_a_full_disk_mid_run_keeps_the_run_in_the_temporary_directory(small_disk
     client = MlflowClient(uri)
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, 301))
+
+
+# Hydra's own refusals, each as `python run.py <args>`: the one line says what and how to fix it.
+HYDRA = {
+    "model=encdek": "model=encdek is unknown: choose model=attention, autoregressive, .* (did you mean model=encdec?)",
+    "experiment=foo": "experiment=foo is unknown: choose experiment=fast_partial_echo, .*tutorial_partial_echo",
+    "logger=foo": "logger=foo is unknown: choose logger=mlflow or none",
+    "hydra/launcher=foo": "hydra/launcher=foo is unknown: choose hydra/launcher=basic, joblib, population",
+    "hparams_search=foo": "hparams_search=foo is unknown: choose hparams_search=optuna or optuna_time",
+    "foo=1": "foo=1: the config has no key foo: to add one write +foo=1",
+    "model.hiden_size=5": "model.hiden_size=5: the config has no key model.hiden_size: write model.hidden_size=5 "
+    "(the closest key), or +model.hiden_size=5 to add a new one",
+    "task.n_in=[1": "'task.n_in=[1' cannot be read (no viable alternative at input '[1'): quote a value .* "
+    "e.g. \"task.n_in='[1'\"",
+    "task.n_in=é": "'task.n_in=é' cannot be read (a character it cannot read unquoted): quote a value that holds "
+    "brackets, commas, spaces or non-ASCII characters, e.g. \"task.n_in='é'\"",
+    "-m model=encdek": "model=encdek is unknown: choose model=",
+    "-m foo=1": "foo=1: the config has no key foo",
+}
+
+
+def test_hydras_own_refusals_each_end_with_exit_2_and_one_line(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for args, expected in HYDRA.items():
+        result = run_py(*args.split(), "logger.experiment=x", cwd=tmp_path, uri=uri)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("echo: bad config: "), (args, result.stderr[-2000:])
+        assert re.fullmatch(pattern(f"echo: bad config: {expected}.*"), lines[0]), (args, lines[0])
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "multirun").exists()
+    from hydra.errors import ConfigCompositionException
+
+    from echo.hydra_errors import refused_by_hydra
+
+    def task():
+        raise ConfigCompositionException("a bug of the task's own")
+
+    with pytest.raises(ConfigCompositionException) as raised:
+        task()
+    assert not refused_by_hydra(raised.value, task)  # propagates, with its traceback
+    assert refused_by_hydra(ConfigCompositionException("Hydra's"), task)
+
+
+def test_a_bad_job_of_a_sweep_names_the_job_and_what_hydra_refused(tmp_path):
+    result = run_py("-m", "model=seq2seq,encdek", "logger=none", cwd=tmp_path, uri=f"sqlite:///{tmp_path}/m.db")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "echo: bad sweep: job #1 (model=encdek logger=none): model=encdek is unknown: choose model=attention, "
+        "autoregressive, encdec, many_to_one, one_to_one, seq2seq or transformer (did you mean model=encdec?)"
+    ]
+
+
+def test_a_store_that_cannot_be_written_stops_the_run_in_one_line_within_seconds(tmp_path):
+    """Paths that cannot be written even by root (tests run as root, whom chmod does not stop): MLflow
+    alone would retry for about 100 s, printing its retries."""
+    (tmp_path / "a_file").touch()
+    cases = [  # (uri, cwd, args, what the line says)
+        ("", "/proc", [], "sqlite:////proc/mlflow.db (/proc: .*): run from a folder you can write, set "),
+        ("sqlite:////proc/nope/mlflow.db", tmp_path, [], "sqlite:////proc/nope/mlflow.db (/proc: "),
+        (f"sqlite:///{tmp_path}/a_file/mlflow.db", tmp_path, [], f".* ({tmp_path}/a_file: Not a directory): set "),
+        ("", "/proc", ["-m", "seed=0,1"], "sqlite:////proc/mlflow.db (/proc: "),
+    ]
+    for uri, cwd, args, expected in cases:
+        start = time.monotonic()
+        result = run_py(*args, *TINY, cwd=cwd, uri=uri)
+        assert result.returncode == 2, (uri, result.stderr[-2000:])
+        line = one_line(result)
+        assert re.match(pattern(f"echo: tracking failed: cannot write the tracking store {expected}"), line), line
+        assert line.endswith("or run with logger=none"), line
+        assert time.monotonic() - start < 60, "took as long as MLflow's retries"  # ~3 s here
+    assert list(tmp_path.iterdir()) == [tmp_path / "a_file"]
+
+
+def test_upload_writes_only_to_a_store_it_is_given(tmp_path):
+    """Never to the store a kept folder's run.json names (anyone who could write the folder chose it)."""
+    from echo.tracking.outbox import Outbox
+
+    named, given = f"sqlite:///{tmp_path}/named.db", f"sqlite:///{tmp_path}/given.db"
+    run = {"uri": named, "experiment": "echo", "run_name": "r", "run_id": None, "tags": {}, "params": {"a": "1"}}
+    box = Outbox(run, "why", root=tmp_path / "echo-unsent")
+    box.metrics([("train/loss", 0.5, 1000, 1)])
+    box.end("FINISHED")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    upload = [sys.executable, "-m", "echo.upload", str(tmp_path / "echo-unsent")]
+    result = subprocess.run(upload, cwd=Path(RUN_PY).parent, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.splitlines() == [
+        "echo: upload: no store to write to: name one with --to <uri> (e.g. --to sqlite:///mlflow.db) "
+        "or set MLFLOW_TRACKING_URI"
+    ]
+    assert box.folder.is_dir() and not (tmp_path / "named.db").exists()
+    result = subprocess.run(
+        [*upload, "--to", given], cwd=Path(RUN_PY).parent, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0] == f"uploading 1 kept run to {given}"
+    (uploaded,) = all_runs(given)
+    assert uploaded.info.status == "FINISHED" and uploaded.data.metrics == {"train/loss": 0.5}
+    assert not box.folder.exists() and not (tmp_path / "named.db").exists()

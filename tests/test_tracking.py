@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TINY, all_runs, start_run_py, sweep_runs, tracking_workers
+from helpers import ROOT, TINY, all_runs, run_py, start_run_py, sweep_runs, tracking_workers
 from mlflow import MlflowClient
 
 from echo.tracking import SERVICE_ENV, Tracker, TrackingService
@@ -221,3 +221,78 @@ def test_processes_opening_one_new_store_at_once_create_it_once(tmp_path):
             p.kill()
     assert [p.returncode for p in processes] == [0, 0, 0], "\n".join(e[-1500:] for e in errors)
     assert MlflowClient(uri).get_experiment("0").name == "Default"
+
+
+def test_a_run_whose_artifacts_cannot_be_written_does_not_stay_running(tmp_path):
+    """The store takes the run but not its artifacts (their folder cannot be made, even by root): the
+    run exits non-zero in one line, what it could not write is kept locally, and it ends in the store."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    (tmp_path / "a_file").touch()
+    MlflowClient(uri).create_experiment("echo", artifact_location=str(tmp_path / "a_file" / "artifacts"))
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_py(*TINY, cwd=work, uri=uri)
+    assert result.returncode == 3, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("echo: tracking failed: could not write run"), lines
+    assert "Traceback" not in result.stdout + result.stderr
+    (run,) = all_runs(uri)
+    assert run.info.status == "FAILED" and run.data.tags["echo.kept_in"] in lines[0]
+    kept = Path(run.data.tags["echo.kept_in"])
+    assert kept.parent == work / "echo-unsent" and (kept / "end.json").read_text() == '{\n "status": "FINISHED"\n}'
+
+
+def test_an_outbox_is_private_and_never_written_through_a_link_that_was_there(tmp_path, monkeypatch):
+    """Another user's link named like the outbox (here and in the temporary directory) is not
+    followed: a fresh folder of this user's alone is made beside it, its files 0600."""
+    import json
+    import stat
+
+    from echo.tracking import worker
+    from echo.tracking.outbox import ROOT, Outbox, read
+
+    elsewhere, work, tmp = tmp_path / "elsewhere", tmp_path / "work", tmp_path / "tmp"
+    for folder in (elsewhere, work, tmp):
+        folder.mkdir()
+    (work / ROOT).symlink_to(elsewhere)
+    (tmp / ROOT).symlink_to(elsewhere)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    checkpoint = tmp_path / "checkpoint"
+    (checkpoint / "inner").mkdir(parents=True)
+    (checkpoint / "inner" / "last.ckpt").write_text("weights")
+    (checkpoint / "inner" / "last.ckpt").chmod(0o644)
+
+    box = Outbox({"run_name": "r", "run_id": "abcdef0123", "params": {"a": "1"}}, "why")
+    box.metrics([("train/loss", 1.0, 5, 1)])
+    box.tags({"t": "1"})
+    box.params({"n_params": "3"})
+    box.text("x: 1\n", "config.yaml")
+    box.figure(worker.by_position([0.5, 0.7], 0.01), "token_acc_by_position.png")
+    box.artifacts(str(checkpoint), "checkpoints")
+    box.end("FINISHED")
+    assert box.lost is None and list(elsewhere.iterdir()) == []  # nothing went through the link
+    assert box.folder.parent.parent == work and box.folder.parent.name.startswith(f"{ROOT}-")
+    modes = {p.relative_to(box.folder.parent): stat.S_IMODE(p.lstat().st_mode) for p in box.folder.rglob("*")}
+    modes[Path(".")] = stat.S_IMODE(box.folder.parent.lstat().st_mode)
+    assert {p: m for p, m in modes.items() if m != (0o700 if (box.folder.parent / p).is_dir() else 0o600)} == {}
+    assert len(modes) == 12, sorted(modes)  # root, run, artifacts, checkpoints, inner; 7 files
+    kept = read(box.folder)
+    assert kept["metrics"] == [("train/loss", 1.0, 5, 1)] and kept["status"] == "FINISHED"
+    assert (box.folder / "artifacts" / "checkpoints" / "inner" / "last.ckpt").read_text() == "weights"
+    assert json.loads((box.folder / "params.json").read_text()) == {"n_params": "3"}
+
+    (work / ROOT).unlink()  # no link there now: ./echo-unsent itself, made 0700
+    mine = Outbox({"run_name": "r", "run_id": "0123456789"}, "why")
+    assert mine.folder == work / ROOT / "r.01234567" and stat.S_IMODE((work / ROOT).stat().st_mode) == 0o700
+    (work / ROOT).chmod(0o755)  # an older echo's: this user's, so made private again
+    again = Outbox({"run_name": "r", "run_id": "9876543210"}, "why")
+    assert again.folder.parent == work / ROOT and stat.S_IMODE((work / ROOT).stat().st_mode) == 0o700
+    if os.getuid() == 0:  # (only root can give a folder to another user)
+        (work / ROOT).rename(work / "moved")
+        (work / ROOT).mkdir(mode=0o777)
+        os.chown(work / ROOT, 65534, 65534)  # nobody's: not used
+        other = Outbox({"run_name": "r", "run_id": "5555555555"}, "why")
+        assert other.folder.parent.parent == work and other.folder.parent.name.startswith(f"{ROOT}-")
+        assert list((work / ROOT).iterdir()) == []

@@ -2,7 +2,8 @@
 
 When the store refuses a write (a server that went away, a full disk, an experiment MLflow
 will not write to), the tracking worker keeps that write, and every later one of the run, in
-`./echo-unsent/<run name>.<run id>/`:
+`./echo-unsent/<run name>.<run id>/` (this user's alone: folders 0700, files 0600; where a link or
+another user's folder has that name, a new `echo-unsent-<random>/` beside it):
 
     run.json        the store, experiment, run name and id, tags and params, why writing failed
     metrics.jsonl   one [name, value, timestamp_ms, step] per line
@@ -16,11 +17,13 @@ worker.upload). The run exits non-zero with one line naming the folder (Tracking
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +62,34 @@ def unreachable(uri: str, timeout: float = 5.0) -> str | None:
         return error.strerror or str(error) or type(error).__name__
 
 
+def cannot_write(uri: str) -> str | None:
+    """Why the SQLite store at `uri` cannot be written, with the fix, in one line (None if it can be, or
+    if the store is not a SQLite file). Checked before the run: MLflow would retry for about 100 s."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
+    if not path.name or path.name == ":memory:":
+        return None
+    folder = path.parent  # SQLite writes its journal beside the file; MLflow creates missing folders
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if path.exists():
+            os.close(os.open(path, os.O_RDWR))  # opened for writing, nothing written
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".echo-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+        return None
+    except OSError as error:
+        why = f"{error.filename if error.filename == str(path) else folder}: {error.strerror or error}"
+    fix = (
+        "set MLFLOW_TRACKING_URI to a store you can write"
+        if os.environ.get("MLFLOW_TRACKING_URI")
+        else ("run from a folder you can write, set MLFLOW_TRACKING_URI")
+    )
+    return f"cannot write the tracking store {uri} ({why}): {fix}, or run with logger=none"
+
+
 def reason(error: BaseException) -> str:
     """An exception in one line."""
     lines = str(error).strip().splitlines()
@@ -70,7 +101,8 @@ def _safe(name: str) -> str:
 
 
 class Outbox:
-    """The folder keeping one run's unwritten metrics, params, tags and artifacts."""
+    """The folder keeping one run's unwritten metrics, params, tags and artifacts: this user's alone
+    (folders 0700, files 0600), never reached through a link that was there before (`private_folder`)."""
 
     def __init__(self, run: dict, why: str, root: str | os.PathLike | None = None):
         suffix = (run.get("run_id") or "")[:8] or time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
@@ -78,8 +110,8 @@ class Outbox:
         self.run, self.why, self.lost = dict(run), why, None
         for base in (Path(root) if root else Path.cwd() / ROOT, Path(tempfile.gettempdir()) / ROOT):
             try:
-                self.folder = base.resolve() / name
-                (self.folder / "artifacts").mkdir(parents=True, exist_ok=True)
+                self.folder = private_folder(private_folder(Path(os.path.abspath(base))) / name)
+                _mkdirs(self.folder / "artifacts")
                 self._write_json("run.json", {**self.run, "why": why})
                 return
             except OSError as error:  # e.g. the disk is full: try the temporary directory
@@ -87,7 +119,7 @@ class Outbox:
         self.folder = None
 
     def _write_json(self, name: str, data) -> None:
-        (self.folder / name).write_text(json.dumps(data, indent=1, default=str))
+        _write(self.folder / name, json.dumps(data, indent=1, default=str))
 
     def _guard(self, write) -> None:
         if self.folder is None:
@@ -101,7 +133,7 @@ class Outbox:
         """(name, value, timestamp_ms, step) rows."""
         if rows:
             text = "".join(json.dumps(list(row)) + "\n" for row in rows)
-            self._guard(lambda: _append(self.folder / "metrics.jsonl", text))
+            self._guard(lambda: _write(self.folder / "metrics.jsonl", text, append=True))
 
     def tags(self, tags: dict[str, str]) -> None:
         path = self.folder / "tags.json" if self.folder else None
@@ -113,17 +145,19 @@ class Outbox:
         self._guard(lambda: self._write_json("params.json", {**_read_json(path, {}), **params}))
 
     def text(self, text: str, name: str) -> None:
-        self._guard(lambda: _write_text(self.folder / "artifacts" / name, text))
+        self._guard(lambda: _write(self.folder / "artifacts" / name, text))
 
     def figure(self, figure, name: str) -> None:
         def save():
-            (self.folder / "artifacts" / name).parent.mkdir(parents=True, exist_ok=True)
-            figure.savefig(self.folder / "artifacts" / name)
+            path = self.folder / "artifacts" / name
+            _mkdirs(path.parent)
+            with os.fdopen(_open(path), "wb") as file:
+                figure.savefig(file, format=path.suffix.lstrip(".") or "png")
 
         self._guard(save)
 
     def artifacts(self, folder: str, path: str) -> None:
-        self._guard(lambda: shutil.copytree(folder, self.folder / "artifacts" / path, dirs_exist_ok=True))
+        self._guard(lambda: _copy_tree(Path(folder), self.folder / "artifacts" / path))
 
     def end(self, status: str) -> None:
         self._guard(lambda: self._write_json("end.json", {"status": status}))
@@ -133,14 +167,50 @@ class Outbox:
         return {"folder": str(self.folder) if self.folder else None, "why": self.why, "lost": self.lost}
 
 
-def _append(path: Path, text: str) -> None:
-    with open(path, "a") as file:
+def private_folder(path: Path) -> Path:
+    """`path` as a folder of this user's alone (0700): made so, or taken if it is one already; where
+    something else is there (a link, another user's folder, a file), a new folder beside it instead."""
+    try:
+        os.mkdir(path, 0o700)
+        return path
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():  # not a link: lstat does not follow one
+        if info.st_mode & 0o077:
+            os.chmod(path, 0o700)
+        return path
+    return Path(tempfile.mkdtemp(prefix=f"{path.name}-", dir=path.parent))  # 0700, a new name
+
+
+def _mkdirs(path: Path) -> None:
+    """`path` and the folders above it inside a private folder, each 0700."""
+    if not path.is_dir():
+        _mkdirs(path.parent)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+
+
+def _open(path: Path, append: bool = False) -> int:
+    """A file of the outbox opened for writing: 0600 if new, never through a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
+    return os.open(path, flags, 0o600)
+
+
+def _write(path: Path, text: str, append: bool = False) -> None:
+    _mkdirs(path.parent)
+    with os.fdopen(_open(path, append), "a" if append else "w") as file:
         file.write(text)
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+def _copy_tree(source: Path, target: Path) -> None:
+    """The files under `source` into `target` (folders 0700, files 0600: not the source's modes)."""
+    for folder, _, files in os.walk(source):
+        into = target / Path(folder).relative_to(source)
+        _mkdirs(into)
+        for name in files:
+            with open(Path(folder) / name, "rb") as src, os.fdopen(_open(into / name), "wb") as dst:
+                shutil.copyfileobj(src, dst)
 
 
 def _read_json(path: Path | None, default):
@@ -183,7 +253,8 @@ def failed_message(answer: dict, run_name: str, run_id: str | None, uri: str) ->
     where = f"run '{run_name}'" + (f" ({run_id})" if run_id else "")
     line = f"could not write {where} to {uri} ({answer.get('why')})"
     if answer.get("folder"):
-        line += f"; what it could not write is kept in {answer['folder']}: upload it with `{UPLOAD} {answer['folder']}`"
+        kept = answer["folder"]
+        line += f"; what it could not write is kept in {kept}: upload it with `{UPLOAD} {kept} --to {uri}`"
         if answer.get("lost"):
             line += f" (some could not be kept either: {answer['lost']})"
     else:

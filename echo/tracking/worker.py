@@ -52,11 +52,12 @@ import sys
 import time
 
 if __name__ == "__main__":  # run as a script: its sibling module, without importing the echo package
-    from outbox import Outbox, read, read_params, reason
+    from outbox import Outbox, read, read_params, reason, unreachable
 else:
-    from echo.tracking.outbox import Outbox, read, read_params, reason
+    from echo.tracking.outbox import Outbox, read, read_params, reason, unreachable
 
 ANSWER = "echo-tracking: "  # marks the answers on stdout
+KEPT_TAGS = ("echo.kept_in", "echo.status")  # on a run ended FAILED, its rest kept locally: where, how it ended
 
 
 def answer(text: str) -> None:
@@ -439,6 +440,19 @@ class RunWriter:
                 box.text(message["error"], "error.txt")
                 box.tags({"echo.error": message["error"].strip().splitlines()[-1][:500]})
             box.end(message["status"])
+            self.end_in_store(message["status"])
+
+    def end_in_store(self, status: str) -> None:
+        """End a run whose writes are kept locally in the store too, where it can be reached, so that
+        it does not stay RUNNING there: FAILED (what it holds is incomplete), tagged with the folder
+        keeping the rest; `python -m echo.upload` then completes it and gives it `status`."""
+        if self.run_id is None or unreachable(self.uri):  # a server that is gone: no minutes of retries
+            return
+        with contextlib.suppress(Exception):
+            folder = self.outbox.folder
+            self.tags({"echo.status": status} | ({"echo.kept_in": str(folder)} if folder else {}))
+        with contextlib.suppress(Exception):
+            self.client.set_terminated(self.run_id, "FAILED")
 
 
 def _provenance():
@@ -623,4 +637,7 @@ def upload(folder: str, uri: str) -> str:
     if kept["artifacts"] is not None:
         client.log_artifacts(run_id, str(kept["artifacts"]))
     client.set_terminated(run_id, kept["status"] or "KILLED")  # no end recorded: the process died
+    for tag in KEPT_TAGS:  # complete now (RunWriter.end_in_store)
+        with contextlib.suppress(Exception):
+            client.delete_tag(run_id, tag)
     return run_id
