@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from echo.config import CELLS, POSITIONAL, ConfigError, first_line, windows_per_sequence
+from echo.config import CELLS, POSITIONAL, TRAINER_SUPPORTED, ConfigError, first_line, windows_per_sequence
 
 FOLDER = "model"
 WEIGHTS, CONFIG = f"{FOLDER}/weights.pt", f"{FOLDER}/config.yaml"
@@ -163,7 +163,7 @@ def known_keys(cfg: DictConfig | None = None) -> set[str] | None:
             known |= {f"{group}.{key}" for key in _dotted(yaml.safe_load(file.read_text()) or {}) if key != "defaults"}
     for file in sorted((CONF / "model").glob("*.yaml")):  # `# @package _global_`
         known |= {key for key in _dotted(yaml.safe_load(file.read_text()) or {}) if key != "defaults"}
-    return known
+    return known | {f"trainer.{key}" for key in TRAINER_SUPPORTED}  # (a preset or +trainer.key=... sets them)
 
 
 def _dotted(data: dict, prefix: str = "") -> list[str]:
