@@ -199,24 +199,53 @@ def is_member_checkpoint(path: str) -> bool:
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """The config of the run being resumed, with this command's plain `key=value` overrides on top
-    (e.g. `trainer.max_epochs=2000` to train longer); a group override cannot change a resumed run.
-    The stored config is data (echo.reuse.read_stored_config): no interpolation, no unknown key."""
+    (e.g. `trainer.max_epochs=2000` to train longer). A group or preset on the command line
+    (`experiment=...`, `model=encdec`) is no change if the config it composes is the run's (the
+    run's own command line, as a requeued SLURM job gives it again); one that changes a setting is
+    refused, naming it. The stored config is data (echo.reuse.read_stored_config): no interpolation,
+    no unknown key."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from echo.reuse import read_stored_config
+    from echo.reuse import CONF, read_stored_config
 
     run_id = str(cfg.resume)
     with tempfile.TemporaryDirectory() as folder:
         saved = read_stored_config(_download(run_id, "config.yaml", folder), f"resume={run_id}", cfg)
+    groups, plain = [], []
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
         if key == "resume" or key.startswith("hydra"):
             continue
-        if key in GROUPS:
-            raise ConfigError(
-                f"{override.input_line}: a resumed run keeps its config; only settings like trainer.max_epochs=... "
-                f"can change (start a new run to change {key})"
-            )
-        OmegaConf.update(saved, key, override.value(), force_add=False)
+        if key in GROUPS or (CONF / key).is_dir():
+            groups.append(override)
+        else:
+            plain.append(key)
+            OmegaConf.update(saved, key, override.value(), force_add=False)
+    if groups and (change := _changed_setting(cfg, saved, plain)):
+        key, here, there = change
+        raise ConfigError(
+            f"{groups[0].input_line}: a resumed run keeps its config, and this command's sets {key}={here!r} where "
+            f"the run has {there!r}: only settings like trainer.max_epochs=... can change (start a new run to change "
+            f"{key})"
+        )
     saved.resume = run_id
     return saved
+
+
+RUN_TIME = ("threads", "resume", "evaluate")  # keys a run fills in or a command sets for this run only
+
+
+def _changed_setting(cfg: DictConfig, saved: DictConfig, plain: list[str]) -> tuple[str, object, object] | None:
+    """The first setting that this command's composed config gives another value than the run's
+    (key, here, there), leaving out what a plain override set and what a run fills in."""
+    from echo.tracking import flatten
+
+    here = flatten(OmegaConf.to_container(cfg, resolve=True))
+    there = flatten(OmegaConf.to_container(saved, resolve=False))
+    for key, value in here.items():
+        top = key.split(".")[0]
+        if key not in there or top in RUN_TIME or any(key == p or key.startswith(f"{p}.") for p in plain):
+            continue
+        if value != there[key]:
+            return key, value, there[key]
+    return None

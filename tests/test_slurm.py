@@ -65,14 +65,16 @@ def _wait_for(condition, timeout: float, what: str, proc=None):
 def test_a_requeued_job_continues_from_its_checkpoint_with_no_gap_and_no_duplicate(slurm_cluster, tmp_path):
     """`scontrol requeue` mid-run: SIGTERM (the run checkpoints and ends KILLED), then SLURM runs the
     same job again (SLURM_RESTART_COUNT=1), which continues the run as its `echo.resumed_from`
-    successor. Every epoch's train/loss is in exactly one of the two; the sweep counts the job once."""
+    successor, its preset on the command line again. Every epoch's train/loss is in exactly one of the
+    two; the sweep counts the job once."""
     from cluster_services import need_module
     from mlflow import MlflowClient
 
     need_module("hydra_plugins.hydra_submitit_launcher", 'pip install -e ".[submitit]"')
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     epochs = 6000
-    args = ["-m", *_launcher(slurm_cluster), "seed=0", f"trainer.max_epochs={epochs}"]
+    # launched with a preset: the requeued job gives it again, which is no change to its run
+    args = ["-m", *_launcher(slurm_cluster), "experiment=tutorial_full_echo", "seed=0", f"trainer.max_epochs={epochs}"]
     args += ["trainer.check_val_every_n_epoch=200", "progress=false", *SMALL]
     proc = start_run_py(*args, cwd=tmp_path, uri=uri)
     client = MlflowClient(uri)

@@ -294,3 +294,14 @@ def test_a_stored_networks_sizes_are_checked_before_anything_is_built(in_store, 
     line = _refusal(entry, planted)
     assert f"{entry}={planted}: the run's model/weights.pt " in line and says in line, line
     assert len(_runs(uri)) == before
+
+
+def test_a_resume_takes_the_runs_own_command_line_and_refuses_a_changed_setting(in_store):
+    """A requeued job gives its command line again, preset and groups included: no change."""
+    _, _, run = in_store
+    own = [f"resume={run.info.run_id}", *SMALL, "model=seq2seq", "trainer.max_epochs=30"]
+    cfg = resumed_config(make_cfg(*own), own)
+    assert cfg.trainer.max_epochs == 30 and cfg.model.name == "seq2seq" and cfg.task.n_in == 2
+    changed = [f"resume={run.info.run_id}", *SMALL, "model=encdec"]
+    with pytest.raises(ConfigError, match="model=encdec: a resumed run keeps its config, and this command's sets "):
+        resumed_config(make_cfg(*changed), changed)
