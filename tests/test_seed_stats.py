@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY, artifacts, run_py, sweep_runs
 
-from echo.sweeps import summarize_sweep
+from echo.tracking.sweep_summary import summarize_sweep
 
 # Two settings x three seeds (val/exact_match, test/exact_match, test/token_acc, epochs_to_target);
 # epochs_to_target only where val/exact_match reached the runs' target (0.5).

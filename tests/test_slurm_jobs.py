@@ -4,8 +4,8 @@ requeued job's rerun continues (tests/test_slurm.py does the same on a real clus
 import pytest
 
 from echo.slurm import requeued_from, slurm_tags
-from echo.sweeps import children
 from echo.tracking import mlflow_client
+from echo.tracking.sweep_summary import children
 
 NAME = "seed=1"
 

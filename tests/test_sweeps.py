@@ -8,8 +8,9 @@ import pytest
 from helpers import TINY, all_runs, artifacts, make_cfg, run_py, sweep_runs
 from mlflow import MlflowClient
 
-from echo.sweeps import MISSED_TARGET, job_name_and_tags, objective_value, parent_of_sweep, summarize_sweep
+from echo.sweeps import MISSED_TARGET, job_name_and_tags, objective_value, parent_of_sweep
 from echo.tracking import PARENT_RUN_ENV, SWEEP_TAG
+from echo.tracking.sweep_summary import summarize_sweep
 
 
 def test_objective_is_the_metric_or_the_worst_value():

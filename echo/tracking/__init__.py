@@ -6,6 +6,7 @@
     outbox.py   what the store refused, kept in ./echo-unsent/<run>/ to upload later (echo/upload.py)
     service.py  one worker for all the local jobs of a parallel sweep
     store.py    direct reads and writes: sweep parents, checkpoints, reports, stored networks
+    sweep_summary.py  a sweep's summary on its parent run: table, seed statistics, plot, best child
     outbox.py   what a store refused, kept in a local folder; `python -m echo.upload` sends it later
     provenance.py  where a run came from: git commit and diff, command, versions, machine
 

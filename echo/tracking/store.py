@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from echo.tracking.naming import tracking_uri
-from echo.tracking.worker import experiment_id, new_client
+from echo.tracking.worker import experiment_id, new_client, tag_provenance
 
 __all__ = ["download_artifact", "experiment_id", "log_artifacts", "mlflow_client", "run_tags", "tag_provenance"]
 
@@ -33,19 +33,6 @@ def download_artifact(run_id: str, path: str, folder: str) -> str | None:
         return mlflow_client().download_artifacts(run_id, path, folder)
     except Exception:  # MlflowException, OSError: not there
         return None
-
-
-def tag_provenance(client, run_id: str, argv: list[str]) -> None:
-    """Tag run `run_id` (a sweep's parent), as its jobs are, with where it came from (provenance.py):
-    the command line `argv`."""
-    from mlflow.entities import RunTag
-
-    from echo.tracking.provenance import DIFF_ARTIFACT, source_tags
-
-    tags, diff = source_tags(argv)
-    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
-    if diff:
-        client.log_text(run_id, diff, DIFF_ARTIFACT)
 
 
 def log_artifacts(run_id: str, folder: str, artifact_path: str) -> None:

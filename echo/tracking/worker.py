@@ -37,7 +37,7 @@ connection to the Unix socket, with the same messages and answers; a connection 
 with its run open ends that run KILLED. The jobs pay for no mlflow import, and the service
 pays for its own while the sweep starts, on an otherwise idle core. A connection whose first
 message is `sweep.create` carries the sweep's own requests instead (its parent run, summary and
-end: echo.sweeps.SweepStore and SweepRequests); closed with the parent open, it ends it KILLED.
+end: echo.sweeps.SweepStore, answered by SweepRequests); closed with the parent open, it ends it KILLED.
 """
 
 from __future__ import annotations
@@ -480,6 +480,100 @@ def _source_tags(argv) -> tuple[dict[str, str], str]:
         return {}, ""
 
 
+class SweepRequests:
+    """Does what echo.sweeps.SweepStore asks, where its requests arrive: in a store process of its own
+    (echo.sweeps.serve) or in the sweep's tracking service. `reply(text)` answers one request;
+    `client(uri)` is an MLflow client for a store. A parent created and not ended when the requests
+    stop (the launching process died) ends KILLED (`abandon`)."""
+
+    def __init__(self, reply, client=client):
+        self.reply, self.client = reply, client
+        self.open_parent, self.uri = None, None
+
+    def handle(self, line: str) -> None:
+        request = json.loads(line)
+        self.uri = request.pop("uri")
+        op = request.pop("op")
+        if op == "sweep.open":  # while the jobs are checked: it writes nothing
+            open_store(self.uri, self.client)
+            self.reply(json.dumps({"value": None}))
+            return
+        client = self.client(self.uri)
+        try:
+            if op == "sweep.create":
+                value = self.open_parent = create_parent(client, **request)
+            elif op == "sweep.finish":
+                value, self.open_parent = finish_sweep(client, **request), None
+            else:  # "sweep.end"
+                value, self.open_parent = end_sweep(client, **request), None
+            self.reply(json.dumps({"value": value}))
+        except Exception as error:
+            self.reply(json.dumps({"error": reason(error)}))
+
+    def abandon(self) -> None:
+        if self.open_parent is None:
+            return
+        try:
+            end_sweep(self.client(self.uri), self.open_parent, "KILLED")
+        except Exception:  # the store is gone: the launching process has said so
+            pass
+
+
+def create_parent(client, experiment: str, run_name: str, tags: dict[str, str]) -> str:
+    """A sweep's parent run; its id."""
+    return client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags).info.run_id
+
+
+def finish_sweep(client, parent: str, objective: str, ignored: list[str], argv: list[str]) -> None:
+    """The sweep's end: its parent tagged with where it came from (`argv`), its summary, FINISHED, or
+    FAILED if one of its jobs failed (a diverged job: the sweep went on)."""
+    summarize_sweep = _sweep_summary().summarize_sweep
+    status = "FINISHED"
+    try:
+        tag_provenance(client, parent, argv)
+        summary = summarize_sweep(client, parent, objective, ignored)
+        if summary["failed"]:
+            status = "FAILED"
+    finally:
+        client.set_terminated(parent, status)
+
+
+def end_sweep(client, parent: str, status: str | None) -> None:
+    """End a sweep's parent run, and its children still RUNNING, with `status` (KILLED, FAILED). None:
+    a sweep that stopped before its end, for a reason its launching process did not see (an error
+    raised from a job, or an interrupt while a job's own handler had the signal): its children
+    tell. An interrupted job ended KILLED: KILLED; else one that ended FAILED: FAILED; else KILLED."""
+    runs = _sweep_summary().children(client, parent)
+    if status is None:
+        statuses = {run.info.status for run in runs}
+        status = "FAILED" if "FAILED" in statuses and "KILLED" not in statuses else "KILLED"
+    for run in runs:
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+    client.set_terminated(parent, status)
+
+
+def tag_provenance(client, run_id: str, argv: list[str]) -> None:
+    """Tag run `run_id` (a sweep's parent), as its jobs are, with where it came from (provenance.py):
+    the command line `argv`."""
+    from mlflow.entities import RunTag
+
+    provenance = _provenance()
+    tags, diff = provenance.source_tags(argv)
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    if diff:
+        client.log_text(run_id, diff, provenance.DIFF_ARTIFACT)
+
+
+def _sweep_summary():
+    """sweep_summary.py beside this file (imported when a sweep asks for its summary: plain Python)."""
+    if __name__ == "__main__":
+        import sweep_summary
+    else:
+        from echo.tracking import sweep_summary
+    return sweep_summary
+
+
 class Connection:
     """One training process's connection to the service, and the run it is writing."""
 
@@ -514,11 +608,6 @@ class Connection:
 def _sweep_requests(reply):
     """The sweep's own requests (its parent run, summary, end: echo.sweeps.SweepStore), answered by
     this service, so that one process imports mlflow and opens the store for the whole sweep."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from echo.sweeps import SweepRequests
-
     return SweepRequests(reply, client)  # this script's client: the runs' and the sweep's share it
 
 

@@ -1,0 +1,320 @@
+"""A sweep's summary on its parent run: its children's table with seed statistics per setting
+(`sweep.md`), a plot of the spread over seeds (`sweep.png`) and the best child. Read and written
+through an MLflow client by the tracking worker or the sweep's store process (echo/tracking/worker.py),
+never by the launching process. Plain Python: the worker, run as a script, imports it as its sibling."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+# Objectives where lower is better; every other metric is maximised.
+LOWER_IS_BETTER = ("time_to_target_s", "epochs_to_target", "samples_to_target", "train_time_s", "val/loss")
+# Params that differ between a sweep's jobs without making them different settings: the seed, and
+# what conf/config.yaml leaves out of run names because it does not change results.
+NOT_A_SETTING = ("seed", "progress", "threads", "cuda_graph")
+# What the per-setting table aggregates over seeds, besides the objective (the *_to_target ones
+# where present: only seeds that reached the target have them).
+SEED_METRICS = ("test/exact_match", "test/token_acc", "time_to_target_s", "epochs_to_target")
+REACHED = "epochs_to_target"  # a run has it when its val/exact_match reached its `target`
+
+
+def children(client, parent_run_id: str) -> list:
+    """The sweep's jobs: its child runs, less those another child continued (`echo.resumed_from`, as a
+    requeued SLURM job does), so that a job counts once, as its last run."""
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10_000
+    )
+    continued = {run.data.tags.get("echo.resumed_from") for run in runs}
+    return [run for run in runs if run.info.run_id not in continued]
+
+
+def swept_settings(runs: list) -> list[str]:
+    """The params whose values differ between runs: what the sweep varied."""
+    if len(runs) < 2:
+        return []
+    keys = set().union(*(run.data.params for run in runs))
+    return sorted(k for k in keys if len({run.data.params.get(k) for run in runs}) > 1)
+
+
+def summarize_sweep(
+    client, parent_run_id: str, objective: str = "val/exact_match", ignored: Iterable[str] = NOT_A_SETTING
+) -> dict[str, object]:
+    """Write the sweep's table, plot and best child onto its parent run; return the summary.
+
+    Children that differ only in the `ignored` params (the seed, and settings that do not change
+    results) are one setting; `sweep.md` has a row of seed statistics per setting, then every child.
+    A sweep with one setting also logs `mean/<metric>`, `std/<metric>` and `success_rate` on the parent.
+    """
+    runs = children(client, parent_run_id)
+    lower = objective in LOWER_IS_BETTER
+    worst = math.inf if lower else -math.inf
+    runs.sort(key=lambda r: (r.data.metrics.get(objective, worst) * (1 if lower else -1), r.info.run_name))
+    swept = swept_settings(runs)
+    ignored = set(ignored)
+    keys = [k for k in swept if k not in ignored]
+    settings = seed_statistics(runs, keys, objective)
+    client.log_text(parent_run_id, sweep_table(runs, swept, objective, settings, keys), "sweep.md")
+    summary: dict[str, object] = {"children": len(runs), "swept": swept, "settings": [s.as_dict() for s in settings]}
+    summary["failed"] = sum(run.info.status == "FAILED" for run in runs)
+    scored = [r for r in runs if objective in r.data.metrics]
+    if scored:
+        best = scored[0]
+        summary.update(best_run=best.info.run_name, best_run_id=best.info.run_id, best=best.data.metrics[objective])
+        client.set_tag(parent_run_id, "echo.best_run", best.info.run_name)
+        client.set_tag(parent_run_id, "echo.best_run_id", best.info.run_id)
+        client.log_metric(parent_run_id, f"best/{objective}", best.data.metrics[objective])
+        for key in swept:
+            client.set_tag(parent_run_id, f"echo.best.{key}", best.data.params.get(key, ""))
+    if len(settings) == 1 and settings[0].finished:
+        for name, value in settings[0].parent_metrics().items():
+            client.log_metric(parent_run_id, name, value)
+    if sum(len(s.stats.get(objective, ())) for s in settings) > 1:
+        client.log_figure(parent_run_id, sweep_plot(settings, keys, objective), "sweep.png")
+    return summary
+
+
+@dataclass
+class Spread:
+    """A metric over a setting's finished seeds: mean, sample standard deviation (n-1), min and max."""
+
+    values: list[float]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation (n-1); None for a single seed."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    def cell(self, fmt: str) -> str:
+        """`mean ± std (min–max)`; one seed: its value."""
+        if len(self.values) == 1:
+            return format(self.values[0], fmt)
+        lo, hi = min(self.values), max(self.values)
+        return f"{self.mean:{fmt}} ± {self.std:{fmt}} ({lo:{fmt}}–{hi:{fmt}})"
+
+
+@dataclass
+class Setting:
+    """The children of a sweep that differ only in their seed."""
+
+    values: dict[str, str]  # the swept params that make this setting (seed excluded)
+    finished: list = field(default_factory=list)  # FINISHED children: the ones the statistics use
+    unfinished: list = field(default_factory=list)  # FAILED, KILLED (or still RUNNING): counted, not averaged
+    stats: dict[str, Spread] = field(default_factory=dict)  # metric -> its spread over finished seeds
+
+    @property
+    def reached(self) -> int:
+        """Finished seeds whose val/exact_match reached their run's `target` (they have epochs_to_target)."""
+        return sum(REACHED in run.data.metrics for run in self.finished)
+
+    @property
+    def success_rate(self) -> float | None:
+        return self.reached / len(self.finished) if self.finished else None
+
+    def as_dict(self) -> dict[str, object]:
+        """The setting's statistics as plain values (what summarize_sweep returns)."""
+        return {
+            "setting": dict(self.values),
+            "seeds": [run.data.params.get("seed", "") for run in sorted(self.finished, key=_seed)],
+            "not_finished": len(self.unfinished),
+            "reached": self.reached,
+            "success_rate": self.success_rate,
+            "stats": {
+                name: {"n": len(s), "mean": s.mean, "std": s.std, "min": min(s.values), "max": max(s.values)}
+                for name, s in self.stats.items()
+            },
+        }
+
+    def parent_metrics(self) -> dict[str, float]:
+        """`mean/<metric>`, `std/<metric>` (two seeds or more) for every metric in the table, and `success_rate`."""
+        logged = {}
+        for name, spread in self.stats.items():
+            logged[f"mean/{name}"] = spread.mean
+            if spread.std is not None:
+                logged[f"std/{name}"] = spread.std
+        if self.success_rate is not None:
+            logged["success_rate"] = self.success_rate
+        return logged
+
+
+def seed_statistics(runs: list, keys: list[str], objective: str) -> list[Setting]:
+    """Group children by the params in `keys` (every swept param but the seed) and compute each
+    setting's spread of the objective and the test metrics over its finished seeds; best setting first."""
+    settings: dict[tuple, Setting] = {}
+    for run in runs:
+        values = {k: run.data.params.get(k, "") for k in keys}
+        setting = settings.setdefault(tuple(values.values()), Setting(values))
+        (setting.finished if run.info.status == "FINISHED" else setting.unfinished).append(run)
+    metrics = list(dict.fromkeys([objective, *SEED_METRICS]))
+    for setting in settings.values():
+        for name in metrics:
+            values = [run.data.metrics.get(name, math.nan) for run in setting.finished]
+            values = [v for v in values if math.isfinite(v)]
+            if values:
+                setting.stats[name] = Spread(values)
+    lower = objective in LOWER_IS_BETTER
+    to_target = "_to_target" in objective  # only seeds that reached the target have it: rank by success first
+
+    def rank(setting: Setting) -> tuple:
+        spread = setting.stats.get(objective)
+        order = [_sortable(v) for v in setting.values.values()]
+        if spread is None:
+            return (1, 0.0, 0.0, order)
+        success = -(setting.success_rate or 0.0) if to_target else 0.0
+        return (0, success, spread.mean * (1 if lower else -1), order)
+
+    return sorted(settings.values(), key=rank)
+
+
+def _sortable(value: str) -> tuple:
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def _fmt(metric: str) -> str:
+    if metric.endswith("_s"):
+        return ".1f"
+    if metric.startswith(("epochs", "samples")):
+        return ".0f"
+    if "exact_match" in metric or "acc" in metric:
+        return ".3f"
+    return ".4g"
+
+
+def sweep_table(runs: list, swept: list[str], objective: str, settings: list[Setting], keys: list[str]) -> str:
+    """`sweep.md`: a row per setting (seed statistics), best first, then every child run, best first."""
+    targets = sorted({run.data.params.get("target", "") for run in runs} - {""})
+    target = f"`target`={targets[0]}" if len(targets) == 1 else "its run's `target`"
+    metrics = [m for m in dict.fromkeys([objective, *SEED_METRICS]) if any(m in s.stats for s in settings)]
+    header = [*(keys or ["setting"]), "seeds", "not finished", "success", *metrics]
+    lines = [
+        "# Sweep summary",
+        "",
+        "## Per setting",
+        "",
+        "Children that differ only in `seed` are one setting. Each cell is mean ± std (min–max) over the "
+        "setting's finished seeds; std is the sample standard deviation (n−1); a single seed shows its value. "
+        f"`success`: finished seeds whose val/exact_match reached {target} (they have epochs_to_target), "
+        "of all finished seeds. `not finished`: FAILED or KILLED children, left out of every mean, std, "
+        "min–max and success rate. time_to_target_s and epochs_to_target are over the seeds that reached "
+        "the target.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
+    ]
+    for setting in settings:
+        seeds = ",".join(run.data.params.get("seed", "?") for run in sorted(setting.finished, key=_seed))
+        rate = setting.success_rate
+        row = [
+            *(setting.values.values() if keys else ["all runs"]),
+            f"{len(setting.finished)} ({seeds})" if seeds else "0",
+            _unfinished(setting.unfinished),
+            f"{setting.reached}/{len(setting.finished)} ({rate:.2f})" if rate is not None else "–",
+            *(setting.stats[m].cell(_fmt(m)) if m in setting.stats else "–" for m in metrics),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Runs", "", runs_table(runs, swept, objective)]
+    return "\n".join(lines)
+
+
+def _seed(run) -> tuple:
+    return _sortable(run.data.params.get("seed", ""))
+
+
+def _unfinished(runs: list) -> str:
+    if not runs:
+        return "0"
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.info.status] = counts.get(run.info.status, 0) + 1
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+
+
+def runs_table(runs: list, swept: list[str], objective: str) -> str:
+    """A Markdown table of a sweep's runs in the order given (best first)."""
+    metrics = list(
+        dict.fromkeys([objective, "val/exact_match", "test/exact_match", "time_to_target_s", "train_time_s"])
+    )
+    header = ["run", "status", *swept, *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for run in runs:
+        params = [run.data.params.get(k, "") for k in swept]
+        values = [f"{run.data.metrics[m]:.4g}" if m in run.data.metrics else "" for m in metrics]
+        lines.append("| " + " | ".join([run.info.run_name, run.info.status, *params, *values]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_plot(settings: list[Setting], keys: list[str], objective: str):
+    """The spread over seeds: per setting, a point per finished seed and the mean with ± std error
+    bars, for the objective and test/exact_match (a numeric axis when one numeric setting is swept)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in dict.fromkeys([objective, "test/exact_match"]) if any(m in s.stats for s in settings)]
+    order = sorted(settings, key=lambda s: [_sortable(v) for v in s.values.values()])
+    try:
+        x = [float(s.values[keys[0]]) for s in order] if len(keys) == 1 else None
+    except ValueError:
+        x = None
+    numeric = x is not None
+    if not numeric:
+        x = list(range(len(order)))
+    spacing = (max(x) - min(x)) / (len(x) - 1) if len(x) > 1 else 1.0
+    logx = numeric and min(x) > 0 and max(x) / min(x) > 50
+    fig, axes = plt.subplots(1, len(shown), figsize=(max(4.5, 0.6 * len(order) + 2) * len(shown), 4), squeeze=False)
+    for ax, metric in zip(axes[0], shown):
+        labelled = False
+        for setting, at in zip(order, x):
+            spread = setting.stats.get(metric)
+            if spread is None:
+                continue
+            offsets = [(j - (len(spread) - 1) / 2) / len(spread) for j in range(len(spread))]  # within ±0.5
+            xs = [at * 1.05**o if logx else at + (0.12 if numeric else 0.3) * spacing * o for o in offsets]
+            ax.errorbar(
+                [at],
+                [spread.mean],
+                yerr=[[spread.std or 0.0]],
+                fmt="_",
+                ms=18,
+                mew=2,
+                color="C3",
+                capsize=6,
+                label=None if labelled else "mean ± std",
+            )
+            ax.scatter(xs, spread.values, s=16, color="C0", alpha=0.7, zorder=3, label=None if labelled else "seeds")
+            labelled = True
+        if logx:
+            ax.set_xscale("log")
+        if numeric:
+            ax.set_xlabel(keys[0])
+            if len(x) <= 12:
+                ax.set_xticks(x, [s.values[keys[0]] for s in order])
+        else:
+            labels = [", ".join(f"{k.split('.')[-1]}={v}" for k, v in s.values.items()) or "all runs" for s in order]
+            ax.set_xticks(x, labels, rotation=30 if len(order) > 1 else 0, ha="right" if len(order) > 1 else "center")
+            ax.set_xlim(-0.6, len(order) - 0.4)
+        if "exact_match" in metric or "acc" in metric:
+            ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    unfinished = sum(len(s.unfinished) for s in settings)
+    seeds = sum(len(s.finished) for s in settings)
+    note = f"; {unfinished} not finished, not shown" if unfinished else ""
+    fig.suptitle(f"{len(order)} setting(s), {seeds} finished runs: seeds and mean ± std (n−1){note}")
+    fig.tight_layout()
+    return fig
