@@ -34,7 +34,7 @@ def check_trainer(cfg) -> None:
     """Build a Trainer with the run's settings (about 25 ms) and turn Lightning's refusal into one line."""
     import pytorch_lightning as pl
 
-    from echo.train import _quiet_lightning, in_lightning_epochs
+    from echo.build import in_lightning_epochs, quiet_lightning
 
     accelerator = cfg.trainer.get("accelerator", "auto")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -52,7 +52,7 @@ def check_trainer(cfg) -> None:
         )
     if set(cfg.trainer) <= CHECKED_HERE and devices in (1, "1", "auto"):
         return  # the settings echo.config checks already (building a Trainer costs 30-50 ms)
-    _quiet_lightning()
+    quiet_lightning()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -111,8 +111,8 @@ def estimate_memory(cfg) -> dict[str, int]:
     - training step: every time step's activations of the step's windows, kept for backward;
     - held-out sets: the validation and test windows, and evaluating them (no gradients).
     """
+    from echo.build import network
     from echo.encoding import REPRESENTATIONS
-    from echo.train import network
 
     task, model = cfg.task, cfg.model
     rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 import time
 import traceback
-import warnings
 from contextlib import contextmanager
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from echo.build import in_lightning_epochs, network, quiet_lightning
 from echo.checkpoints import (
     RESUMED_FROM,
     Checkpointer,
@@ -27,12 +26,12 @@ from echo.encoding import REPRESENTATIONS
 from echo.faults import interrupted
 from echo.lengths import evaluate_lengths, length_rows, length_scores
 from echo.logger import MLflowRunLogger, log_text, make_logger
-from echo.models import NET_OPTIONS, build_net, count_parameters
+from echo.models import count_parameters
 from echo.module import EchoModule, log_rows
 from echo.preflight import out_of_memory_as_training_error, preflight
 from echo.reuse import EVALUATED_FROM, network_to_evaluate, save_network
 from echo.speedups import reuse_freed_memory
-from echo.steps import ECHO_STEPS, StepSettings
+from echo.steps import StepSettings
 from echo.summary import summary_line
 from echo.tracking import Tracker, start_tracker, tracking_uri
 from echo.tracking.outbox import TrackingStartError, cannot_write, unreachable
@@ -103,7 +102,7 @@ def _fit_and_test(
     """Build, fit, test and report; returns the summary. An interrupt propagates from `fit`
     (Lightning turns Ctrl-C into sys.exit(1)) after the callbacks kept the metrics so far.
     With `stored_net` (evaluate=) that network is tested, and nothing trained."""
-    _quiet_lightning()
+    quiet_lightning()
     torch.set_num_threads(cfg.threads)
     reuse_freed_memory()
     torch.manual_seed(cfg.seed)
@@ -185,22 +184,6 @@ def _fit_and_test(
     return summary
 
 
-def network(cfg: DictConfig, rep) -> torch.nn.Module:
-    """The network `cfg` asks for, its sizes read from the config here (networks never see it).
-    With task.train_lengths=[lo,hi] it is built for the longest, and told each batch's n_out."""
-    task, model = cfg.task, cfg.model
-    variable = length_range(task, "train_lengths")
-    return build_net(
-        model.name,
-        n_in=variable[1] if variable else task.n_in,
-        n_features=rep.n_features,
-        hidden_size=model.hidden_size,
-        n_classes=rep.n_outputs,
-        n_out=variable[1] if variable else task.n_out,
-        **{key: model[key] for key in NET_OPTIONS if key in model},
-    )
-
-
 def _test_stored(cfg: DictConfig, logger, trainer, module: EchoModule, data: EchoData) -> dict:
     """evaluate=: test the stored network, print and log the tutorial's table and the test metrics."""
     trainer.test(module, data, verbose=False)
@@ -229,18 +212,6 @@ def _run_line(tracker: Tracker, page: str | None) -> str:
     if page is None:
         return f"{line}: see it with `mlflow ui`"
     return f"{line}: {page}" + ("" if tracking_uri().startswith("http") else " (with `mlflow ui` running here)")
-
-
-def in_lightning_epochs(trainer_cfg, k: int) -> dict:
-    """The Trainer's arguments, with the epoch counts in Lightning epochs of `k` tutorial epochs, less
-    those echo's own optimizer steps take (echo/steps.py: Lightning refuses them with manual optimization)."""
-    args = OmegaConf.to_container(trainer_cfg, resolve=True)
-    for key in ECHO_STEPS:
-        args.pop(key, None)
-    for key in ("max_epochs", "check_val_every_n_epoch", "min_epochs"):
-        if args.get(key):
-            args[key] = -(-args[key] // k)  # k divides all but min_epochs
-    return args
 
 
 def expected_predicted(module: EchoModule, data: EchoData, task, seed: int) -> str:
@@ -275,16 +246,6 @@ class EpochProgress(pl.Callback):
     def on_exception(self, trainer, module, exception) -> None:
         if hasattr(self, "bar"):
             self.bar.close()
-
-
-def _quiet_lightning() -> None:
-    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
-    # On a machine with SLURM installed (a login node, a job): echo runs one process per job, no srun needed
-    warnings.filterwarnings("ignore", ".*`srun` command is available on your system but is not used.*")
 
 
 @contextmanager
