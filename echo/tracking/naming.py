@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 PARENT_RUN_ENV = "ECHO_PARENT_RUN_ID"  # set by the sweep callback for its jobs
 SWEEP_TAG = "echo.sweep"
 # A sweep's parent run while another process creates it: calling this sets PARENT_RUN_ENV (echo.sweeps).
@@ -22,6 +24,10 @@ def tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI` when set, else `mlflow.db` (SQLite) in the current directory,
     where a plain `mlflow ui` finds it."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+# `${tracking_uri:}`: where this process tracks runs, for jobs that do not inherit its environment (Ray's)
+OmegaConf.register_new_resolver("tracking_uri", tracking_uri, replace=True)
 
 
 UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves with its defaults
