@@ -1,5 +1,6 @@
 """The layout tells the truth: MLflow is reached through echo/tracking/ alone."""
 
+import ast
 import re
 from pathlib import Path
 
@@ -16,3 +17,73 @@ def test_only_the_tracking_package_imports_mlflow():
     ]
     importers = {str(p.relative_to(ROOT)) for p in code if IMPORTS_MLFLOW.search(p.read_text())}
     assert importers and all(name.startswith("echo/tracking/") for name in importers), sorted(importers)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every module of echo/ and hydra_plugins/ -> the modules of this project it imports, anywhere in
+    its file (function-level imports too): `from echo.x import y` is echo.x.y if that is a module, else echo.x."""
+    files = {_module_name(p): p for top in ("echo", "hydra_plugins") for p in (ROOT / top).glob("**/*.py")}
+    packages = {name for name, p in files.items() if p.name == "__init__.py"}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        here = name if name in packages else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package `level` dots up
+                    up = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join([*up, *([base] if base else [])])
+                found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names)
+        for target in found:  # `import echo.a.b` imports echo.a.b (and its packages, which do not matter here)
+            while target and target not in files:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                graph.setdefault(name, set()).add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycles():
+    """Layers import downwards only: no module reaches itself through its imports, lazy ones included."""
+    found = cycles(import_graph())
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
