@@ -11,12 +11,12 @@ from torch import Tensor, nn
 from echo.encoding import PAD, LinearScale, OneHot
 from echo.faults import check_finite
 from echo.models import detach_state
-from echo.speedups import EpochGraph, PlainAttributes
+from echo.speedups import EpochGraph
 from echo.steps import StepSettings
 from echo.windows import Draw
 
 
-class EchoModule(PlainAttributes, pl.LightningModule):
+class EchoModule(pl.LightningModule):
     """Trains a network to echo windows of integers.
 
     Stateful (`stateful=True`): row i of batch b+1 starts from the final LSTM state of row i
@@ -45,8 +45,6 @@ class EchoModule(PlainAttributes, pl.LightningModule):
     every batch's forward, backward and Adam step, the metric sums) is replayed as one CUDA graph
     (echo/speedups.py `EpochGraph`).
     """
-
-    PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_step_sums"})  # set every hook/step (echo/speedups.py)
 
     def __init__(
         self,

@@ -1,6 +1,5 @@
-"""Speed-ups that are not about echoing: an epoch replayed as one CUDA graph, attributes Lightning
-sets around every hook stored without nn.Module's look-ups, and freed memory reused by the next
-tensors instead of handed back to the kernel."""
+"""Speed-ups that are not about echoing: an epoch replayed as one CUDA graph, and freed memory
+reused by the next tensors instead of handed back to the kernel."""
 
 from __future__ import annotations
 
@@ -76,18 +75,3 @@ class EpochGraph:
             self.graph = graph
         self.graph.replay()
         return self.sums.clone()
-
-
-class PlainAttributes:
-    """Mix into an nn.Module whose `PLAIN_ATTRIBUTES` are set often and are never parameters,
-    buffers or submodules: they are stored directly. Lightning sets `_current_fx_name` around each of
-    the ~20 hooks it calls per step, and nn.Module's __setattr__ looks for a parameter, buffer and
-    submodule of that name every time."""
-
-    PLAIN_ATTRIBUTES: frozenset[str] = frozenset()
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in self.PLAIN_ATTRIBUTES:
-            self.__dict__[name] = value
-        else:
-            super().__setattr__(name, value)
