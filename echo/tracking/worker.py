@@ -43,6 +43,7 @@ end: echo.sweeps.SweepStore, answered by SweepRequests); closed with the parent 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -455,17 +456,15 @@ class RunWriter:
             self.client.set_terminated(self.run_id, "FAILED")
 
 
+@functools.cache
 def _provenance():
     """echo/tracking/provenance.py beside this file (this worker runs as a script, outside the package)."""
-    module = sys.modules.get("echo_provenance")
-    if module is None:
-        import importlib.util
+    import importlib.util
 
-        here = os.path.dirname(os.path.abspath(__file__))
-        spec = importlib.util.spec_from_file_location("echo_provenance", os.path.join(here, "provenance.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["echo_provenance"] = module
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("echo_provenance", os.path.join(here, "provenance.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
