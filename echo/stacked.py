@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from echo.compat import fused_adam_
 from echo.encoding import PAD
 from echo.models import EncoderDecoder, ManyToOne, OneToOne, Seq2Seq
 from echo.windows import generate_sequences, to_windows
@@ -232,10 +233,10 @@ class MemberAdam:
     element-wise, so this is torch.optim.Adam's update (defaults: betas 0.9, 0.999, eps 1e-8)
     with member k's own learning rate; a frozen member (stopped or failed) is not updated at all.
 
-    Each step runs torch's fused Adam kernel, the one an independent run's `Adam(fused=True)`
-    runs: one pass over the weights. Members that share a learning rate go through one call; all
-    of them at once (the usual seed sweep) pass the stacked tensors whole, otherwise each
-    member's slices.
+    Each step runs torch's fused Adam kernel (echo.compat.fused_adam_), the one an independent
+    run's `Adam(fused=True)` runs: one pass over the weights. Members that share a learning rate go
+    through one call; all of them at once (the usual seed sweep) pass the stacked tensors whole,
+    otherwise each member's slices.
     """
 
     def __init__(self, params: list[Tensor], lrs, betas=(0.9, 0.999), eps: float = 1e-8):
@@ -265,17 +266,8 @@ class MemberAdam:
             tensors = [self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq]
             if len(members) < len(self.lrs):
                 tensors = [[t[k] for t in group for k in members] for group in tensors]
-            torch._fused_adam_(
-                *tensors,
-                [],
-                [self._step] * len(tensors[0]),
-                lr=lr,
-                beta1=self.beta1,
-                beta2=self.beta2,
-                weight_decay=0.0,
-                eps=self.eps,
-                amsgrad=False,
-                maximize=False,
+            fused_adam_(
+                *tensors, [self._step] * len(tensors[0]), lr=lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps
             )
 
     @torch.no_grad()

@@ -1,0 +1,35 @@
+"""echo/compat.py leans on other libraries' private names: each test fails loudly when a library
+changes what that reliance assumes (a name gone, a layout or a behaviour changed)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from echo import compat
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_fused_adam_is_torch_adams_update_with_the_step_counted_by_the_caller():
+    torch.manual_seed(0)
+    weights = [torch.randn(3, 4), torch.randn(5)]
+    grads = [torch.randn_like(w) for w in weights]
+    reference = [w.clone().requires_grad_() for w in weights]
+    adam = torch.optim.Adam(reference, lr=1e-2, fused=True)
+    moments, squares = [torch.zeros_like(w) for w in weights], [torch.zeros_like(w) for w in weights]
+    step = torch.zeros(())
+    for _ in range(3):
+        for r, g in zip(reference, grads):
+            r.grad = g.clone()
+        adam.step()
+        step += 1  # the caller counts; the kernel only reads it
+        compat.fused_adam_(weights, grads, moments, squares, [step] * 2, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+    assert step.item() == 3
+    for w, r in zip(weights, reference):
+        assert torch.equal(w, r.detach())
