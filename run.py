@@ -11,8 +11,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 import echo.resolvers  # noqa: F401  (registered before Hydra composes and resolves)
+from echo.compat import defer_unused_imports
 from echo.config import ConfigError, first_line, resolve_threads, validate
-from echo.deferred import defer_unused_imports
 from echo.hydra_errors import one_line_errors
 from echo.slurm import requeued_from
 from echo.sweeps import job_name_and_tags, objective_value

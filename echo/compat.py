@@ -6,6 +6,136 @@ library changes what it relies on. Importing this module loads nothing beyond th
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import types
+
+# -- start-up: what torchmetrics would import when Lightning loads (run.py) --------------------------
+
+
+class Deferred(types.ModuleType):
+    """Stands in `sys.modules` for a module until an attribute is read that it does not hold;
+    then it imports the real module, takes on its contents (so every reference to the stand-in
+    works as the real module) and leaves the real one in `sys.modules`."""
+
+    def __getattr__(self, name: str):
+        real = sys.modules.get(self.__name__)
+        if real is None or real is self:
+            real = self._load()
+        return getattr(real, name)
+
+    def _load(self) -> types.ModuleType:
+        name = self.__name__
+        del sys.modules[name]
+        real = importlib.import_module(name)
+        own = {k: v for k, v in self.__dict__.items() if not k.startswith("__")}
+        for key, value in own.items():  # what was set on the stand-in meanwhile, unless the real one has it
+            if not hasattr(real, key):
+                setattr(real, key, value)
+        self.__dict__.update(real.__dict__)
+        return real
+
+
+def defer(name: str, **attributes) -> None:
+    """Put a stand-in for module `name` (a submodule of an installed package) in `sys.modules`,
+    holding `attributes`; nothing if `name` is imported already or its package is not installed."""
+    package, _, child = name.rpartition(".")
+    if name in sys.modules or importlib.util.find_spec(package) is None:
+        return
+    stand_in = Deferred(name)
+    # Its file, as the real module's: `inspect` reads every module's `__file__` (torch does, at import).
+    stand_in.__dict__.update(attributes, __file__=importlib.util.find_spec(name).origin)
+    sys.modules[name] = stand_in
+    setattr(importlib.import_module(package), child, stand_in)
+
+
+def _hamming(*args, **kwargs):
+    from scipy.signal.windows import hamming
+
+    return hamming(*args, **kwargs)
+
+
+def defer_scipy_signal() -> None:
+    """Defer `scipy.signal`, which torchmetrics imports when Lightning loads and echo never uses:
+    saves 1.2 s of CPU per process (`python run.py logger=none trainer.max_epochs=10`, whole
+    process, median of 5: 7.1 s with, 8.3 s without). torchmetrics only checks for
+    `scipy.signal.hamming` (and, if missing, sets it to `scipy.signal.windows.hamming`): the
+    stand-in holds that function, so the check does not load the module."""
+    defer("scipy.signal", hamming=_hamming)
+
+
+class AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Calls `then(module)` once module `name` has executed, the first time it is imported; the
+    import itself is the usual one (the module keeps its own loader)."""
+
+    def __init__(self, name: str, then):
+        self.name, self.then, self.loader = name, then, None
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # once, and the other finders find the real module
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        self.loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        self.then(module)
+
+
+def after_import(name: str, then) -> None:
+    """Call `then(module)` right after module `name` is first imported (not if it is already)."""
+    if name not in sys.modules:
+        sys.meta_path.insert(0, AfterImport(name, then))
+
+
+# torchmetrics' flags for optional packages it would import when Lightning loads, for metrics and
+# plots echo never uses: matplotlib.pyplot (Metric.plot, ~0.5 s), torchvision (image metrics) and
+# transformers (BERTScore, with scikit-learn): together ~10 s on a machine that has them all.
+# A flag a torchmetrics version does not have is skipped.
+UNUSED_FLAGS = (
+    "_MATPLOTLIB_AVAILABLE",
+    "_TORCHVISION_AVAILABLE",
+    "_TRANSFORMERS_AVAILABLE",
+    "_TRANSFORMERS_GREATER_EQUAL_4_4",
+    "_TRANSFORMERS_GREATER_EQUAL_4_10",
+)
+
+
+def _unused_packages_off(imports) -> None:
+    for name in UNUSED_FLAGS:
+        flag = getattr(imports, name, None)
+        if flag is not None:  # a lightning_utilities RequirementCache: checked once, then cached
+            flag.available = False
+            flag.message = f"{name} is off in an echo process, which never uses it (echo/compat.py)"
+
+
+def keep_torchmetrics_from_unused_packages() -> None:
+    """torchmetrics imports optional packages when Lightning loads if its flags (UNUSED_FLAGS) say
+    they are installed: matplotlib.pyplot for `Metric.plot`, torchvision and transformers for image
+    and text metrics, none of which echo uses: saves 0.45 s of CPU per process here (the same
+    command: 7.1 s with, 7.6 s without), ~10 s where torchvision and transformers are installed.
+    The flags are set to False as their module executes, before torchmetrics reads them. (The
+    learning curves are drawn by the tracking worker, a process of its own, with matplotlib.)"""
+    after_import("torchmetrics.utilities.imports", _unused_packages_off)
+
+
+def defer_unused_imports() -> None:
+    """Both, before Lightning is imported (a no-op for modules already imported). The command line
+    (run.py) applies it; importing echo from a notebook or a test changes nothing in other libraries."""
+    defer_scipy_signal()
+    keep_torchmetrics_from_unused_packages()
+
+
 # -- torch -------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """echo/compat.py leans on other libraries' private names: each test fails loudly when a library
 changes what that reliance assumes (a name gone, a layout or a behaviour changed)."""
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,29 @@ def test_fused_adam_is_torch_adams_update_with_the_step_counted_by_the_caller():
     assert step.item() == 3
     for w, r in zip(weights, reference):
         assert torch.equal(w, r.detach())
+
+
+SET_FLAGS_THEN_IMPORT = """
+import sys
+from echo.compat import UNUSED_FLAGS, defer_unused_imports
+defer_unused_imports()
+import pytorch_lightning, torchmetrics.utilities.imports as flags
+found = [name for name in UNUSED_FLAGS if hasattr(flags, name)]
+print("_MATPLOTLIB_AVAILABLE" in found, [bool(getattr(flags, name)) for name in found] == [False] * len(found))
+print("matplotlib.pyplot" in sys.modules, type(sys.modules["scipy.signal"]).__name__)
+"""
+
+
+def test_torchmetrics_flags_are_requirement_caches_set_as_their_module_executes():
+    """torchmetrics' flags are lightning_utilities RequirementCaches that keep a set `available`, in
+    torchmetrics.utilities.imports; the one for pyplot, which a run would otherwise import, is there
+    (flags for packages a version does not have are skipped), and scipy.signal is left deferred."""
+    result = python(SET_FLAGS_THEN_IMPORT)
+    assert result.stdout.splitlines() == ["True True", "False Deferred"], result.stderr
+
+
+def test_torchmetrics_reads_only_hamming_from_scipy_signal_as_it_loads():
+    """The stand-in for scipy.signal holds `hamming`, the one name torchmetrics reads as it loads."""
+    import torchmetrics
+
+    assert "scipy.signal.hamming" in inspect.getsource(torchmetrics)

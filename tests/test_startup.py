@@ -6,7 +6,7 @@ from pathlib import Path
 
 IMPORT_THEN_USE = """
 import sys
-from echo.deferred import defer_unused_imports
+from echo.compat import defer_unused_imports
 defer_unused_imports()  # as run.py does
 import echo.train  # Lightning, and torchmetrics with it
 stand_in = sys.modules["scipy.signal"]
@@ -50,7 +50,7 @@ def test_importing_echo_leaves_other_libraries_alone():
 
 IMPORTED_FOR_NOTHING = """
 import sys
-from echo.deferred import defer_unused_imports
+from echo.compat import defer_unused_imports
 defer_unused_imports()  # as run.py does
 import echo.train  # Lightning, and torchmetrics with it
 import torchmetrics.utilities.imports as flags
