@@ -1,8 +1,6 @@
 """Command line: `python run.py [overrides]`, `python run.py -m <sweep>` (see README)."""
 
-import atexit
 import multiprocessing
-import os
 import sys
 
 import hydra
@@ -11,7 +9,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 import echo.resolvers  # noqa: F401  (registered before Hydra composes and resolves)
-from echo.compat import defer_unused_imports
+from echo.compat import defer_unused_imports, exit_without_teardown
 from echo.config import ConfigError, first_line, resolve_threads, validate
 from echo.hydra_errors import one_line_errors
 from echo.slurm import requeued_from
@@ -82,8 +80,5 @@ if __name__ == "__main__":
         main()
     if not multiprocessing.active_children():  # others' workers stop in the normal exit (joblib's stopped)
         # Every run is written (its tracking worker said so): run the exit handlers, then
-        # skip the interpreter's slow teardown of torch and Lightning (about 0.8 s).
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        # skip the interpreter's slow teardown of torch and Lightning.
+        exit_without_teardown()

@@ -60,3 +60,16 @@ def test_torchmetrics_reads_only_hamming_from_scipy_signal_as_it_loads():
     import torchmetrics
 
     assert "scipy.signal.hamming" in inspect.getsource(torchmetrics)
+
+
+def test_exit_without_teardown_runs_the_exit_handlers_and_exits_zero():
+    import atexit
+
+    assert callable(atexit._run_exitfuncs)
+    code = (
+        "import atexit; atexit.register(print, 'handler ran')\n"
+        "from echo.compat import exit_without_teardown\n"
+        "print('done', flush=False); exit_without_teardown(); print('not reached')"
+    )
+    result = python(code)
+    assert (result.returncode, result.stdout.splitlines()) == (0, ["done", "handler ran"]), result.stderr
