@@ -20,6 +20,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from echo.compat import count_epochs_in_steps_of, restart_interrupted_epoch
 from echo.config import ConfigError, first_line
 from echo.faults import TrainingError
 from echo.population import CHECKPOINT as MEMBER_CHECKPOINT  # what a population's member saves instead
@@ -66,8 +67,8 @@ class Checkpointer(pl.Callback):
 
     def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         module.summary.update(checkpoint.get("echo", {}).get("summary", {}))
-        _restart_interrupted_epoch(checkpoint)
-        _count_epochs_in_steps_of(checkpoint, module.epochs_per_step)
+        restart_interrupted_epoch(checkpoint)  # Lightning's fit-loop counters (echo/compat.py)
+        count_epochs_in_steps_of(checkpoint, module.epochs_per_step)
 
 
 def saved_epochs_per_step(path: str) -> int:
@@ -76,41 +77,6 @@ def saved_epochs_per_step(path: str) -> int:
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # checked by download_checkpoint
     return checkpoint.get("echo", {}).get("epochs_per_step", 1)
-
-
-def _restart_interrupted_epoch(checkpoint: dict) -> None:
-    """Make a checkpoint taken mid-epoch (an interrupt) resume at the start of that epoch.
-
-    A Lightning epoch here is a few tutorial epochs (up to a validation's worth), each a few
-    optimizer steps on fresh sequences, so redoing it costs little, while resuming halfway (after
-    its training step, during its validation or its end hooks) would skip the end of that epoch,
-    where its training metrics are recorded. Lightning counts an epoch processed before its end
-    hooks and completed after them; a checkpoint saved every N epochs is saved in those hooks,
-    and its epoch goes on to be recorded: it resumes at the next epoch. An interrupt between two
-    epochs (as one starts, before its training step) resumes at the next epoch too, but only once
-    the batches of the last one are no longer counted as this one's.
-    """
-    fit = checkpoint.get("loops", {}).get("fit_loop")
-    if not fit or checkpoint.get("echo", {}).get("epoch_done"):
-        return  # Lightning resumes at the next epoch
-    done = fit["epoch_progress"]["total"]["completed"]
-    for counters in (fit["epoch_progress"]["total"], fit["epoch_progress"]["current"]):
-        counters.update(ready=done, started=done, processed=done, completed=done)
-    for loop in ("epoch_loop.batch_progress", "epoch_loop.val_loop.batch_progress"):
-        if loop in fit:
-            fit[loop]["current"].update(ready=0, started=0, processed=0, completed=0)
-            fit[loop]["is_last_batch"] = False
-
-
-def _count_epochs_in_steps_of(checkpoint: dict, k: int) -> None:
-    """Convert the checkpoint's epoch counts, in Lightning epochs of the saving run's tutorial
-    epochs per step, into this run's `k`, which divides that (echo.config.epochs_per_step)."""
-    saved = checkpoint.get("echo", {}).get("epochs_per_step", 1)
-    fit = checkpoint.get("loops", {}).get("fit_loop")
-    if not fit or saved == k:
-        return
-    for counters in (fit["epoch_progress"]["total"], fit["epoch_progress"]["current"]):
-        counters.update({name: count * saved // k for name, count in counters.items()})
 
 
 def _download(run_id: str, name: str, folder: str) -> str:

@@ -179,3 +179,45 @@ def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, beta1
         amsgrad=False,
         maximize=False,
     )
+
+
+# -- Lightning's checkpoint: its fit loop's progress counters (echo/checkpoints.py) --------------------
+
+
+def restart_interrupted_epoch(checkpoint: dict) -> None:
+    """Make a checkpoint taken mid-epoch (an interrupt) resume at the start of that epoch, by rewriting
+    the progress counters of Lightning's fit loop in the checkpoint (`loops.fit_loop`: Lightning's
+    own layout, no public API). Not a speed-up: without it a resumed run skips the end of the
+    interrupted epoch, where its training metrics are recorded.
+
+    A Lightning epoch here is a few tutorial epochs (up to a validation's worth), each a few
+    optimizer steps on fresh sequences, so redoing it costs little, while resuming halfway (after
+    its training step, during its validation or its end hooks) would skip the end of that epoch,
+    where its training metrics are recorded. Lightning counts an epoch processed before its end
+    hooks and completed after them; a checkpoint saved every N epochs is saved in those hooks,
+    and its epoch goes on to be recorded: it resumes at the next epoch. An interrupt between two
+    epochs (as one starts, before its training step) resumes at the next epoch too, but only once
+    the batches of the last one are no longer counted as this one's.
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit or checkpoint.get("echo", {}).get("epoch_done"):
+        return  # Lightning resumes at the next epoch
+    done = fit["epoch_progress"]["total"]["completed"]
+    for counters in (fit["epoch_progress"]["total"], fit["epoch_progress"]["current"]):
+        counters.update(ready=done, started=done, processed=done, completed=done)
+    for loop in ("epoch_loop.batch_progress", "epoch_loop.val_loop.batch_progress"):
+        if loop in fit:
+            fit[loop]["current"].update(ready=0, started=0, processed=0, completed=0)
+            fit[loop]["is_last_batch"] = False
+
+
+def count_epochs_in_steps_of(checkpoint: dict, k: int) -> None:
+    """Convert the checkpoint's epoch counts (Lightning's fit-loop counters), in Lightning epochs of the
+    saving run's tutorial epochs per step, into this run's `k`, which divides that
+    (echo.config.epochs_per_step). Not a speed-up: a resumed run that takes other steps needs it."""
+    saved = checkpoint.get("echo", {}).get("epochs_per_step", 1)
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit or saved == k:
+        return
+    for counters in (fit["epoch_progress"]["total"], fit["epoch_progress"]["current"]):
+        counters.update({name: count * saved // k for name, count in counters.items()})

@@ -73,3 +73,39 @@ def test_exit_without_teardown_runs_the_exit_handlers_and_exits_zero():
     )
     result = python(code)
     assert (result.returncode, result.stdout.splitlines()) == (0, ["done", "handler ran"]), result.stderr
+
+
+def test_lightning_checkpoints_hold_the_fit_loop_counters_echo_rewrites(tmp_path):
+    """A checkpoint Lightning saves has `loops.fit_loop` with the progress counters that
+    restart_interrupted_epoch and count_epochs_in_steps_of rewrite."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.demos.boring_classes import BoringModel
+
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(BoringModel())
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    fit = checkpoint["loops"]["fit_loop"]
+    for counters in (fit["epoch_progress"]["total"], fit["epoch_progress"]["current"]):
+        assert set(counters) == {"ready", "started", "processed", "completed"}
+    assert fit["epoch_progress"]["total"]["completed"] == 2
+    for loop in ("epoch_loop.batch_progress", "epoch_loop.val_loop.batch_progress"):
+        assert {"ready", "started", "processed", "completed"} <= set(fit[loop]["current"]) and "is_last_batch" in fit[
+            loop
+        ]
+
+    fit["epoch_progress"]["total"]["processed"] = 3  # as if interrupted in epoch 3's end hooks
+    compat.restart_interrupted_epoch(checkpoint)
+    assert fit["epoch_progress"]["total"] == dict(ready=2, started=2, processed=2, completed=2)
+    checkpoint["echo"] = {"epochs_per_step": 5}
+    compat.count_epochs_in_steps_of(checkpoint, 1)
+    assert fit["epoch_progress"]["total"]["completed"] == 10
