@@ -10,7 +10,7 @@ travel (a remote Ray cluster), through the sweep's tag.
 from __future__ import annotations
 
 import atexit
-import copy
+import itertools
 import json
 import math
 import os
@@ -24,6 +24,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from echo.compat import answer_sweep_jobs_with
 from echo.slurm import slurm_tags
 from echo.tracking import (
     PARENT_RUN_ENV,
@@ -342,7 +343,6 @@ def check_sweep(config) -> None:
     """
     if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return  # other sweepers choose their jobs as they go
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -353,7 +353,7 @@ def check_sweep(config) -> None:
 
     params = OmegaConf.to_container(config.hydra.sweeper, resolve=False).get("params") or {}
     arguments = [f"{k}={v}" for k, v in params.items()] + task_overrides(config)
-    jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)[0]
+    jobs = grid(OverridesParser.create().parse_overrides(arguments))
     loader = GlobalHydra.instance().config_loader()
     # Where the jobs run in this process, torch and Lightning load here for the first one anyway: each
     # job's memory estimate and Trainer (what a run checks before it starts) are checked here first.
@@ -374,7 +374,24 @@ def check_sweep(config) -> None:
             print(f"echo: bad sweep: job #{num} ({' '.join(overrides)}): {why}", file=sys.stderr)
             sys.exit(2)
     if in_process:
-        _hand_out_copies(loader, config, composed)
+        answer_sweep_jobs_with(loader, config, composed)  # composed once, not thrice (echo/compat.py)
+
+
+def grid(overrides: list) -> list[list[str]]:
+    """A basic sweep's jobs, as Hydra's BasicSweeper makes them from the parsed `overrides`: every
+    combination of each key's values (a key given twice: its last value, in its first place)."""
+    from hydra.errors import HydraException
+
+    choices: dict[str, list[str]] = {}
+    for override in overrides:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            raise HydraException(f"BasicSweeper does not support sweep type : {override.value_type.name}")
+    return [list(job) for job in itertools.product(*choices.values())]
 
 
 def _interrupted(error: BaseException) -> bool:
@@ -387,25 +404,6 @@ def _interrupted(error: BaseException) -> bool:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return False
-
-
-def _hand_out_copies(loader, master, composed: dict) -> None:
-    """From now on Hydra's config `loader` answers the sweep's jobs with copies of the configs
-    `check_sweep` composed (about 5 ms each) instead of composing them again (about 0.1 s each):
-    Hydra's sweeper composes every job once more to check it, and an in-process launcher once
-    more to run it. A launcher that runs the jobs elsewhere pickles the loader: it is left as it is."""
-    compose = loader.load_sweep_config
-
-    def load_sweep_config(master_config, sweep_overrides):
-        job = composed.get(tuple(sweep_overrides)) if master_config is master else None
-        if job is None:
-            return compose(master_config, sweep_overrides)
-        job = copy.deepcopy(job)
-        # As Hydra's own does: the values resolved once for the sweep since (its ${now:} folder) are the job's.
-        OmegaConf.copy_cache(from_config=master_config, to_config=job)
-        return job
-
-    loader.load_sweep_config = load_sweep_config
 
 
 INTERRUPTED: list[int] = []  # the signals (SIGINT, SIGTERM) that interrupted the sweep's launching process

@@ -109,3 +109,49 @@ def test_lightning_checkpoints_hold_the_fit_loop_counters_echo_rewrites(tmp_path
     checkpoint["echo"] = {"epochs_per_step": 5}
     compat.count_epochs_in_steps_of(checkpoint, 1)
     assert fit["epoch_progress"]["total"]["completed"] == 10
+
+
+def test_hydras_launchers_ask_the_config_loader_for_each_job():
+    """answer_sweep_jobs_with replaces `load_sweep_config` on the loader instance that Hydra's sweeper
+    (to check a batch) and its in-process launcher (to run each job) call."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+    from hydra.plugins.sweeper import Sweeper
+
+    assert "config_loader.load_sweep_config(" in inspect.getsource(BasicLauncher.launch)
+    assert "config_loader.load_sweep_config(" in inspect.getsource(Sweeper.validate_batch_is_legal)
+    assert list(inspect.signature(ConfigLoaderImpl.load_sweep_config).parameters) == [
+        "self",
+        "master_config",
+        "sweep_overrides",
+    ]
+
+
+def test_answer_sweep_jobs_with_copies_of_the_composed_configs():
+    from omegaconf import OmegaConf
+
+    class Loader:
+        def load_sweep_config(self, master_config, sweep_overrides):
+            return OmegaConf.create({"composed": list(sweep_overrides)})
+
+    master, job = OmegaConf.create({"a": 1}), OmegaConf.create({"seed": 1})
+    loader = Loader()
+    compat.answer_sweep_jobs_with(loader, master, {("seed=1",): job})
+    answer = loader.load_sweep_config(master, sweep_overrides=["seed=1"])
+    assert answer == job and answer is not job
+    assert loader.load_sweep_config(master, ["seed=2"]) == {"composed": ["seed=2"]}  # not checked: composed
+    assert loader.load_sweep_config(OmegaConf.create({}), ["seed=1"]) == {"composed": ["seed=1"]}  # another sweep
+
+
+def test_the_grid_is_the_jobs_hydras_basic_sweeper_makes():
+    """echo.sweeps.grid, plain code over Hydra's public override parser, makes the jobs that Hydra's
+    BasicSweeper (a private module) makes, in its order."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from echo.sweeps import grid
+
+    arguments = ["seed=0,1,2", "model=seq2seq,encdec", "trainer.max_epochs=5", "seed=3,4", "+x=range(0,3)", "lr=1e-3"]
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    assert grid(overrides) == BasicSweeper.split_arguments(overrides, None)[0]
+    assert len(grid(overrides)) == 2 * 2 * 3
