@@ -6,6 +6,7 @@ library changes what it relies on. Importing this module loads nothing beyond th
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.abc
 import importlib.util
@@ -250,3 +251,31 @@ def answer_sweep_jobs_with(loader, master, composed: dict) -> None:
         return job
 
     loader.load_sweep_config = load_sweep_config
+
+
+# -- glibc's malloc (echo/train.py, echo/population.py) ----------------------------------------------
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 32 * 2**20
+TRIM_THRESHOLD = 512 * 2**20
+
+
+@functools.cache  # a setting of the process: every run of an in-process sweep asks for it
+def reuse_freed_memory() -> None:
+    """Make glibc's malloc hand memory that tensors free to the next ones (elsewhere than glibc on
+    Linux this does nothing). By default a block over 128 KiB may get fresh pages from the kernel,
+    and the first touch of each 4 KiB page is a page fault: a population's evaluation, whose outputs
+    are a few MiB every batch, took a quarter longer. Now blocks up to 32 MiB come from the heap, and
+    up to 512 MiB of freed heap stays with the process. Saves about 11 ms per validation of a
+    listing-A population of 8 (`_Population._evaluate`, median of 60, three processes each: 46.5 ms
+    with, 57.9 ms without, up to 2,300 page faults), about 0.5 s of its 50 validations."""
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library (musl)
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)

@@ -25,12 +25,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from echo.compat import reuse_freed_memory
 from echo.config import cpu_threads, wide_step, windows_per_sequence
 from echo.encoding import PAD, REPRESENTATIONS, OneHot
 from echo.faults import TrainingError, check_finite
 from echo.models import build_net, count_parameters, detach_state
 from echo.reuse import save_network
-from echo.speedups import EpochGraph, reuse_freed_memory
+from echo.speedups import EpochGraph
 from echo.stacked import (
     STACKABLE,
     MemberAdam,

@@ -1,11 +1,8 @@
-"""Speed-ups that are not about echoing: an epoch replayed as one CUDA graph, and freed memory
-reused by the next tensors instead of handed back to the kernel."""
+"""A speed-up that is not about echoing: an epoch replayed as one CUDA graph. (Freed memory kept for
+the next tensors, glibc's setting, is echo.compat.reuse_freed_memory.)"""
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import sys
 from collections.abc import Callable
 
 import torch
@@ -14,26 +11,6 @@ from torch import Tensor
 from echo.windows import Draw
 
 WARM_EPOCHS = 3  # eager epochs before an epoch is captured in a CUDA graph
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-MMAP_THRESHOLD = 32 * 2**20
-TRIM_THRESHOLD = 512 * 2**20
-
-
-@functools.cache  # a setting of the process: every run of an in-process sweep asks for it
-def reuse_freed_memory() -> None:
-    """Make glibc's malloc hand memory that tensors free to the next ones (elsewhere than glibc on
-    Linux this does nothing). By default a block over 128 KiB may get fresh pages from the kernel,
-    and the first touch of each 4 KiB page is a page fault: a population's evaluation, whose outputs
-    are a few MiB every batch, took a quarter longer. Now blocks up to 32 MiB come from the heap, and
-    up to 512 MiB of freed heap stays with the process."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # another C library (musl)
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
 class EpochGraph:

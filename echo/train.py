@@ -20,6 +20,7 @@ from echo.checkpoints import (
     is_member_checkpoint,
     saved_epochs_per_step,
 )
+from echo.compat import reuse_freed_memory
 from echo.config import epochs_per_step, length_range, resolve_threads, trained_lengths, validate, windows_per_sequence
 from echo.data import EchoData, at_length, held_out
 from echo.encoding import REPRESENTATIONS
@@ -30,7 +31,6 @@ from echo.models import count_parameters
 from echo.module import EchoModule, log_rows
 from echo.preflight import out_of_memory_as_training_error, preflight
 from echo.reuse import EVALUATED_FROM, network_to_evaluate, save_network
-from echo.speedups import reuse_freed_memory
 from echo.steps import StepSettings
 from echo.summary import summary_line
 from echo.tracking import Tracker, start_tracker, tracking_uri

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from echo import compat
@@ -155,3 +156,14 @@ def test_the_grid_is_the_jobs_hydras_basic_sweeper_makes():
     overrides = OverridesParser.create().parse_overrides(arguments)
     assert grid(overrides) == BasicSweeper.split_arguments(overrides, None)[0]
     assert len(grid(overrides)) == 2 * 2 * 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_glibc_takes_the_malloc_settings():
+    """mallopt answers 1 for a setting it took (0 for a parameter it does not know)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    assert libc.mallopt(compat.M_MMAP_THRESHOLD, compat.MMAP_THRESHOLD) == 1
+    assert libc.mallopt(compat.M_TRIM_THRESHOLD, compat.TRIM_THRESHOLD) == 1
+    compat.reuse_freed_memory()  # and the function itself, once per process
