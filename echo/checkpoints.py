@@ -130,9 +130,9 @@ def _misfit(checkpoint: dict, cfg: DictConfig, member: bool) -> str | None:
     builds (on torch's meta device: nothing allocated); None if they fit."""
     import torch
 
+    from echo.build import network
     from echo.encoding import REPRESENTATIONS
     from echo.reuse import misfit
-    from echo.train import network
 
     rep = REPRESENTATIONS[cfg.task.get("representation", "onehot")](cfg.task.n_unique)
     with torch.device("meta"):
