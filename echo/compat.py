@@ -224,6 +224,25 @@ def count_epochs_in_steps_of(checkpoint: dict, k: int) -> None:
         counters.update({name: count * saved // k for name, count in counters.items()})
 
 
+# -- joblib's loky (echo/sweeps.py) -------------------------------------------------------------------
+
+
+def stop_loky_workers():
+    """Tell the joblib launcher's worker processes (loky's reusable executor, reached through its
+    private `_executor` and `_executor_manager_thread`) to exit now; returns a function that waits
+    until they have (nothing to do where there are none). Left alone, they are stopped by the
+    interpreter's exit, after the launching process's own teardown: a joblib sweep of 2 jobs
+    (`python run.py -m hydra/launcher=joblib seed=0,1 trainer.max_epochs=5`, MLflow on SQLite) took
+    33 s from the start of its summary to the process's exit instead of 3.7 s (median of 4)."""
+    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+    executor = getattr(loky, "_executor", None)
+    manager = getattr(executor, "_executor_manager_thread", None)  # it joins the workers
+    if manager is None:
+        return lambda: None
+    executor.shutdown(wait=False)
+    return manager.join
+
+
 # -- Hydra's config loader (echo/sweeps.py) -----------------------------------------------------------
 
 

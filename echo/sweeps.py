@@ -24,7 +24,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from echo.compat import answer_sweep_jobs_with
+from echo.compat import answer_sweep_jobs_with, stop_loky_workers
 from echo.slurm import slurm_tags
 from echo.tracking import (
     PARENT_RUN_ENV,
@@ -321,13 +321,7 @@ def stop_parallel_workers():
     process's own teardown: seconds after the sweep ended. Stopped here they exit while the
     summary is written, and the launching process, with no children left, exits at once (run.py).
     """
-    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
-    executor = getattr(loky, "_executor", None)
-    manager = getattr(executor, "_executor_manager_thread", None)  # it joins the workers
-    if manager is None:
-        return lambda: None
-    executor.shutdown(wait=False)
-    return manager.join
+    return stop_loky_workers()  # loky's private executor (echo/compat.py)
 
 
 def task_overrides(config) -> list[str]:

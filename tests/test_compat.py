@@ -112,6 +112,25 @@ def test_lightning_checkpoints_hold_the_fit_loop_counters_echo_rewrites(tmp_path
     assert fit["epoch_progress"]["total"]["completed"] == 10
 
 
+def test_stop_loky_workers_ends_the_reusable_executors_workers():
+    """What the joblib launcher runs its jobs on: loky's reusable executor, in its module's `_executor`,
+    whose `_executor_manager_thread` joins the workers once they have exited."""
+    import os
+
+    import joblib.externals.loky.reusable_executor as reusable
+    from joblib.externals.loky import get_reusable_executor
+
+    executor = get_reusable_executor(max_workers=1)
+    pid = executor.submit(os.getpid).result()
+    manager = executor._executor_manager_thread
+    assert reusable._executor is executor and manager.is_alive()
+    compat.stop_loky_workers()()
+    assert not manager.is_alive()
+    with pytest.raises(ProcessLookupError):  # exited, and reaped
+        os.kill(pid, 0)
+    assert compat.stop_loky_workers()() is None  # none left: nothing to wait for
+
+
 def test_hydras_launchers_ask_the_config_loader_for_each_job():
     """answer_sweep_jobs_with replaces `load_sweep_config` on the loader instance that Hydra's sweeper
     (to check a batch) and its in-process launcher (to run each job) call."""
