@@ -32,10 +32,6 @@ def preflight(cfg) -> None:
 
 def check_trainer(cfg) -> None:
     """Build a Trainer with the run's settings (about 25 ms) and turn Lightning's refusal into one line."""
-    import pytorch_lightning as pl
-
-    from echo.build import in_lightning_epochs, quiet_lightning
-
     accelerator = cfg.trainer.get("accelerator", "auto")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
@@ -51,7 +47,11 @@ def check_trainer(cfg) -> None:
             f"set trainer.devices=1 or trainer.devices=[<index>]"
         )
     if set(cfg.trainer) <= CHECKED_HERE and devices in (1, "1", "auto"):
-        return  # the settings echo.config checks already (building a Trainer costs 30-50 ms)
+        return  # the settings echo.config checks already (building a Trainer costs 30-50 ms; importing Lightning 2 s)
+    import pytorch_lightning as pl
+
+    from echo.build import in_lightning_epochs, quiet_lightning
+
     quiet_lightning()
     try:
         with warnings.catch_warnings():
