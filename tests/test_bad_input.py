@@ -79,7 +79,7 @@ BAD = {
     "+trainer.strategy=ddp": "trainer.strategy='ddp' is not supported by echo",
     "+trainer.num_nodes=2": "trainer.num_nodes=2 is not supported by echo",
     "+trainer.no_such_flag=1": "trainer.no_such_flag is not an argument of Lightning's Trainer",
-    "logger.name=wandb": "logger.name='wandb' is unknown: choose logger=mlflow or logger=none",
+    "logger.name=wandb": "logger.name='wandb' is unknown: choose logger=mlflow, logger=csv or logger=none",
     "logger.experiment=''": "logger.experiment='' must be a name",
     "logger.experiment=2024": "logger.experiment=2024 must be a name",
     "task.eval_windows=100000000": "this run needs about .* of memory .* more than the",
@@ -467,7 +467,7 @@ def test_a_full_disk_mid_run_keeps_the_run_in_the_temporary_directory(small_disk
 HYDRA = {
     "model=encdek": "model=encdek is unknown: choose model=attention, autoregressive, .* (did you mean model=encdec?)",
     "experiment=foo": "experiment=foo is unknown: choose experiment=fast_partial_echo, .*tutorial_partial_echo",
-    "logger=foo": "logger=foo is unknown: choose logger=mlflow or none",
+    "logger=foo": "logger=foo is unknown: choose logger=csv, mlflow or none",
     "hydra/launcher=foo": "hydra/launcher=foo is unknown: choose hydra/launcher=basic, joblib, population",
     "hparams_search=foo": "hparams_search=foo is unknown: choose hparams_search=optuna or optuna_time",
     "foo=1": "foo=1: the config has no key foo: to add one write +foo=1",

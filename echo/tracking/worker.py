@@ -449,11 +449,15 @@ class RunWriter:
         keeping the rest; `python -m echo.upload` then completes it and gives it `status`."""
         if self.run_id is None or unreachable(self.uri):  # a server that is gone: no minutes of retries
             return
-        with contextlib.suppress(Exception):
-            folder = self.outbox.folder
-            self.tags({"echo.status": status} | ({"echo.kept_in": str(folder)} if folder else {}))
-        with contextlib.suppress(Exception):
-            self.client.set_terminated(self.run_id, "FAILED")
+        logging.disable(logging.CRITICAL)  # a store that refuses it again (a full disk): the run's line said why
+        try:
+            with contextlib.suppress(Exception):
+                folder = self.outbox.folder
+                self.tags({"echo.status": status} | ({"echo.kept_in": str(folder)} if folder else {}))
+            with contextlib.suppress(Exception):
+                self.client.set_terminated(self.run_id, "FAILED")
+        finally:
+            logging.disable(logging.NOTSET)
 
 
 @functools.cache
