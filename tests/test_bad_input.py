@@ -142,6 +142,7 @@ def test_good_values_pass():
         checked(make_cfg(*overrides))
 
 
+@pytest.mark.slow
 def test_the_issues_table_each_ends_with_exit_2_and_one_line(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     for override, expected in ISSUE.items():
@@ -230,6 +231,7 @@ def test_a_refused_trainer_argument_exits_2_with_one_line_and_nothing_tracked(tm
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "echo-unsent").exists()
 
 
+@pytest.mark.slow
 def test_gradient_clipping_runs_and_is_logged_as_a_param(store):
     from echo.train import train
 
@@ -256,6 +258,7 @@ def one_line(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_an_experiment_mlflow_will_not_write_to_stops_the_run_before_training(store, tmp_path):
     from mlflow import MlflowClient
 
@@ -364,6 +367,7 @@ def test_a_server_killed_mid_run_fails_the_run_keeps_its_metrics_and_they_upload
         stop_server(server)
 
 
+@pytest.mark.slow
 def test_an_out_of_memory_error_that_happens_all_the_same_is_one_line(tmp_path):
     """Under an address-space limit (`ulimit -v`, which the estimate does not count) the network's
     first 576 MB allocation fails: the run ends with one line, exit 1, no traceback."""
@@ -504,6 +508,7 @@ def test_hydras_own_refusals_each_end_with_exit_2_and_one_line(tmp_path):
     assert refused_by_hydra(ConfigCompositionException("Hydra's"), task)
 
 
+@pytest.mark.slow
 def test_a_bad_job_of_a_sweep_names_the_job_and_what_hydra_refused(tmp_path):
     result = run_py("-m", "model=seq2seq,encdek", "logger=none", cwd=tmp_path, uri=f"sqlite:///{tmp_path}/m.db")
     assert result.returncode == 2, result.stderr[-2000:]
@@ -513,6 +518,7 @@ def test_a_bad_job_of_a_sweep_names_the_job_and_what_hydra_refused(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_a_store_that_cannot_be_written_stops_the_run_in_one_line_within_seconds(tmp_path):
     """Paths that cannot be written even by root (tests run as root, whom chmod does not stop): MLflow
     alone would retry for about 100 s, printing its retries."""
@@ -534,6 +540,7 @@ def test_a_store_that_cannot_be_written_stops_the_run_in_one_line_within_seconds
     assert list(tmp_path.iterdir()) == [tmp_path / "a_file"]
 
 
+@pytest.mark.slow
 def test_upload_writes_only_to_a_store_it_is_given(tmp_path):
     """Never to the store a kept folder's run.json names (anyone who could write the folder chose it)."""
     from echo.tracking.outbox import Outbox

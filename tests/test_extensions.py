@@ -201,6 +201,7 @@ def test_stateless_batch_1_updates_after_every_window():
 
 
 # -- the study presets ----------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("study", sorted(p.stem for p in Path(CONF, "experiment").glob("study_*.yaml")))
 def test_every_variant_of_every_study_is_a_valid_config(study):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

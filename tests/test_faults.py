@@ -61,6 +61,7 @@ def test_a_nan_loss_stops_the_run_with_a_clear_message(store, monkeypatch):
     assert "checkpoints" not in artifacts(store, run.info.run_id)  # nothing worth resuming
 
 
+@pytest.mark.slow
 def test_checkpoints_every_n_epochs_and_resume_continues_as_a_linked_run(store):
     """The first run trains 5 epochs per Lightning step; the resumed one, validating every epoch, 1."""
     first = train(make_cfg(*TINY, "checkpoint_every=5", "trainer.check_val_every_n_epoch=5"))
@@ -118,6 +119,7 @@ def _fresh_store(uri):
     MlflowClient(uri).create_experiment("echo")
 
 
+@pytest.mark.slow
 def test_an_interrupt_as_an_epoch_ends_loses_none_of_its_metrics(store, monkeypatch):
     """Lightning counts an epoch processed before its end hooks run, and the module records the
     epoch's training metrics in one of them: interrupted in between, the run resumes at that
@@ -192,6 +194,7 @@ def test_sigterm_to_a_sweep_ends_the_parent_and_its_running_jobs_killed(tmp_path
     assert statuses == ["KILLED"] * (1 + running)  # never RUNNING; a job that never started has no run
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
 def test_an_interrupt_while_a_sweep_checks_its_jobs_stops_it_at_once_with_nothing_written(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -242,6 +245,7 @@ def test_an_interrupt_that_hydra_or_omegaconf_turned_into_their_own_error_is_sti
         assert _interrupted(raised.value) is interrupted
 
 
+@pytest.mark.slow
 def test_an_interrupt_between_two_epochs_resumes_at_the_next_one(store, monkeypatch):
     """Interrupted as a Lightning epoch (here epochs 11-15) starts, before its training step."""
     original = EchoModule.on_train_epoch_start
@@ -262,6 +266,7 @@ def test_an_interrupt_between_two_epochs_resumes_at_the_next_one(store, monkeypa
     assert _steps(store, new.info.run_id) == list(range(11, 21))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_may_validate_at_another_cadence(store, monkeypatch):
     """The killed run trained 5 epochs per Lightning step (its validation cadence); the resumed
     one validates every 2, so trains 1 per step: its epoch counts convert."""
@@ -286,6 +291,7 @@ def test_a_resumed_run_may_validate_at_another_cadence(store, monkeypatch):
     assert _steps(store, new.info.run_id, "val/exact_match") == [12, 14, 16, 18, 20]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hook", ["training_step", "validation_step"])
 def test_a_run_interrupted_mid_epoch_resumes_by_redoing_that_epoch(store, monkeypatch, hook):
     original = getattr(EchoModule, hook)

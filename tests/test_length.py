@@ -160,6 +160,7 @@ def test_run_py_refuses_a_fixed_length_network_before_tracking_anything(tmp_path
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_a_variable_length_run_logs_every_tested_length_and_the_plot(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     lengths = ["task.train_lengths=[1,3]", "task.test_lengths=[2,6]", "task.eval_windows=84"]
@@ -178,6 +179,7 @@ def test_a_variable_length_run_logs_every_tested_length_and_the_plot(tmp_path):
     assert "test/ood_exact_match" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_encoder_decoder_trains_on_lengths_and_tests_others(store):
     summary = train(
         make_cfg(

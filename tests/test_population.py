@@ -237,6 +237,7 @@ def _by_tag(runs, tag):
     return [r for r in runs if tag in r.data.tags]
 
 
+@pytest.mark.slow
 def test_members_are_ordinary_children_of_the_sweep_and_match_independent_runs(store, tmp_path):
     from echo.train import train
 
@@ -290,6 +291,7 @@ def test_a_population_reaches_the_target_when_its_members_alone_do_and_stops_eac
         assert max(_history(store, member.info.run_id, "train/loss")) == ours["epochs"]  # nothing after its stop
 
 
+@pytest.mark.slow
 def test_a_diverging_member_fails_and_the_others_go_on(store, tmp_path):
     settings = ["trainer.max_epochs=10", "trainer.check_val_every_n_epoch=5", "stop_at=null", "progress=false"]
     result = run_py(*POPULATION, "model.lr=1e-3,1e38", *settings, cwd=tmp_path, uri=store)
@@ -302,6 +304,7 @@ def test_a_diverging_member_fails_and_the_others_go_on(store, tmp_path):
     assert max(_history(store, fine.info.run_id, "train/loss")) == 10
 
 
+@pytest.mark.slow
 def test_shapes_form_populations_of_at_most_max_members_and_the_rest_run_alone(store, tmp_path):
     settings = ["trainer.max_epochs=4", "trainer.check_val_every_n_epoch=2", "progress=false"]
     sweep = ["model.hidden_size=4,8", "seed=0,1,2", "hydra.launcher.max_members=2"]
@@ -317,6 +320,7 @@ def test_shapes_form_populations_of_at_most_max_members_and_the_rest_run_alone(s
     assert sorted(populations.values(), key=sorted) == [{("4", "0"), ("4", "1")}, {("8", "0"), ("8", "1")}]
 
 
+@pytest.mark.slow
 def test_jobs_with_no_stacked_form_run_alone_with_a_line_saying_so(store, tmp_path):
     result = run_py(*POPULATION, "seed=0,1", "+resume=null", "model.cell=gru", *TINY, cwd=tmp_path, uri=store)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -402,6 +406,7 @@ STEPS = {  # Lightning's trainer settings echo's own steps take, each a real cha
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", STEPS)
 def test_a_member_steps_as_its_independent_run_does_clipped_accumulated_or_in_float64(steps, monkeypatch):
     """Listing A, 4 epochs of 3 batches: each member's weights after its clipped (or accumulated, or

@@ -117,6 +117,7 @@ def test_importing_echo_loads_no_torch():
 # -- the trained network, reused ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_finished_run_keeps_its_network_and_config(in_store):
     uri, run = in_store
     assert set(artifacts(uri, run.info.run_id, "model")) == {"model/weights.pt", "model/config.yaml"}
@@ -152,6 +153,7 @@ def test_load_run_gives_the_network_that_reproduces_the_runs_test_scores(in_stor
     assert token == pytest.approx(run.data.metrics["test/token_acc"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_evaluate_logs_a_linked_run_with_the_same_test_scores_or_on_longer_sequences(in_store, tmp_path):
     uri, run = in_store
     same = run_py(f"evaluate={run.info.run_id}", "progress=false", cwd=tmp_path, uri=uri)
@@ -182,6 +184,7 @@ def _one_line_refusal(result, *fragments: str) -> str:
     return line
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_bad_id_a_run_without_network_and_shapes_that_do_not_fit(in_store, tmp_path):
     uri, run = in_store
     before = len(all_runs(uri))
@@ -219,6 +222,7 @@ class Planted:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.slow
 def test_a_planted_checkpoint_or_network_is_refused_by_resume_evaluate_and_load_run(in_store, tmp_path):
     uri, run = in_store
     client = _client(uri)

@@ -78,6 +78,7 @@ def _sweep_md(client, parent, tmp_path) -> str:
     return Path(client.download_artifacts(parent, "sweep.md", str(tmp_path))).read_text()
 
 
+@pytest.mark.slow
 def test_two_settings_of_three_seeds_give_known_means_stds_ranges_and_success_rates(shared_store, tmp_path):
     client, parent = _known_sweep(shared_store)
     summary = summarize_sweep(client, parent)

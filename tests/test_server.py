@@ -101,6 +101,7 @@ def test_a_checkpoint_uploads_and_a_run_resumes_through_the_server(mlflow_server
     assert steps == list(range(11, 21))
 
 
+@pytest.mark.slow
 def test_metrics_are_buffered_not_sent_every_epoch(store, monkeypatch, capsys):
     """Over HTTP each call costs ~55 ms (docs/tracking.md): the tracking worker, which receives every
     epoch's metrics, must not make one call per epoch."""

@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each starts Python processes that import torch and Lightning
+
 IMPORT_THEN_USE = """
 import sys
 from echo.compat import defer_unused_imports

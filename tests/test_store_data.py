@@ -129,6 +129,7 @@ def _leaky(config: dict) -> dict:
     return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["evaluate", "resume", "run"])
 def test_a_stored_interpolation_is_refused_and_never_resolved(in_store, tmp_path, entry):
     folder, uri, run = in_store
@@ -184,6 +185,7 @@ def test_a_stored_config_gets_every_check_a_command_line_gets(in_store, tmp_path
     assert len(_runs(uri)) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["evaluate", "resume"])
 def test_a_stored_trainer_argument_is_refused_without_a_hang(in_store, tmp_path, entry):
     """A planted trainer.num_nodes=2 made evaluate= wait for a second node for ever."""

@@ -115,6 +115,7 @@ BAD_TRAINER = ("trainer.devices=1,[0]", "job #1 (trainer.devices=[0]", "Lightnin
         "population, trainer",
     ],
 )
+@pytest.mark.slow
 def test_a_sweep_with_one_bad_job_stops_before_any_job_runs(tmp_path, launcher, existing, bad):
     # (the sweep's store process, or a population sweep's tracking service, opens the store meanwhile)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -132,6 +133,7 @@ def test_a_sweep_with_one_bad_job_stops_before_any_job_runs(tmp_path, launcher, 
         assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_a_sweep_whose_job_diverged_goes_on_and_ends_its_parent_failed(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = run_py("-m", "model.lr=1e-3,1e38", "stop_at=null", *TINY, cwd=tmp_path, uri=uri)
@@ -141,6 +143,7 @@ def test_a_sweep_whose_job_diverged_goes_on_and_ends_its_parent_failed(tmp_path)
     assert parent.info.status == "FAILED" and "sweep.md" in artifacts(uri, parent.info.run_id)  # summarised
 
 
+@pytest.mark.slow
 def test_a_sweep_whose_job_crashed_ends_its_parent_failed_not_killed(tmp_path):
     """A job that raises stops the sweep (Hydra re-raises its error): the parent ends FAILED; KILLED is
     for an interrupt (tests/test_faults.py)."""

@@ -27,6 +27,7 @@ def _run(name: str) -> tuple[str, int]:
     return tracker.run_id, tracking._idle[-1].process.pid
 
 
+@pytest.mark.slow
 def test_runs_of_one_process_share_its_worker_unless_the_directory_changed(store, tmp_path, monkeypatch):
     a, worker = _run("a")
     bb, same_worker = _run("bb")
@@ -192,6 +193,7 @@ def test_a_figure_drawn_again_with_another_runs_data_is_the_figure_drawn_fresh()
     assert len(worker._figures) == len(pyplot.get_fignums()) == worker.KEPT_FIGURES
 
 
+@pytest.mark.slow
 def test_processes_opening_one_new_store_at_once_create_it_once(tmp_path):
     # A sweep's store process and its first job's worker, or parallel jobs: without the lock, one
     # or two of three crash with `table ... already exists`
@@ -223,6 +225,7 @@ def test_processes_opening_one_new_store_at_once_create_it_once(tmp_path):
     assert MlflowClient(uri).get_experiment("0").name == "Default"
 
 
+@pytest.mark.slow
 def test_a_run_whose_artifacts_cannot_be_written_does_not_stay_running(tmp_path):
     """The store takes the run but not its artifacts (their folder cannot be made, even by root): the
     run exits non-zero in one line, what it could not write is kept locally, and it ends in the store."""

@@ -15,6 +15,7 @@ def test_listing_a_model_learns_the_full_echo():
     assert summary["test/token_acc"] > 0.5
 
 
+@pytest.mark.slow
 def test_listing_b_model_learns_the_partial_echo():
     summary = train(make_cfg("logger=none", "model=encdec", "task=partial", "trainer.max_epochs=100"))
     assert summary["val/token_acc"] > 0.25  # chance is 0.01

@@ -151,6 +151,7 @@ TINY_TASK = [
         ("transformer", ["model.d_model=32", "model.hidden_size=64", "model.lr=1e-2"], 0.6, 0.05),
     ],
 )
+@pytest.mark.slow
 def test_each_decoder_learns_a_tiny_whole_window_echo(model, options, token_acc, exact_match):
     summary = train(make_cfg(f"model={model}", *TINY_TASK, *options))
     # chance: token 1/4, whole window of 6: 1/4096
@@ -186,6 +187,7 @@ def test_accuracy_by_position_counts_each_output_position():
     assert module.summary["test/token_acc"] == pytest.approx((6 + 0 + 4) / 22)
 
 
+@pytest.mark.slow
 def test_a_run_logs_the_curve_by_position_chance_levels_and_parameter_count(store, tmp_path):
     args = ["model=autoregressive", "task.n_unique=10", "task.n_in=4", "task.n_out=3", "model.hidden_size=8", *TINY]
     result = run_py(*args, cwd=tmp_path, uri=store)
