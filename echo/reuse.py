@@ -381,10 +381,10 @@ def _check_fits(net, cfg: DictConfig, run_id: str) -> None:
     """Run the network on two windows of `cfg`'s task: it must give n_out items of the right width."""
     import torch
 
-    from echo.encoding import REPRESENTATIONS
+    from echo.encoding import representation
 
     task = cfg.task
-    rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
+    rep = representation(task)
     tokens = torch.zeros(2, task.n_in, dtype=torch.long)
     kwargs = {"mask": tokens >= 0} if task.framing == "mask" else {}
     if getattr(net, "variable_length", False) and task.n_out != net.build_args.get("n_out"):
