@@ -125,36 +125,44 @@ def download_checkpoint(run_id: str, cfg: DictConfig | None = None) -> str:
     return path
 
 
+OPTIMIZER_OF = {"exp_avg": "Adam", "exp_avg_sq": "Adam", "square_avg": "RMSprop"}  # whose moment it is
+
+
 def _misfit(checkpoint: dict, cfg: DictConfig, member: bool) -> str | None:
     """How the checkpoint's weights and Adam moments first differ from those of the network `cfg`
     builds (on torch's meta device: nothing allocated); None if they fit."""
     import torch
 
     from echo.build import network
-    from echo.encoding import REPRESENTATIONS
+    from echo.encoding import representation
     from echo.reuse import misfit
 
-    rep = REPRESENTATIONS[cfg.task.get("representation", "onehot")](cfg.task.n_unique)
+    rep = representation(cfg.task)
     with torch.device("meta"):
         net = network(cfg, rep)
     if why := misfit(checkpoint["state_dict"], {f"net.{k}": v for k, v in net.state_dict().items()}):
         return why
     params = dict(net.named_parameters())
-    if member:  # echo.population's own Adam: moments by parameter name
-        for moment in ("exp_avg", "exp_avg_sq"):
-            if why := misfit(checkpoint["adam"][moment], params):
-                return f"Adam's {moment}: {why}"
+    if member:  # echo.population's own Adam or RMSprop: moments by parameter name
+        for moment, values in checkpoint["adam"].items():
+            if moment != "step" and (why := misfit(values, params)):
+                return f"{OPTIMIZER_OF[moment]}'s {moment}: {why}"
         return None
     names = list(params)
     for optimizer in checkpoint.get("optimizer_states") or []:  # Lightning's: torch's Adam, by parameter index
         counted = sum(len(group["params"]) for group in optimizer["param_groups"])
         if counted != len(names) or any(index not in range(len(names)) for index in optimizer["state"]):
-            return f"its Adam state is for {counted} parameters, the network has {len(names)}"
+            return f"its optimizer state is for {counted} parameters, the network has {len(names)}"
         for index, state in optimizer["state"].items():
-            for moment in ("exp_avg", "exp_avg_sq"):
+            for moment in OPTIMIZER_OF:
+                if moment not in state:
+                    continue
                 shape, expected = tuple(state[moment].shape), tuple(params[names[index]].shape)
                 if shape != expected:
-                    return f"Adam's {moment} of net.{names[index]} has shape {shape}, the network's is {expected}"
+                    return (
+                        f"{OPTIMIZER_OF[moment]}'s {moment} of net.{names[index]} has shape {shape}, "
+                        f"the network's is {expected}"
+                    )
     return None
 
 

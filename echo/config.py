@@ -19,6 +19,15 @@ CANNOT_MASK = ("one_to_one",)  # read the window in one step
 VARIABLE_LENGTH = ("seq2seq", "encdec", "attention", "autoregressive", "transformer")
 LENGTH_SEED_STRIDE = 10_000  # a held-out set of length L has seed `seed * stride + L` (echo.config.length_seed)
 REPRESENTATION_NAMES = ("onehot", "linear")
+OPTIMIZERS = ("adam", "rmsprop")  # model.optimizer: torch.optim.Adam, or RMSprop (alpha 0.9) as Arjovsky et al. train
+# Networks that answer at every input step as they read it, which copy memory scores (task=copy_memory)
+READS_PER_STEP = ("seq2seq",)
+
+
+def is_copy_memory(task) -> bool:
+    """Whether `task` (a config node or a plain namespace) is the copy-memory benchmark (task=copy_memory)."""
+    name = task.get("name") if hasattr(task, "get") else getattr(task, "name", None)
+    return name == "copy_memory"
 
 
 class ConfigError(ValueError):
@@ -260,15 +269,19 @@ OBJECTIVES = (
     "val/loss",
     "val/token_acc",
     "val/exact_match",
+    "val/prefix_acc",
     "val/exact_match_teacher_forced",
     "val/token_acc_teacher_forced",
     "test/token_acc",
     "test/exact_match",
+    "test/prefix_acc",
     "test/ood_exact_match",
     "test/ood_token_acc",
+    "test/ood_prefix_acc",
     "test/iid_exact_match",
     "chance/token_acc",
     "chance/exact_match",
+    "chance/loss",
     "time_to_target_s",
     "epochs_to_target",
     "samples_to_target",
@@ -302,12 +315,17 @@ CHECKS = {
     "task.test_seed": seed,
     "task.train_lengths": optional(lengths_pair),
     "task.test_lengths": optional(lengths_pair),
+    "task.delay": count,
+    "task.reverse_input": boolean,
+    "task.reverse_target": boolean,
     "model.name": one_of(*MODEL_NAMES, hint=" or ".join(f"model={m}" for m in MODEL_NAMES)),
     "model.hidden_size": count,
     "model.stateful": boolean,
     "model.batch_size": count,
     "model.lr": positive_number,
     "model.cell": one_of(*CELLS),
+    "model.num_layers": count,
+    "model.optimizer": one_of(*OPTIMIZERS),
     "model.d_model": count,
     "model.n_layers": count,
     "model.n_heads": count,
@@ -340,7 +358,8 @@ WIDE_STEP = 5_000
 def wide_step(cfg, members: int = 1) -> bool:
     """Whether a step of `members` runs of `cfg` together (a population's) is wide: arithmetic-bound
     on a CPU, where a second thread pays."""
-    return cfg.task.sequences_per_epoch * members * cfg.model.batch_size * cfg.model.hidden_size >= WIDE_STEP
+    sequences = cfg.task.get("sequences_per_epoch", 1)  # (copy memory: one batch of batch_size sequences)
+    return sequences * members * cfg.model.batch_size * cfg.model.hidden_size >= WIDE_STEP
 
 
 def cpu_threads(cfg, cores: int | None = None, environ=os.environ, members: int = 1) -> int:
@@ -376,6 +395,14 @@ def epochs_per_step(cfg, resumed: int | None = None) -> int:
     counts = [cfg.trainer.max_epochs, cfg.trainer.get("check_val_every_n_epoch", 1)]
     counts += [n for n in (cfg.get("checkpoint_every"), resumed) if n]
     return math.gcd(*counts)
+
+
+def windows_per_epoch(cfg) -> int:
+    """Windows trained on per epoch: task.sequences_per_epoch sequences' windows; copy memory: one
+    batch of model.batch_size sequences (each one window)."""
+    if is_copy_memory(cfg.task):
+        return cfg.model.batch_size
+    return cfg.task.sequences_per_epoch * windows_per_sequence(cfg.task)
 
 
 def windows_per_sequence(task) -> int:
@@ -456,6 +483,8 @@ def validate(cfg) -> None:
         if value is not _ABSENT:
             check(path, value)
     task, model = cfg.task, cfg.model
+    if is_copy_memory(task):
+        _validate_copy_memory(task, model)
     if task.n_out > task.n_in:
         raise ConfigError(
             f"task.n_out={task.n_out} is larger than task.n_in={task.n_in}: the echo is the oldest n_out "
@@ -480,6 +509,35 @@ def validate(cfg) -> None:
             f"model.batch_size={model.batch_size} does not divide the {rows} windows of a sequence, which a "
             f"stateful model needs: use one of {divisors}, or model.stateful=false"
         )
+
+
+def _validate_copy_memory(task, model) -> None:
+    """Copy memory: a network that answers at every step it reads, one sequence of T+20 steps per
+    window (its length, n_in and n_out follow task.delay), no echo-window settings."""
+    if model.name not in READS_PER_STEP:
+        raise ConfigError(
+            f"model={model.name} cannot read task=copy_memory, which scores an answer at every input step as the "
+            f"network reads it: use model={' or model='.join(READS_PER_STEP)} (model.cell=lstm or gru)"
+        )
+    for key in ("reverse_input", "reverse_target"):
+        if task.get(key):
+            raise ConfigError(
+                f"task.{key}=true reverses echo windows; task=copy_memory has none: remove task.{key}, or use task=full"
+            )
+    if model.stateful:
+        raise ConfigError("task=copy_memory trains on independent sequences: set model.stateful=false")
+    if task.framing != "drop":
+        raise ConfigError("task=copy_memory frames nothing (whole sequences): set task.framing=drop")
+    steps = task.delay + 20
+    for key in ("length", "n_in", "n_out"):
+        if task.get(key) != steps:
+            raise ConfigError(
+                f"task.{key}={task.get(key)!r} is set by task.delay for task=copy_memory (T+20 = {steps}): "
+                f"remove task.{key}=... and set task.delay"
+            )
+    for key in ("train_lengths", "test_lengths"):
+        if task.get(key) is not None:
+            raise ConfigError(f"task.{key} varies echo windows; task=copy_memory has none: remove task.{key}")
 
 
 def check_threads(cfg, cores: int | None = None) -> None:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from echo.config import length_range, length_seed, windows_per_sequence
+from echo.memory import copy_memory
 from echo.windows import Draw, generate_sequences, to_batches, to_windows
 
 
@@ -46,8 +47,17 @@ class Epochs:
 def held_out(task, n_seq: int, seed: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     """A fixed set of windows from `n_seq` fresh sequences drawn with their own seed."""
     seqs = generate_sequences(n_seq, task.length, task.n_unique, torch.Generator().manual_seed(seed))
-    x, y = to_windows(seqs.to(device), task.n_in, task.n_out, task.framing)
-    return x, y
+    return frame(task, seqs.to(device), task.n_in, task.n_out)
+
+
+def frame(task, seqs: Tensor, n_in: int, n_out: int) -> tuple[Tensor, Tensor]:
+    """`to_windows` as the task frames them (task.framing, task.reverse_input, task.reverse_target)."""
+    options = {key: bool(_get(task, key)) for key in ("reverse_input", "reverse_target")}
+    return to_windows(seqs, n_in, n_out, task.framing, **options)
+
+
+def _get(task, key: str):
+    return task.get(key) if hasattr(task, "get") else getattr(task, key, None)
 
 
 def at_length(task, n: int) -> SimpleNamespace:
@@ -114,7 +124,7 @@ class EchoData(pl.LightningDataModule):
             n_in = n_out = int(torch.randint(lo, hi + 1, (1,), generator=self.length_generator))
             length = n_in + windows_per_sequence(t) - 1
         seqs = generate_sequences(t.sequences_per_epoch, length, t.n_unique, self.train_generator)
-        x, y = to_windows(seqs, n_in, n_out, t.framing)
+        x, y = frame(t, seqs, n_in, n_out)
         return to_batches(x, y, self.batch_size, self.stateful)
 
     def val_dataloader(self) -> Epochs:
@@ -137,3 +147,42 @@ class EchoData(pl.LightningDataModule):
         if self.stateful:
             return to_batches(x, y, self.batch_size, stateful=True)
         return to_batches(x, y, x.shape[1], stateful=False)
+
+
+class CopyMemoryData(pl.LightningDataModule):
+    """Copy memory (echo/memory.py): every epoch one batch of `batch_size` fresh sequences from the
+    run's generator (seeded with `seed`, as EchoData's); fixed validation and test sets of
+    task.eval_windows sequences each, from task.val_seed and task.test_seed. Generated on the
+    trainer's device; a held-out set is one batch."""
+
+    def __init__(self, task, batch_size: int, seed: int):
+        super().__init__()
+        self.delay, self.eval_windows = int(task.delay), int(task.eval_windows)
+        self.val_seed, self.test_seed = int(task.val_seed), int(task.test_seed)
+        self.batch_size, self.seed = batch_size, seed
+
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        self.train_generator = torch.Generator(device).manual_seed(self.seed)
+        self.val, self.test = (self.held_out(seed, device) for seed in (self.val_seed, self.test_seed))
+
+    def held_out(self, seed: int, device: torch.device | str = "cpu", n: int | None = None) -> tuple[Tensor, Tensor]:
+        """`n` (default task.eval_windows) fixed sequences drawn with their own seed (on the CPU, then moved)."""
+        x, y = copy_memory(n or self.eval_windows, self.delay, torch.Generator().manual_seed(seed))
+        return x.to(device), y.to(device)
+
+    def fresh_batches(self) -> list[tuple[Tensor, Tensor]]:
+        return [copy_memory(self.batch_size, self.delay, self.train_generator)]
+
+    def train_dataloader(self) -> Epochs:
+        return Epochs(Draw(self.fresh_batches, generators=(self.train_generator,)))
+
+    def val_dataloader(self) -> Epochs:
+        return Epochs(_fixed(self.eval_batches(*self.val)))
+
+    def test_dataloader(self) -> Epochs:
+        return Epochs(_fixed(self.eval_batches(*self.test)))
+
+    def eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Every held-out sequence at once (stateless)."""
+        return [(x, y)]

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from echo.config import is_copy_memory
+
 PAD = -1  # token id of a missing observation (masked framing); never a target
 
 
@@ -61,3 +63,16 @@ class LinearScale:
 
 
 REPRESENTATIONS = {"onehot": OneHot, "linear": LinearScale}
+
+
+def representation(task) -> OneHot | LinearScale:
+    """The representation `task` asks for (task.representation, default one-hot) of its tokens;
+    copy memory (task.name=copy_memory): one-hot inputs of its 10 categories, scores for the 9 a
+    target can be (blank and the 8 data symbols: the marker never is one)."""
+    if is_copy_memory(task):
+        from echo.memory import N_CLASSES, N_INPUTS
+
+        rep = OneHot(N_INPUTS)
+        rep.n_outputs = N_CLASSES
+        return rep
+    return REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)

@@ -10,24 +10,30 @@ from statistics import mean
 
 import torch
 
-BY_LENGTH = ("test/token_acc_by_length", "test/exact_match_by_length")  # MLflow step = window length
+BY_LENGTH = (  # MLflow step = window length
+    "test/token_acc_by_length",
+    "test/exact_match_by_length",
+    "test/prefix_acc_by_length",
+)
 
 
 @torch.no_grad()
-def evaluate_lengths(module, data, lengths: tuple[int, int]) -> dict[int, tuple[float, float]]:
-    """{L: (token accuracy, exact match)} for every L in `lengths` (both included), each on the
+def evaluate_lengths(module, data, lengths: tuple[int, int]) -> dict[int, tuple[float, float, float]]:
+    """{L: (token accuracy, exact match, prefix accuracy)} for every L in `lengths` (both included), each on the
     data's fixed test windows of that length, evaluated as the model was trained (stateful:
     batch by batch with state carried, reset at each length)."""
     module.eval()
     scores = {}
     for n in range(lengths[0], lengths[1] + 1):
-        _, correct, tokens, exact, rows = module.eval_sums(data.eval_batches(*data.length_test_set(n))).tolist()
-        scores[n] = (correct / tokens, exact / rows)
+        sums = module.eval_sums(data.eval_batches(*data.length_test_set(n))).tolist()
+        _, correct, tokens, exact, rows, before_error, _ = sums
+        scores[n] = (correct / tokens, exact / rows, before_error / tokens)
     return scores
 
 
-def length_scores(by_length: dict[int, tuple[float, float]], trained: tuple[int, int]) -> dict[str, float]:
-    """The summary of a per-length test: `test/ood_exact_match` and `test/ood_token_acc`, the means over
+def length_scores(by_length: dict[int, tuple[float, ...]], trained: tuple[int, int]) -> dict[str, float]:
+    """The summary of a per-length test: `test/ood_exact_match`, `test/ood_token_acc` and (given prefix
+    accuracies) `test/ood_prefix_acc`, the means over
     the tested lengths above the trained range (none if no tested length is), and `test/iid_exact_match`,
     the mean over the tested lengths inside it. Lengths below the trained range count in neither."""
     lo, hi = trained
@@ -35,13 +41,16 @@ def length_scores(by_length: dict[int, tuple[float, float]], trained: tuple[int,
     iid = [by_length[n] for n in sorted(by_length) if lo <= n <= hi]
     summary = {}
     if ood:
-        summary["test/ood_exact_match"] = mean(exact for _, exact in ood)
-        summary["test/ood_token_acc"] = mean(token for token, _ in ood)
+        summary["test/ood_exact_match"] = mean(scores[1] for scores in ood)
+        summary["test/ood_token_acc"] = mean(scores[0] for scores in ood)
+        if all(len(scores) > 2 for scores in ood):
+            summary["test/ood_prefix_acc"] = mean(scores[2] for scores in ood)
     if iid:
-        summary["test/iid_exact_match"] = mean(exact for _, exact in iid)
+        summary["test/iid_exact_match"] = mean(scores[1] for scores in iid)
     return summary
 
 
-def length_rows(by_length: dict[int, tuple[float, float]]) -> list[tuple[str, int, float]]:
-    """(metric, step = length, value) rows of `test/token_acc_by_length` and `test/exact_match_by_length`."""
+def length_rows(by_length: dict[int, tuple[float, ...]]) -> list[tuple[str, int, float]]:
+    """(metric, step = length, value) rows of `test/token_acc_by_length`, `test/exact_match_by_length`
+    and `test/prefix_acc_by_length`."""
     return [(name, n, value) for n, values in sorted(by_length.items()) for name, value in zip(BY_LENGTH, values)]

@@ -4,7 +4,8 @@ Every network maps input features (batch, n_in, n_features) and a recurrent stat
 a fresh zero state) to scores (batch, n_out, n_classes) and its new state, so a caller can
 carry the state to the next batch the way a Keras `stateful=True` layer does.
 
-Recurrent networks take `cell="lstm"` or `"gru"`. Networks with `variable_length = True`
+Recurrent networks take `cell="lstm"` or `"gru"` and `num_layers` (stacked recurrent layers, each
+recurrent layer of the network that many deep). Networks with `variable_length = True`
 accept a window of any length L and an `n_out` other than the one they were built with
 (`forward(x, state, mask, n_out)`); those with `teacher_forced = True` also take the target
 tokens (`targets`), fed to their decoder in training.
@@ -23,11 +24,11 @@ State = tuple  # nested tuples of (h, c) tensors, one pair per LSTM (a GRU's sta
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
 
 
-def rnn(cell: str, input_size: int, hidden_size: int) -> nn.LSTM | nn.GRU:
-    """A one-layer, batch-first recurrent layer of kind `cell` ("lstm" or "gru")."""
+def rnn(cell: str, input_size: int, hidden_size: int, num_layers: int = 1) -> nn.LSTM | nn.GRU:
+    """A batch-first recurrent layer of kind `cell` ("lstm" or "gru"), `num_layers` stacked."""
     if cell not in CELLS:
         raise ValueError(f"cell={cell!r} is unknown: use one of {', '.join(CELLS)}")
-    return CELLS[cell](input_size, hidden_size, batch_first=True)
+    return CELLS[cell](input_size, hidden_size, num_layers=num_layers, batch_first=True)
 
 
 class Seq2Seq(nn.Module):
@@ -40,10 +41,12 @@ class Seq2Seq(nn.Module):
 
     variable_length = True
 
-    def __init__(self, n_features: int, hidden_size: int, n_classes: int, n_out: int, cell: str = "lstm"):
+    def __init__(
+        self, n_features: int, hidden_size: int, n_classes: int, n_out: int, cell: str = "lstm", num_layers: int = 1
+    ):
         super().__init__()
         self.n_out = n_out
-        self.lstm = rnn(cell, n_features, hidden_size)
+        self.lstm = rnn(cell, n_features, hidden_size, num_layers)
         self.head = nn.Linear(hidden_size, n_classes)
         init_like_keras(self)
 
@@ -65,11 +68,13 @@ class EncoderDecoder(nn.Module):
 
     variable_length = True
 
-    def __init__(self, n_features: int, hidden_size: int, n_classes: int, n_out: int, cell: str = "lstm"):
+    def __init__(
+        self, n_features: int, hidden_size: int, n_classes: int, n_out: int, cell: str = "lstm", num_layers: int = 1
+    ):
         super().__init__()
         self.n_out = n_out
-        self.encoder = rnn(cell, n_features, hidden_size)
-        self.decoder = rnn(cell, hidden_size, hidden_size)
+        self.encoder = rnn(cell, n_features, hidden_size, num_layers)
+        self.decoder = rnn(cell, hidden_size, hidden_size, num_layers)
         self.head = nn.Linear(hidden_size, n_classes)
         init_like_keras(self)
 
@@ -94,10 +99,19 @@ class OneToOne(nn.Module):
     needs_n_in = True
     can_mask = False
 
-    def __init__(self, n_in: int, n_features: int, hidden_size: int, n_classes: int, n_out: int, cell: str = "lstm"):
+    def __init__(
+        self,
+        n_in: int,
+        n_features: int,
+        hidden_size: int,
+        n_classes: int,
+        n_out: int,
+        cell: str = "lstm",
+        num_layers: int = 1,
+    ):
         super().__init__()
         self.n_out, self.n_classes = n_out, n_classes
-        self.lstm = rnn(cell, n_in * n_features, hidden_size)
+        self.lstm = rnn(cell, n_in * n_features, hidden_size, num_layers)
         self.head = nn.Linear(hidden_size, n_out * n_classes)
         init_like_keras(self)
 
@@ -110,10 +124,12 @@ class ManyToOne(nn.Module):
     """Extension 5, many-to-one: `LSTM(hidden)` over the window, its last output only →
     `Dense(n_out * n_classes)`, reshaped to (n_out, n_classes)."""
 
-    def __init__(self, n_features: int, hidden_size: int, n_classes: int, n_out: int, cell: str = "lstm"):
+    def __init__(
+        self, n_features: int, hidden_size: int, n_classes: int, n_out: int, cell: str = "lstm", num_layers: int = 1
+    ):
         super().__init__()
         self.n_out, self.n_classes = n_out, n_classes
-        self.lstm = rnn(cell, n_features, hidden_size)
+        self.lstm = rnn(cell, n_features, hidden_size, num_layers)
         self.head = nn.Linear(hidden_size, n_out * n_classes)
         init_like_keras(self)
 
@@ -141,15 +157,22 @@ class Attention(nn.Module):
     variable_length = True
 
     def __init__(
-        self, n_features: int, hidden_size: int, n_classes: int, n_out: int, cell: str = "lstm", max_len: int = 64
+        self,
+        n_features: int,
+        hidden_size: int,
+        n_classes: int,
+        n_out: int,
+        cell: str = "lstm",
+        max_len: int = 64,
+        num_layers: int = 1,
     ):
         super().__init__()
         if n_out > max_len:
             raise ValueError(f"n_out={n_out} is more output steps than max_len={max_len}")
         self.n_out, self.max_len = n_out, max_len
-        self.encoder = rnn(cell, n_features, hidden_size)
+        self.encoder = rnn(cell, n_features, hidden_size, num_layers)
         self.steps = nn.Embedding(max_len, hidden_size)  # output position j -> decoder input
-        self.decoder = rnn(cell, hidden_size, hidden_size)
+        self.decoder = rnn(cell, hidden_size, hidden_size, num_layers)
         self.combine = nn.Linear(2 * hidden_size, hidden_size)
         self.head = nn.Linear(hidden_size, n_classes)
         init_like_keras(self)
@@ -194,12 +217,13 @@ class Autoregressive(nn.Module):
         n_out: int,
         cell: str = "lstm",
         teacher_forcing: float = 1.0,
+        num_layers: int = 1,
     ):
         super().__init__()
         self.n_out, self.n_classes, self.teacher_forcing = n_out, n_classes, teacher_forcing
-        self.encoder = rnn(cell, n_features, hidden_size)
+        self.encoder = rnn(cell, n_features, hidden_size, num_layers)
         self.tokens = nn.Embedding(n_classes + 1, hidden_size)  # the last one is the start token
-        self.decoder = rnn(cell, hidden_size, hidden_size)
+        self.decoder = rnn(cell, hidden_size, hidden_size, num_layers)
         self.head = nn.Linear(hidden_size, n_classes)
         init_like_keras(self)
 
@@ -317,7 +341,7 @@ MODELS = {
     "transformer": Transformer,
 }
 # Network options beyond the sizes every network takes; each goes to the networks that accept it.
-NET_OPTIONS = ("cell", "max_len", "teacher_forcing", "d_model", "n_layers", "n_heads", "positional")
+NET_OPTIONS = ("cell", "num_layers", "max_len", "teacher_forcing", "d_model", "n_layers", "n_heads", "positional")
 
 
 def build_net(

@@ -13,7 +13,7 @@ from echo.faults import check_finite
 from echo.models import detach_state
 from echo.speedups import EpochGraph
 from echo.steps import StepSettings
-from echo.windows import Draw
+from echo.windows import Draw, before_first_error
 
 
 class EchoModule(pl.LightningModule):
@@ -60,6 +60,8 @@ class EchoModule(pl.LightningModule):
         cuda_graph: bool = True,
         epochs_per_step: int = 1,
         steps: StepSettings | None = None,
+        optimizer: str = "adam",
+        recall: int | None = None,
     ):
         super().__init__()
         self.net, self.n_unique, self.lr, self.stateful = net, n_unique, lr, stateful
@@ -68,6 +70,8 @@ class EchoModule(pl.LightningModule):
         self.epochs_per_step = epochs_per_step
         self.steps = steps or StepSettings()  # Lightning's clipping and accumulation (echo/steps.py)
         self.teacher_forced = getattr(net, "teacher_forced", False)
+        self.optimizer_name = optimizer  # adam | rmsprop (echo.config.OPTIMIZERS)
+        self.recall = recall  # accuracy over the last `recall` output positions only (copy memory: 10); None: all
         self.by_position: list[float] = []  # test token accuracy at output positions 1, 2, ...
         self.summary: dict[str, float] = {}
         self._train_sums: list[tuple[int, Tensor]] = []  # (first epoch, per epoch [loss*tokens, correct, tokens])
@@ -97,23 +101,31 @@ class EchoModule(pl.LightningModule):
         return self.net(inputs, state, **options)
 
     def configure_optimizers(self):
+        if self.optimizer_name == "rmsprop":  # Arjovsky et al.'s (and Graves'): alpha (the decay) 0.9
+            return torch.optim.RMSprop(self.parameters(), lr=self.lr, alpha=0.9, capturable=self._graphs())
         # Fused: one kernel per step. Capturable: its step count stays on the device, for graphs.
         return torch.optim.Adam(self.parameters(), lr=self.lr, fused=True, capturable=self._graphs())
 
     def _graphs(self) -> bool:
         return self.cuda_graph and self.device.type == "cuda"
 
+    def _scored(self, scores: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The output positions accuracy counts: all, or the last `recall` (copy memory's recalled symbols)."""
+        if self.recall is None:
+            return scores, y
+        return scores[:, -self.recall :], y[:, -self.recall :]
+
     def _counts(self, scores: Tensor, y: Tensor) -> tuple[Tensor, ...]:
-        """Summed loss, correct tokens, counted tokens, exactly echoed rows and rows of a
-        batch. PAD targets count nowhere."""
-        real = y != PAD
-        loss = self.rep.loss_sum(scores, y)
-        correct = (self.rep.decode(scores) == y) & real
-        exact = (correct | ~real).all(-1) & real.any(-1)
-        return loss, correct.sum(), real.sum(), exact.sum(), real.any(-1).sum()
+        """Summed loss (every position), then over the scored positions (`_scored`): correct tokens,
+        counted tokens, exactly echoed rows, rows, tokens right before each row's first error
+        (`window_counts`); last, the tokens the loss summed over. PAD targets count nowhere."""
+        loss, loss_tokens = self.rep.loss_sum(scores, y), (y != PAD).sum()
+        scores, y = self._scored(scores, y)
+        return (loss, *window_counts(self.rep.decode(scores) == y, y != PAD), loss_tokens)
 
     def _position_sums(self, scores: Tensor, y: Tensor) -> Tensor:
-        """Correct and counted tokens at each output position, (2, n_out); PAD counts nowhere."""
+        """Correct and counted tokens at each scored output position, (2, positions); PAD counts nowhere."""
+        scores, y = self._scored(scores, y)
         real = y != PAD
         correct = (self.rep.decode(scores) == y) & real
         return torch.stack([correct.sum(0), real.sum(0)])
@@ -175,8 +187,8 @@ class EchoModule(pl.LightningModule):
         self._step_sums = torch.stack(sums)
 
     def _train_epoch(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """Train on the batches in order; returns [summed loss, correct tokens, tokens] on the
-        device. The plain optimizer and `backward()`: Lightning's per-step hooks would cost more
+        """Train on the batches in order; returns [summed loss, tokens, correct scored tokens, scored
+        tokens] on the device. The plain optimizer and `backward()`: Lightning's per-step hooks would cost more
         than these tiny steps. Clipping and accumulation as `self.steps` says (echo/steps.py)."""
         optimizer = self.optimizers(use_pl_optimizer=False)
         steps, scale = self.steps, self.steps.loss_scale()
@@ -191,8 +203,9 @@ class EchoModule(pl.LightningModule):
             if steps.step_after(i, len(batches)):
                 steps.clip(self.parameters())
                 optimizer.step()
-            correct = (self.rep.decode(scores.detach()) == y).sum()  # PAD (-1) is never a prediction
-            sums.append(torch.stack([loss_sum.detach(), correct, tokens]))
+            scored, scored_y = self._scored(scores.detach(), y)
+            correct = (self.rep.decode(scored) == scored_y).sum()  # PAD (-1) is never a prediction
+            sums.append(torch.stack([loss_sum.detach(), tokens, correct, (scored_y != PAD).sum()]))
         return torch.stack(sums).sum(0)
 
     def on_train_epoch_end(self) -> None:  # after the step's validation: its epochs are complete
@@ -209,8 +222,8 @@ class EchoModule(pl.LightningModule):
         sums = torch.cat([s for _, s in self._train_sums]).tolist()
         self._train_sums = []
         rows = []
-        for epoch, (loss_sum, correct, tokens) in zip(epochs, sums):
-            rows += [("train/loss", epoch, loss_sum / tokens), ("train/acc", epoch, correct / tokens)]
+        for epoch, (loss_sum, tokens, correct, scored) in zip(epochs, sums):
+            rows += [("train/loss", epoch, loss_sum / tokens), ("train/acc", epoch, correct / scored)]
         log_rows(self.loggers, rows)
         return rows
 
@@ -239,17 +252,19 @@ class EchoModule(pl.LightningModule):
             self._forced_sums = self._forced_sums + forced
 
     def eval_sums(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """[summed loss, correct tokens, tokens, exactly echoed rows, rows] over evaluation batches."""
+        """[summed loss, correct tokens, tokens, exactly echoed rows, rows, tokens before the first error,
+        tokens of the loss] over evaluation batches."""
         return sum(torch.stack(self._counts(s, y)).float() for s, y in self._forward_batches(batches))
 
     validation_step = test_step = _eval_step
 
     def _eval_metrics(self, prefix: str) -> dict[str, float]:
-        loss_sum, correct, tokens, exact, rows = self._eval_sums.tolist()
+        loss_sum, correct, tokens, exact, rows, before_error, loss_tokens = self._eval_sums.tolist()
         return {
-            f"{prefix}/loss": loss_sum / tokens,
+            f"{prefix}/loss": loss_sum / loss_tokens,
             f"{prefix}/token_acc": correct / tokens,
             f"{prefix}/exact_match": exact / rows,
+            f"{prefix}/prefix_acc": before_error / tokens,
         }
 
     def on_validation_epoch_end(self) -> None:
@@ -280,7 +295,7 @@ class EchoModule(pl.LightningModule):
         """The teacher-forced scores. Token accuracy shows the exposure-bias gap; exact match cannot:
         decoding greedily, a row all of whose tokens are right is fed exactly the true tokens, so it
         is exact teacher-forced if and only if it is exact free-running."""
-        _, correct, tokens, exact, rows = self._forced_sums.tolist()
+        _, correct, tokens, exact, rows, *_ = self._forced_sums.tolist()
         return {
             f"{prefix}/token_acc_teacher_forced": correct / tokens,
             f"{prefix}/exact_match_teacher_forced": exact / rows,
@@ -320,6 +335,17 @@ def log_rows(loggers, rows: list[tuple[str, int, float]]) -> None:
         for step, metrics in by_step.items():
             logger.log_metrics(metrics, step)
         logger.save()
+
+
+def window_counts(correct: Tensor, real: Tensor) -> tuple[Tensor, ...]:
+    """Over windows (..., n_out) of which tokens are right (`correct`) and real (not PAD): correct real
+    tokens, real tokens, exactly right windows, windows with a real token, and real tokens before each
+    window's first wrong one (Grefenstette et al.'s fine accuracy, summed: divided by the real tokens it
+    is the mean over windows of the fraction right before the first error, each window weighted by its
+    real tokens, so never above token accuracy; with windows of one length, the plain mean)."""
+    correct = correct & real
+    exact = (correct | ~real).all(-1) & real.any(-1)
+    return correct.sum(), real.sum(), exact.sum(), real.any(-1).sum(), before_first_error(correct, real).sum()
 
 
 def _add_padded(total: Tensor | int, sums: Tensor) -> Tensor:

@@ -3,8 +3,8 @@ alone (seed, learning rate, ...), trained as one stacked model in one process (d
 
 Each member is an honest run: its own network, built under its own seed exactly as
 `echo.train` builds it, its own training data (its own generator, seeded as `echo.data.EchoData`
-seeds it), its own Adam (`echo.stacked.MemberAdam`: element-wise, so one over the stacked weights
-is K independent ones), its own validation, stopping, metrics and MLflow run. The loss is the sum
+seeds it), its own Adam or RMSprop (`echo.stacked.MemberAdam`, `MemberRMSprop`: element-wise, so one over the
+stacked weights is K independent ones), its own validation, stopping, metrics and MLflow run. The loss is the sum
 of the members' mean losses, so each member's gradient is the one it would have alone. A member
 that reaches `stop_at` is frozen (its updates masked) while the others go on; one whose loss
 becomes NaN or infinite ends FAILED and the others go on; an interrupt (Ctrl-C, SIGTERM) ends
@@ -27,14 +27,14 @@ from torch import Tensor
 
 from echo.compat import reuse_freed_memory
 from echo.config import cpu_threads, wide_step, windows_per_sequence
-from echo.encoding import PAD, REPRESENTATIONS, OneHot
+from echo.encoding import PAD, OneHot, representation
 from echo.faults import TrainingError, check_finite
 from echo.models import build_net, count_parameters, detach_state
 from echo.reuse import save_network
 from echo.speedups import EpochGraph
 from echo.stacked import (
+    MEMBER_OPTIMIZERS,
     STACKABLE,
-    MemberAdam,
     StackedNet,
     member_loss_sums,
     member_scored,
@@ -46,11 +46,12 @@ from echo.stacked import (
 from echo.steps import StepSettings
 from echo.summary import summary_line
 from echo.tracking import Tracker, log_artifacts, start_tracker
-from echo.windows import Draw
+from echo.windows import Draw, before_first_error
 
 POPULATION_TAG = "echo.population"
 CHECKPOINT = "population.pt"  # in each member's artifacts, under checkpoints/
-MEMBER_STATE = ("state_dict", "adam", "generator", "epochs_done", "summary")  # what CHECKPOINT holds
+MEMBER_STATE = ("state_dict", "adam", "generator", "epochs_done", "summary")  # what CHECKPOINT holds ("adam":
+# the member's optimizer state, Adam's or RMSprop's moments, under the name it always had)
 # Settings that may differ between the members of one population: none changes a tensor's shape,
 # the data's framing or the training's cadence. (progress and objective change nothing trained.)
 MEMBER_SETTINGS = ("seed", "model.lr", "target", "stop_at", "objective", "progress")
@@ -63,6 +64,10 @@ def why_not_stackable(cfg: DictConfig) -> str | None:
         return f"model={model.name} has no stacked form"
     if model.get("cell", "lstm") != "lstm":
         return f"model.cell={model.cell} has no stacked form (lstm only)"
+    if model.get("num_layers", 1) != 1:
+        return f"model.num_layers={model.num_layers} has no stacked form (one layer only)"
+    if task.get("name") == "copy_memory":
+        return "task=copy_memory has no stacked form"
     for key in ("resume", "evaluate"):
         if cfg.get(key):
             return f"{key}={cfg.get(key)} continues or reads one run"
@@ -185,7 +190,7 @@ class _Population:
         self.threads = threads
         self.device, self.dtype = _device(cfg), _dtype(cfg)
         self.steps = StepSettings.from_trainer(cfg.trainer)  # clipping (per member) and accumulation
-        self.rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
+        self.rep = representation(task)
         nets = []
         for member in members:  # as echo.train builds an independent run's network
             torch.manual_seed(member.cfg.seed)
@@ -207,12 +212,14 @@ class _Population:
         self.net = StackedNet(nets).to(self.device)  # (float64 already, with trainer.precision=64)
         self.nets = nets  # each member's own network, to store its trained weights in (echo.reuse)
         self.tokens = isinstance(self.rep, OneHot) and self.net.reads_tokens  # one-hot codes as their tokens
-        self.optimizer = MemberAdam(list(self.net.parameters()), [float(m.cfg.model.lr) for m in members])
+        optimizer = MEMBER_OPTIMIZERS[model.get("optimizer", "adam")]  # MemberAdam or MemberRMSprop
+        self.optimizer = optimizer(list(self.net.parameters()), [float(m.cfg.model.lr) for m in members])
         self.generators = [torch.Generator(self.device).manual_seed(m.cfg.seed) for m in members]
         self.draw = Draw(self._fresh_batches, tuple(self.generators))
         # On a GPU an epoch is replayed as one CUDA graph, as an independent run's is.
         self.graph = EpochGraph() if self.device.type == "cuda" and cfg.get("cuda_graph", True) else None
         self.stateful, self.mask_inputs = bool(model.stateful), task.framing == "mask"
+        self.reverse = {key: bool(task.get(key, False)) for key in ("reverse_input", "reverse_target")}
         self.windows_per_epoch = task.sequences_per_epoch * windows_per_sequence(task)
         n_seq = -(-task.eval_windows // windows_per_sequence(task))
         k = len(members)
@@ -241,7 +248,7 @@ class _Population:
         CPU and moved to the device, as `echo.data.held_out` draws them."""
         t = self.task
         seqs = member_sequences([torch.Generator().manual_seed(s) for s in seeds], n_seq, t.length, t.n_unique)
-        return member_windows(seqs.to(self.device), t.n_in, t.n_out, t.framing)
+        return member_windows(seqs.to(self.device), t.n_in, t.n_out, t.framing, **self.reverse)
 
     def _eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
         """As `EchoData.eval_batches`: stateful batch by batch, stateless all windows at once."""
@@ -254,7 +261,7 @@ class _Population:
         framed and batched as `EchoData.fresh_batches` does."""
         t = self.task
         seqs = member_sequences(self.generators, t.sequences_per_epoch, t.length, t.n_unique)
-        x, y = member_windows(seqs, t.n_in, t.n_out, t.framing)
+        x, y = member_windows(seqs, t.n_in, t.n_out, t.framing, **self.reverse)
         return stacked_batches(x, y, self.model_cfg.batch_size, self.stateful)
 
     def _forward_batches(self, batches, index: Tensor | None = None):
@@ -374,8 +381,8 @@ class _Population:
     @torch.no_grad()
     def _evaluate(self, batches, index: Tensor | None = None, by_position: bool = False):
         """Per member (every one, or those `index` holds) [summed loss, correct tokens, tokens, exact
-        rows, rows] (lists of 5); with `by_position`, also per member the token accuracy at each
-        output position (lists of n_out)."""
+        rows, rows, tokens before each row's first error] (lists of 6); with `by_position`, also per
+        member the token accuracy at each output position (lists of n_out)."""
         if index is not None:
             batches = [(x[index], y[index]) for x, y in batches]
         total = correct_at = real_at = 0
@@ -385,7 +392,7 @@ class _Population:
             correct = right & real
             exact = (correct | ~real).all(-1) & real.any(-1)
             counts = [loss_sums, correct.flatten(1).sum(1), real.flatten(1).sum(1)]
-            counts += [exact.sum(1), real.any(-1).sum(1)]
+            counts += [exact.sum(1), real.any(-1).sum(1), before_first_error(correct, real).flatten(1).sum(1)]
             total = total + torch.stack([c.float() for c in counts], 1)
             if by_position:
                 correct_at, real_at = correct_at + correct.sum(1), real_at + real.sum(1)
@@ -401,11 +408,12 @@ class _Population:
         results = self._evaluate(self.val, self._indices(running))
         now = time.perf_counter() - self._t0
         stopped = []
-        for member, (loss_sum, correct, tokens, exact, rows) in zip(running, results):
+        for member, (loss_sum, correct, tokens, exact, rows, before_error) in zip(running, results):
             metrics = {
                 "val/loss": loss_sum / tokens,
                 "val/token_acc": correct / tokens,
                 "val/exact_match": exact / rows,
+                "val/prefix_acc": before_error / tokens,
             }
             member.history += [(name, epoch, value) for name, value in metrics.items()]
             member.summary.update(metrics)
@@ -444,8 +452,11 @@ class _Population:
         results, positions = self._evaluate(self.test, index, by_position=True)
         tables = self._expected_predicted(members, index)
         chance = 1 / self.task.n_unique  # a uniform guess per token
-        for member, (_, correct, tokens, exact, rows), at, table in zip(members, results, positions, tables):
+        for member, (_, correct, tokens, exact, rows, before_error), at, table in zip(
+            members, results, positions, tables
+        ):
             member.summary.update({"test/token_acc": correct / tokens, "test/exact_match": exact / rows})
+            member.summary["test/prefix_acc"] = before_error / tokens
             member.summary.update({"chance/token_acc": chance, "chance/exact_match": chance**self.task.n_out})
             print(f"{member.run_name}: {summary_line(member.summary)}")
             if member.tracker:

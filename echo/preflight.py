@@ -112,10 +112,10 @@ def estimate_memory(cfg) -> dict[str, int]:
     - held-out sets: the validation and test windows, and evaluating them (no gradients).
     """
     from echo.build import network
-    from echo.encoding import REPRESENTATIONS
+    from echo.encoding import representation
 
     task, model = cfg.task, cfg.model
-    rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
+    rep = representation(task)
     with torch.device("meta"):
         n_params = sum(p.numel() for p in network(cfg, rep).parameters())
     lengths = [task.n_in, *(task.get("train_lengths") or []), *(task.get("test_lengths") or [])]
@@ -131,12 +131,13 @@ def estimate_memory(cfg) -> dict[str, int]:
         return rows * per_row * FLOAT
 
     rows = windows_per_sequence(task)
-    step_rows = task.sequences_per_epoch * (model.batch_size if model.stateful else min(model.batch_size, rows))
+    sequences = task.get("sequences_per_epoch", model.batch_size)  # copy memory: one batch of batch_size
+    step_rows = sequences * (model.batch_size if model.stateful else min(model.batch_size, rows))
     eval_seqs = -(-task.eval_windows // rows)
     eval_rows = eval_seqs * (model.batch_size if model.stateful else rows)
     return {
         "network and Adam": 16 * n_params,
-        "a training step": activations(step_rows, stored=16) + task.sequences_per_epoch * rows * steps * 8,
+        "a training step": activations(step_rows, stored=16) + sequences * rows * steps * 8,
         "held-out sets": 2 * eval_seqs * rows * steps * 8 + activations(eval_rows, stored=8),
     }
 

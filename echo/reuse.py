@@ -35,7 +35,10 @@ EVALUATE_MAY_SET = ("model.batch_size",)  # a stateful batch must divide another
 CONF = Path(__file__).resolve().parents[1] / "conf"  # the config a stored one is checked against
 MAX_NODES = 10_000  # values and keys of a stored config: echo's have about 50 (this bounds YAML aliases)
 # A stored network's sizes, by build_net's argument: whole numbers >= 1, or one of these names.
-NETWORK_SIZES = ("n_in", "n_features", "hidden_size", "n_classes", "n_out", "d_model", "n_layers", "n_heads", "max_len")
+NETWORK_SIZES = (
+    "n_in", "n_features", "hidden_size", "n_classes", "n_out", "d_model", "n_layers", "num_layers", "n_heads",
+    "max_len",
+)  # fmt: skip
 NETWORK_NAMES = {"cell": CELLS, "positional": POSITIONAL}
 
 
@@ -257,7 +260,7 @@ def _check_sizes(args: dict, state_dict: dict, what: str) -> None:
     for arg, value in args.items():
         if arg in NETWORK_SIZES:
             ok = not isinstance(value, bool) and isinstance(value, int) and value >= 1
-            if ok and arg == "n_layers" and value > len(state_dict):
+            if ok and arg in ("n_layers", "num_layers") and value > len(state_dict):
                 raise LoadError(
                     f"{what} describes {value} layers, more than its {len(state_dict)} tensors hold, refused"
                 )
@@ -381,10 +384,10 @@ def _check_fits(net, cfg: DictConfig, run_id: str) -> None:
     """Run the network on two windows of `cfg`'s task: it must give n_out items of the right width."""
     import torch
 
-    from echo.encoding import REPRESENTATIONS
+    from echo.encoding import representation
 
     task = cfg.task
-    rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
+    rep = representation(task)
     tokens = torch.zeros(2, task.n_in, dtype=torch.long)
     kwargs = {"mask": tokens >= 0} if task.framing == "mask" else {}
     if getattr(net, "variable_length", False) and task.n_out != net.build_args.get("n_out"):

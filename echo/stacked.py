@@ -228,24 +228,20 @@ def member_scored(rep, scores: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return loss_sums, right
 
 
-class MemberAdam:
-    """Adam over a stacked network's parameters, one independent Adam per member: Adam is
-    element-wise, so this is torch.optim.Adam's update (defaults: betas 0.9, 0.999, eps 1e-8)
-    with member k's own learning rate; a frozen member (stopped or failed) is not updated at all.
+class MemberOptimizer:
+    """An element-wise optimizer over a stacked network's parameters, one independent optimizer per
+    member (element-wise, so one over the stacked weights is K independent ones), member k with its
+    own learning rate; a frozen member (stopped or failed) is not updated at all. `MOMENTS` names its
+    per-parameter state; members that share a learning rate step in one call (`groups`)."""
 
-    Each step runs torch's fused Adam kernel (echo.compat.fused_adam_), the one an independent
-    run's `Adam(fused=True)` runs: one pass over the weights. Members that share a learning rate go
-    through one call; all of them at once (the usual seed sweep) pass the stacked tensors whole,
-    otherwise each member's slices.
-    """
+    MOMENTS: tuple[str, ...] = ()
 
-    def __init__(self, params: list[Tensor], lrs, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, params: list[Tensor], lrs):
         self.params, self.lrs = list(params), [float(lr) for lr in lrs]  # lrs: one per member
-        self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        # Adam's step count, where the kernel reads it: counted on the device, so a CUDA graph's
-        # replay counts its steps too.
+        for moment in self.MOMENTS:
+            setattr(self, moment, [torch.zeros_like(p) for p in self.params])
+        # The step count, where the kernels read it: counted on the device, so a CUDA graph's replay
+        # counts its steps too.
         self._step = torch.zeros((), device=self.params[0].device)
         self._group(active=range(len(self.lrs)))
 
@@ -255,20 +251,17 @@ class MemberAdam:
         for k in active:
             self.groups.setdefault(self.lrs[k], []).append(k)
 
+    def _tensors(self, members: list[int]) -> list[list[Tensor]]:
+        """[params, grads, *moments] of `members`: the stacked tensors whole when every member is one
+        of them, else each member's slices (views: updated in place)."""
+        tensors = [self.params, [p.grad for p in self.params], *(getattr(self, m) for m in self.MOMENTS)]
+        if len(members) < len(self.lrs):
+            tensors = [[t[k] for t in group for k in members] for group in tensors]
+        return tensors
+
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self._step += 1
-        for lr, members in self.groups.items():
-            tensors = [self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq]
-            if len(members) < len(self.lrs):
-                tensors = [[t[k] for t in group for k in members] for group in tensors]
-            fused_adam_(
-                *tensors, [self._step] * len(tensors[0]), lr=lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps
-            )
 
     @torch.no_grad()
     def freeze(self, k: int, zero: bool = False) -> None:
@@ -276,25 +269,78 @@ class MemberAdam:
         whose NaNs would otherwise stay in the arithmetic)."""
         self._group(active=sorted(j for members in self.groups.values() for j in members if j != k))
         if zero:
-            for t in (*self.params, *self.exp_avg, *self.exp_avg_sq):
+            for t in (*self.params, *(t for m in self.MOMENTS for t in getattr(self, m))):
                 t[k] = 0
 
     @torch.no_grad()
     def load_member_state(self, k: int, state: dict, names: list[str], layout) -> None:
         """Member k's moments and step count from `member_state`'s output (`layout` maps a moment in its
         network's layout to the stacked one). The step count is shared: for a population of one."""
-        for i, name in enumerate(names):
-            self.exp_avg[i][k].copy_(layout(name, state["exp_avg"][name]))
-            self.exp_avg_sq[i][k].copy_(layout(name, state["exp_avg_sq"][name]))
+        for moment in self.MOMENTS:
+            for i, name in enumerate(names):
+                getattr(self, moment)[i][k].copy_(layout(name, state[moment][name]))
         self._step.fill_(state["step"])
 
     def member_state(self, k: int, names: list[str], layout) -> dict:
         """Member k's moments, in its own network's layout (by parameter name), and the step count."""
-        return {
-            "step": int(self._step),
-            "exp_avg": {n: layout(n, m[k]) for n, m in zip(names, self.exp_avg)},
-            "exp_avg_sq": {n: layout(n, v[k]) for n, v in zip(names, self.exp_avg_sq)},
-        }
+        state: dict = {"step": int(self._step)}
+        for moment in self.MOMENTS:
+            state[moment] = {n: layout(n, m[k]) for n, m in zip(names, getattr(self, moment))}
+        return state
+
+
+class MemberAdam(MemberOptimizer):
+    """Adam, one per member: torch.optim.Adam's update (defaults: betas 0.9, 0.999, eps 1e-8) with
+    member k's own learning rate.
+
+    Each step runs torch's fused Adam kernel (echo.compat.fused_adam_), the one an independent
+    run's `Adam(fused=True)` runs: one pass over the weights. Members that share a learning rate go
+    through one call; all of them at once (the usual seed sweep) pass the stacked tensors whole,
+    otherwise each member's slices.
+    """
+
+    MOMENTS = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params: list[Tensor], lrs, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
+        super().__init__(params, lrs)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self._step += 1
+        for lr, members in self.groups.items():
+            tensors = self._tensors(members)
+            fused_adam_(
+                *tensors,
+                [self._step] * len(tensors[0]),
+                lr=lr,
+                beta1=self.beta1,
+                beta2=self.beta2,
+                eps=self.eps,
+            )
+
+
+class MemberRMSprop(MemberOptimizer):
+    """RMSprop, one per member: torch.optim.RMSprop's update (not centred, no momentum, eps 1e-8) with
+    the decay `alpha` (0.9: Arjovsky et al.'s, as `model.optimizer=rmsprop` sets it for a single run)
+    and member k's own learning rate."""
+
+    MOMENTS = ("square_avg",)
+
+    def __init__(self, params: list[Tensor], lrs, alpha: float = 0.9, eps: float = 1e-8):
+        self.alpha, self.eps = alpha, eps
+        super().__init__(params, lrs)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self._step += 1
+        for lr, members in self.groups.items():
+            for param, grad, square_avg in zip(*self._tensors(members)):
+                square_avg.mul_(self.alpha).addcmul_(grad, grad, value=1 - self.alpha)
+                param.addcdiv_(grad, square_avg.sqrt().add_(self.eps), value=-lr)
+
+
+MEMBER_OPTIMIZERS = {"adam": MemberAdam, "rmsprop": MemberRMSprop}  # model.optimizer
 
 
 def member_sequences(generators: list[torch.Generator], n_seq: int, length: int, n_unique: int) -> Tensor:
@@ -302,10 +348,12 @@ def member_sequences(generators: list[torch.Generator], n_seq: int, length: int,
     return torch.stack([generate_sequences(n_seq, length, n_unique, g) for g in generators])
 
 
-def member_windows(seqs: Tensor, n_in: int, n_out: int, framing: str = "drop") -> tuple[Tensor, Tensor]:
+def member_windows(
+    seqs: Tensor, n_in: int, n_out: int, framing: str = "drop", **reverse: bool
+) -> tuple[Tensor, Tensor]:
     """`to_windows` for every member: seqs (K, n_seq, length) -> x (K, n_seq, rows, n_in),
-    y (K, n_seq, rows, n_out)."""
-    x, y = to_windows(seqs.flatten(0, 1), n_in, n_out, framing)
+    y (K, n_seq, rows, n_out); `reverse`: to_windows' reverse_input and reverse_target."""
+    x, y = to_windows(seqs.flatten(0, 1), n_in, n_out, framing, **reverse)
     return x.unflatten(0, seqs.shape[:2]), y.unflatten(0, seqs.shape[:2])
 
 

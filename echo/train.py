@@ -21,12 +21,21 @@ from echo.checkpoints import (
     saved_epochs_per_step,
 )
 from echo.compat import reuse_freed_memory
-from echo.config import epochs_per_step, length_range, resolve_threads, trained_lengths, validate, windows_per_sequence
-from echo.data import EchoData, at_length, held_out
-from echo.encoding import REPRESENTATIONS
+from echo.config import (
+    epochs_per_step,
+    is_copy_memory,
+    length_range,
+    resolve_threads,
+    trained_lengths,
+    validate,
+    windows_per_epoch,
+)
+from echo.data import CopyMemoryData, EchoData, at_length, held_out
+from echo.encoding import representation
 from echo.faults import interrupted
 from echo.lengths import evaluate_lengths, length_rows, length_scores
 from echo.logger import MLflowRunLogger, log_text, make_logger
+from echo.memory import N_SYMBOLS, RECALL, memoryless_loss
 from echo.models import count_parameters
 from echo.module import EchoModule, log_rows
 from echo.preflight import out_of_memory_as_training_error, preflight
@@ -107,8 +116,10 @@ def _fit_and_test(
     reuse_freed_memory()
     torch.manual_seed(cfg.seed)
     task, model = cfg.task, cfg.model
-    rep = REPRESENTATIONS[task.get("representation", "onehot")](task.n_unique)
+    rep = representation(task)
     variable = length_range(task, "train_lengths")  # (lo, hi), or None: one length
+    copy = is_copy_memory(task)
+    baseline = memoryless_loss(task.delay) if copy else None  # chance/loss
     net = stored_net if stored_net is not None else network(cfg, rep)
     if tracker:
         tracker.log_params({"n_params": count_parameters(net)})
@@ -118,7 +129,7 @@ def _fit_and_test(
         task.n_unique,
         model.lr,
         model.stateful,
-        windows_per_epoch=task.sequences_per_epoch * windows_per_sequence(task),
+        windows_per_epoch=windows_per_epoch(cfg),
         target=cfg.target,
         stop_at=cfg.stop_at,
         representation=rep,
@@ -126,8 +137,13 @@ def _fit_and_test(
         cuda_graph=cfg.get("cuda_graph", True) and not variable,  # a graph replays one shape only
         epochs_per_step=k,
         steps=StepSettings.from_trainer(cfg.trainer),  # clipping, accumulation: echo's steps, not the Trainer's
+        optimizer=model.get("optimizer", "adam"),
+        recall=RECALL if copy else None,  # copy memory: accuracy over the recalled symbols
     )
-    data = EchoData(task, model.batch_size, model.stateful, seed=cfg.seed)
+    if copy:
+        data = CopyMemoryData(task, model.batch_size, seed=cfg.seed)
+    else:
+        data = EchoData(task, model.batch_size, model.stateful, seed=cfg.seed)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     logger = make_logger(cfg, tracker)
     if logger is not None and tracker is None:  # (an MLflow run has the flattened config already)
@@ -153,17 +169,19 @@ def _fit_and_test(
     trainer.fit(module, data, ckpt_path=checkpoint, weights_only=True)  # download_checkpoint checked it
     train_time = time.perf_counter() - start
     if isinstance(logger, MLflowRunLogger):  # its history is complete: the worker draws the curve meanwhile
-        tracker.log_learning_curve(logger.history, cfg.target)
+        tracker.log_learning_curve(logger.history, cfg.target, baseline)
     trainer.test(module, data, verbose=False)
     if tracker:
         save_network(net, config_yaml, tracker)
 
     epochs = module.epochs_completed()
-    chance = 1 / task.n_unique  # a uniform guess per token
+    chance = 1 / (N_SYMBOLS if copy else task.n_unique)  # a uniform guess per token (copy memory: per symbol)
     summary = {**module.summary, "train_time_s": train_time, "epochs": epochs}
     # a whole window by chance (with train_lengths: the held-out sets hold every trained length equally)
-    lengths = range(variable[0], variable[1] + 1) if variable else [task.n_out]
+    lengths = range(variable[0], variable[1] + 1) if variable else [RECALL if copy else task.n_out]
     summary |= {"chance/token_acc": chance, "chance/exact_match": sum(chance**n for n in lengths) / len(lengths)}
+    if copy:
+        summary["chance/loss"] = baseline
     if tested := length_range(task, "test_lengths"):
         by_length = evaluate_lengths(module, data, tested)
         summary.update(length_scores(by_length, trained_lengths(task)))
@@ -214,9 +232,14 @@ def _run_line(tracker: Tracker, page: str | None) -> str:
     return f"{line}: {page}" + ("" if tracking_uri().startswith("http") else " (with `mlflow ui` running here)")
 
 
-def expected_predicted(module: EchoModule, data: EchoData, task, seed: int) -> str:
+def expected_predicted(module: EchoModule, data: EchoData | CopyMemoryData, task, seed: int) -> str:
     """The tutorial's evaluation: one fresh sequence, one `Expected: [...] Predicted [...]` per window
-    (with task.train_lengths, windows of the longest trained length)."""
+    (with task.train_lengths, windows of the longest trained length). Copy memory: ten fresh sequences,
+    the recalled symbols of each."""
+    if is_copy_memory(task):
+        x, y = data.held_out(10_000 + seed, module.device, n=10)
+        pred = module.predict_windows(data.eval_batches(x, y))[:, -RECALL:]
+        return "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[:, -RECALL:].tolist(), pred.tolist()))
     if lengths := length_range(task, "train_lengths"):
         task = at_length(task, lengths[1])
     x, y = held_out(task, 1, seed=10_000 + seed, device=module.device)

@@ -18,18 +18,32 @@ def generate_sequences(n_seq: int, length: int, n_unique: int, generator: torch.
     return torch.randint(0, n_unique, (n_seq, length), generator=generator, device=device)
 
 
-def to_windows(seqs: Tensor, n_in: int, n_out: int, framing: str = "drop") -> tuple[Tensor, Tensor]:
+def to_windows(
+    seqs: Tensor,
+    n_in: int,
+    n_out: int,
+    framing: str = "drop",
+    reverse_input: bool = False,
+    reverse_target: bool = False,
+) -> tuple[Tensor, Tensor]:
     """Frame sequences as the tutorial's `to_supervised` does.
 
     Row t is `X = seq[t-n_in+1 .. t]` (oldest first) and `y = X[:n_out]`, the oldest `n_out`
     items of the window. `framing="drop"` drops the rows with missing history
     (`length - n_in + 1` rows); `framing="mask"` keeps them, left-padded with PAD (`length` rows).
+    `reverse_input`: the network reads the window newest item first (Sutskever et al. 2014), the
+    target unchanged; `reverse_target`: the target is the oldest `n_out` items newest first
+    (with n_out = n_in, the whole window reversed). `[86, 81, 88, 1, 23]`, n_out 3: the target
+    `[86, 81, 88]`; reversed input `[23, 1, 88, 81, 86]`; reversed target `[88, 81, 86]`.
     `seqs` is (n_seq, length); returns X (n_seq, rows, n_in) and y (n_seq, rows, n_out).
     """
     if framing == "mask":
         seqs = torch.nn.functional.pad(seqs, (n_in - 1, 0), value=PAD)
     x = seqs.unfold(1, n_in, 1)
-    return x, x[..., :n_out]
+    y = x[..., :n_out]
+    if reverse_target:
+        y = y.flip(-1)
+    return (x.flip(-1) if reverse_input else x), y
 
 
 def to_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tuple[Tensor, Tensor]]:
@@ -50,6 +64,13 @@ def to_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tu
         return t.reshape(n_seq, steps, batch_size, -1).transpose(0, 1).reshape(steps, n_seq * batch_size, -1)
 
     return list(zip(interleave(x).unbind(), interleave(y).unbind()))
+
+
+def before_first_error(correct: Tensor, real: Tensor) -> Tensor:
+    """Real (non-PAD) tokens before each window's first wrong real token, (...,) over windows
+    (..., n_out): Grefenstette et al.'s fine accuracy times the window's real tokens."""
+    wrong = real & ~correct
+    return ((~wrong).long().cumprod(-1).bool() & real).sum(-1)
 
 
 class Draw:

@@ -64,6 +64,10 @@ BAD = {
     "model.lr=-1": "model.lr=-1 must be a positive number",
     "model.lr=nan": "model.lr=nan must be a positive number",
     "model.cell=rnn": "model.cell='rnn' is unknown",
+    "model.num_layers=0": "model.num_layers=0 must be a whole number >= 1",
+    "model.optimizer=sgd": "model.optimizer='sgd' is unknown: choose model.optimizer=adam or model.optimizer=rmsprop",
+    "task.reverse_input=maybe": "task.reverse_input='maybe' must be true or false",
+    "task.reverse_target=2": "task.reverse_target=2 must be true or false",
     "task.train_lengths=[5,1]": "task.train_lengths=[5, 1] must be [lo,hi] with 1 <= lo <= hi or null",
     "task.test_lengths=[0,3]": "task.test_lengths=[0, 3] must be [lo,hi] with 1 <= lo <= hi or null",
     "model=transformer model.n_heads=3": "model.n_heads=3 does not divide model.d_model",
@@ -470,7 +474,7 @@ def test_a_full_disk_mid_run_keeps_the_run_in_the_temporary_directory(small_disk
 # Hydra's own refusals, each as `python run.py <args>`: the one line says what and how to fix it.
 HYDRA = {
     "model=encdek": "model=encdek is unknown: choose model=attention, autoregressive, .* (did you mean model=encdec?)",
-    "experiment=foo": "experiment=foo is unknown: choose experiment=fast_partial_echo, .*tutorial_partial_echo",
+    "experiment=foo": "experiment=foo is unknown: choose experiment=copy_memory, fast_partial_echo, .*tutorial_partial",
     "logger=foo": "logger=foo is unknown: choose logger=csv, mlflow or none",
     "hydra/launcher=foo": "hydra/launcher=foo is unknown: choose hydra/launcher=basic, joblib, population",
     "hparams_search=foo": "hparams_search=foo is unknown: choose hparams_search=optuna or optuna_time",

@@ -94,6 +94,9 @@ def test_the_ood_score_averages_exactly_the_lengths_above_the_trained_range():
         ("test/token_acc_by_length", 2, 0.5),
         ("test/exact_match_by_length", 2, 0.25),
     ]
+    with_prefix = length_scores({n: (0.5, 0.25, n / 10) for n in (3, 5, 6)}, trained=(2, 4))
+    assert with_prefix["test/ood_prefix_acc"] == pytest.approx(0.55)  # fine accuracy, over lengths 5 and 6
+    assert length_rows({2: (0.5, 0.25, 0.375)})[-1] == ("test/prefix_acc_by_length", 2, 0.375)
 
 
 @pytest.mark.parametrize("name", VARIABLE_LENGTH)

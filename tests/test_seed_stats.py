@@ -132,9 +132,12 @@ def test_a_sweep_over_seeds_alone_logs_its_statistics_on_the_parent(shared_store
     )
     assert metrics["mean/test/exact_match"] == pytest.approx(0.4)
     assert metrics["std/test/exact_match"] == pytest.approx(0.3)
+    assert metrics["max/test/exact_match"] == max(test for _, test, _, _ in KNOWN["20"])  # the best seed
+    assert metrics["max/val/exact_match"] == max(val for val, _, _, _ in KNOWN["20"])
     assert metrics["success_rate"] == pytest.approx(2 / 3)
     (row,) = setting_rows(_sweep_md(client, parent, tmp_path))
     assert row["setting"] == "all runs" and row["not finished"] == "1 FAILED"
+    assert row["max val/exact_match"] == format(max(val for val, _, _, _ in KNOWN["20"]), ".3f")
 
 
 def test_settings_ranked_by_time_to_target_put_the_one_that_always_reaches_it_first(shared_store):

@@ -245,8 +245,14 @@ class Tracker:
     def log_text(self, text: str, name: str) -> None:
         self._send(op="text", text=text, name=name)
 
-    def log_learning_curve(self, history: list[tuple[str, int, float]], target: float) -> None:
-        self._send(op="curve", history=history, target=target)
+    def log_learning_curve(
+        self, history: list[tuple[str, int, float]], target: float, baseline: float | None = None
+    ) -> None:
+        """`learning_curve.png`, drawn by the worker; `baseline`: a loss to draw across it (chance/loss)."""
+        if baseline is None:
+            self._send(op="curve", history=history, target=target)
+        else:
+            self._send(op="curve", history=history, target=target, baseline=baseline)
 
     def log_artifacts(self, folder: str, path: str, remove: bool = False) -> None:
         """The files in local `folder` under `path` in the run's artifacts; the worker removes the
@@ -279,10 +285,10 @@ class Tracker:
         return run_page(experiment, self.run_id) if experiment else None
 
     def log_length_generalisation(
-        self, by_length: dict[int, tuple[float, float]], trained: tuple[int, int], chance: float
+        self, by_length: dict[int, tuple[float, ...]], trained: tuple[int, int], chance: float
     ) -> None:
         """`length_generalisation.png`: {length: (token acc, exact match)} against length, drawn by the worker."""
-        rows = [[n, token, exact] for n, (token, exact) in sorted(by_length.items())]
+        rows = [[n, token, exact] for n, (token, exact, *_) in sorted(by_length.items())]
         self._send(op="lengths", rows=rows, trained=list(trained), chance=chance)
 
     def log_params(self, params: dict[str, object]) -> None:

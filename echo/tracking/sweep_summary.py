@@ -17,7 +17,7 @@ LOWER_IS_BETTER = ("time_to_target_s", "epochs_to_target", "samples_to_target", 
 NOT_A_SETTING = ("seed", "progress", "threads", "cuda_graph")
 # What the per-setting table aggregates over seeds, besides the objective (the *_to_target ones
 # where present: only seeds that reached the target have them).
-SEED_METRICS = ("test/exact_match", "test/token_acc", "time_to_target_s", "epochs_to_target")
+SEED_METRICS = ("test/exact_match", "test/token_acc", "test/prefix_acc", "time_to_target_s", "epochs_to_target")
 REACHED = "epochs_to_target"  # a run has it when its val/exact_match reached its `target`
 
 
@@ -47,7 +47,8 @@ def summarize_sweep(
 
     Children that differ only in the `ignored` params (the seed, and settings that do not change
     results) are one setting; `sweep.md` has a row of seed statistics per setting, then every child.
-    A sweep with one setting also logs `mean/<metric>`, `std/<metric>` and `success_rate` on the parent.
+    A sweep with one setting also logs `mean/<metric>`, `std/<metric>`, `max/<metric>` (the best seed,
+    as the Chomsky-hierarchy suite reports) and `success_rate` on the parent.
     """
     runs = children(client, parent_run_id)
     lower = objective in LOWER_IS_BETTER
@@ -136,10 +137,12 @@ class Setting:
         }
 
     def parent_metrics(self) -> dict[str, float]:
-        """`mean/<metric>`, `std/<metric>` (two seeds or more) for every metric in the table, and `success_rate`."""
+        """`mean/<metric>`, `std/<metric>` (two seeds or more), `max/<metric>` for every metric in the table,
+        and `success_rate`."""
         logged = {}
         for name, spread in self.stats.items():
             logged[f"mean/{name}"] = spread.mean
+            logged[f"max/{name}"] = max(spread.values)
             if spread.std is not None:
                 logged[f"std/{name}"] = spread.std
         if self.success_rate is not None:
@@ -198,7 +201,8 @@ def sweep_table(runs: list, swept: list[str], objective: str, settings: list[Set
     targets = sorted({run.data.params.get("target", "") for run in runs} - {""})
     target = f"`target`={targets[0]}" if len(targets) == 1 else "its run's `target`"
     metrics = [m for m in dict.fromkeys([objective, *SEED_METRICS]) if any(m in s.stats for s in settings)]
-    header = [*(keys or ["setting"]), "seeds", "not finished", "success", *metrics]
+    best = f"max {objective}"  # the best seed, beside the mean (as Delétang et al. report)
+    header = [*(keys or ["setting"]), "seeds", "not finished", "success", *metrics, best]
     lines = [
         "# Sweep summary",
         "",
@@ -209,7 +213,8 @@ def sweep_table(runs: list, swept: list[str], objective: str, settings: list[Set
         f"`success`: finished seeds whose val/exact_match reached {target} (they have epochs_to_target), "
         "of all finished seeds. `not finished`: FAILED or KILLED children, left out of every mean, std, "
         "min–max and success rate. time_to_target_s and epochs_to_target are over the seeds that reached "
-        "the target.",
+        f"the target. `{best}`: the objective's best seed (the max of its min–max), as `max/<metric>` on a "
+        "seeds-only sweep's parent.",
         "",
         "| " + " | ".join(header) + " |",
         "|---" * len(header) + "|",
@@ -223,6 +228,7 @@ def sweep_table(runs: list, swept: list[str], objective: str, settings: list[Set
             _unfinished(setting.unfinished),
             f"{setting.reached}/{len(setting.finished)} ({rate:.2f})" if rate is not None else "–",
             *(setting.stats[m].cell(_fmt(m)) if m in setting.stats else "–" for m in metrics),
+            format(max(setting.stats[objective].values), _fmt(objective)) if objective in setting.stats else "–",
         ]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Runs", "", runs_table(runs, swept, objective)]

@@ -17,7 +17,7 @@ Messages, one JSON object per line, `op` naming the `RunWriter` method that hand
 | text | text, name | a text artifact |  |
 | tags | tags | sets tags |  |
 | params | params | logs more params (e.g. n_params) |  |
-| curve | history, target | draws learning_curve.png |  |
+| curve | history, target, baseline (optional) | draws learning_curve.png |  |
 | positions | accuracy, chance | draws token_acc_by_position.png |  |
 | lengths | rows [[L, token acc, exact], ...], trained, chance | draws length_generalisation.png |  |
 | artifacts | folder, path, remove | the folder's files under `path` (checkpoint) |  |
@@ -119,8 +119,8 @@ def _with_data(key: tuple, make, data: list[tuple[list, list]]):
     return fig
 
 
-def learning_curve(history: list[list], target: float):
-    """Loss and accuracy against epochs, as a matplotlib figure."""
+def learning_curve(history: list[list], target: float, baseline: float | None = None):
+    """Loss and accuracy against epochs, as a matplotlib figure; `baseline`: a loss drawn across (chance/loss)."""
     series: dict[str, tuple[list, list]] = {}
     for name, epoch, value in history:
         epochs, values = series.setdefault(name, ([], []))
@@ -132,6 +132,8 @@ def learning_curve(history: list[list], target: float):
         fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 4))
         lines = [(ax_loss if name.endswith("loss") else ax_acc).plot([], [], label=name)[0] for name in names]
         ax_acc.axhline(target, color="grey", linestyle=":", label=f"target {target}")
+        if baseline is not None:
+            ax_loss.axhline(baseline, color="black", linestyle=":", label=f"chance/loss {baseline:.4g}")
         for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
             ax.set_xlabel("epoch")
             ax.set_title(title)
@@ -140,7 +142,7 @@ def learning_curve(history: list[list], target: float):
         fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.2)  # tight_layout costs ~0.07 s
         return fig, lines
 
-    return _with_data(("curve", tuple(names), target), make, [series[name] for name in names])
+    return _with_data(("curve", tuple(names), target, baseline), make, [series[name] for name in names])
 
 
 def length_generalisation(rows: list[list], trained: list[int], chance: float):
@@ -347,8 +349,8 @@ class RunWriter:
     def positions(self, accuracy, chance) -> None:
         self.client.log_figure(self.run_id, by_position(accuracy, chance), "token_acc_by_position.png")
 
-    def curve(self, history, target) -> None:
-        self.client.log_figure(self.run_id, learning_curve(history, target), "learning_curve.png")
+    def curve(self, history, target, baseline=None) -> None:
+        self.client.log_figure(self.run_id, learning_curve(history, target, baseline), "learning_curve.png")
 
     def artifacts(self, folder, path, remove=False) -> None:
         """The files in local `folder`, under `path` in the run's artifacts (removed after, if `remove`)."""
@@ -418,7 +420,8 @@ class RunWriter:
         elif op == "tags":
             box.tags({k: str(v) for k, v in message["tags"].items()})
         elif op == "curve":
-            box.figure(learning_curve(message["history"], message["target"]), "learning_curve.png")
+            curve = learning_curve(message["history"], message["target"], message.get("baseline"))
+            box.figure(curve, "learning_curve.png")
         elif op == "positions":
             box.figure(by_position(**message), "token_acc_by_position.png")
         elif op == "artifacts":
