@@ -47,8 +47,9 @@ def test_a_run_asked_to_end_soon_is_written_ended_while_its_process_goes_on(stor
     tracker.start({"name": "soon"})
     tracker.log_metrics([("m", 1, 1.0)])
     tracker.end_soon("FINISHED")  # returns at once
+    run_id = tracker.run_id  # the worker has made the store (a client made meanwhile would race it)
     client, deadline = MlflowClient(store), time.monotonic() + 30
-    while client.get_run(tracker.run_id).info.status != "FINISHED":  # before `end` waits for it
+    while client.get_run(run_id).info.status != "FINISHED":  # before `end` waits for it
         assert time.monotonic() < deadline, "the run was not ended"
         time.sleep(0.05)
     tracker.end("KILLED")  # waits only; the status asked for first stands
