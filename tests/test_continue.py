@@ -91,6 +91,7 @@ def test_a_killed_sweep_continues_keeping_finished_jobs_and_resuming_the_interru
     assert "resume" not in again.data.tags.get("echo.best_run", "") and "echo.best.resume" not in again.data.tags
 
 
+@pytest.mark.slow
 def test_a_continued_sweep_matches_jobs_by_config_and_runs_only_the_new_ones(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = run_py("-m", "seed=0,1", *QUICK, cwd=tmp_path, uri=uri)
@@ -238,6 +239,7 @@ def test_a_run_that_is_not_a_sweep_parent_or_a_sweep_still_running_is_refused_in
     assert all(r.info.status in ("RUNNING", "FINISHED") for r in all_runs(store))  # nothing written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["without -m", "another experiment"])
 def test_a_sweep_parent_given_the_wrong_way_is_refused_in_one_line_with_nothing_written(tmp_path, case):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
