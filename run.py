@@ -11,6 +11,7 @@ from omegaconf.errors import OmegaConfBaseException
 import echo.resolvers  # noqa: F401  (registered before Hydra composes and resolves)
 from echo.compat import defer_unused_imports, exit_without_teardown
 from echo.config import ConfigError, first_line, resolve_threads, validate
+from echo.continuation import continued_argv, continued_parent, decide
 from echo.hydra_errors import one_line_errors
 from echo.slurm import requeued_from
 from echo.sweeps import job_name_and_tags, objective_value
@@ -24,8 +25,17 @@ defer_unused_imports()  # what torchmetrics would load for nothing echo uses: 1.
 def main(cfg: DictConfig) -> float:
     defer_unused_imports()  # again in a launcher's job process, which did not run this file's top
     hydra_cfg = HydraConfig.get()
+    decision = None
     try:
-        if cfg.logger.name == "mlflow" and not cfg.get("resume"):  # a requeued SLURM job continues its run
+        if hydra_cfg.mode.name == "MULTIRUN" and (parent := continued_parent()):  # a continued sweep's job
+            decision = decide(parent, cfg)
+            if line := decision.line(f"#{hydra_cfg.job.num}"):
+                print(line, file=sys.stderr)
+            if decision.action == "keep":  # its objective, for a sweeper, from the run that finished
+                return objective_value(decision.run.data.metrics, cfg.get("objective", "val/exact_match"))
+            if decision.action == "resume":
+                cfg.resume = decision.run_id
+        elif cfg.logger.name == "mlflow" and not cfg.get("resume"):  # a requeued SLURM job continues its run
             cfg.resume = requeued_from(cfg.logger.experiment, hydra_cfg.job.override_dirname or "default")
         if cfg.get("resume"):
             from echo.checkpoints import resumed_config
@@ -51,6 +61,7 @@ def main(cfg: DictConfig) -> float:
         print(f"echo: tracking failed: {why}", file=sys.stderr)
         sys.exit(2)
     run_name, tags = job_name_and_tags(hydra_cfg, cfg)
+    tags |= decision.tags() if decision else {}  # a job run again in the place of one that left no checkpoint
     if cfg.logger.name == "mlflow":
         # Start the tracking worker before the heavy imports: MLflow loads on the other core
         # meanwhile. train() starts the run once the checks that need torch have passed.
@@ -76,6 +87,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv = continued_argv(sys.argv)  # `-m resume=<sweep parent run id>`: that sweep's command line, continued
     with one_line_errors(main):  # Hydra's own refusals (an unknown option or key) in one line too
         main()
     if not multiprocessing.active_children():  # others' workers stop in the normal exit (joblib's stopped)

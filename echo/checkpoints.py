@@ -25,7 +25,7 @@ from echo.config import ConfigError, first_line
 from echo.faults import TrainingError
 from echo.population import CHECKPOINT as MEMBER_CHECKPOINT  # what a population's member saves instead
 from echo.population import MEMBER_STATE
-from echo.tracking import mlflow_client, tracking_uri
+from echo.tracking import PARENT_TAG, mlflow_client, tracking_uri
 
 FOLDER = "checkpoints"
 RESUMED_FROM = "echo.resumed_from"
@@ -82,11 +82,15 @@ def saved_epochs_per_step(path: str) -> int:
 def _download(run_id: str, name: str, folder: str) -> str:
     client = mlflow_client()
     try:
-        client.get_run(run_id)
+        run = client.get_run(run_id)
     except Exception:
         raise ConfigError(
             f"resume={run_id}: no such MLflow run in {tracking_uri()}; copy a run id from `mlflow ui`"
         ) from None
+    if run.data.tags.get(PARENT_TAG) == "true":
+        raise ConfigError(
+            f"resume={run_id} is a sweep's parent run: continue its sweep with `python run.py -m resume={run_id}`"
+        )
     try:
         return client.download_artifacts(run_id, f"{FOLDER}/{name}", folder)
     except Exception:

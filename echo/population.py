@@ -134,15 +134,15 @@ def _dtype(cfg: DictConfig) -> torch.dtype:
 
 
 def train_population(
-    members: list[Member], population_id: str | None, threads: int, restore: dict | None = None
+    members: list[Member], population_id: str | None, threads: int, restore: dict | list[dict] | None = None
 ) -> list[Member]:
     """Train the members as one population; return them with their status and summary.
 
     Every member's config must have the same `population_key`. Each starts an MLflow run (tagged
     `echo.population=<population_id>`, if given) if its logger is mlflow. KeyboardInterrupt (Ctrl-C,
     or SIGTERM as the sweep turns it) propagates after every member has ended KILLED with a
-    checkpoint. `restore`: a member's checkpoint (CHECKPOINT's contents), for a population of one
-    that continues it.
+    checkpoint. `restore`: each member's checkpoint (CHECKPOINT's contents; one for a population of one),
+    for members that continue, all saved after the same epoch by one population (`can_restore_together`).
     """
     for member in members:
         if population_id is not None:
@@ -173,11 +173,22 @@ def train_population(
     return members
 
 
+def restored_together(state: dict) -> tuple[int, int]:
+    """Checkpoints (CHECKPOINT's contents) of members that can continue as one population have the same
+    epoch count and Adam step count (one for all of a population's members): this pair."""
+    return int(state["epochs_done"]), int(state["adam"]["step"])
+
+
+def can_restore_together(states: list[dict]) -> bool:
+    return len({restored_together(state) for state in states}) == 1
+
+
 class _Population:
     """The stacked model, its members' data and optimizer, and the training loop."""
 
-    def __init__(self, members: list[Member], threads: int, restore: dict | None = None):
-        assert restore is None or len(members) == 1, "a checkpoint restores one member"
+    def __init__(self, members: list[Member], threads: int, restore: dict | list[dict] | None = None):
+        restore = [restore] if isinstance(restore, dict) else restore
+        assert restore is None or (len(restore) == len(members) and can_restore_together(restore)), restore
         self.members = members
         cfg = members[0].cfg
         self.task, self.model_cfg, self.trainer_cfg = cfg.task, cfg.model, cfg.trainer
@@ -204,8 +215,8 @@ class _Population:
                     n_out=task.n_out,
                 ).to(self.dtype)
             )
-        if restore is not None:
-            nets[0].load_state_dict({name.removeprefix("net."): w for name, w in restore["state_dict"].items()})
+        for net, state in zip(nets, restore or []):
+            net.load_state_dict({name.removeprefix("net."): w for name, w in state["state_dict"].items()})
         for member, net in zip(members, nets):
             if member.tracker:  # as an independent run logs it
                 member.tracker.log_params({"n_params": count_parameters(net)})
@@ -234,13 +245,14 @@ class _Population:
         if restore is not None:
             self._restore(restore)
 
-    def _restore(self, state: dict) -> None:
-        """Continue the one member from its checkpoint: its Adam, its data generator, its epochs and
-        summary (its weights were loaded into its network before stacking)."""
-        self.optimizer.load_member_state(0, state["adam"], self.net.names, stacked_layout)
-        self.generators[0].set_state(state["generator"])
-        self.epochs_done = int(state["epochs_done"])
-        self.members[0].summary.update(state["summary"])
+    def _restore(self, states: list[dict]) -> None:
+        """Continue the members from their checkpoints: their Adam, data generators, epochs and
+        summaries (their weights were loaded into their networks before stacking)."""
+        for k, state in enumerate(states):
+            self.optimizer.load_member_state(k, state["adam"], self.net.names, stacked_layout)
+            self.generators[k].set_state(state["generator"])
+            self.members[k].summary.update(state["summary"])
+        self.epochs_done = int(states[0]["epochs_done"])
 
     # -- data --------------------------------------------------------------------------------
     def _held_out(self, n_seq: int, seeds: list[int]) -> tuple[Tensor, Tensor]:

@@ -25,9 +25,23 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from echo.compat import answer_sweep_jobs_with, stop_loky_workers
+from echo.continuation import (
+    ARGV_TAG,
+    CONTINUED_TAG,
+    CONTINUING,
+    SWEEP_DIR_TAG,
+    SWEEPER_TAG,
+    continued_parent,
+    decide,
+    launching_tags,
+    recorded_args,
+    search_tally,
+    tally,
+)
 from echo.slurm import slurm_tags
 from echo.tracking import (
     PARENT_RUN_ENV,
+    PARENT_TAG,
     SWEEP_TAG,
     TrackingService,
     close_service_connections,
@@ -40,7 +54,6 @@ from echo.tracking.outbox import ROOT, UPLOAD, cannot_write, outboxes, read, rea
 from echo.tracking.sweep_summary import LOWER_IS_BETTER
 from echo.tracking.worker import ANSWER, SweepRequests
 
-PARENT_TAG = "echo.sweep_parent"
 # What a run that never reached the target scores on a *_to_target objective (a finite number:
 # samplers rank trials, and a missing value would fail the trial instead of ranking it last).
 MISSED_TARGET = 1e9
@@ -105,7 +118,8 @@ class SweepCallback(Callback):
                 # The store opens meanwhile too, ready for the parent run
                 self.store = SweepStore(self.service.socket if self.service else None)
                 self.store.call("open")
-            check_sweep(config)
+            jobs = check_sweep(config)
+            continuing = _check_continuation(config, tracked)
         except BaseException as error:  # a bad job, or Ctrl-C: nothing is written; stop the others
             self._stop_tracking()
             if isinstance(error, SystemExit | KeyboardInterrupt):
@@ -132,9 +146,15 @@ class SweepCallback(Callback):
         self.objective = config.get("objective", "val/exact_match")
         self.ignored = ("seed", *sorted(excluded))  # children that differ only in these are one setting
         tags = {SWEEP_TAG: sweep, PARENT_TAG: "true", "echo.overrides": overrides, "echo.objective": self.objective}
-        self._pending = self.store.call(
-            "create", experiment=config.logger.experiment, run_name=f"sweep {overrides}", tags=tags
-        )
+        tags |= {ARGV_TAG: json.dumps(recorded_args()), SWEEP_DIR_TAG: str(config.hydra.sweep.dir)}
+        tags |= {SWEEPER_TAG: str(config.hydra.sweeper.get("_target_", "")), **launching_tags()}
+        if continuing:  # the same parent run, RUNNING again
+            tags[CONTINUED_TAG] = _continuation_plan(config, continuing, jobs)
+            self._pending = self.store.call("reopen", parent=continuing, tags=tags)
+        else:
+            self._pending = self.store.call(
+                "create", experiment=config.logger.experiment, run_name=f"sweep {overrides}", tags=tags
+            )
         if _launcher(config) in IN_PROCESS:  # the jobs' runs ask for it as they start, after their imports
             PENDING_PARENT.append(self._take_parent)
         else:  # the jobs, elsewhere, find it in the environment
@@ -171,9 +191,8 @@ class SweepCallback(Callback):
                 parent, self.parent = self.parent, None
                 os.environ.pop(PARENT_RUN_ENV, None)
                 ignored = list(self.ignored)
-                self.store.call(
-                    "finish", parent=parent, objective=self.objective, ignored=ignored, argv=sys.argv
-                ).result()
+                argv = [sys.argv[0], *recorded_args()]  # a continued sweep's: its command line, rebuilt
+                self.store.call("finish", parent=parent, objective=self.objective, ignored=ignored, argv=argv).result()
             except Exception as error:  # the store went away: the jobs' runs say where theirs are kept
                 problem = f"could not write the sweep's summary to {tracking_uri()} ({reason(error)})"
         if self.store is not None:
@@ -207,7 +226,49 @@ class SweepCallback(Callback):
             return
         parent, self.parent = self.parent, None
         os.environ.pop(PARENT_RUN_ENV, None)
-        self.store.call("end", parent=parent, status=status).result()
+        status = self.store.call("end", parent=parent, status=status).result()
+        print(
+            f"echo: sweep stopped, its parent run {parent} ended {status}: continue it with "
+            f"`{continue_command(parent)}`",
+            file=sys.stderr,
+        )
+
+
+def continue_command(parent: str) -> str:
+    """The command that continues the sweep of parent run `parent` (echo/continuation.py)."""
+    return f"python run.py -m resume={parent}"
+
+
+def _check_continuation(config, tracked: bool) -> str | None:
+    """The parent run this sweep continues (None if it starts anew); exits 2 with one line if it cannot."""
+    parent = continued_parent()
+    if parent is None:
+        return None
+    why = None
+    if not tracked:
+        why = f"a continued sweep is tracked in its parent's store: logger={config.logger.name} cannot continue it"
+    elif CONTINUING.get("experiment") not in (None, config.logger.experiment):
+        why = (
+            f"the sweep's parent run is in experiment '{CONTINUING['experiment']}', and this command tracks to "
+            f"'{config.logger.experiment}': leave logger.experiment as the sweep had it"
+        )
+    if why:
+        print(f"echo: bad sweep: resume={parent}: {why}", file=sys.stderr)
+        sys.exit(2)
+    return parent
+
+
+def _continuation_plan(config, parent: str, jobs: list | None) -> str:
+    """Print in one line, and return for the parent's tag, what each job of the continued sweep will do
+    (echo.continuation.decide): its grid's jobs (`jobs`, composed), or a search's trials."""
+    if jobs is not None:
+        said = tally([decide(parent, OmegaConf.masked_copy(job, [k for k in job if k != "hydra"])) for job in jobs])
+        what = f"{len(jobs)} jobs"
+    else:
+        n_trials = int(config.hydra.sweeper.get("n_trials", 0))
+        said, what = search_tally(parent, n_trials), f"{n_trials} trials in all"
+    print(f"echo: continuing sweep {parent} ({what}): {said}", file=sys.stderr)
+    return said
 
 
 IN_PROCESS = ("BasicLauncher", "PopulationLauncher")  # launchers that run every job in this process
@@ -329,14 +390,15 @@ def task_overrides(config) -> list[str]:
     return OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
 
 
-def check_sweep(config) -> None:
+def check_sweep(config) -> list | None:
     """Check every job of a basic (grid) sweep before any starts; exit with one line on a bad one.
+    Returns the jobs' configs, as composed (None for another sweeper: it chooses its jobs as it goes).
 
     A sweep whose fourth job has `model.hidden_size=-5` should not train three models first.
     (Raising here would not stop Hydra: it turns exceptions in callbacks into warnings.)
     """
     if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
-        return  # other sweepers choose their jobs as they go
+        return None  # other sweepers choose their jobs as they go
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -369,6 +431,7 @@ def check_sweep(config) -> None:
             sys.exit(2)
     if in_process:
         answer_sweep_jobs_with(loader, config, composed)  # composed once, not thrice (echo/compat.py)
+    return list(composed.values())
 
 
 def grid(overrides: list) -> list[list[str]]:

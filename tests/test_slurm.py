@@ -130,3 +130,52 @@ def test_lightning_does_not_warn_that_srun_is_unused(slurm_cluster, tmp_path):
     result = run_py(*TINY, "logger=none", cwd=tmp_path, uri=f"sqlite:///{tmp_path}/mlflow.db")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "srun" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_sweep_whose_jobs_were_cancelled_continues_with_only_the_unfinished_job_trained(slurm_cluster, tmp_path):
+    """`scancel` of a running job stops the sweep (its run KILLED, with a checkpoint); `-m resume=<parent>`
+    submits the sweep again: the job that had finished ends at once, kept, and the cancelled one resumes."""
+    from cluster_services import need_module
+    from mlflow import MlflowClient
+
+    need_module("hydra_plugins.hydra_submitit_launcher", 'pip install -e ".[submitit]"')
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    epochs = 3000
+    args = ["-m", *_launcher(slurm_cluster), "seed=0", f"trainer.max_epochs=20,{epochs}"]
+    args += ["trainer.check_val_every_n_epoch=100", "progress=false", *SMALL]
+    proc = start_run_py(*args, cwd=tmp_path, uri=uri)
+    client = MlflowClient(uri)
+    try:
+
+        def long_run_with_metrics():
+            runs = [r for r in all_runs(uri) if r.data.params.get("trainer.max_epochs") == str(epochs)]
+            if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
+                return runs[0]
+            return None
+
+        first = _wait_for(long_run_with_metrics, 1200, "the long job's first metrics", proc)
+        _wait_for(lambda: any(r.info.status == "FINISHED" for r in all_runs(uri)), 600, "the short job's end", proc)
+        _slurm("scancel", first.data.tags["echo.slurm_job_id"])
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    parent, before = sweep_runs(uri)
+    assert parent.info.status in ("KILLED", "FAILED"), out[-3000:]
+    (short,) = [r for r in before if r.info.status == "FINISHED"]
+    (killed,) = [r for r in before if r.info.run_id == first.info.run_id]
+    assert killed.info.status == "KILLED"
+    assert "checkpoints/last.ckpt" in artifacts(uri, killed.info.run_id, "checkpoints")
+
+    result = run_py("-m", f"resume={parent.info.run_id}", cwd=tmp_path, uri=uri, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2 jobs): 1 kept, 1 resumed, 0 run" in result.stderr
+    again, after = sweep_runs(uri)
+    assert again.info.status == "FINISHED" and len(after) == 3  # nothing trained twice
+    (resumed,) = [r for r in after if r.data.tags.get("echo.resumed_from") == killed.info.run_id]
+    assert resumed.info.status == "FINISHED" and "echo.slurm_job_id" in resumed.data.tags
+    steps = [m.step for m in client.get_metric_history(killed.info.run_id, "train/loss")]
+    steps += [m.step for m in client.get_metric_history(resumed.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, epochs + 1))
+    assert short.info.run_id in {r.info.run_id for r in after}

@@ -20,7 +20,15 @@ an in-process logger cannot; and sweep parents and checkpoints need the client A
 """
 
 from echo.tracking.client import SERVICE_ENV, Tracker, close_service_connections, start_tracker, warm_up
-from echo.tracking.naming import PARENT_RUN_ENV, SWEEP_TAG, flatten, run_name_and_tags, run_page, tracking_uri
+from echo.tracking.naming import (
+    PARENT_RUN_ENV,
+    PARENT_TAG,
+    SWEEP_TAG,
+    flatten,
+    run_name_and_tags,
+    run_page,
+    tracking_uri,
+)
 from echo.tracking.service import TrackingService
 from echo.tracking.store import (
     download_artifact,
@@ -33,6 +41,7 @@ from echo.tracking.store import (
 
 __all__ = [
     "PARENT_RUN_ENV",
+    "PARENT_TAG",
     "SERVICE_ENV",
     "SWEEP_TAG",
     "Tracker",

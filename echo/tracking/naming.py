@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 PARENT_RUN_ENV = "ECHO_PARENT_RUN_ID"  # set by the sweep callback for its jobs
 SWEEP_TAG = "echo.sweep"
+PARENT_TAG = "echo.sweep_parent"  # "true" on a sweep's parent run
 # A sweep's parent run while another process creates it: calling this sets PARENT_RUN_ENV (echo.sweeps).
 PENDING_PARENT: list = []
 

@@ -8,7 +8,17 @@ import os
 from echo.tracking.naming import tracking_uri
 from echo.tracking.worker import experiment_id, new_client, tag_provenance
 
-__all__ = ["download_artifact", "experiment_id", "log_artifacts", "mlflow_client", "run_tags", "tag_provenance"]
+__all__ = [
+    "download_artifact",
+    "experiment_id",
+    "log_artifacts",
+    "mlflow_client",
+    "run_record",
+    "run_tags",
+    "saved_files",
+    "sweep_jobs",
+    "tag_provenance",
+]
 
 
 def mlflow_client(uri: str | None = None):
@@ -38,3 +48,32 @@ def download_artifact(run_id: str, path: str, folder: str) -> str | None:
 def log_artifacts(run_id: str, folder: str, artifact_path: str) -> None:
     """Copy the files in `folder` into run `run_id`'s artifacts under `artifact_path`, now."""
     mlflow_client().log_artifacts(run_id, folder, artifact_path)
+
+
+def run_record(run_id: str) -> dict | None:
+    """Run `run_id`'s status, experiment name and tags in the tracking store; None if there is no such run."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:  # no such run, or a malformed id
+        return None
+    experiment = client.get_experiment(run.info.experiment_id)
+    return {"status": run.info.status, "experiment": experiment.name, "tags": dict(run.data.tags)}
+
+
+def sweep_jobs(parent_run_id: str) -> list:
+    """A sweep's jobs as MLflow runs, oldest first: its children, each chain of runs that continued
+    another (resumed, or run again in its place) as its last run (echo.tracking.sweep_summary.children)."""
+    from echo.tracking.sweep_summary import children
+
+    return sorted(children(mlflow_client(), parent_run_id), key=lambda run: run.info.start_time or 0)
+
+
+def saved_files(run_id: str, folder: str) -> set[str]:
+    """The names of the files in run `run_id`'s artifacts under `folder` (none if it has no such folder)."""
+    try:
+        return {os.path.basename(a.path) for a in mlflow_client().list_artifacts(run_id, folder)}
+    except Exception:  # MlflowException, OSError: nothing there
+        return set()

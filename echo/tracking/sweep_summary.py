@@ -21,22 +21,32 @@ SEED_METRICS = ("test/exact_match", "test/token_acc", "test/prefix_acc", "time_t
 REACHED = "epochs_to_target"  # a run has it when its val/exact_match reached its `target`
 
 
+# Tags of a child that continues another child of its sweep: resumed from its checkpoint (as a requeued
+# SLURM job, or a continued sweep, does), or run again in its place (a continued sweep's job whose run
+# left no checkpoint).
+CONTINUES = ("echo.resumed_from", "echo.rerun_of")
+
+
 def children(client, parent_run_id: str) -> list:
-    """The sweep's jobs: its child runs, less those another child continued (`echo.resumed_from`, as a
-    requeued SLURM job does), so that a job counts once, as its last run."""
+    """The sweep's jobs: its child runs, less those another child continued (CONTINUES), so that a job
+    counts once, as its last run."""
     parent = client.get_run(parent_run_id)
     runs = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10_000
     )
-    continued = {run.data.tags.get("echo.resumed_from") for run in runs}
+    continued = {run.data.tags.get(tag) for run in runs for tag in CONTINUES}
     return [run for run in runs if run.info.run_id not in continued]
+
+
+# Params that differ between a sweep's jobs without the sweep varying them: a resumed run's `resume`.
+NOT_SWEPT = ("resume",)
 
 
 def swept_settings(runs: list) -> list[str]:
     """The params whose values differ between runs: what the sweep varied."""
     if len(runs) < 2:
         return []
-    keys = set().union(*(run.data.params for run in runs))
+    keys = set().union(*(run.data.params for run in runs)) - set(NOT_SWEPT)
     return sorted(k for k in keys if len({run.data.params.get(k) for run in runs}) > 1)
 
 

@@ -508,6 +508,8 @@ class SweepRequests:
         try:
             if op == "sweep.create":
                 value = self.open_parent = create_parent(client, **request)
+            elif op == "sweep.reopen":
+                value = self.open_parent = reopen_parent(client, **request)
             elif op == "sweep.finish":
                 value, self.open_parent = finish_sweep(client, **request), None
             else:  # "sweep.end"
@@ -525,9 +527,27 @@ class SweepRequests:
             pass
 
 
+CONTINUE_WITH = "echo.continue_with"  # on a sweep's parent: the command that continues the sweep
+
+
 def create_parent(client, experiment: str, run_name: str, tags: dict[str, str]) -> str:
-    """A sweep's parent run; its id."""
-    return client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags).info.run_id
+    """A sweep's parent run, tagged with the command that continues it; its id."""
+    run_id = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags).info.run_id
+    client.set_tag(run_id, CONTINUE_WITH, f"python run.py -m resume={run_id}")
+    return run_id
+
+
+def reopen_parent(client, parent: str, tags: dict[str, str]) -> str:
+    """A sweep's parent run again, for the sweep that continues it: RUNNING, with `tags`; its children
+    left RUNNING by a sweep that died outright ended KILLED. Its id."""
+    from mlflow.entities import RunTag
+
+    for run in _sweep_summary().children(client, parent):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
+    client.update_run(parent, status="RUNNING")
+    client.log_batch(parent, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+    return parent
 
 
 def finish_sweep(client, parent: str, objective: str, ignored: list[str], argv: list[str]) -> None:
@@ -544,7 +564,7 @@ def finish_sweep(client, parent: str, objective: str, ignored: list[str], argv: 
         client.set_terminated(parent, status)
 
 
-def end_sweep(client, parent: str, status: str | None) -> None:
+def end_sweep(client, parent: str, status: str | None) -> str:
     """End a sweep's parent run, and its children still RUNNING, with `status` (KILLED, FAILED). None:
     a sweep that stopped before its end, for a reason its launching process did not see (an error
     raised from a job, or an interrupt while a job's own handler had the signal): its children
@@ -557,6 +577,7 @@ def end_sweep(client, parent: str, status: str | None) -> None:
         if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, status)
     client.set_terminated(parent, status)
+    return status
 
 
 def tag_provenance(client, run_id: str, argv: list[str]) -> None:

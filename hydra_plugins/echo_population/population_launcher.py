@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -38,6 +38,8 @@ class _Job:
     overrides: list[str]
     config: DictConfig  # the job's whole config, hydra node included
     task_cfg: DictConfig  # what the job's task function would get
+    tags: dict = field(default_factory=dict)  # more tags for its run (a continued sweep's: echo/continuation.py)
+    restore: dict | None = None  # a continued sweep's member: its checkpoint, to continue from
 
 
 class PopulationLauncher(Launcher):
@@ -59,9 +61,12 @@ class PopulationLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         jobs = [self._job(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
+        from echo.continuation import continued_parent
+
         returns: dict[int, JobReturn] = {}
-        for unit in self._plan(jobs):
-            if len(unit) == 1:
+        units, rest = self._continue(jobs, returns) if continued_parent() else ([], jobs)
+        for unit in units + self._plan(rest):
+            if len(unit) == 1 and unit[0].restore is None:
                 returns[unit[0].num] = self._run_alone(unit[0])
             else:
                 returns.update(self._run_population(unit))
@@ -106,6 +111,55 @@ class PopulationLauncher(Launcher):
             unit.append(job)
         return units
 
+    def _continue(self, jobs: list[_Job], returns: dict[int, JobReturn]) -> tuple[list[list[_Job]], list[_Job]]:
+        """A continued sweep's jobs (echo/continuation.py): those kept answered in `returns`; members that
+        resume from their population's checkpoints as populations again (those saved by one population
+        after the same epoch), or alone; the jobs left to plan as usual."""
+        from echo.checkpoints import RESUMED_FROM, download_checkpoint
+        from echo.continuation import continued_parent, decide
+        from echo.population import CHECKPOINT, population_key, restored_together
+        from echo.reuse import read_weights_only
+
+        parent, units, rest, groups = continued_parent(), [], [], {}
+        for job in jobs:
+            HydraConfig.instance().set_config(job.config)
+            decision = decide(parent, job.task_cfg)
+            if line := decision.line(f"#{job.num} ({_said(job)})"):
+                print(line, file=sys.stderr)
+            if decision.action == "keep":
+                returns[job.num] = self._returned(job, decision.run.data.metrics)
+            elif decision.action == "resume" and decision.checkpoint == CHECKPOINT:
+                path = download_checkpoint(decision.run_id, job.task_cfg)
+                job.restore = read_weights_only(path, f"run {decision.run_id}'s checkpoints/{CHECKPOINT}")
+                key = (population_key(job.task_cfg), restored_together(job.restore))  # before its own `resume`
+                with open_dict(job.task_cfg):
+                    job.task_cfg.resume = decision.run_id
+                job.tags = {RESUMED_FROM: decision.run_id}
+                groups.setdefault(key, []).append(job)
+            elif decision.action == "resume":  # a Lightning checkpoint: run.py resumes it, as it decides too
+                units.append([job])
+            else:
+                job.tags = decision.tags()
+                rest.append(job)
+        for group in groups.values():
+            units += [group[i : i + self.max_members] for i in range(0, len(group), self.max_members)]
+        return units, rest
+
+    def _returned(self, job: _Job, metrics: dict) -> JobReturn:
+        """The job's return to the sweeper: its objective from `metrics` (a run's summary)."""
+        from echo.sweeps import objective_value
+
+        result = JobReturn(
+            overrides=job.overrides,
+            cfg=job.task_cfg,
+            hydra_cfg=job.config,
+            working_dir=os.getcwd(),
+            task_name=job.config.hydra.job.name,
+            status=JobStatus.COMPLETED,
+        )
+        result.return_value = objective_value(metrics, job.task_cfg.get("objective", "val/exact_match"))
+        return result
+
     # -- running -------------------------------------------------------------------------------
     def _run_alone(self, job: _Job) -> JobReturn:
         """As the basic launcher runs a job: run.py's task function, in this process."""
@@ -123,7 +177,7 @@ class PopulationLauncher(Launcher):
     def _run_population(self, jobs: list[_Job]) -> dict[int, JobReturn]:
         from echo.config import cpu_threads, resolve_threads
         from echo.population import Member, train_population
-        from echo.sweeps import job_name_and_tags, objective_value
+        from echo.sweeps import job_name_and_tags
 
         # the members' `threads`, or for `auto` what a run as wide as all the members' steps would take
         threads = cpu_threads(jobs[0].task_cfg, members=len(jobs))
@@ -132,33 +186,29 @@ class PopulationLauncher(Launcher):
             HydraConfig.instance().set_config(job.config)
             resolve_threads(job.task_cfg)  # each run records the count an independent run would
             name, tags = job_name_and_tags(job.config.hydra, job.task_cfg)
-            members.append(Member(job.task_cfg, name, tags))
-        population_id = f"{Path(str(self.config.hydra.sweep.dir)).name}-{jobs[0].num}"
-        print(
-            f"echo: population {population_id}: jobs #{', #'.join(str(j.num) for j in jobs)} "
-            f"({'; '.join(_said(j) for j in jobs)}) train as one stacked model, {threads} thread(s)",
-            file=sys.stderr,
-        )
+            members.append(Member(job.task_cfg, name, {**tags, **job.tags}))
+        # a population's, or a member's that continues alone (as `resume=<member run id>` does)
+        population_id = f"{Path(str(self.config.hydra.sweep.dir)).name}-{jobs[0].num}" if len(jobs) > 1 else None
+        restore = [job.restore for job in jobs] if jobs[0].restore is not None else None
+        said = f"#{', #'.join(str(j.num) for j in jobs)} ({'; '.join(_said(j) for j in jobs)})"
+        if population_id is None:
+            print(f"echo: job {said} continues alone, {threads} thread(s)", file=sys.stderr)
+        else:
+            how = "continue" if restore else "train"
+            print(
+                f"echo: population {population_id}: jobs {said} {how} as one stacked model, {threads} thread(s)",
+                file=sys.stderr,
+            )
         try:  # the members' runs are written by the sweep's tracking service (echo.sweeps.SweepCallback)
-            train_population(members, population_id, threads)
+            train_population(members, population_id, threads, restore)
         except KeyboardInterrupt:
             print("echo: population interrupted: its runs ended KILLED", file=sys.stderr)
             sys.exit(1)
-        returns = {}
-        for job, member in zip(jobs, members):
-            result = JobReturn(
-                overrides=job.overrides,
-                cfg=job.task_cfg,
-                hydra_cfg=job.config,
-                working_dir=os.getcwd(),
-                task_name=job.config.hydra.job.name,
-                status=JobStatus.COMPLETED,
-            )
-            objective = job.task_cfg.get("objective", "val/exact_match")
-            # a diverged member scores worst and the sweep goes on, as run.py does for a failed job
-            result.return_value = objective_value(member.summary if member.status == "FINISHED" else {}, objective)
-            returns[job.num] = result
-        return returns
+        # a diverged member scores worst and the sweep goes on, as run.py does for a failed job
+        return {
+            job.num: self._returned(job, member.summary if member.status == "FINISHED" else {})
+            for job, member in zip(jobs, members)
+        }
 
 
 def _said(job: _Job) -> str:
