@@ -10,9 +10,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 import echo.resolvers  # noqa: F401  (registered before Hydra composes and resolves)
 from echo.compat import defer_unused_imports, exit_without_teardown
-from echo.config import ConfigError, first_line, resolve_threads, validate
+from echo.config import ConfigError, first_line, validate
 from echo.continuation import continued_argv, continued_parent, decide
 from echo.hydra_errors import one_line_errors
+from echo.policy import resolve_threads
 from echo.slurm import requeued_from
 from echo.sweeps import job_name_and_tags, objective_value
 from echo.tracking import tracking_uri, warm_up

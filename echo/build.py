@@ -9,9 +9,9 @@ import warnings
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from echo.config import length_range
 from echo.models import NET_OPTIONS, build_net
 from echo.steps import ECHO_STEPS
+from echo.task import length_range
 
 
 def network(cfg: DictConfig, rep) -> torch.nn.Module:

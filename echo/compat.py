@@ -215,7 +215,7 @@ def restart_interrupted_epoch(checkpoint: dict) -> None:
 def count_epochs_in_steps_of(checkpoint: dict, k: int) -> None:
     """Convert the checkpoint's epoch counts (Lightning's fit-loop counters), in Lightning epochs of the
     saving run's tutorial epochs per step, into this run's `k`, which divides that
-    (echo.config.epochs_per_step). Not a speed-up: a resumed run that takes other steps needs it."""
+    (echo.policy.epochs_per_step). Not a speed-up: a resumed run that takes other steps needs it."""
     saved = checkpoint.get("echo", {}).get("epochs_per_step", 1)
     fit = checkpoint.get("loops", {}).get("fit_loop")
     if not fit or saved == k:

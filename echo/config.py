@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import echo.resolvers  # noqa: F401  (the presets' ${add:...}, registered with the checks)
+from echo.task import LENGTH_SEED_STRIDE, is_copy_memory, windows_per_sequence
 
 # What the checks accept, named here rather than read from echo.models and echo.encoding: those
 # import torch, and a sweep checks every job in the launching process, which (with a parallel
@@ -17,17 +17,10 @@ POSITIONAL = ("sinusoidal", "learned")
 CANNOT_MASK = ("one_to_one",)  # read the window in one step
 # networks that take windows of any length: task.train_lengths, task.test_lengths
 VARIABLE_LENGTH = ("seq2seq", "encdec", "attention", "autoregressive", "transformer")
-LENGTH_SEED_STRIDE = 10_000  # a held-out set of length L has seed `seed * stride + L` (echo.config.length_seed)
 REPRESENTATION_NAMES = ("onehot", "linear")
 OPTIMIZERS = ("adam", "rmsprop")  # model.optimizer: torch.optim.Adam, or RMSprop (alpha 0.9) as Arjovsky et al. train
 # Networks that answer at every input step as they read it, which copy memory scores (task=copy_memory)
 READS_PER_STEP = ("seq2seq",)
-
-
-def is_copy_memory(task) -> bool:
-    """Whether `task` (a config node or a plain namespace) is the copy-memory benchmark (task=copy_memory)."""
-    name = task.get("name") if hasattr(task, "get") else getattr(task, "name", None)
-    return name == "copy_memory"
 
 
 class ConfigError(ValueError):
@@ -349,83 +342,6 @@ CHECKS = {
 _ABSENT = object()
 
 
-# Windows per optimizer step times hidden units from which a second CPU thread pays: measured on
-# 2 cores, listing B's 8 sequences per step (168 windows x 150 units) train ~35% faster on two
-# threads, 2 sequences per step ~20% faster; the tutorials' steps (7 x 20, 21 x 150) no faster.
-WIDE_STEP = 5_000
-
-
-def wide_step(cfg, members: int = 1) -> bool:
-    """Whether a step of `members` runs of `cfg` together (a population's) is wide: arithmetic-bound
-    on a CPU, where a second thread pays."""
-    sequences = cfg.task.get("sequences_per_epoch", 1)  # (copy memory: one batch of batch_size sequences)
-    return sequences * members * cfg.model.batch_size * cfg.model.hidden_size >= WIDE_STEP
-
-
-def cpu_threads(cfg, cores: int | None = None, environ=os.environ, members: int = 1) -> int:
-    """Torch CPU threads for a run (or a population of `members` runs): `threads`, or for
-    `threads=auto` one thread for a narrow step (a second gains nothing, and the other core serves
-    the tracking worker or a parallel job) and two for a wide one, within the cores this process
-    may use and the threads a parallel launcher grants each job (joblib and Ray set
-    OMP_NUM_THREADS; SLURM limits the cores)."""
-    if cfg.threads != "auto":
-        return cfg.threads
-    if not wide_step(cfg, members):
-        return 1
-    cores = cores or len(os.sched_getaffinity(0))
-    granted = int(environ.get("OMP_NUM_THREADS") or cores)
-    return max(1, min(2, cores, granted))
-
-
-def resolve_threads(cfg) -> None:
-    """Write the thread count `threads=auto` comes to into `cfg`, so the run records it
-    (ConfigError if `threads` asks for more cores than this process may use)."""
-    check_threads(cfg)
-    if cfg.threads == "auto":
-        cfg.threads = cpu_threads(cfg)
-
-
-def epochs_per_step(cfg, resumed: int | None = None) -> int:
-    """Tutorial epochs trained in one Lightning step (and epoch): the largest number that divides
-    trainer.max_epochs, trainer.check_val_every_n_epoch and checkpoint_every, so that every
-    validation, periodic checkpoint and the run's end falls between two steps, as Lightning's
-    hooks need. Lightning costs about half a millisecond per step on a CPU, a tenth of a tutorial
-    epoch: paid once per validation instead of once per epoch. `resumed`: the number the run being
-    resumed used (its epoch counts, saved in Lightning epochs, must convert)."""
-    counts = [cfg.trainer.max_epochs, cfg.trainer.get("check_val_every_n_epoch", 1)]
-    counts += [n for n in (cfg.get("checkpoint_every"), resumed) if n]
-    return math.gcd(*counts)
-
-
-def windows_per_epoch(cfg) -> int:
-    """Windows trained on per epoch: task.sequences_per_epoch sequences' windows; copy memory: one
-    batch of model.batch_size sequences (each one window)."""
-    if is_copy_memory(cfg.task):
-        return cfg.model.batch_size
-    return cfg.task.sequences_per_epoch * windows_per_sequence(cfg.task)
-
-
-def windows_per_sequence(task) -> int:
-    """Windows framed from one sequence: rows with missing history are dropped or masked."""
-    return task.length if task.framing == "mask" else task.length - task.n_in + 1
-
-
-def length_range(task, key: str) -> tuple[int, int] | None:
-    """`task.<key>` (train_lengths or test_lengths) as (lo, hi), both included; None if unset."""
-    value = task.get(key) if hasattr(task, "get") else getattr(task, key, None)
-    return None if value is None else (int(value[0]), int(value[1]))
-
-
-def trained_lengths(task) -> tuple[int, int]:
-    """The window lengths a run trains on: task.train_lengths, else the fixed task.n_in."""
-    return length_range(task, "train_lengths") or (task.n_in, task.n_in)
-
-
-def length_seed(seed: int, length: int) -> int:
-    """The seed of the held-out windows of one length: its own, derived from the set's seed."""
-    return seed * LENGTH_SEED_STRIDE + length
-
-
 def _check_lengths(task, key: str) -> tuple[int, int] | None:
     value = task.get(key)
     if value is None:
@@ -538,17 +454,6 @@ def _validate_copy_memory(task, model) -> None:
     for key in ("train_lengths", "test_lengths"):
         if task.get(key) is not None:
             raise ConfigError(f"task.{key} varies echo windows; task=copy_memory has none: remove task.{key}")
-
-
-def check_threads(cfg, cores: int | None = None) -> None:
-    """Refuse more torch threads than the cores this process may use (they would only wait on
-    each other: 999 threads on 2 cores trained about a hundred times slower)."""
-    cores = cores or len(os.sched_getaffinity(0))
-    if cfg.threads != "auto" and cfg.threads > cores:
-        raise ConfigError(
-            f"threads={cfg.threads} is more than the {cores} cores this process may use: "
-            f"set threads=auto or threads<={cores}"
-        )
 
 
 def _check_network_options(cfg) -> None:

@@ -1,5 +1,5 @@
 """The echo problem's data: random sequences, supervised windows, batches, and the loaders that
-hand one Lightning step its tutorial epochs (several in a row: `echo.config.epochs_per_step`).
+hand one Lightning step its tutorial epochs (several in a row: `echo.policy.epochs_per_step`).
 
 Everything is vectorised in torch and can be generated directly on the training device.
 """
@@ -13,8 +13,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from echo.config import length_range, length_seed, windows_per_sequence
 from echo.memory import copy_memory
+from echo.task import length_range, length_seed, windows_per_sequence
 from echo.windows import Draw, generate_sequences, to_batches, to_windows
 
 
@@ -28,7 +28,7 @@ class Epochs:
 
     The tutorial's epoch is one `fit()` on one fresh sequence: a few batches, an update after
     each, LSTM state carried between them. The LightningModule trains `epochs_per_step` such
-    epochs in one step (`echo.config.epochs_per_step`: every tutorial epoch up to the next
+    epochs in one step (`echo.policy.epochs_per_step`: every tutorial epoch up to the next
     validation, checkpoint or the run's end), calling the `Draw` once for each, so Lightning's
     per-step bookkeeping is paid once per several epochs, not once per batch.
     A held-out set of several window lengths is one `Draw` per length (state reset between them).

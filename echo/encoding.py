@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from echo.config import is_copy_memory
+from echo.task import is_copy_memory
 
 PAD = -1  # token id of a missing observation (masked framing); never a target
 

@@ -27,7 +27,7 @@ class EchoModule(pl.LightningModule):
     of batches from fresh sequences with an optimizer step after each batch, so Lightning's
     bookkeeping (about half a millisecond a step on a CPU) is paid once per several epochs. The
     run sets it to divide every epoch count that needs Lightning's hooks in between (validation,
-    checkpoints, the last epoch): see `echo.config.epochs_per_step`. Metrics are accumulated on
+    checkpoints, the last epoch): see `echo.policy.epochs_per_step`. Metrics are accumulated on
     the device and read back once per validation, so the training loop never waits on the host.
 
     Metrics go to the Trainer's loggers, their step counted in tutorial epochs: the validation's with

@@ -26,10 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from echo.compat import reuse_freed_memory
-from echo.config import cpu_threads, wide_step, windows_per_sequence
 from echo.encoding import PAD, OneHot, representation
 from echo.faults import TrainingError, check_finite
 from echo.models import build_net, count_parameters, detach_state
+from echo.policy import cpu_threads, wide_step
 from echo.reuse import save_network
 from echo.speedups import EpochGraph
 from echo.stacked import (
@@ -45,6 +45,7 @@ from echo.stacked import (
 )
 from echo.steps import StepSettings
 from echo.summary import summary_line
+from echo.task import windows_per_sequence
 from echo.tracking import Tracker, log_artifacts, start_tracker
 from echo.windows import Draw, before_first_error
 

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
-from echo.config import ConfigError, epochs_per_step, first_line, windows_per_sequence
+from echo.config import ConfigError, first_line
 from echo.faults import TrainingError
+from echo.policy import epochs_per_step
+from echo.task import windows_per_sequence
 
 FLOAT = 4  # bytes of a float32
 # trainer.* keys echo.config checks in full (CHECKS); with others Lightning builds a Trainer to check them

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from echo.config import CELLS, POSITIONAL, TRAINER_SUPPORTED, ConfigError, first_line, windows_per_sequence
+from echo.config import CELLS, POSITIONAL, TRAINER_SUPPORTED, ConfigError, first_line
+from echo.task import windows_per_sequence
 
 FOLDER = "model"
 WEIGHTS, CONFIG = f"{FOLDER}/weights.pt", f"{FOLDER}/config.yaml"

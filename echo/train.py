@@ -21,15 +21,7 @@ from echo.checkpoints import (
     saved_epochs_per_step,
 )
 from echo.compat import reuse_freed_memory
-from echo.config import (
-    epochs_per_step,
-    is_copy_memory,
-    length_range,
-    resolve_threads,
-    trained_lengths,
-    validate,
-    windows_per_epoch,
-)
+from echo.config import validate
 from echo.data import CopyMemoryData, EchoData, at_length, held_out
 from echo.encoding import representation
 from echo.faults import interrupted
@@ -38,10 +30,12 @@ from echo.logger import MLflowRunLogger, log_text, make_logger
 from echo.memory import N_SYMBOLS, RECALL, memoryless_loss
 from echo.models import count_parameters
 from echo.module import EchoModule, log_rows
+from echo.policy import epochs_per_step, resolve_threads, windows_per_epoch
 from echo.preflight import out_of_memory_as_training_error, preflight
 from echo.reuse import EVALUATED_FROM, network_to_evaluate, save_network
 from echo.steps import StepSettings
 from echo.summary import summary_line
+from echo.task import is_copy_memory, length_range, trained_lengths
 from echo.tracking import Tracker, start_tracker, tracking_uri
 from echo.tracking.outbox import TrackingStartError, cannot_write, unreachable
 

@@ -17,15 +17,8 @@ from pathlib import Path
 import pytest
 from helpers import RUN_PY, TINY, all_runs, artifacts, make_cfg, run_py, start_run_py
 
-from echo.config import (
-    CHECKS,
-    LIGHTNING_TRAINER_ARGS,
-    TRAINER_REFUSED,
-    TRAINER_SUPPORTED,
-    ConfigError,
-    check_threads,
-    validate,
-)
+from echo.config import CHECKS, LIGHTNING_TRAINER_ARGS, TRAINER_REFUSED, TRAINER_SUPPORTED, ConfigError, validate
+from echo.policy import check_threads
 
 # Every key a user may set, with bad values, and what the one line says. Most run in this process
 # (validate, then the checks a run makes before it is tracked); ISSUE's rows run as `python run.py`.

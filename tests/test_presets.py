@@ -7,7 +7,8 @@ from helpers import CONF, make_cfg
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from echo.config import cpu_threads, epochs_per_step, validate
+from echo.config import validate
+from echo.policy import cpu_threads, epochs_per_step
 from echo.train import train
 
 EXPERIMENTS = sorted(p.stem for p in Path(CONF, "experiment").glob("*.yaml"))

@@ -175,7 +175,7 @@ class PopulationLauncher(Launcher):
         return result
 
     def _run_population(self, jobs: list[_Job]) -> dict[int, JobReturn]:
-        from echo.config import cpu_threads, resolve_threads
+        from echo.policy import cpu_threads, resolve_threads
         from echo.population import Member, train_population
         from echo.sweeps import job_name_and_tags
 
