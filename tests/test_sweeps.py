@@ -103,6 +103,7 @@ BAD_TRAINER = ("trainer.devices=1,[0]", "job #1 (trainer.devices=[0]", "Lightnin
         (["hydra/launcher=population"], True, BAD_VALUE),
         ([], True, BAD_INTERPOLATION),  # fails as it is composed, not in echo's checks
         ([], True, BAD_MEMORY),
+        (["hydra/launcher=joblib"], True, BAD_MEMORY),
         (["hydra/launcher=population"], True, BAD_TRAINER),  # (a CPU has no device [0] in Lightning)
     ],
     ids=[
@@ -112,6 +113,7 @@ BAD_TRAINER = ("trainer.devices=1,[0]", "job #1 (trainer.devices=[0]", "Lightnin
         "population, existing store",
         "interpolation",
         "memory",
+        "joblib, memory",
         "population, trainer",
     ],
 )
