@@ -272,7 +272,7 @@ def _continuation_plan(config, parent: str, jobs: list | None) -> str:
 
 
 IN_PROCESS = ("BasicLauncher", "PopulationLauncher")  # launchers that run every job in this process
-LOCAL_PARALLEL = ("JoblibLauncher",)  # launchers whose jobs run in other processes on this machine
+LOCAL_PARALLEL = ("JoblibLauncher", "LocalLauncher")  # other processes on this machine: joblib, submitit_local
 SHARED_TRACKING = ("JoblibLauncher", "PopulationLauncher")  # launchers whose runs one tracking process writes
 
 
@@ -414,9 +414,9 @@ def check_sweep(config) -> list | None:
     loader = GlobalHydra.instance().config_loader()
     # Where the jobs run in this process, torch and Lightning load here for the first one anyway: each
     # job's memory estimate and Trainer (what a run checks before it starts) are checked here first.
-    # Parallel jobs on this machine (joblib) have its memory: theirs is estimated here too (torch loads
-    # here, about a second, while the tracking service starts on the other core). Jobs elsewhere (SLURM,
-    # Ray) check their own machine's before they train.
+    # Jobs in other processes on this machine (joblib, submitit_local) have its memory: theirs is
+    # estimated here too (torch loads here, about a second, while the tracking service starts on the
+    # other core). Jobs elsewhere (SLURM, Ray) check their own machine's before they train.
     in_process = _launcher(config) in IN_PROCESS
     local = _launcher(config) in LOCAL_PARALLEL
     composed = {}
