@@ -81,15 +81,3 @@ def log_text(logger: Logger | None, text: str, name: str) -> None:
         folder = Path(logger.log_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
-
-
-def log_rows(logger: Logger | None, rows: list[tuple[str, int, float]]) -> None:
-    """(name, step, value) rows through the logger: one `log_metrics` per step, then `save`."""
-    if logger is None or not rows:
-        return
-    by_step: dict[int, dict[str, float]] = {}
-    for name, step, value in rows:
-        by_step.setdefault(step, {})[name] = value
-    for step, metrics in by_step.items():
-        logger.log_metrics(metrics, step)
-    logger.save()
