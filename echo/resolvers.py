@@ -9,6 +9,8 @@ OmegaConf.register_new_resolver("add", lambda *terms: sum(terms), replace=True)
 
 # `${windows_per_sequence:}`: the windows one sequence frames into (21 for the tutorial's), e.g. a
 # stateful batch that is one whole sequence, whatever task.n_in, task.length and task.framing
-OmegaConf.register_new_resolver("windows_per_sequence", lambda *, _root_: windows_per_sequence(_root_.task), replace=True)
+OmegaConf.register_new_resolver(
+    "windows_per_sequence", lambda *, _root_: windows_per_sequence(_root_.task), replace=True
+)
 
 # `${tracking_uri:}`, for Ray's jobs, is registered by echo/tracking/naming.py, beside tracking_uri()

@@ -75,6 +75,17 @@ def test_model_encdec_brings_listing_b_network_with_the_fast_regime():
     assert cfg == {**LISTING_B, "sequences_per_epoch": 8, "lr": 1e-2, "epochs": 1000, "stop_at": 0.995}
 
 
+@pytest.mark.parametrize(
+    "overrides, batch",
+    [([], 21), (["task.n_in=10", "task.n_out=10", "task.reverse_input=true"], 16), (["task.framing=mask"], 25)],
+)
+def test_listing_b_batches_one_whole_sequence_whatever_the_window(overrides, batch):
+    """A stateful batch of one sequence's windows: a longer window (fewer windows) still runs."""
+    cfg = make_cfg("model=encdec", *overrides)
+    assert cfg.model.batch_size == batch
+    validate(cfg)
+
+
 def test_threads_auto_gives_wide_steps_a_second_core_when_the_job_has_one():
     """One thread for the tutorials' narrow steps; two for the fast regime's 168-window steps,
     unless the process may use one core only (SLURM's cpus_per_task=1) or its parallel launcher
