@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from echo.memory import copy_memory
+from echo.stacked import member_sequences, member_windows, stacked_batches
 from echo.task import length_range, length_seed, windows_per_sequence
 from echo.windows import Draw, generate_sequences, to_batches, to_windows
 
@@ -186,3 +187,46 @@ class CopyMemoryData(pl.LightningDataModule):
     def eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Every held-out sequence at once (stateless)."""
         return [(x, y)]
+
+
+class PopulationData(pl.LightningDataModule):
+    """A population's data (echo/population.py): each member's as its `EchoData` would be, member k's
+    on the member axis k. Its training sequences come from its own generator, seeded with its seed;
+    the held-out sets are the same for every member (task.val_seed, task.test_seed). Built on
+    `device` at once, so that a member's generator can be restored before training."""
+
+    def __init__(self, task, seeds: list[int], batch_size: int, stateful: bool, device: torch.device):
+        super().__init__()
+        if isinstance(task, DictConfig):  # plain attributes: read every epoch, and DictConfig is slow
+            task = SimpleNamespace(**OmegaConf.to_container(task, resolve=True))
+        self.task, self.batch_size, self.stateful, self.device = task, batch_size, stateful, device
+        self.reverse = {key: bool(_get(task, key)) for key in ("reverse_input", "reverse_target")}
+        self.generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+        self.draw = Draw(self.fresh_batches, tuple(self.generators))
+        n_seq = -(-task.eval_windows // windows_per_sequence(task))
+        self.val = self.eval_batches(*self.held_out(n_seq, [task.val_seed] * len(seeds)))
+        self.test = self.eval_batches(*self.held_out(n_seq, [task.test_seed] * len(seeds)))
+
+    def train_dataloader(self) -> Epochs:
+        return Epochs(self.draw)
+
+    def held_out(self, n_seq: int, seeds: list[int]) -> tuple[Tensor, Tensor]:
+        """Fixed windows from `n_seq` sequences per member, member k's drawn with seeds[k] on the
+        CPU and moved to the device, as `held_out` draws them."""
+        t = self.task
+        seqs = member_sequences([torch.Generator().manual_seed(s) for s in seeds], n_seq, t.length, t.n_unique)
+        return member_windows(seqs.to(self.device), t.n_in, t.n_out, t.framing, **self.reverse)
+
+    def eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """As `EchoData.eval_batches`: stateful batch by batch, stateless all windows at once."""
+        if self.stateful:
+            return stacked_batches(x, y, self.batch_size, stateful=True)
+        return stacked_batches(x, y, x.shape[2], stateful=False)
+
+    def fresh_batches(self) -> list[tuple[Tensor, Tensor]]:
+        """One epoch: each member's `sequences_per_epoch` fresh sequences from its own generator,
+        framed and batched as `EchoData.fresh_batches` does."""
+        t = self.task
+        seqs = member_sequences(self.generators, t.sequences_per_epoch, t.length, t.n_unique)
+        x, y = member_windows(seqs, t.n_in, t.n_out, t.framing, **self.reverse)
+        return stacked_batches(x, y, self.batch_size, self.stateful)

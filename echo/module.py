@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from echo.encoding import PAD, LinearScale, OneHot
-from echo.faults import check_finite
+from echo.encoding import PAD, LinearScale, OneHot, representation
+from echo.faults import TrainingError, check_finite
 from echo.models import detach_state
 from echo.speedups import EpochGraph
+from echo.stacked import MEMBER_OPTIMIZERS, StackedNet, member_loss_sums, member_scored, stacked_layout
 from echo.steps import StepSettings
+from echo.summary import summary_line
+from echo.task import windows_per_sequence
 from echo.windows import Draw, before_first_error
 
 
@@ -276,15 +280,7 @@ class EchoModule(pl.LightningModule):
         epoch = self.epochs_at_step_end()
         self._unchecked = self.log_train_metrics() + [(name, epoch, value) for name, value in metrics.items()]
         self.log_dict({**metrics, "step": float(epoch)})  # `step`: Lightning's x-axis for these
-        self.summary.update(metrics)
-        exact = metrics["val/exact_match"]
-        if exact >= self.target and "epochs_to_target" not in self.summary:
-            self.summary.update(
-                time_to_target_s=time.perf_counter() - self._t0,
-                epochs_to_target=epoch,
-                samples_to_target=epoch * self.windows_per_epoch,
-            )
-        if self.stop_at is not None and exact >= self.stop_at:
+        if reached(self.summary, metrics, epoch, self.target, self.stop_at, self._t0, self.windows_per_epoch):
             self.trainer.should_stop = True
 
     def on_validation_end(self) -> None:  # once the loggers have the validation's metrics
@@ -317,6 +313,32 @@ class EchoModule(pl.LightningModule):
         return torch.cat([self.rep.decode(scores) for scores, _ in self._forward_batches(batches)])
 
 
+class EpochProgress(pl.Callback):
+    """One progress bar over the tutorial's epochs (a Lightning step trains several), for a run or a population."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def on_train_start(self, trainer, module) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, unit="epoch", mininterval=0.25, dynamic_ncols=True)
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        self.bar.update(module.epochs_at_step_end() - self.bar.n)
+
+    def on_validation_end(self, trainer, module) -> None:
+        if "val/exact_match" in module.summary:
+            self.bar.set_postfix({"val/exact_match": f"{module.summary['val/exact_match']:.3f}"}, refresh=False)
+
+    def on_train_end(self, trainer, module) -> None:
+        self.bar.close()
+
+    def on_exception(self, trainer, module, exception) -> None:
+        if hasattr(self, "bar"):
+            self.bar.close()
+
+
 class _KeepMetricsOnException(pl.Callback):
     """A run that crashes or is interrupted keeps its training metrics so far."""
 
@@ -337,15 +359,17 @@ def log_rows(loggers, rows: list[tuple[str, int, float]]) -> None:
         logger.save()
 
 
-def window_counts(correct: Tensor, real: Tensor) -> tuple[Tensor, ...]:
+def window_counts(correct: Tensor, real: Tensor, members: bool = False) -> tuple[Tensor, ...]:
     """Over windows (..., n_out) of which tokens are right (`correct`) and real (not PAD): correct real
     tokens, real tokens, exactly right windows, windows with a real token, and real tokens before each
     window's first wrong one (Grefenstette et al.'s fine accuracy, summed: divided by the real tokens it
     is the mean over windows of the fraction right before the first error, each window weighted by its
-    real tokens, so never above token accuracy; with windows of one length, the plain mean)."""
+    real tokens, so never above token accuracy; with windows of one length, the plain mean).
+    `members`: the leading axis is a population's member, and each count is per member (K,)."""
     correct = correct & real
     exact = (correct | ~real).all(-1) & real.any(-1)
-    return correct.sum(), real.sum(), exact.sum(), real.any(-1).sum(), before_first_error(correct, real).sum()
+    counts = correct, real, exact, real.any(-1), before_first_error(correct, real)
+    return tuple(c.flatten(1).sum(1) if members else c.sum() for c in counts)
 
 
 def _add_padded(total: Tensor | int, sums: Tensor) -> Tensor:
@@ -356,3 +380,298 @@ def _add_padded(total: Tensor | int, sums: Tensor) -> Tensor:
     width = max(total.shape[1], sums.shape[1])
     pad = torch.nn.functional.pad
     return pad(total, (0, width - total.shape[1])) + pad(sums, (0, width - sums.shape[1]))
+
+
+class PopulationModule(pl.LightningModule):
+    """A population (docs/populations.md): K members' networks stacked as one (echo/stacked.py),
+    trained by Lightning's Trainer as `EchoModule` trains one run, each member with its own Adam or
+    RMSprop (`echo.stacked.MemberAdam`, `MemberRMSprop`: one over the stacked weights is K
+    independent ones), data (`echo.data.PopulationData`), validation, stop, NaN guard, test and logger.
+
+    The loss is the sum of the members' mean losses, so each member's gradient is the one it would
+    have alone. One Lightning step trains the tutorial epochs up to the next validation (or the last
+    epoch), as a run's step trains several, then validates the members still training: one that
+    reaches `stop_at` is frozen (its updates masked) and tested at once while the others go on; one
+    whose loss became NaN or infinite ends FAILED and the others go on. When every member has
+    stopped, or at trainer.max_epochs, training ends.
+
+    `members` are `echo.population.Member`s: their config, their Lightning `logger` (or None), and
+    `stopped()` and `finished(...)`, which store what the module hands them; the module knows no tracker.
+    `restore`: each member's checkpoint (`member_state`), all saved after the same epoch.
+    """
+
+    def __init__(
+        self,
+        members: list,
+        nets: list[nn.Module],
+        device: torch.device,
+        every: int,
+        compact: bool,
+        restore: list | None = None,
+    ):
+        super().__init__()
+        cfg = members[0].cfg
+        task, model = cfg.task, cfg.model
+        self.members, self.nets = members, nets  # (a plain list: not submodules) each member's own network
+        self.net = StackedNet(nets).to(device)  # (float64 already, with trainer.precision=64)
+        self.input_dtype = self.net.p(self.net.names[0]).dtype
+        self.rep = representation(task)
+        self.tokens = isinstance(self.rep, OneHot) and self.net.reads_tokens  # one-hot codes as their tokens
+        self.stateful, self.mask_inputs = bool(model.stateful), task.framing == "mask"
+        self.n_unique, self.n_out = task.n_unique, task.n_out
+        self.windows_per_epoch = task.sequences_per_epoch * windows_per_sequence(task)
+        self.every, self.max_epochs = every, int(cfg.trainer.max_epochs)
+        self.steps = StepSettings.from_trainer(cfg.trainer)  # clipping (per member) and accumulation
+        optimizer = MEMBER_OPTIMIZERS[model.get("optimizer", "adam")]
+        self.optimizer = optimizer(list(self.net.parameters()), [float(m.cfg.model.lr) for m in members])
+        # On a GPU an epoch is replayed as one CUDA graph, as an independent run's is.
+        on_gpu = device.type == "cuda"
+        self.graph = EpochGraph() if on_gpu and cfg.get("cuda_graph", True) else None
+        # On a CPU a wide step is arithmetic-bound: members that have stopped are then left out of
+        # the forward and backward (`_freeze`), not only of the optimizer's step.
+        self.compact = compact and not on_gpu
+        self._training: Tensor | None = None  # the members still training, once one has stopped
+        self._train_sums: list[tuple[int, Tensor, list[bool]]] = []
+        self.epochs_done = 0
+        self.automatic_optimization = False  # echo's own steps, as EchoModule's
+        for k, state in enumerate(restore or []):  # (weights: loaded into `nets` before stacking)
+            self.optimizer.load_member_state(k, state["adam"], self.net.names, stacked_layout)
+            members[k].summary.update(state["summary"])
+            self.epochs_done = int(state["epochs_done"])
+
+    def configure_optimizers(self) -> None:
+        return None  # the members' own optimizer, `self.optimizer`, steps in `_train_epoch`
+
+    def on_train_start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def epochs_at_step_end(self) -> int:
+        return self.epochs_done
+
+    def training_step(self, draw: Draw, batch_idx: int) -> None:
+        """The tutorial epochs up to the next validation or the last epoch, then the validation."""
+        last = min(self.max_epochs, (self.epochs_done // self.every + 1) * self.every)
+        for epoch in range(self.epochs_done + 1, last + 1):
+            active = [m.status == "RUNNING" for m in self.members]
+            self._train_sums.append((epoch, self.train_epoch(draw), active))
+            self.epochs_done = epoch
+        if self.epochs_done % self.every == 0 and self._running():
+            self._validate(self.epochs_done)
+        if not self._running() or self.epochs_done >= self.max_epochs:
+            self.trainer.should_stop = True
+
+    def on_train_end(self) -> None:
+        """trainer.max_epochs: the members still training end here."""
+        self._check_finite(self._running(), self.flush_train_metrics())
+        last = self._running()
+        for member in last:
+            self._stop(member, self.epochs_done)
+        self._finish(last)
+
+    # -- the members' epochs ----------------------------------------------------------------
+    def _forward_batches(self, batches, index: Tensor | None = None):
+        """(scores, targets) batch by batch, state carried (detached) if stateful, zeros first; of
+        every member, or of the members `index` holds only, whose batches hold theirs only."""
+        state = None
+        for x, y in batches:
+            mask = x != PAD if self.mask_inputs else None
+            inputs = x if self.tokens else self.rep.encode(x).to(self.input_dtype)
+            scores, state = self.net(inputs, state if self.stateful else None, mask, members=index)
+            yield scores, y
+            state = detach_state(state)
+
+    def _indices(self, members: list) -> Tensor | None:
+        """The members' indices in the population, on the device; None for all of them."""
+        if len(members) == len(self.members):
+            return None
+        return torch.tensor([self.members.index(m) for m in members], dtype=torch.long, device=self.device)
+
+    def train_epoch(self, draw: Draw) -> Tensor:
+        """One epoch on fresh data: `_train_epoch`, replayed as a CUDA graph once captured on a GPU."""
+        return self.graph(self._train_epoch, draw) if self.graph else self._train_epoch(draw())
+
+    def _train_epoch(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """One epoch for every member on its batches; returns per member [summed loss, correct
+        tokens, tokens] (3, K), on the device. Nothing in it reads a value back to the host, so a
+        CUDA graph can capture it."""
+        index = self._training  # None: every member trains
+        if index is not None:
+            batches = [(x[index], y[index]) for x, y in batches]
+        steps, scale = self.steps, self.steps.loss_scale()
+        sums = []
+        for i, (scores, y) in enumerate(self._forward_batches(batches, index)):
+            tokens = (y != PAD).flatten(1).sum(1)
+            loss_sums = member_loss_sums(self.rep, scores, y)
+            if steps.zero_before(i):
+                self.optimizer.zero_grad()
+            mean_losses = loss_sums / tokens * scale if scale != 1 else loss_sums / tokens
+            mean_losses.sum().backward()  # each member's gradient: that of its own mean loss
+            if steps.step_after(i, len(batches)):
+                steps.clip(self.optimizer.params, members=True)  # each member's own norm
+                self.optimizer.step()
+            correct = (self.rep.decode(scores.detach()) == y).flatten(1).sum(1)
+            sums.append(torch.stack([loss_sums.detach(), correct, tokens]))
+        if index is None:
+            return torch.stack(sums).sum(0)
+        every = sums[0].new_zeros(3, len(self.members))  # (the members that no longer train: zeros)
+        return every.index_copy_(1, index, torch.stack(sums).sum(0))
+
+    def _running(self) -> list:
+        return [m for m in self.members if m.status == "RUNNING"]
+
+    def _stop(self, member, epoch: int) -> None:
+        member.status = "STOPPED"
+        member.summary.update(train_time_s=time.perf_counter() - self._t0, epochs=epoch)
+        self._freeze(member)
+        member.stopped()  # its metrics are complete: its curve is drawn while the others train
+
+    def _freeze(self, member, zero: bool = False) -> None:
+        """The member trains no more (see `MemberAdam.freeze`). A captured epoch updates the members
+        that trained when it was captured: it is captured again at the next epoch. Where a step is
+        arithmetic-bound (a wide step on a CPU), the others now train without it."""
+        self.optimizer.freeze(self.members.index(member), zero)
+        if self.graph is not None:
+            self.graph.reset()
+        if self.compact:
+            self._training = self._indices(self._running())
+
+    def flush_train_metrics(self) -> list[list[tuple[str, int, float]]]:
+        """Log each member's per-epoch training metrics, for the epochs it trained; returns each member's rows."""
+        rows = [[] for _ in self.members]
+        if self._train_sums:
+            sums = torch.stack([s for _, s, _ in self._train_sums]).tolist()  # (epochs, 3, K)
+            for (epoch, _, active), (loss_sums, correct, tokens) in zip(self._train_sums, sums):
+                for k in (k for k in range(len(self.members)) if active[k]):
+                    rows[k] += [
+                        ("train/loss", epoch, loss_sums[k] / tokens[k]),
+                        ("train/acc", epoch, correct[k] / tokens[k]),
+                    ]
+            self._train_sums = []
+        for member, member_rows in zip(self.members, rows):
+            log_rows(member.loggers, member_rows)
+        return rows
+
+    # -- validation and test --------------------------------------------------------------------
+    @torch.no_grad()
+    def _evaluate(self, batches, index: Tensor | None = None, by_position: bool = False):
+        """Per member (every one, or those `index` holds) [summed loss, correct tokens, tokens, exact
+        rows, rows, tokens before each row's first error] (lists of 6); with `by_position`, also per
+        member the token accuracy at each output position (lists of n_out)."""
+        if index is not None:
+            batches = [(x[index], y[index]) for x, y in batches]
+        total = correct_at = real_at = 0
+        for scores, y in self._forward_batches(batches, index):
+            real = y != PAD
+            loss_sums, right = member_scored(self.rep, scores, y)
+            counts = [loss_sums, *window_counts(right, real, members=True)]
+            total = total + torch.stack([c.float() for c in counts], 1)
+            if by_position:
+                correct_at, real_at = correct_at + (right & real).sum(1), real_at + real.sum(1)
+        if not by_position:
+            return total.tolist()
+        return total.tolist(), (correct_at / real_at.clamp(min=1)).tolist()
+
+    def _validate(self, epoch: int) -> None:
+        """As an independent run validates (the members still training): metrics, target, stop_at;
+        then the NaN check, and the test of the members that stopped."""
+        running = self._running()
+        checked = self.flush_train_metrics()  # each member's rows the NaN guard reads
+        results = self._evaluate(self.trainer.datamodule.val, self._indices(running))
+        stopped = []
+        for member, (loss_sum, correct, tokens, exact, rows, before_error) in zip(running, results):
+            metrics = {
+                "val/loss": loss_sum / tokens,
+                "val/token_acc": correct / tokens,
+                "val/exact_match": exact / rows,
+                "val/prefix_acc": before_error / tokens,
+            }
+            log_rows(member.loggers, [(name, epoch, value) for name, value in metrics.items()])
+            checked[self.members.index(member)] += [(name, epoch, value) for name, value in metrics.items()]
+            cfg = member.cfg
+            if reached(member.summary, metrics, epoch, cfg.target, cfg.stop_at, self._t0, self.windows_per_epoch):
+                self._stop(member, epoch)
+                stopped.append(member)
+        self._check_finite(running, checked)
+        self._finish([m for m in stopped if m.status == "STOPPED"])
+
+    def _check_finite(self, members: list, rows: list[list[tuple[str, int, float]]]) -> None:
+        """A member whose loss became NaN or infinite among its `rows` (by index in the population) ends
+        FAILED (as `echo.faults.check_finite` ends an independent run); the others go on."""
+        for member in members:
+            try:
+                check_finite(rows[self.members.index(member)], member.cfg.model.lr)
+            except TrainingError as error:
+                member.status, member.error = "FAILED", f"echo.faults.TrainingError: {error}\n"
+                self._freeze(member, zero=True)
+                print(f"echo: run failed: {member.run_name}: {error}", file=sys.stderr)
+
+    def _finish(self, members: list) -> None:
+        """Test members that stopped training and hand each its results (`finished`), as an
+        independent run ends. Their weights no longer change, so this runs as soon as they stop:
+        their figures and files are written while the others train on."""
+        if not members:
+            return
+        index = self._indices(members)
+        results, positions = self._evaluate(self.trainer.datamodule.test, index, by_position=True)
+        tables = self._expected_predicted(members, index)
+        chance = 1 / self.n_unique  # a uniform guess per token
+        for member, (_, correct, tokens, exact, rows, before_error), at, table in zip(
+            members, results, positions, tables
+        ):
+            member.summary.update({"test/token_acc": correct / tokens, "test/exact_match": exact / rows})
+            member.summary["test/prefix_acc"] = before_error / tokens
+            member.summary.update({"chance/token_acc": chance, "chance/exact_match": chance**self.n_out})
+            print(f"{member.run_name}: {summary_line(member.summary)}")
+            epochs = member.summary["epochs"]
+            final = [(n, epochs, v) for n, v in member.summary.items() if not n.startswith("val/")]
+            by_position = [("test/token_acc_by_position", j, acc) for j, acc in enumerate(at, 1)]
+            log_rows(member.loggers, final + by_position)
+            member.finished(self.member_net(member), at, chance, table)
+            member.status = "FINISHED"
+
+    def member_net(self, member) -> nn.Module:
+        """The member's own network (echo.models), holding its trained weights."""
+        k = self.members.index(member)
+        self.nets[k].load_state_dict(self.net.member_state_dict(k))
+        return self.nets[k]
+
+    @torch.no_grad()
+    def _expected_predicted(self, members: list, index: Tensor | None) -> list[str]:
+        """Each member's tutorial evaluation: one fresh sequence of its own (seed 10,000 + seed)."""
+        data = self.trainer.datamodule
+        x, y = data.held_out(1, [10_000 + m.cfg.seed for m in members])
+        batches = data.eval_batches(x, y)
+        predicted = torch.cat([self.rep.decode(s) for s, _ in self._forward_batches(batches, index)], 1)
+        return [
+            "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[j, 0].tolist(), predicted[j].tolist()))
+            for j in range(len(members))
+        ]
+
+    def member_state(self, k: int, generator: torch.Generator) -> dict:
+        """Member k's checkpoint (echo.population.MEMBER_STATE): its weights in its own network's layout
+        (under `net.`, as in a Lightning checkpoint), optimizer moments and step, data generator, epochs
+        and summary."""
+        member = self.members[k]
+        return {
+            "state_dict": {f"net.{n}": v for n, v in self.net.member_state_dict(k).items()},
+            "adam": self.optimizer.member_state(k, self.net.names, self.net.member_layout),
+            "generator": generator.get_state(),
+            "epochs_done": self.epochs_done if member.status == "RUNNING" else member.summary["epochs"],
+            "summary": dict(member.summary),
+        }
+
+
+def reached(
+    summary: dict, metrics: dict, epoch: int, target: float, stop_at: float | None, t0: float, windows_per_epoch: int
+) -> bool:
+    """The stop rule, after a validation: its `metrics` into `summary`, with the time, epochs and samples
+    to `target` the first time val/exact_match reaches it; whether it reached `stop_at` (the run stops)."""
+    summary.update(metrics)
+    exact = metrics["val/exact_match"]
+    if exact >= target and "epochs_to_target" not in summary:
+        summary.update(
+            time_to_target_s=time.perf_counter() - t0,
+            epochs_to_target=epoch,
+            samples_to_target=epoch * windows_per_epoch,
+        )
+    return stop_at is not None and exact >= stop_at

@@ -29,7 +29,7 @@ from echo.lengths import evaluate_lengths, length_rows, length_scores
 from echo.logger import MLflowRunLogger, log_text, make_logger
 from echo.memory import N_SYMBOLS, RECALL, memoryless_loss
 from echo.models import count_parameters
-from echo.module import EchoModule, log_rows
+from echo.module import EchoModule, EpochProgress, log_rows
 from echo.policy import epochs_per_step, resolve_threads, windows_per_epoch
 from echo.preflight import out_of_memory_as_training_error, preflight
 from echo.reuse import EVALUATED_FROM, network_to_evaluate, save_network
@@ -143,7 +143,7 @@ def _fit_and_test(
     if logger is not None and tracker is None:  # (an MLflow run has the flattened config already)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     log_text(logger, config_yaml, "config.yaml")  # at the start: there while the run runs
-    callbacks = [EpochProgress()] if cfg.progress else []
+    callbacks = [EpochProgress(cfg.trainer.max_epochs)] if cfg.progress else []
     if tracker and stored_net is None:
         callbacks += [Checkpointer(tracker, config_yaml, cfg.get("checkpoint_every"))]
     trainer = pl.Trainer(
@@ -239,30 +239,6 @@ def expected_predicted(module: EchoModule, data: EchoData | CopyMemoryData, task
     x, y = held_out(task, 1, seed=10_000 + seed, device=module.device)
     pred = module.predict_windows(data.eval_batches(x, y))
     return "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[0].tolist(), pred.tolist()))
-
-
-class EpochProgress(pl.Callback):
-    """One progress bar over epochs (the tutorial's epochs are a few steps each)."""
-
-    def on_train_start(self, trainer, module) -> None:
-        from tqdm import tqdm
-
-        total = trainer.max_epochs * module.epochs_per_step
-        self.bar = tqdm(total=total, unit="epoch", mininterval=0.25, dynamic_ncols=True)
-
-    def on_train_epoch_end(self, trainer, module) -> None:
-        self.bar.update(module.epochs_per_step)
-
-    def on_validation_end(self, trainer, module) -> None:
-        if "val/exact_match" in module.summary:
-            self.bar.set_postfix({"val/exact_match": f"{module.summary['val/exact_match']:.3f}"}, refresh=False)
-
-    def on_train_end(self, trainer, module) -> None:
-        self.bar.close()
-
-    def on_exception(self, trainer, module, exception) -> None:
-        if hasattr(self, "bar"):
-            self.bar.close()
 
 
 @contextmanager

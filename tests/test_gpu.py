@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import CSVLogger
 from echo.data import EchoData
 from echo.models import build_net
 from echo.module import EchoModule
-from echo.population import Member, _Population
+from echo.population import Member, build_population
 from echo.speedups import WARM_EPOCHS
 from echo.train import train
 
@@ -94,9 +94,9 @@ def test_loading_the_cuda_libraries_first_changes_nothing(monkeypatch):
         assert loaded[name] == pytest.approx(skipped[name], rel=1e-4, abs=1e-5), name
 
 
-def _population(settings: list[str], graphed: bool) -> _Population:
+def _population(settings: list[str], graphed: bool):
     cfgs = [make_cfg(*GPU, *settings, f"cuda_graph={graphed}", f"seed={seed}") for seed in (0, 1, 2)]
-    return _Population([Member(cfg, f"seed={cfg.seed}", {}) for cfg in cfgs], threads=1)
+    return build_population([Member(cfg, f"seed={cfg.seed}", {}) for cfg in cfgs])
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -106,7 +106,7 @@ def test_a_populations_graphed_epochs_train_as_its_eager_epochs_do(variant):
     stays put."""
     losses, weights = {}, {}
     for graphed in (True, False):
-        population = _population(VARIANTS[variant], graphed)
+        population, data = _population(VARIANTS[variant], graphed)
         first = population.net.p(population.net.names[0])
         sums, captured = [], None
         for epoch in range(1, WARM_EPOCHS + 9):
@@ -114,7 +114,7 @@ def test_a_populations_graphed_epochs_train_as_its_eager_epochs_do(variant):
                 captured = population.graph.graph if graphed else None
                 population._freeze(population.members[1])
                 frozen = first[1].detach().clone()
-            sums.append(population.train_epoch())
+            sums.append(population.train_epoch(data.draw))
         assert torch.equal(first[1], frozen)  # member 1 stayed put after its freeze
         if graphed:
             assert captured is not None and population.graph.graph is not None

@@ -7,12 +7,13 @@ import time
 import pytest
 import torch
 from helpers import TINY, all_runs, artifacts, make_cfg, metric_history, run_py, start_run_py
+from pytorch_lightning.loggers import Logger
 
 from echo.data import to_batches, to_windows
 from echo.encoding import PAD, LinearScale, OneHot
 from echo.models import build_net
 from echo.module import EchoModule
-from echo.population import Member, _Population, population_key, why_not_stackable
+from echo.population import Member, build_population, fit_population, population_key, why_not_stackable
 from echo.stacked import (
     MemberAdam,
     StackedNet,
@@ -162,7 +163,7 @@ def test_a_training_epoch_reads_nothing_back_from_the_device(variant, monkeypatc
     a value back to the host (.item(), .tolist(), a tensor's truth value). Here, where there is no
     GPU: the epoch trains while every such read raises."""
     members = [Member(make_cfg("logger=none", f"seed={seed}", *VARIANTS[variant]), f"m{seed}", {}) for seed in (0, 1)]
-    population = _Population(members, threads=1)
+    population, data = build_population(members)
     before = population.net.p(population.net.names[0]).detach().clone()
 
     def read(*args):
@@ -170,7 +171,7 @@ def test_a_training_epoch_reads_nothing_back_from_the_device(variant, monkeypatc
 
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, read)
-    sums = population._train_epoch(population.draw())
+    sums = population._train_epoch(data.draw())
     monkeypatch.undo()
     assert sums.shape == (3, 2) and (sums[2] > 0).all()  # [loss, correct, tokens] per member
     assert not torch.equal(population.net.p(population.net.names[0]), before)  # it trained
@@ -182,7 +183,7 @@ def test_members_still_training_train_alone_as_they_would_with_the_stopped_ones_
     cfgs = [make_cfg("logger=none", "model=encdec", "task.n_out=2", f"seed={seed}") for seed in (0, 1, 2)]
     runs = {}
     for compact in (True, False):
-        population = _Population([Member(cfg, f"m{cfg.seed}", {}) for cfg in cfgs], threads=1)
+        population, data = build_population([Member(cfg, f"m{cfg.seed}", {}) for cfg in cfgs])
         assert population.compact  # listing B's fast regime is wide
         population.compact, population._t0 = compact, time.perf_counter()
         losses = []
@@ -190,7 +191,7 @@ def test_members_still_training_train_alone_as_they_would_with_the_stopped_ones_
             if epoch == 4:
                 population._stop(population.members[1], 3)
                 stopped = [population.net.p(name)[1].detach().clone() for name in population.net.names]
-            losses.append(population.train_epoch())
+            losses.append(population.train_epoch(data.draw))
         runs[compact] = population, torch.stack(losses)
     (compacted, together), (masked, apart) = runs[True], runs[False]
     assert compacted._training.tolist() == [0, 2] and masked._training is None
@@ -208,23 +209,40 @@ def test_a_member_resumed_from_its_checkpoint_trains_on_as_if_never_stopped():
 
     def population(epochs: int, seeds=(0, 1), restore=None):
         cfgs = [make_cfg(*settings, f"trainer.max_epochs={epochs}", f"seed={seed}") for seed in seeds]
-        together = _Population([Member(cfg, f"m{cfg.seed}", {}) for cfg in cfgs], threads=1, restore=restore)
-        together.fit()
-        return together
+        members = [Member(cfg, f"m{cfg.seed}", {}, logger=Rows()) for cfg in cfgs]
+        together, data = build_population(members, restore)
+        fit_population(together, data, threads=1)
+        return together, data
 
-    whole, halted = population(10), population(6)
-    state = halted.member_state(1)
-    assert state["epochs_done"] == 6 and state["adam"]["step"] == 6 * len(halted.draw())
-    resumed = population(10, seeds=(1,), restore=state)
+    (whole, _), (halted, data) = population(10), population(6)
+    state = halted.member_state(1, data.generators[1])
+    assert state["epochs_done"] == 6 and state["adam"]["step"] == 6 * len(data.draw())
+    resumed, _ = population(10, seeds=(1,), restore=state)
     for name in whole.net.names:
         torch.testing.assert_close(resumed.net.p(name)[0], whole.net.p(name)[1], atol=1e-6, rtol=1e-5)
 
     def losses(member):
-        return [(epoch, value) for name, epoch, value in member.history if name == "train/loss"]
+        return [(epoch, value) for name, epoch, value in member.logger.rows if name == "train/loss"]
 
     together, alone = losses(whole.members[1]), losses(resumed.members[0])
     assert [epoch for epoch, _ in alone] == [7, 8, 9, 10]  # it logs the epochs it trains, from the 7th
     assert [value for _, value in alone] == pytest.approx([value for _, value in together[6:]], rel=1e-5)
+
+
+class Rows(Logger):
+    """A Lightning logger that keeps the rows it is given, (name, step, value)."""
+
+    name, version = "rows", 0
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def log_metrics(self, metrics, step=None):
+        self.rows += [(name, step, value) for name, value in metrics.items()]
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
 
 
 def _history(uri, run_id, name):
@@ -417,8 +435,8 @@ def test_a_member_steps_as_its_independent_run_does_clipped_accumulated_or_in_fl
     modules = []
     monkeypatch.setattr(training, "EchoModule", lambda *a, **k: modules.append(EchoModule(*a, **k)) or modules[-1])
     cfgs = [make_cfg(*settings, *STEPS[steps], f"seed={seed}") for seed in (0, 1)]
-    population = _Population([Member(cfg, f"m{cfg.seed}", {}) for cfg in cfgs], threads=1)
-    population.fit()
+    population, data = build_population([Member(cfg, f"m{cfg.seed}", {}) for cfg in cfgs])
+    fit_population(population, data, threads=1)
     for k, cfg in enumerate(cfgs):
         training.train(cfg)
         training.train(make_cfg(*settings, f"seed={cfg.seed}"))  # plain steps
