@@ -289,3 +289,6 @@ def test_a_resume_takes_the_runs_own_command_line_and_refuses_a_changed_setting(
     changed = [f"resume={run.info.run_id}", *SMALL, "model=encdec"]
     with pytest.raises(ConfigError, match="model=encdec: a resumed run keeps its config, and this command's sets "):
         resumed_config(make_cfg(*changed), changed)
+    # progress changes nothing trained: a preset that composes another value of it is no change
+    shown = [f"resume={run.info.run_id}", *(a for a in SMALL if not a.startswith("progress=")), "model=seq2seq"]
+    assert resumed_config(make_cfg(*shown, "progress=true"), shown).progress is False
