@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from echo.compat import count_epochs_in_steps_of, restart_interrupted_epoch
 from echo.config import ConfigError, first_line
-from echo.continuation import NOT_COMPARED, RESUMED_FROM  # NOT_COMPARED: no change of a run's config
+from echo.continuation import NOT_COMPARED  # settings that are no change of a run's config
+from echo.continuation import RESUMED_FROM as RESUMED_FROM  # the tag of a resumed run (echo.train's)
 from echo.faults import TrainingError
 from echo.population import CHECKPOINT as MEMBER_CHECKPOINT  # what a population's member saves instead
 from echo.population import MEMBER_STATE
