@@ -30,7 +30,6 @@ from echo.population import MEMBER_STATE
 from echo.tracking import PARENT_TAG, mlflow_client, tracking_uri
 
 FOLDER = "checkpoints"
-GROUPS = ("task", "model", "trainer", "logger", "experiment", "hparams_search")
 
 
 class Checkpointer(pl.Callback):
@@ -185,7 +184,7 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     no unknown key."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from echo.reuse import CONF, read_stored_config
+    from echo.reuse import CONF, GROUPS, read_stored_config
 
     run_id = str(cfg.resume)
     with tempfile.TemporaryDirectory() as folder:
