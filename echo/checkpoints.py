@@ -22,14 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from echo.compat import count_epochs_in_steps_of, restart_interrupted_epoch
 from echo.config import ConfigError, first_line
+from echo.continuation import NOT_COMPARED  # settings that are no change of a run's config
+from echo.continuation import RESUMED_FROM as RESUMED_FROM  # the tag of a resumed run (echo.train's)
 from echo.faults import TrainingError
 from echo.population import CHECKPOINT as MEMBER_CHECKPOINT  # what a population's member saves instead
 from echo.population import MEMBER_STATE
 from echo.tracking import PARENT_TAG, mlflow_client, tracking_uri
 
 FOLDER = "checkpoints"
-RESUMED_FROM = "echo.resumed_from"
-GROUPS = ("task", "model", "trainer", "logger", "experiment", "hparams_search")
 
 
 class Checkpointer(pl.Callback):
@@ -184,7 +184,7 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     no unknown key."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from echo.reuse import CONF, read_stored_config
+    from echo.reuse import CONF, GROUPS, read_stored_config
 
     run_id = str(cfg.resume)
     with tempfile.TemporaryDirectory() as folder:
@@ -210,9 +210,6 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return saved
 
 
-RUN_TIME = ("threads", "resume", "evaluate")  # keys a run fills in or a command sets for this run only
-
-
 def _changed_setting(cfg: DictConfig, saved: DictConfig, plain: list[str]) -> tuple[str, object, object] | None:
     """The first setting that this command's composed config gives another value than the run's
     (key, here, there), leaving out what a plain override set and what a run fills in."""
@@ -222,7 +219,7 @@ def _changed_setting(cfg: DictConfig, saved: DictConfig, plain: list[str]) -> tu
     there = flatten(OmegaConf.to_container(saved, resolve=False))
     for key, value in here.items():
         top = key.split(".")[0]
-        if key not in there or top in RUN_TIME or any(key == p or key.startswith(f"{p}.") for p in plain):
+        if key not in there or top in NOT_COMPARED or any(key == p or key.startswith(f"{p}.") for p in plain):
             continue
         if value != there[key]:
             return key, value, there[key]

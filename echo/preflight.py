@@ -196,7 +196,6 @@ def _size(n: int) -> str:
         if n < 1000 or unit == "PB":
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.3g} {unit}"
         n /= 1000
-    return f"{n} PB"
 
 
 # -- out of memory all the same ------------------------------------------------------------------

@@ -55,7 +55,7 @@ def save_network(net, config_yaml: str, tracker) -> None:
     folder = tempfile.mkdtemp(prefix="echo-network-")
     stored = {"network": dict(net.build_args), "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
     torch.save(stored, Path(folder) / "weights.pt")
-    tracker.log_file(str(Path(folder) / "weights.pt"), FOLDER)
+    tracker.log_artifacts(folder, FOLDER, remove=True)  # the worker removes the folder once logged
     tracker.log_text(config_yaml, CONFIG)
 
 
@@ -157,26 +157,19 @@ def known_keys(cfg: DictConfig | None = None) -> set[str] | None:
     preset's (a stored run may have used another network than this command's)."""
     import yaml
 
-    known = set(_dotted(OmegaConf.to_container(cfg, resolve=False))) if cfg is not None else set()
+    from echo.tracking.naming import flatten  # dotted keys: a list is one setting
+
+    known = set(flatten(OmegaConf.to_container(cfg, resolve=False))) if cfg is not None else set()
     if not (CONF / "config.yaml").is_file():
         return known or None
     top = yaml.safe_load((CONF / "config.yaml").read_text())
     known |= {key for key in top if key not in ("defaults", "hydra")}
     for group in ("task", "trainer", "logger"):
         for file in sorted((CONF / group).glob("*.yaml")):
-            known |= {f"{group}.{key}" for key in _dotted(yaml.safe_load(file.read_text()) or {}) if key != "defaults"}
+            known |= {f"{group}.{key}" for key in flatten(yaml.safe_load(file.read_text()) or {}) if key != "defaults"}
     for file in sorted((CONF / "model").glob("*.yaml")):  # `# @package _global_`
-        known |= {key for key in _dotted(yaml.safe_load(file.read_text()) or {}) if key != "defaults"}
+        known |= {key for key in flatten(yaml.safe_load(file.read_text()) or {}) if key != "defaults"}
     return known | {f"trainer.{key}" for key in TRAINER_SUPPORTED}  # (a preset or +trainer.key=... sets them)
-
-
-def _dotted(data: dict, prefix: str = "") -> list[str]:
-    """The dotted keys of the settings in `data` (a nested dict of an echo config: a list is one setting)."""
-    keys = []
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        keys += _dotted(value, f"{path}.") if isinstance(value, dict) and value else [path]
-    return keys
 
 
 def _run_tags(run_id: str, key: str) -> dict[str, str]:

@@ -181,7 +181,9 @@ class SweepCallback(Callback):
         os.environ[PARENT_RUN_ENV] = self.parent
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        workers_stopped = stop_parallel_workers()  # they exit while the summary is written
+        # The joblib launcher's worker processes exit now, while the summary is written, not with this
+        # process's teardown (seconds later, one after another): then it has no children left, and exits at once.
+        workers_stopped = stop_loky_workers()
         self._take_parent()  # a sweep of no job never asked for it
         problem = None
         if self.parent is not None and (why := unreachable(tracking_uri())):
@@ -229,14 +231,9 @@ class SweepCallback(Callback):
         status = self.store.call("end", parent=parent, status=status).result()
         print(
             f"echo: sweep stopped, its parent run {parent} ended {status}: continue it with "
-            f"`{continue_command(parent)}`",
+            f"`python run.py -m resume={parent}`",
             file=sys.stderr,
         )
-
-
-def continue_command(parent: str) -> str:
-    """The command that continues the sweep of parent run `parent` (echo/continuation.py)."""
-    return f"python run.py -m resume={parent}"
 
 
 def _check_continuation(config, tracked: bool) -> str | None:
@@ -373,17 +370,6 @@ def _sweep_of(outbox: Path) -> str | None:
         return read(outbox)["run"]["tags"].get(SWEEP_TAG)
     except (OSError, ValueError, KeyError):
         return None
-
-
-def stop_parallel_workers():
-    """Tell the joblib launcher's worker processes to exit, now that every job has returned with
-    its run written; returns a function that waits until they have.
-
-    Left alone, they are stopped by the interpreter's exit, one after another with the launching
-    process's own teardown: seconds after the sweep ended. Stopped here they exit while the
-    summary is written, and the launching process, with no children left, exits at once (run.py).
-    """
-    return stop_loky_workers()  # loky's private executor (echo/compat.py)
 
 
 def task_overrides(config) -> list[str]:

@@ -21,7 +21,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from statistics import mean, stdev
+from statistics import mean
 
 import matplotlib
 from hydra.experimental.callback import Callback
@@ -38,6 +38,7 @@ from echo.population import POPULATION_TAG  # noqa: E402
 from echo.reuse import EVALUATED_FROM  # noqa: E402
 from echo.sweeps import PARENT_TAG, parent_of_sweep  # noqa: E402
 from echo.tracking import SWEEP_TAG, mlflow_client, tracking_uri  # noqa: E402
+from echo.tracking.sweep_summary import sortable, spread  # noqa: E402  (sweep.md's order and cells)
 
 RESULTS = ROOT / "experiments" / "results"
 README = ROOT / "experiments" / "README.md"
@@ -127,28 +128,13 @@ def steps_per_epoch(run: dict) -> int:
 
 def group(runs: list[dict], keys: list[str]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
-    for run in sorted(runs, key=lambda r: [_sortable(r.get(k, "–")) for k in keys] + [int(r["seed"])]):
+    for run in sorted(runs, key=lambda r: [sortable(r.get(k, "–")) for k in keys] + [int(r["seed"])]):
         groups.setdefault(tuple(run.get(k, "–") for k in keys), []).append(run)  # – : not this network's key
     return groups
 
 
-def _sortable(value: str):
-    try:
-        return (0, float(value), "")
-    except ValueError:
-        return (1, 0.0, value)
-
-
-def _spread(values: list[float], fmt: str) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(mean(values), fmt)} ({format(min(values), fmt)}–{format(max(values), fmt)})"
-
-
 def table(runs: list[dict], keys: list[str]) -> str:
-    """One row per variant: mean (min–max over seeds) of the final metrics."""
+    """One row per variant: the final metrics over seeds, mean ± std (min–max)."""
     head = [
         *keys,
         "seeds",
@@ -168,13 +154,13 @@ def table(runs: list[dict], keys: list[str]) -> str:
             *variant,
             ",".join(r["seed"] for r in rs),
             f"{parameters(rs[0]):,}",
-            _spread([r["test/exact_match"] for r in rs], ".3f"),
-            _spread([r["test/token_acc"] for r in rs], ".3f"),
+            spread([r["test/exact_match"] for r in rs], ".3f"),
+            spread([r["test/token_acc"] for r in rs], ".3f"),
             f"{len(reached)}/{len(rs)}",
-            _spread([r["epochs_to_target"] for r in reached], ".0f"),
-            _spread([r["epochs_to_target"] * steps_per_epoch(r) for r in reached], ".0f"),
-            _spread([r["epochs"] for r in rs], ".0f"),
-            _spread([r["train_time_s"] for r in rs], ".1f"),
+            spread([r["epochs_to_target"] for r in reached], ".0f"),
+            spread([r["epochs_to_target"] * steps_per_epoch(r) for r in reached], ".0f"),
+            spread([r["epochs"] for r in rs], ".0f"),
+            spread([r["train_time_s"] for r in rs], ".1f"),
         ]
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
     return "\n".join(lines) + "\n"
@@ -275,12 +261,12 @@ def length_table(client, runs: list[dict], keys: list[str]) -> str:
             *variant,
             ",".join(r["seed"] for r in rs),
             f"{int(rs[0]['n_params']):,}" if "n_params" in rs[0] else f"{parameters(rs[0]):,}",
-            _spread([r["test/iid_exact_match"] for r in rs], ".3f"),
-            _spread([r["test/ood_exact_match"] for r in rs], ".3f"),
-            _spread([r["test/ood_token_acc"] for r in rs], ".3f"),
+            spread([r["test/iid_exact_match"] for r in rs], ".3f"),
+            spread([r["test/ood_exact_match"] for r in rs], ".3f"),
+            spread([r["test/ood_token_acc"] for r in rs], ".3f"),
             ", ".join(str(echoed_up_to(by_length(client, r))) for r in rs),
-            _spread([r["epochs"] for r in rs], ".0f"),
-            _spread([r["train_time_s"] for r in rs], ".1f"),
+            spread([r["epochs"] for r in rs], ".0f"),
+            spread([r["train_time_s"] for r in rs], ".1f"),
         ]
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
     tested = sorted({r["task.test_lengths"] for r in runs})
@@ -332,8 +318,8 @@ def zoo_table(client, runs: list[dict]) -> str:
         curve = [mean(v) for v in zip(*curves)]
         worst = min(range(len(curve)), key=curve.__getitem__) if curve else None
         lines.append(
-            f"| {name} | {cell} | {n} | {_spread([r['val/exact_match'] for r in rs], '.3f')} | "
-            f"{_spread([r['test/token_acc'] for r in rs], '.3f')} | {_spread(forced, '.3f') if forced else '–'} | "
+            f"| {name} | {cell} | {n} | {spread([r['val/exact_match'] for r in rs], '.3f')} | "
+            f"{spread([r['test/token_acc'] for r in rs], '.3f')} | {spread(forced, '.3f')} | "
             f"{f'{worst + 1} ({curve[worst]:.3f})' if curve else '–'} | "
             f"{sum(a < TARGET for a in curve)} of {len(curve)} |"
         )
@@ -398,8 +384,9 @@ def report(client, study: str, sweep: str | None = None):
     else:
         fig = learning_curves(client, runs, keys, study)
     sweep = client.get_run(runs[0]["run_id"]).data.tags[SWEEP_TAG]
-    spread = "mean ± std (n−1) and the best seed" if study == "study_memory" else "mean (min–max)"
-    text = f"Sweep `{sweep}`, {len(runs)} runs ({how_it_ran(runs)}); {spread} over seeds.\n\n" + text
+    best = ", and the best seed" if study == "study_memory" else ""
+    said = f"mean ± std (min–max) over seeds, std the sample standard deviation (n−1){best}"
+    text = f"Sweep `{sweep}`, {len(runs)} runs ({how_it_ran(runs)}); {said}.\n\n" + text
     return text, fig
 
 
@@ -420,12 +407,6 @@ def memory_part(run: dict) -> tuple[str, str]:
         )
     reversed_ = " reversed" if run.get("task.reverse_input") == "True" else ""
     return "reversed input", f"n = {run['task.n_in']}{reversed_}"
-
-
-def _mean_std(values: list[float], fmt: str) -> str:
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(mean(values), fmt)} ± {format(stdev(values), fmt)}"
 
 
 def _loss_ratio(run: dict) -> float:
@@ -485,12 +466,12 @@ def _setting_key(setting: str):
 
 
 def memory_table(rows: list[dict]) -> str:
-    head = ["paper", "setting", "theirs", "echo's measure", "echo: mean ± std", "echo: best seed"]
+    head = ["paper", "setting", "theirs", "echo's measure", "echo: mean ± std (min–max)", "echo: best seed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         for i, (name, values, best) in enumerate(row["metrics"]):
             cells = [PAPERS[row["bench"]], row["setting"], row["theirs"]] if i == 0 else ["", "", ""]
-            cells += [name, _mean_std(values, ".3f"), format(best(values), ".3f")]
+            cells += [name, spread(values, ".3f"), format(best(values), ".3f")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -505,7 +486,7 @@ def memory_findings(rows: list[dict]) -> str:
         state = "sits on the memoryless baseline" if on else "ends below the memoryless baseline"
         if above:  # still on its way down to the baseline when the budget ended
             state = "ends above the memoryless baseline, not yet down to it"
-        where = f"{row['setting']}: the held-out loss {state} ({_mean_std(ratios, '.3f')} × baseline)"
+        where = f"{row['setting']}: the held-out loss {state} ({spread(ratios, '.3f')} × baseline)"
         if above:
             where += "; the paper's LSTM reached the baseline and stayed on it: echo's budget here is shorter"
         elif delay == 100 and on:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,12 +46,32 @@ def start_run_py(*args: str, cwd, uri: str) -> subprocess.Popen:
     )
 
 
-def all_runs(uri: str, experiment: str = "echo") -> list:
+def store_client(uri: str):
     from mlflow import MlflowClient
 
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    return client.search_runs([found.experiment_id], max_results=1000) if found else []
+    return MlflowClient(uri)
+
+
+def all_runs(uri: str, experiment: str | None = "echo") -> list:
+    """The runs of `experiment` in the store; None: of every experiment."""
+    store = store_client(uri)
+    if experiment is None:
+        return store.search_runs([e.experiment_id for e in store.search_experiments()], max_results=1000)
+    found = store.get_experiment_by_name(experiment)
+    return store.search_runs([found.experiment_id], max_results=1000) if found else []
+
+
+def train_in_new_store(folder: Path, *overrides: str) -> tuple[str, object]:
+    """Train one run of `overrides` in this process, in a new SQLite store in `folder`: (store uri, run)."""
+    from echo.train import train
+
+    uri = f"sqlite:///{folder}/mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(folder)
+        train(make_cfg(*overrides))
+    (run,) = all_runs(uri, None)
+    return uri, run
 
 
 def sweep_runs(uri: str, experiment: str = "echo") -> tuple[object, list]:
@@ -63,16 +84,12 @@ def sweep_runs(uri: str, experiment: str = "echo") -> tuple[object, list]:
 
 
 def artifacts(uri: str, run_id: str, path: str | None = None) -> list[str]:
-    from mlflow import MlflowClient
-
-    return [a.path for a in MlflowClient(uri).list_artifacts(run_id, path)]
+    return [a.path for a in store_client(uri).list_artifacts(run_id, path)]
 
 
 def metric_history(uri: str, run_id: str, metric: str) -> list[tuple[int, float]]:
     """(step, value) of every logged value of `metric`, by step."""
-    from mlflow import MlflowClient
-
-    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, metric))
+    return sorted((m.step, m.value) for m in store_client(uri).get_metric_history(run_id, metric))
 
 
 def tracking_workers(pid: int) -> dict[int, bytes]:

@@ -309,6 +309,20 @@ def stop_server(server: subprocess.Popen) -> None:
     server.wait()
 
 
+def kept_in(output: str) -> tuple[str, Path]:
+    """A run's one `echo: ` line, and the folder it says the run's writes are kept in."""
+    line = [line for line in output.splitlines() if line.startswith("echo: ")]
+    assert len(line) == 1 and "Traceback" not in output, output[-3000:]
+    return line[0], Path(line[0].split("is kept in ")[1].split(":")[0])
+
+
+def upload(folder: Path, uri: str) -> None:
+    """`python -m echo.upload <folder> --to <uri>`, which succeeds."""
+    command = [sys.executable, "-m", "echo.upload", str(folder), "--to", uri]
+    result = subprocess.run(command, cwd=Path(RUN_PY).parent, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_a_server_killed_mid_run_fails_the_run_keeps_its_metrics_and_they_upload_later(tmp_path):
     work = tmp_path / "work"
@@ -329,12 +343,10 @@ def test_a_server_killed_mid_run_fails_the_run_keeps_its_metrics_and_they_upload
         stop_server(server)  # SIGKILL: gone, mid-run
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 3, output[-3000:]
-    line = [line for line in output.splitlines() if line.startswith("echo: ")]
-    assert len(line) == 1 and line[0].startswith("echo: tracking failed: could not write run"), output[-3000:]
-    assert "Traceback" not in output
-    folder = Path(line[0].split("is kept in ")[1].split(":")[0])
+    line, folder = kept_in(output)
+    assert line.startswith("echo: tracking failed: could not write run"), output[-3000:]
     assert folder.parent == work / "echo-unsent" and folder.is_dir()
-    assert f"`python -m echo.upload {folder} --to {url}`" in line[0]
+    assert f"`python -m echo.upload {folder} --to {url}`" in line
     kept = [json.loads(row) for row in (folder / "metrics.jsonl").read_text().splitlines()]
     assert {row[0] for row in kept} >= {"train/loss", "val/exact_match", "test/exact_match"}
     assert (folder / "artifacts" / "learning_curve.png").exists()
@@ -342,14 +354,7 @@ def test_a_server_killed_mid_run_fails_the_run_keeps_its_metrics_and_they_upload
 
     server, url = start_server(tmp_path)  # back, on the same store
     try:
-        upload = subprocess.run(
-            [sys.executable, "-m", "echo.upload", str(folder), "--to", url],
-            cwd=Path(RUN_PY).parent,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert upload.returncode == 0, upload.stderr[-3000:]
+        upload(folder, url)
         assert not folder.exists()  # uploaded, then removed
         client = MlflowClient(url)
         run = client.get_run(run_id)  # the same run, complete again
@@ -444,19 +449,10 @@ def test_a_full_disk_mid_run_keeps_the_run_in_the_temporary_directory(small_disk
             pass
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 3, output[-3000:]
-    line = [line for line in output.splitlines() if line.startswith("echo: ")]
-    assert len(line) == 1 and "Traceback" not in output, output[-3000:]
-    folder = Path(line[0].split("is kept in ")[1].split(":")[0])
-    assert folder.parent == tmp_path / "tmp" / "echo-unsent", line[0]  # ./echo-unsent is on the full disk
+    line, folder = kept_in(output)
+    assert folder.parent == tmp_path / "tmp" / "echo-unsent", line  # ./echo-unsent is on the full disk
     filler.unlink()
-    upload = subprocess.run(
-        [sys.executable, "-m", "echo.upload", str(folder), "--to", uri],
-        cwd=Path(RUN_PY).parent,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert upload.returncode == 0, upload.stderr[-3000:]
+    upload(folder, uri)
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)

@@ -230,7 +230,7 @@ def test_the_memory_report_holds_one_table_and_sentences_from_the_numbers():
     text, fig = memory_report(runs)
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert table[0].startswith("| paper | setting | theirs |") and len(table) == 2 + 2 + 4 + 3 + 1
-    assert "| Grefenstette et al. 2015, Fig. 2a |" in text and "| 0.100 ± 0.100 | 0.200 |" in text
+    assert "| Grefenstette et al. 2015, Fig. 2a |" in text and "| 0.100 ± 0.100 (0.000–0.200) | 0.200 |" in text
     assert "T = 200, LSTM(40) rmsprop 0.001, 1500 steps: the held-out loss sits on the memoryless baseline" in text
     assert "at n = 10 reversal helps (test exact match 0.010 → 0.700)" in text
     assert "reading it backwards rescues the tutorial's encoder-decoder" in text

@@ -53,3 +53,26 @@ def test_the_report_reads_mlflow_only_through_echo_tracking():
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert "mlflow" not in imported and "echo" in imported
+
+
+def test_the_study_tables_show_spread_as_the_sweep_summary_does():
+    """Each cell over seeds is mean ± std (min–max) as in sweep.md, a single seed its value, none `–`."""
+    from experiments.report import table
+
+    task = {"task.n_unique": "10", "task.n_in": "2", "task.n_out": "2", "task.length": "10", "task.framing": "drop"}
+    model = {"model.name": "seq2seq", "model.hidden_size": "4", "model.batch_size": "3", "model.stateful": "True"}
+    runs = [
+        {**task, **model, "seed": str(seed), "test/exact_match": exact, "test/token_acc": 0.9, "epochs": 10.0}
+        | {"train_time_s": 1.0, **({"epochs_to_target": 8.0} if seed == 0 else {})}
+        for seed, exact in enumerate([0.2, 0.5, 0.8])
+    ]
+
+    def cells(runs: list[dict]) -> list[str]:
+        (row,) = [line for line in table(runs, ["model.hidden_size"]).splitlines() if line.startswith("| 4 |")]
+        return [cell.strip() for cell in row.strip("|").split("|")][3:]
+
+    exact, token, reached, epochs, steps, run, seconds = cells(runs)
+    assert (exact, token) == ("0.500 ± 0.300 (0.200–0.800)", "0.900 ± 0.000 (0.900–0.900)")
+    assert (reached, epochs, steps) == ("1/3", "8", "24")  # one seed reached 0.99: its value; 3 steps an epoch
+    assert (run, seconds) == ("10 ± 0 (10–10)", "1.0 ± 0.0 (1.0–1.0)")
+    assert cells(runs[1:2]) == ["0.500", "0.900", "0/1", "–", "–", "10", "1.0"]

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, all_runs, artifacts, make_cfg, run_py
+from helpers import TINY, all_runs, artifacts, make_cfg, run_py, store_client, train_in_new_store
 
 import echo
 from echo.data import held_out, to_batches
 from echo.encoding import REPRESENTATIONS
 from echo.reuse import LoadError
-from echo.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small task a few epochs teach something: 2-item windows of 5 values, whole-window exact match
@@ -27,14 +26,7 @@ SMALL += ["model.lr=3e-3", "stop_at=null", "threads=1"]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One finished run of SMALL in its own store: (store uri, run)."""
-    folder = tmp_path_factory.mktemp("trained")
-    uri = f"sqlite:///{folder}/mlflow.db"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.chdir(folder)
-        train(make_cfg(*SMALL))
-    (run,) = all_runs(uri)
-    return uri, run
+    return train_in_new_store(tmp_path_factory.mktemp("trained"), *SMALL)
 
 
 @pytest.fixture
@@ -42,12 +34,6 @@ def in_store(trained, monkeypatch):
     uri, run = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri, run
-
-
-def _client(uri):
-    from mlflow import MlflowClient
-
-    return MlflowClient(uri)
 
 
 # -- where a run came from ----------------------------------------------------------------
@@ -101,7 +87,7 @@ def test_a_run_records_the_commit_and_a_dirty_tree_its_diff(tmp_path):
     assert "git_diff.patch" not in artifacts(uri, first.info.run_id)
 
     assert second.data.tags["mlflow.source.git.commit"] == head and second.data.tags["echo.git_dirty"] == "true"
-    patch = _client(uri).download_artifacts(second.info.run_id, "git_diff.patch", str(tmp_path))
+    patch = store_client(uri).download_artifacts(second.info.run_id, "git_diff.patch", str(tmp_path))
     assert "+# an uncommitted change" in Path(patch).read_text()
     # The line a run ends with is the address of its page in `mlflow ui`.
     experiment = first.info.experiment_id
@@ -122,7 +108,7 @@ def test_a_finished_run_keeps_its_network_and_config(in_store):
     uri, run = in_store
     assert set(artifacts(uri, run.info.run_id, "model")) == {"model/weights.pt", "model/config.yaml"}
     stored = torch.load(
-        _client(uri).download_artifacts(run.info.run_id, "model/weights.pt"), weights_only=True
+        store_client(uri).download_artifacts(run.info.run_id, "model/weights.pt"), weights_only=True
     )  # tensors and plain values only
     assert stored["network"]["name"] == "seq2seq" and stored["network"]["hidden_size"] == 20
     assert all(isinstance(v, torch.Tensor) for v in stored["state_dict"].values())
@@ -170,7 +156,7 @@ def test_evaluate_logs_a_linked_run_with_the_same_test_scores_or_on_longer_seque
         assert again.data.metrics[metric] == run.data.metrics[metric]
     assert "train/loss" not in again.data.metrics  # nothing was trained
     assert f"/runs/{again.info.run_id}" in same.stdout
-    table = _client(uri).download_artifacts(by_length["40"].info.run_id, "expected_predicted.txt", str(tmp_path))
+    table = store_client(uri).download_artifacts(by_length["40"].info.run_id, "expected_predicted.txt", str(tmp_path))
     assert len(Path(table).read_text().splitlines()) == 40 - 2 + 1  # the windows of one longer sequence
 
 
@@ -191,7 +177,7 @@ def test_evaluate_refuses_a_bad_id_a_run_without_network_and_shapes_that_do_not_
     bad = run_py("evaluate=0123456789abcdef", cwd=tmp_path, uri=uri)
     _one_line_refusal(bad, "evaluate=0123456789abcdef: no such MLflow run")
 
-    client = _client(uri)
+    client = store_client(uri)
     empty = client.create_run(run.info.experiment_id, run_name="no network").info.run_id
     client.set_terminated(empty)
     missing = run_py(f"evaluate={empty}", cwd=tmp_path, uri=uri)
@@ -225,7 +211,7 @@ class Planted:
 @pytest.mark.slow
 def test_a_planted_checkpoint_or_network_is_refused_by_resume_evaluate_and_load_run(in_store, tmp_path):
     uri, run = in_store
-    client = _client(uri)
+    client = store_client(uri)
     marker = tmp_path / "the planted file ran"
     files = tmp_path / "planted"
     for folder in ("checkpoints", "model"):
@@ -250,7 +236,7 @@ def test_a_planted_checkpoint_or_network_is_refused_by_resume_evaluate_and_load_
 
 def test_a_malformed_network_file_is_refused(in_store, tmp_path):
     uri, run = in_store
-    client = _client(uri)
+    client = store_client(uri)
     files = tmp_path / "broken"
     files.mkdir()
     shutil.copy(client.download_artifacts(run.info.run_id, "model/config.yaml", str(tmp_path)), files)
@@ -269,7 +255,7 @@ def test_evaluate_keeps_whole_sequence_batches_whole_on_another_length(in_store,
     from echo.reuse import evaluated_config
 
     uri, run = in_store
-    client = _client(uri)
+    client = store_client(uri)
     saved = OmegaConf.load(client.download_artifacts(run.info.run_id, "model/config.yaml", str(tmp_path)))
     saved.model.batch_size = 21  # the 21 windows of a sequence of 22
     (tmp_path / "whole").mkdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import TINY, make_cfg, run_py
+from helpers import TINY, all_runs, make_cfg, run_py, store_client, train_in_new_store
 
 import echo
 from echo.checkpoints import resumed_config
@@ -26,13 +26,7 @@ SECRET = "hunter2-do-not-log"
 def trained(tmp_path_factory):
     """One finished run of SMALL in its own store: (its folder, store uri, run)."""
     folder = tmp_path_factory.mktemp("trained")
-    uri = f"sqlite:///{folder}/mlflow.db"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.chdir(folder)
-        train(make_cfg(*SMALL))
-    (run,) = _runs(uri)
-    return folder, uri, run
+    return folder, *train_in_new_store(folder, *SMALL)
 
 
 @pytest.fixture
@@ -43,22 +37,10 @@ def in_store(trained, monkeypatch):
     return folder, uri, run
 
 
-def _client(uri):
-    from mlflow import MlflowClient
-
-    return MlflowClient(uri)
-
-
-def _runs(uri) -> list:
-    """Every run in the store, in every experiment."""
-    client = _client(uri)
-    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
-
-
 def _plant(uri, run, tmp_path, changes: dict) -> str:
     """A new run holding a copy of `run`'s artifacts, with each file named in `changes` replaced by
     the change's result on its contents (None: removed). `a as b`: the change of a's contents is b."""
-    client = _client(uri)
+    client = store_client(uri)
     files = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / uuid.uuid4().hex)))
     for names, change in changes.items():
         source, _, target = names.partition(" as ")
@@ -134,7 +116,7 @@ def _leaky(config: dict) -> dict:
 def test_a_stored_interpolation_is_refused_and_never_resolved(in_store, tmp_path, entry):
     folder, uri, run = in_store
     planted = _plant(uri, run, tmp_path, _both_configs(_leaky))
-    before = len(_runs(uri))
+    before = len(all_runs(uri, None))
     if entry == "run":
         line = _refusal(entry, planted)
     else:
@@ -143,8 +125,8 @@ def test_a_stored_interpolation_is_refused_and_never_resolved(in_store, tmp_path
         assert SECRET not in result.stdout + result.stderr
     assert f"{entry}={planted}: the stored config holds an interpolation (${{...}}) at " in line
     assert "a stored config is data" in line and SECRET not in line and str(Path.home()) not in line
-    assert len(_runs(uri)) == before  # no run, so no param, tag or artifact
-    names = {e.name for e in _client(uri).search_experiments()}
+    assert len(all_runs(uri, None)) == before  # no run, so no param, tag or artifact
+    names = {e.name for e in store_client(uri).search_experiments()}
     assert str(Path.home()) not in names and SECRET not in names, names
     for path in [*folder.rglob("*"), *tmp_path.rglob("*")]:
         assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
@@ -162,10 +144,10 @@ UNKNOWN = [  # (change to the stored config, the key the refusal names)
 def test_a_stored_key_this_checkout_does_not_know_is_refused(in_store, tmp_path, entry, change, key):
     _, uri, run = in_store
     planted = _plant(uri, run, tmp_path, _both_configs(change))
-    before = len(_runs(uri))
+    before = len(all_runs(uri, None))
     line = _refusal(entry, planted)
     assert f"{entry}={planted}: the stored config holds {key}, a key this checkout's config does not have" in line
-    assert len(_runs(uri)) == before
+    assert len(all_runs(uri, None)) == before
 
 
 CHECKED = [  # (entry, change to the stored config, what the refusal says)
@@ -180,9 +162,9 @@ CHECKED = [  # (entry, change to the stored config, what the refusal says)
 def test_a_stored_config_gets_every_check_a_command_line_gets(in_store, tmp_path, entry, change, says):
     _, uri, run = in_store
     planted = _plant(uri, run, tmp_path, _both_configs(change))
-    before = len(_runs(uri))
+    before = len(all_runs(uri, None))
     assert says in _refusal(entry, planted)
-    assert len(_runs(uri)) == before
+    assert len(all_runs(uri, None)) == before
 
 
 @pytest.mark.slow
@@ -191,10 +173,10 @@ def test_a_stored_trainer_argument_is_refused_without_a_hang(in_store, tmp_path,
     """A planted trainer.num_nodes=2 made evaluate= wait for a second node for ever."""
     _, uri, run = in_store
     planted = _plant(uri, run, tmp_path, _both_configs(_with("trainer.num_nodes", 2)))
-    before = len(_runs(uri))
+    before = len(all_runs(uri, None))
     line = _one_line(run_py(f"{entry}={planted}", cwd=tmp_path, uri=uri, timeout=180))
     assert line.startswith("echo: bad config: trainer.num_nodes=2") and "one process" in line, line
-    assert len(_runs(uri)) == before
+    assert len(all_runs(uri, None)) == before
 
 
 # -- stored tensors must fit the network they describe --------------------------------------------
@@ -274,10 +256,10 @@ MISFITS = [  # (entry, changes to the run's artifacts, what the refusal says)
 def test_stored_tensors_that_do_not_fit_their_network_are_refused(in_store, tmp_path, entry, changes, says):
     _, uri, run = in_store
     planted = _plant(uri, run, tmp_path, changes)
-    before = len(_runs(uri))
+    before = len(all_runs(uri, None))
     line = _refusal(entry, planted)
     assert says in line and "refused" in line, line
-    assert len(_runs(uri)) == before
+    assert len(all_runs(uri, None)) == before
 
 
 HUGE = [  # (change to the stored network's arguments, what the refusal says)
@@ -292,10 +274,10 @@ HUGE = [  # (change to the stored network's arguments, what the refusal says)
 def test_a_stored_networks_sizes_are_checked_before_anything_is_built(in_store, tmp_path, entry, change, says):
     _, uri, run = in_store
     planted = _plant(uri, run, tmp_path, {"model/weights.pt": _in("network", change)})
-    before = len(_runs(uri))
+    before = len(all_runs(uri, None))
     line = _refusal(entry, planted)
     assert f"{entry}={planted}: the run's model/weights.pt " in line and says in line, line
-    assert len(_runs(uri)) == before
+    assert len(all_runs(uri, None)) == before
 
 
 def test_a_resume_takes_the_runs_own_command_line_and_refuses_a_changed_setting(in_store):
@@ -307,3 +289,6 @@ def test_a_resume_takes_the_runs_own_command_line_and_refuses_a_changed_setting(
     changed = [f"resume={run.info.run_id}", *SMALL, "model=encdec"]
     with pytest.raises(ConfigError, match="model=encdec: a resumed run keeps its config, and this command's sets "):
         resumed_config(make_cfg(*changed), changed)
+    # progress changes nothing trained: a preset that composes another value of it is no change
+    shown = [f"resume={run.info.run_id}", *(a for a in SMALL if not a.startswith("progress=")), "model=seq2seq"]
+    assert resumed_config(make_cfg(*shown, "progress=true"), shown).progress is False

@@ -7,7 +7,6 @@
     service.py  one worker for all the local jobs of a parallel sweep
     store.py    direct reads and writes: sweep parents, checkpoints, reports, stored networks
     sweep_summary.py  a sweep's summary on its parent run: table, seed statistics, plot, best child
-    outbox.py   what a store refused, kept in a local folder; `python -m echo.upload` sends it later
     provenance.py  where a run came from: git commit and diff, command, versions, machine
 
 Why not Lightning's `MLFlowLogger`: it writes from the training process, synchronously. Measured
@@ -26,18 +25,10 @@ from echo.tracking.naming import (
     SWEEP_TAG,
     flatten,
     run_name_and_tags,
-    run_page,
     tracking_uri,
 )
 from echo.tracking.service import TrackingService
-from echo.tracking.store import (
-    download_artifact,
-    experiment_id,
-    log_artifacts,
-    mlflow_client,
-    run_tags,
-    tag_provenance,
-)
+from echo.tracking.store import download_artifact, log_artifacts, mlflow_client, run_tags
 
 __all__ = [
     "PARENT_RUN_ENV",
@@ -48,15 +39,12 @@ __all__ = [
     "close_service_connections",
     "TrackingService",
     "download_artifact",
-    "experiment_id",
     "flatten",
     "log_artifacts",
     "mlflow_client",
     "run_name_and_tags",
-    "run_page",
     "run_tags",
     "start_tracker",
-    "tag_provenance",
     "tracking_uri",
     "warm_up",
 ]

@@ -249,10 +249,7 @@ class Tracker:
         self, history: list[tuple[str, int, float]], target: float, baseline: float | None = None
     ) -> None:
         """`learning_curve.png`, drawn by the worker; `baseline`: a loss to draw across it (chance/loss)."""
-        if baseline is None:
-            self._send(op="curve", history=history, target=target)
-        else:
-            self._send(op="curve", history=history, target=target, baseline=baseline)
+        self._send(op="curve", history=history, target=target, baseline=baseline)
 
     def log_artifacts(self, folder: str, path: str, remove: bool = False) -> None:
         """The files in local `folder` under `path` in the run's artifacts; the worker removes the
@@ -266,11 +263,6 @@ class Tracker:
         """Tag where the run came from (code version, command, versions, machine:
         echo/tracking/provenance.py); the worker collects it, off the training process."""
         self._send(op="provenance", argv=list(sys.argv if argv is None else argv))
-
-    def log_file(self, path: str, folder: str) -> None:
-        """Hand the file at `path`, alone in a temporary folder, to the worker: it logs the file
-        into the run's artifacts under `folder`, then deletes the temporary folder."""
-        self.log_artifacts(os.path.dirname(str(path)), folder, remove=True)
 
     def page(self, timeout: float = 300) -> str | None:
         """The address of the run's page in the MLflow UI, once the worker has written what was sent

@@ -6,19 +6,7 @@ from __future__ import annotations
 import os
 
 from echo.tracking.naming import tracking_uri
-from echo.tracking.worker import experiment_id, new_client, tag_provenance
-
-__all__ = [
-    "download_artifact",
-    "experiment_id",
-    "log_artifacts",
-    "mlflow_client",
-    "run_record",
-    "run_tags",
-    "saved_files",
-    "sweep_jobs",
-    "tag_provenance",
-]
+from echo.tracking.worker import new_client
 
 
 def mlflow_client(uri: str | None = None):

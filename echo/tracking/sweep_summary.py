@@ -114,6 +114,13 @@ class Spread:
         return f"{self.mean:{fmt}} ± {self.std:{fmt}} ({lo:{fmt}}–{hi:{fmt}})"
 
 
+def spread(values: Iterable[float], fmt: str) -> str:
+    """The table cell of a metric over seeds, in sweep.md and the study tables (experiments/report.py):
+    `mean ± std (min–max)`, one seed's value, or `–` for none."""
+    values = list(values)
+    return Spread(values).cell(fmt) if values else "–"
+
+
 @dataclass
 class Setting:
     """The children of a sweep that differ only in their seed."""
@@ -180,7 +187,7 @@ def seed_statistics(runs: list, keys: list[str], objective: str) -> list[Setting
 
     def rank(setting: Setting) -> tuple:
         spread = setting.stats.get(objective)
-        order = [_sortable(v) for v in setting.values.values()]
+        order = [sortable(v) for v in setting.values.values()]
         if spread is None:
             return (1, 0.0, 0.0, order)
         success = -(setting.success_rate or 0.0) if to_target else 0.0
@@ -189,7 +196,8 @@ def seed_statistics(runs: list, keys: list[str], objective: str) -> list[Setting
     return sorted(settings.values(), key=rank)
 
 
-def _sortable(value: str) -> tuple:
+def sortable(value: str) -> tuple:
+    """A param's text as a sort key: numbers by value, before text."""
     try:
         return (0, float(value), "")
     except ValueError:
@@ -246,7 +254,7 @@ def sweep_table(runs: list, swept: list[str], objective: str, settings: list[Set
 
 
 def _seed(run) -> tuple:
-    return _sortable(run.data.params.get("seed", ""))
+    return sortable(run.data.params.get("seed", ""))
 
 
 def _unfinished(runs: list) -> str:
@@ -281,7 +289,7 @@ def sweep_plot(settings: list[Setting], keys: list[str], objective: str):
     import matplotlib.pyplot as plt
 
     shown = [m for m in dict.fromkeys([objective, "test/exact_match"]) if any(m in s.stats for s in settings)]
-    order = sorted(settings, key=lambda s: [_sortable(v) for v in s.values.values()])
+    order = sorted(settings, key=lambda s: [sortable(v) for v in s.values.values()])
     try:
         x = [float(s.values[keys[0]]) for s in order] if len(keys) == 1 else None
     except ValueError:

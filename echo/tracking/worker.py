@@ -244,6 +244,88 @@ def open_store(uri: str, client=client) -> None:
         pass
 
 
+def log_params(store, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+        store.log_batch(run_id, params=items[i : i + 100])
+
+
+class StoreRun:
+    """A run in the store, written through the calls an Outbox takes; metrics in batches of
+    `flush_rows`, or every `flush_every_s`."""
+
+    def __init__(self, client, run_id: str, flush_rows: int, flush_every_s: float):
+        from mlflow.entities import Metric, RunTag
+
+        self.Metric, self.RunTag = Metric, RunTag
+        self.client, self.run_id, self.flush_rows, self.flush_every_s = client, run_id, flush_rows, flush_every_s
+        self.pending, self.last_flush = [], time.monotonic()
+
+    def metrics(self, rows: list[tuple[str, float, int, int]]) -> None:
+        self.pending += [self.Metric(name, value, ms, step) for name, value, ms, step in rows]
+        if len(self.pending) >= self.flush_rows or time.monotonic() - self.last_flush > self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        while self.pending:  # what is written leaves `pending`: a failure keeps only the rest
+            self.client.log_batch(self.run_id, metrics=self.pending[:1000])
+            del self.pending[:1000]
+        self.last_flush = time.monotonic()
+
+    def tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[self.RunTag(k, v) for k, v in tags.items()])
+
+    def params(self, params: dict[str, str]) -> None:
+        log_params(self.client, self.run_id, params)
+
+    def text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def figure(self, figure, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
+
+    def artifacts(self, folder: str, path: str) -> None:
+        self.client.log_artifacts(self.run_id, folder, path)
+
+    def end(self, status: str) -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status)
+
+
+def write(run, op: str, message: dict) -> None:
+    """Write message `op` (the table above) into `run`: a StoreRun, or the Outbox keeping it."""
+    if op == "metrics":
+        run.metrics([(name, float(value), message["ms"], step) for name, step, value in message["rows"]])
+    elif op == "text":
+        run.text(message["text"], message["name"])
+    elif op in ("tags", "params"):
+        getattr(run, op)({k: str(v) for k, v in message[op].items()})
+    elif op == "curve":
+        run.figure(learning_curve(**message), "learning_curve.png")
+    elif op == "positions":
+        run.figure(by_position(**message), "token_acc_by_position.png")
+    elif op == "lengths":
+        figure = length_generalisation(**message)
+        run.figure(figure, "length_generalisation.png")
+        pyplot().close(figure)
+    elif op == "artifacts":
+        run.artifacts(message["folder"], message["path"])
+        if message.get("remove"):
+            shutil.rmtree(message["folder"], ignore_errors=True)
+    elif op == "provenance":  # where the run came from (provenance.py), collected here, off the training process
+        tags, diff = _source_tags(message["argv"])
+        run.tags(tags)
+        if diff:
+            run.text(diff, _provenance().DIFF_ARTIFACT)
+    elif op == "end":
+        if message.get("error"):
+            run.text(message["error"], "error.txt")
+            run.tags({"echo.error": message["error"].strip().splitlines()[-1][:500]})
+        run.end(message["status"])
+
+
 class RunWriter:
     """Writes runs, one at a time: params at the start, metrics in batches, artifacts, the status.
 
@@ -258,13 +340,13 @@ class RunWriter:
     )
 
     def __init__(self, flush_every_s: float = 10.0, reply=answer, service: bool = False):
-        self.flush_every_s, self.pending, self.run_id, self.reply = flush_every_s, [], None, reply
+        self.flush_every_s, self.reply = flush_every_s, reply
         # A service loads matplotlib when it is idle, not as a run starts. It writes metrics in
         # smaller batches: many runs end at once (a population's), and what each has not written
         # by then is written after training, while the sweep waits.
         self.warm_up, self.flush_rows = not service, 250 if service else 1000
         self.client, self.uri = None, None
-        self.run, self.outbox, self.failed_start = None, None, None
+        self.run, self.store, self.outbox, self.failed_start = None, None, None, None
 
     def handle(self, line: str) -> None:
         """Act on one message; answer `end` once the run is written or kept (`start` is answered early)."""
@@ -276,8 +358,8 @@ class RunWriter:
             self.start(**message)
         elif op == "where":
             self.where()
-        elif op == "open":
-            self.open(**message)
+        elif op == "open":  # while the training process imports torch: the run's `start` then costs little
+            open_store(message["uri"])
         elif self.failed_start is not None or self.run is None:  # nothing of it can be tracked
             if op == "artifacts" and message.get("remove"):
                 shutil.rmtree(message["folder"], ignore_errors=True)
@@ -285,7 +367,7 @@ class RunWriter:
             self.keep(op, message)
         else:
             try:
-                getattr(self, op)(**message)
+                write(self.store, op, message)
             except Exception as error:
                 self.open_outbox(error)
                 self.keep(op, message, failed=True)
@@ -294,101 +376,38 @@ class RunWriter:
 
     def finish(self) -> None:
         """Answer `end`: `ended` when all was written, else `unsent <where it is kept>`."""
-        outbox, self.outbox, self.run, self.run_id, self.failed_start = self.outbox, None, None, None, None
-        self.pending = []
+        outbox, self.outbox, self.run, self.store, self.failed_start = self.outbox, None, None, None, None
         self.reply("ended" if outbox is None else "unsent " + json.dumps(outbox.summary()))
 
     def start(self, uri, experiment, run_name, tags, params) -> None:
         self.run = dict(uri=uri, experiment=experiment, run_name=run_name, tags=tags, params=params)
         self.run.update(run_id=None, params_written=False)
-        self.pending, self.outbox, self.failed_start = [], None, None
+        self.store, self.outbox, self.failed_start = None, None, None
         try:
-            from mlflow.entities import Metric, Param, RunTag
-
-            self.Metric, self.RunTag, self.Param = Metric, RunTag, Param
             if uri != self.uri:
                 self.client, self.uri = client(uri), uri
-            run = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name, tags=tags)
+            created = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name, tags=tags)
+            self.store = StoreRun(self.client, created.info.run_id, self.flush_rows, self.flush_every_s)
         except Exception as error:
             self.failed_start = reason(error)
             self.reply("failed " + self.failed_start)
             return
-        self.run_id = self.run["run_id"] = run.info.run_id
-        self.reply(self.run_id)
+        self.run["run_id"] = self.store.run_id
+        self.reply(self.store.run_id)
         try:
-            items = [Param(k, v) for k, v in params.items()]
-            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
-                self.client.log_batch(self.run_id, params=items[i : i + 100])
+            log_params(self.client, self.store.run_id, params)
             self.run["params_written"] = True
         except Exception as error:
             self.open_outbox(error)
-        self.last_flush = time.monotonic()
         if self.warm_up:
             pyplot()  # load matplotlib now, while training runs, not at the end
-
-    def metrics(self, rows, ms) -> None:
-        self.pending += [self.Metric(name, float(value), ms, step) for name, step, value in rows]
-        if len(self.pending) >= self.flush_rows or time.monotonic() - self.last_flush > self.flush_every_s:
-            self.flush()
-
-    def flush(self) -> None:
-        while self.pending:  # what is written leaves `pending`: a failure keeps only the rest
-            self.client.log_batch(self.run_id, metrics=self.pending[:1000])
-            del self.pending[:1000]
-        self.last_flush = time.monotonic()
-
-    def text(self, text, name) -> None:
-        self.client.log_text(self.run_id, text, name)
-
-    def tags(self, tags) -> None:
-        self.client.log_batch(self.run_id, tags=[self.RunTag(k, str(v)) for k, v in tags.items()])
-
-    def params(self, params) -> None:
-        self.client.log_batch(self.run_id, params=[self.Param(k, v) for k, v in params.items()])
-
-    def positions(self, accuracy, chance) -> None:
-        self.client.log_figure(self.run_id, by_position(accuracy, chance), "token_acc_by_position.png")
-
-    def curve(self, history, target, baseline=None) -> None:
-        self.client.log_figure(self.run_id, learning_curve(history, target, baseline), "learning_curve.png")
-
-    def artifacts(self, folder, path, remove=False) -> None:
-        """The files in local `folder`, under `path` in the run's artifacts (removed after, if `remove`)."""
-        self.client.log_artifacts(self.run_id, folder, path)
-        if remove:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    def provenance(self, argv) -> None:
-        """Tag where the run came from (echo/tracking/provenance.py: git, command, versions, machine),
-        and keep the diff of a dirty tree as `git_diff.patch`; collected here, off the training process."""
-        tags, diff = _source_tags(argv)
-        self.tags(tags)
-        if diff:
-            self.text(diff, _provenance().DIFF_ARTIFACT)
-
-    def open(self, uri) -> None:
-        """Open the store now (`open_store`), while the training process imports torch and checks
-        its config: the run's `start` then costs little."""
-        open_store(uri)
 
     def where(self) -> None:
         """Answer the run's experiment id (for the address of the run's page); empty if unknown."""
         try:
-            self.reply(self.client.get_run(self.run_id).info.experiment_id)
+            self.reply(self.client.get_run(self.store.run_id).info.experiment_id)
         except Exception:  # no run, or the store is gone: the training process prints no address
             self.reply("")
-
-    def lengths(self, rows, trained, chance) -> None:
-        figure = length_generalisation(rows, trained, chance)
-        self.client.log_figure(self.run_id, figure, "length_generalisation.png")
-        pyplot().close(figure)
-
-    def end(self, status, error=None) -> None:
-        self.flush()
-        if error:
-            self.text(error, "error.txt")
-            self.tags({"echo.error": error.strip().splitlines()[-1][:500]})
-        self.client.set_terminated(self.run_id, status)
 
     def abandon(self) -> None:
         """The training process went away without a word: end its run KILLED (or keep that locally)."""
@@ -397,7 +416,7 @@ class RunWriter:
         message = {"status": "KILLED"}
         if self.outbox is None:
             try:
-                self.end(**message)
+                write(self.store, "end", message)
                 return
             except Exception as error:
                 self.open_outbox(error)
@@ -407,58 +426,29 @@ class RunWriter:
     def open_outbox(self, error: BaseException) -> None:
         """Keep this run's writes locally from now on, starting with the metrics not yet written."""
         self.outbox = Outbox(self.run, reason(error))
-        self.outbox.metrics([(m.key, m.value, m.timestamp, m.step) for m in self.pending])
-        self.pending = []
+        self.outbox.metrics([(m.key, m.value, m.timestamp, m.step) for m in self.store.pending])
+        self.store.pending = []
 
     def keep(self, op: str, message: dict, failed: bool = False) -> None:
         """Keep message `op` in the outbox (`failed`: the store failed while writing it)."""
-        box = self.outbox
-        if op == "metrics" and not failed:  # (a failed one's rows were pending, and are kept already)
-            box.metrics([(name, float(value), message["ms"], step) for name, step, value in message["rows"]])
-        elif op == "text":
-            box.text(message["text"], message["name"])
-        elif op == "tags":
-            box.tags({k: str(v) for k, v in message["tags"].items()})
-        elif op == "curve":
-            curve = learning_curve(message["history"], message["target"], message.get("baseline"))
-            box.figure(curve, "learning_curve.png")
-        elif op == "positions":
-            box.figure(by_position(**message), "token_acc_by_position.png")
-        elif op == "artifacts":
-            box.artifacts(message["folder"], message["path"])
-            if message.get("remove"):
-                shutil.rmtree(message["folder"], ignore_errors=True)
-        elif op == "params":
-            box.params({k: str(v) for k, v in message["params"].items()})
-        elif op == "lengths":
-            figure = length_generalisation(**message)
-            box.figure(figure, "length_generalisation.png")
-            pyplot().close(figure)
-        elif op == "provenance":
-            tags, diff = _source_tags(message["argv"])
-            box.tags(tags)
-            if diff:
-                box.text(diff, _provenance().DIFF_ARTIFACT)
-        elif op == "end":
-            if message.get("error"):
-                box.text(message["error"], "error.txt")
-                box.tags({"echo.error": message["error"].strip().splitlines()[-1][:500]})
-            box.end(message["status"])
+        if op != "metrics" or not failed:  # (a failed one's rows were pending, and are kept already)
+            write(self.outbox, op, message)
+        if op == "end":
             self.end_in_store(message["status"])
 
     def end_in_store(self, status: str) -> None:
         """End a run whose writes are kept locally in the store too, where it can be reached, so that
         it does not stay RUNNING there: FAILED (what it holds is incomplete), tagged with the folder
         keeping the rest; `python -m echo.upload` then completes it and gives it `status`."""
-        if self.run_id is None or unreachable(self.uri):  # a server that is gone: no minutes of retries
+        if self.store is None or unreachable(self.uri):  # a server that is gone: no minutes of retries
             return
         logging.disable(logging.CRITICAL)  # a store that refuses it again (a full disk): the run's line said why
         try:
             with contextlib.suppress(Exception):
                 folder = self.outbox.folder
-                self.tags({"echo.status": status} | ({"echo.kept_in": str(folder)} if folder else {}))
+                self.store.tags({"echo.status": status} | ({"echo.kept_in": str(folder)} if folder else {}))
             with contextlib.suppress(Exception):
-                self.client.set_terminated(self.run_id, "FAILED")
+                self.client.set_terminated(self.store.run_id, "FAILED")
         finally:
             logging.disable(logging.NOTSET)
 
@@ -622,7 +612,8 @@ class Connection:
         for line in lines:
             if self.writer is None:
                 sweep = json.loads(line)["op"].startswith("sweep.")
-                self.writer = _sweep_requests(self.reply) if sweep else RunWriter(reply=self.reply, service=True)
+                # the sweep's own requests (echo.sweeps.SweepStore) share this service's clients with its runs
+                self.writer = SweepRequests(self.reply) if sweep else RunWriter(reply=self.reply, service=True)
             self.writer.handle(line.decode())
         return bool(data)
 
@@ -630,12 +621,6 @@ class Connection:
         if self.writer is not None:
             self.writer.abandon()  # if the training process (or the sweep) went away without a word
         self.sock.close()
-
-
-def _sweep_requests(reply):
-    """The sweep's own requests (its parent run, summary, end: echo.sweeps.SweepStore), answered by
-    this service, so that one process imports mlflow and opens the store for the whole sweep."""
-    return SweepRequests(reply, client)  # this script's client: the runs' and the sweep's share it
 
 
 def serve(path: str) -> None:
@@ -722,7 +707,7 @@ def upload(folder: str, uri: str) -> str:
 
     The run it was kept from goes on where that run exists in this store (its metrics complete
     again); elsewhere a new run is created with the kept params and tags."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, RunTag
 
     kept = read(folder)
     run, client = kept["run"], new_client(uri)
@@ -739,12 +724,8 @@ def upload(folder: str, uri: str) -> str:
         run_id = client.create_run(experiment, run_name=run["run_name"], tags=tags).info.run_id
         params = True
     if params:
-        items = [Param(k, str(v)) for k, v in run["params"].items()]
-        for i in range(0, len(items), 100):
-            client.log_batch(run_id, params=items[i : i + 100])
-    more = read_params(folder)  # params sent after the run started (e.g. n_params)
-    if more:
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in more.items()])
+        log_params(client, run_id, run["params"])
+    log_params(client, run_id, read_params(folder))  # params sent after the run started (e.g. n_params)
     if kept["tags"]:
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in kept["tags"].items()])
     metrics = [Metric(name, value, ms, step) for name, value, ms, step in kept["metrics"]]
