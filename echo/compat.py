@@ -279,11 +279,11 @@ def end_slurm_jobs_without_a_result(ended) -> None:
     """Let a sweep through submitit on SLURM end when one of its jobs ends without a result (`scancel`, a
     node lost, a job killed outright). submitit learns a job's state from `sacct` alone (its watcher's
     private `_make_command`), which fails on a cluster that keeps no accounting: it then waits for such a
-    job forever (a sweep whose job was cancelled had not exited 10 minutes later, on the tests' one-node
-    cluster). Its jobs' states now come from `squeue` where `sacct` fails (slurmctld keeps an ended job
-    for MinJobAge, 300 s by default), checked every minute at most (submitit: every 10), and such a job's
-    `results()` returns `ended(job)` instead of raising, so the launcher waits for the other jobs (the
-    sweep stopped 40 s after `scancel` there)."""
+    job forever (in CI, on the tests' one-node cluster, a sweep whose job was cancelled had not exited
+    600 s later). Its jobs' states now come from `squeue` where `sacct` fails (slurmctld keeps an ended
+    job for MinJobAge, 300 s by default), checked every minute at most (submitit: every 10), and such a
+    job's `results()` returns `ended(job)` instead of raising, so the launcher waits for the other jobs
+    (the same sweep stopped 34 s after `scancel`)."""
     import shlex
 
     from submitit.core.utils import UncompletedJobError
@@ -304,7 +304,7 @@ def end_slurm_jobs_without_a_result(ended) -> None:
         except UncompletedJobError:
             return [ended(job)]
 
-    submitit_results = getattr(slurm.SlurmJob.results, "submitit", slurm.SlurmJob.results)
+    submitit_results = getattr(slurm.SlurmJob.results, "submitit", slurm.SlurmJob.results)  # once per launch
     results.submitit = submitit_results
     slurm.SlurmJob.watcher = Watcher(delay_s=60)
     slurm.SlurmJob.results = results
