@@ -165,7 +165,7 @@ def test_a_sweep_whose_job_was_cancelled_stops_and_continues_submitting_only_tha
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 1 and time.monotonic() - cancelled < 120, out[-3000:]
+    assert proc.returncode == 1 and time.monotonic() - cancelled < 180, out[-3000:]  # not forever
     assert f"echo: job #1 (SLURM job {first.data.tags['echo.slurm_job_id']}) ended CANCELLED" in out, out[-3000:]
     parent, before = sweep_runs(uri)
     assert parent.info.status == "KILLED" and f"`python run.py -m resume={parent.info.run_id}`" in out
