@@ -272,6 +272,44 @@ def answer_sweep_jobs_with(loader, master, composed: dict) -> None:
     loader.load_sweep_config = load_sweep_config
 
 
+# -- submitit's SLURM jobs (hydra_plugins/echo_slurm/) --------------------------------------------------
+
+
+def end_slurm_jobs_without_a_result(ended) -> None:
+    """Let a sweep through submitit on SLURM end when one of its jobs ends without a result (`scancel`, a
+    node lost, a job killed outright). submitit learns a job's state from `sacct` alone (its watcher's
+    private `_make_command`), which fails on a cluster that keeps no accounting: it then waits for such a
+    job forever (in CI, on the tests' one-node cluster, a sweep whose job was cancelled had not exited
+    600 s later). Its jobs' states now come from `squeue` where `sacct` fails (slurmctld keeps an ended
+    job for MinJobAge, 300 s by default), checked every minute at most (submitit: every 10), and such a
+    job's `results()` returns `ended(job)` instead of raising, so the launcher waits for the other jobs
+    (the same sweep stopped 34 s after `scancel`)."""
+    import shlex
+
+    from submitit.core.utils import UncompletedJobError
+    from submitit.slurm import slurm
+
+    class Watcher(slurm.SlurmInfoWatcher):
+        def _make_command(self):
+            command = super()._make_command()  # sacct -o JobID,State,NodeList --parsable2 -j <id> ...
+            if command is None:
+                return None
+            ids = ",".join(command[command.index("-j") + 1 :: 2])
+            squeue = f"echo 'JobID|State|NodeList'; squeue -h -t all -o '%i|%T|%N' -j {ids}"
+            return ["sh", "-c", f"{shlex.join(command)} 2>/dev/null || {{ {squeue}; }}"]
+
+    def results(job):
+        try:
+            return submitit_results(job)
+        except UncompletedJobError:
+            return [ended(job)]
+
+    submitit_results = getattr(slurm.SlurmJob.results, "submitit", slurm.SlurmJob.results)  # once per launch
+    results.submitit = submitit_results
+    slurm.SlurmJob.watcher = Watcher(delay_s=60)
+    slurm.SlurmJob.results = results
+
+
 # -- glibc's malloc (echo/train.py, echo/population.py) ----------------------------------------------
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)

@@ -177,6 +177,27 @@ def test_the_grid_is_the_jobs_hydras_basic_sweeper_makes():
     assert len(grid(overrides)) == 2 * 2 * 3
 
 
+def test_submitits_slurm_watcher_asks_sacct_and_reads_what_squeue_prints_too(monkeypatch):
+    """end_slurm_jobs_without_a_result extends the private `_make_command` of submitit's SLURM watcher
+    (sacct with `-j <job>` per job) to fall back on squeue, whose lines (as it printed them on the tests'
+    cluster) the watcher reads as sacct's, and catches the UncompletedJobError of `SlurmJob.results`."""
+    submitit = pytest.importorskip("submitit")
+    from submitit.slurm import slurm
+
+    assert "UncompletedJobError" in inspect.getsource(submitit.core.core.Job._get_outcome_and_result)
+    monkeypatch.setattr(slurm.SlurmJob, "watcher", slurm.SlurmJob.watcher)
+    monkeypatch.setattr(slurm.SlurmJob, "results", slurm.SlurmJob.results)
+    compat.end_slurm_jobs_without_a_result(lambda job: "ended")
+    watcher = slurm.SlurmJob.watcher
+    for job in ("12_1", "13"):
+        watcher.register_job(job)
+    command = watcher._make_command()
+    assert command[:2] == ["sh", "-c"] and command[2].startswith("sacct -o JobID,State,NodeList --parsable2 -j ")
+    assert "squeue -h -t all -o '%i|%T|%N' -j 12,13" in command[2] or "-j 13,12" in command[2]
+    info = watcher.read_info("JobID|State|NodeList\n12_[0,2-3%1]|PENDING|\n12_1|CANCELLED|vm\n")
+    assert [info[f"12_{i}"]["State"] for i in range(4)] == ["PENDING", "CANCELLED", "PENDING", "PENDING"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_glibc_takes_the_malloc_settings():
     """mallopt answers 1 for a setting it took (0 for a parameter it does not know)."""

@@ -10,6 +10,7 @@ import socket
 import time
 
 import pytest
+import yaml
 from helpers import all_runs, metric_history, run_py, start_run_py, sweep_runs
 from mlflow import MlflowClient
 
@@ -195,6 +196,28 @@ def test_a_killed_optuna_search_continues_to_n_trials_in_all(tmp_path):
     assert resumed.data.params["model.hidden_size"] == killed.data.params["model.hidden_size"]
     assert resumed.data.params["model.lr"] == killed.data.params["model.lr"]
     assert len({(t.data.params["model.hidden_size"], t.data.params["model.lr"]) for t in trials}) == 6
+
+
+@pytest.mark.slow
+def test_an_optuna_time_search_continues_to_n_trials_in_all_minimising_time_to_target(tmp_path):
+    """`optuna_time` has no time budget: a continued one, as `optuna`, ends at n_trials in all; the kept
+    trials' time_to_target_s go back to the study, which minimises it."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    easy = ["task.n_unique=2", "task.n_out=1", "target=0.3", "stop_at=null"]  # reached at the first validation
+    result = run_py("hparams_search=optuna_time", "hydra.sweeper.n_trials=2", *easy, *QUICK, cwd=tmp_path, uri=uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent, first = sweep_runs(uri)
+    result = run_py("-m", f"resume={parent.info.run_id}", "hydra.sweeper.n_trials=3", cwd=tmp_path, uri=uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(3 trials in all): 2 kept, 0 resumed, 1 run" in result.stderr
+    again, trials = sweep_runs(uri)
+    assert again.info.status == "FINISHED" and len(trials) == 3
+    assert {r.info.run_id for r in first} <= {r.info.run_id for r in trials}
+    times = [t.data.metrics["time_to_target_s"] for t in trials]
+    (results,) = tmp_path.glob("multirun/*/optimization_results.yaml")
+    assert yaml.safe_load(results.read_text())["best_value"] == pytest.approx(min(times), rel=1e-9)
+    assert again.data.metrics["best/time_to_target_s"] == pytest.approx(min(times), rel=1e-9)
 
 
 def _fake_parent(uri, status="KILLED", **tags):

@@ -130,3 +130,64 @@ def test_lightning_does_not_warn_that_srun_is_unused(slurm_cluster, tmp_path):
     result = run_py(*TINY, "logger=none", cwd=tmp_path, uri=f"sqlite:///{tmp_path}/mlflow.db")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "srun" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_sweep_whose_job_was_cancelled_stops_and_continues_submitting_only_that_job(slurm_cluster, tmp_path):
+    """`scancel` of a running job: the sweep stops once its other job has ended (submitit alone waited
+    forever: this cluster keeps no accounting), its parent KILLED; `-m resume=<parent>` submits one SLURM
+    job, the cancelled one's, which resumes from its checkpoint; the finished job is kept, not submitted."""
+    from cluster_services import need_module
+    from mlflow import MlflowClient
+
+    from echo.tracking.sweep_summary import children
+
+    need_module("hydra_plugins.hydra_submitit_launcher", 'pip install -e ".[submitit]"')
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).create_experiment("echo")  # the schema, once: polling it never races its creation
+    args = ["-m", *_launcher(slurm_cluster), "seed=0", "trainer.max_epochs=20,100000"]
+    args += ["trainer.check_val_every_n_epoch=100", "progress=false", *SMALL]
+    proc = start_run_py(*args, cwd=tmp_path, uri=uri)
+    client = MlflowClient(uri)
+    try:
+
+        def short_finished_and_long_training():
+            runs = {r.data.params.get("trainer.max_epochs"): r for r in all_runs(uri)}
+            long, short = runs.get("100000"), runs.get("20")
+            if short and short.info.status == "FINISHED" and long:
+                return long if client.get_metric_history(long.info.run_id, "train/loss") else None
+            return None
+
+        first = _wait_for(short_finished_and_long_training, 600, "the short job's end and the long one's metrics", proc)
+        _slurm("scancel", first.data.tags["echo.slurm_job_id"])
+        cancelled = time.monotonic()
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1 and time.monotonic() - cancelled < 180, out[-3000:]  # not forever
+    assert f"echo: job #1 (SLURM job {first.data.tags['echo.slurm_job_id']}) ended CANCELLED" in out, out[-3000:]
+    parent, before = sweep_runs(uri)
+    assert parent.info.status == "KILLED" and f"`python run.py -m resume={parent.info.run_id}`" in out
+    (short,) = [r for r in before if r.info.status == "FINISHED"]
+    (killed,) = [r for r in before if r.info.run_id == first.info.run_id]
+    assert killed.info.status == "KILLED"
+    assert "checkpoints/last.ckpt" in artifacts(uri, killed.info.run_id, "checkpoints")
+
+    done = max(m.step for m in client.get_metric_history(killed.info.run_id, "train/loss"))
+    submitted = set(_slurm("squeue", "-h", "-t", "all", "-o", "%i").split())  # slurmctld keeps ended jobs 600 s
+    continued = ["-m", "hydra/launcher=slurm", f"resume={parent.info.run_id}", f"trainer.max_epochs=20,{done + 100}"]
+    result = run_py(*continued, cwd=tmp_path, uri=uri, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2 jobs): 1 kept, 1 resumed, 0 run" in result.stderr
+    again, after = sweep_runs(uri)
+    assert again.info.status == "FINISHED" and len(after) == 3
+    (resumed,) = [r for r in after if r.data.tags.get("echo.resumed_from") == killed.info.run_id]
+    new_jobs = set(_slurm("squeue", "-h", "-t", "all", "-o", "%i").split()) - submitted
+    assert new_jobs == {resumed.data.tags["echo.slurm_job_id"]}  # one SLURM job: the unfinished one
+    assert resumed.data.tags["echo.job"] == killed.data.tags["echo.job"] == "1"  # its number in the sweep
+    jobs = children(client, parent.info.run_id)  # a resumed chain is one job
+    assert sorted(j.info.run_id for j in jobs) == sorted([short.info.run_id, resumed.info.run_id])
+    assert all(j.info.status == "FINISHED" for j in jobs)
+    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "train/loss")]
+    assert steps == list(range(done + 1, done + 101))

@@ -1,0 +1,1 @@
+"""echo's SLURM launcher for Hydra: `python run.py -m hydra/launcher=slurm ...` (submitit's, extended)."""
