@@ -1,5 +1,5 @@
 """The line a run ends its printout with, for a single run (echo.train) and a population's members
-(echo.population, which loads no Lightning): plain Python."""
+(echo.module.PopulationModule): plain Python."""
 
 
 def summary_line(s: dict[str, float]) -> str:

@@ -1,6 +1,6 @@
 """The tutorial's framing in plain torch (no Lightning): random sequences, supervised windows,
 one epoch's batches, and the `Draw` that makes them. echo/data.py builds the training loaders on
-them, echo/stacked.py and echo/population.py a population's (which never imports Lightning)."""
+them, and echo/stacked.py a population's."""
 
 from __future__ import annotations
 

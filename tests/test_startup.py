@@ -82,21 +82,3 @@ def test_torchmetrics_loads_no_torchvision_or_transformers_where_they_are_instal
     code = f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n" + IMPORTED_FOR_NOTHING
     result = python(code)
     assert result.stdout.splitlines() == ["False False False", "0.26.0 5.0.0"], result.stderr
-
-
-def test_a_population_sweep_never_imports_lightning(tmp_path):
-    """A population trains in a plain PyTorch loop: its process never imports Lightning (about
-    2.5 s of start-up here, with torch._dynamo, which Lightning imports), while a sweep's jobs
-    that run alone still do."""
-    root = Path(__file__).resolve().parents[1]
-    run = [sys.executable, "-X", "importtime", str(root / "run.py"), "-m", "hydra/launcher=population"]
-    settings = ["trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1", "progress=false", "logger=none"]
-    together = subprocess.run([*run, "seed=0,1", *settings], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert together.returncode == 0, together.stderr[-3000:]
-    assert "train as one stacked model" in together.stderr
-    imported = {line.split("|")[-1].strip() for line in together.stderr.splitlines() if line.startswith("import time")}
-    assert "torch" in imported and "echo.population" in imported
-    assert not {name for name in imported if "lightning" in name}
-    alone = subprocess.run([*run, "seed=0", *settings], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    assert "pytorch_lightning" in {line.split("|")[-1].strip() for line in alone.stderr.splitlines()}
