@@ -6,7 +6,8 @@ import time
 
 import pytest
 import torch
-from helpers import TINY, all_runs, artifacts, make_cfg, metric_history, run_py, start_run_py
+import yaml
+from helpers import TINY, all_runs, artifacts, csv_metrics, make_cfg, metric_history, run_py, start_run_py
 from pytorch_lightning.loggers import Logger
 
 from echo.data import to_batches, to_windows
@@ -448,3 +449,21 @@ def test_a_member_steps_as_its_independent_run_does_clipped_accumulated_or_in_fl
         assert any(not torch.allclose(v, plain.net.state_dict()[n].to(v.dtype)) for n, v in ours.items())
         adam_steps = int(next(iter(alone.optimizers().optimizer.state.values()))["step"])
         assert adam_steps == int(population.optimizer._step) == (8 if "accumulate 2" in steps else 12)
+
+
+def test_members_log_through_their_own_lightning_loggers_with_logger_csv(store, tmp_path):
+    """Each member's metrics go through a Lightning Logger of its own: with logger=csv, one metrics.csv
+    per member with every epoch's train/loss and the validations, and its Expected/Predicted table."""
+    result = run_py(*POPULATION, "seed=0,1", "logger=csv", *TINY, cwd=tmp_path, uri=store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train as one stacked model" in result.stderr
+    folders = sorted(path.parent for path in tmp_path.rglob("metrics.csv"))
+    assert len(folders) == 2
+    for folder in folders:
+        assert [step for step, _ in csv_metrics(folder, "train/loss")] == list(range(1, 11))
+        assert [step for step, _ in csv_metrics(folder, "val/exact_match")] == [5, 10]
+        assert (
+            csv_metrics(folder, "test/exact_match") and "Expected: [" in (folder / "expected_predicted.txt").read_text()
+        )
+    assert {yaml.safe_load((folder / "config.yaml").read_text())["seed"] for folder in folders} == {0, 1}
+    assert not (tmp_path / "mlflow.db").exists()
