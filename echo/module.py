@@ -81,6 +81,7 @@ class EchoModule(pl.LightningModule):
         self._train_sums: list[tuple[int, Tensor]] = []  # (first epoch, per epoch [loss*tokens, correct, tokens])
         self._unchecked: list[tuple[str, int, float]] = []  # the last validation's rows, for check_finite
         self.cuda_graph, self._graph = cuda_graph, EpochGraph()
+        self._t0, self._trained_s = None, 0.0  # (a resumed run: the training time before, from its checkpoint)
         # Several optimizer steps per Lightning step, written out (manual optimization); it
         # also skips automatic optimization's closure and hooks, costly next to these steps.
         self.automatic_optimization = False
@@ -172,7 +173,17 @@ class EchoModule(pl.LightningModule):
         torch.cuda.synchronize(self.device)
 
     def on_train_start(self) -> None:
-        self._t0 = time.perf_counter()  # time_to_target_s counts from here
+        self._t0 = time.perf_counter() - self._trained_s  # train_time_s and time_to_target_s count from here
+
+    def train_time_s(self) -> float:
+        """Training time so far, a resumed run's time before its interruption included."""
+        return self._trained_s if self._t0 is None else time.perf_counter() - self._t0
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["train_time_s"] = self.train_time_s()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._trained_s = float(checkpoint.get("train_time_s", 0.0))
 
     def epochs_completed(self) -> int:
         """Tutorial epochs of the Lightning epochs completed (all of them once `fit` returns)."""
@@ -432,18 +443,19 @@ class PopulationModule(pl.LightningModule):
         self.compact = compact and not on_gpu
         self._training: Tensor | None = None  # the members still training, once one has stopped
         self._train_sums: list[tuple[int, Tensor, list[bool]]] = []
-        self.epochs_done = 0
+        self.epochs_done, self._trained_s, self._t0 = 0, 0.0, time.perf_counter()
         self.automatic_optimization = False  # echo's own steps, as EchoModule's
         for k, state in enumerate(restore or []):  # (weights: loaded into `nets` before stacking)
             self.optimizer.load_member_state(k, state["adam"], self.net.names, stacked_layout)
             members[k].summary.update(state["summary"])
             self.epochs_done = int(state["epochs_done"])
+            self._trained_s = float(state["summary"].get("train_time_s", 0.0))  # its time before
 
     def configure_optimizers(self) -> None:
         return None  # the members' own optimizer, `self.optimizer`, steps in `_train_epoch`
 
     def on_train_start(self) -> None:
-        self._t0 = time.perf_counter()
+        self._t0 = time.perf_counter() - self._trained_s
 
     def epochs_at_step_end(self) -> int:
         return self.epochs_done
@@ -657,7 +669,7 @@ class PopulationModule(pl.LightningModule):
             "adam": self.optimizer.member_state(k, self.net.names, self.net.member_layout),
             "generator": generator.get_state(),
             "epochs_done": self.epochs_done if member.status == "RUNNING" else member.summary["epochs"],
-            "summary": dict(member.summary),
+            "summary": {"train_time_s": time.perf_counter() - self._t0, **member.summary},  # (a stopped one's own)
         }
 
 

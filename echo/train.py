@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import time
 import traceback
 from contextlib import contextmanager
 
@@ -159,9 +158,8 @@ def _fit_and_test(
         tracker.log_tags(_device_tags(trainer.strategy.root_device))
     if stored_net is not None:
         return _test_stored(cfg, logger, trainer, module, data)
-    start = time.perf_counter()
     trainer.fit(module, data, ckpt_path=checkpoint, weights_only=True)  # download_checkpoint checked it
-    train_time = time.perf_counter() - start
+    train_time = module.train_time_s()  # (a resumed run's: its time before included)
     if isinstance(logger, MLflowRunLogger):  # its history is complete: the worker draws the curve meanwhile
         tracker.log_learning_curve(logger.history, cfg.target, baseline)
     trainer.test(module, data, verbose=False)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import TINY, all_runs, artifacts, make_cfg, run_py, start_run_py, tracking_workers
 
+from echo.checkpoints import download_checkpoint
 from echo.config import ConfigError
 from echo.faults import TrainingError
 from echo.module import EchoModule
@@ -71,6 +72,8 @@ def test_checkpoints_every_n_epochs_and_resume_continues_as_a_linked_run(store):
         make_cfg(*TINY, "trainer.check_val_every_n_epoch=1", "trainer.max_epochs=15", f"resume={run.info.run_id}")
     )
     assert resumed["epochs"] == 15 and first["epochs"] == 10
+    saved = torch.load(download_checkpoint(run.info.run_id), weights_only=True)
+    assert 0 < saved["train_time_s"] < resumed["train_time_s"]  # the time before the interruption counts
     new = next(r for r in all_runs(store) if r.info.run_id != run.info.run_id)
     assert new.info.status == "FINISHED" and new.data.tags["echo.resumed_from"] == run.info.run_id
     assert _steps(store, new.info.run_id) == list(range(11, 16))  # epochs 11..15, not from scratch
