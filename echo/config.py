@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import echo.resolvers  # noqa: F401  (the presets' ${add:...}, registered with the checks)
@@ -61,6 +62,12 @@ count = at_least(1)
 def boolean(path: str, value) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"{path}={value!r} must be true or false: set {path}=true or {path}=false")
+
+
+def duration(path: str, value) -> None:
+    """Lightning's `max_time` as a command line gives it: days:hours:minutes:seconds."""
+    if not isinstance(value, str) or not re.fullmatch(r"\d+:\d\d:\d\d:\d\d", value):
+        raise ConfigError(f"{path}={value!r} must be a time as days:hours:minutes:seconds: e.g. {path}=00:12:00:00")
 
 
 def one_of(*names: str, hint: str | None = None):
@@ -157,10 +164,10 @@ LIGHTNING_TRAINER_ARGS = (
 # The ones echo supports, single runs and populations alike (docs/bad-input.md); each value is checked in CHECKS.
 TRAINER_SUPPORTED = (
     "max_epochs", "check_val_every_n_epoch", "accelerator", "devices", "precision", "gradient_clip_val",
-    "gradient_clip_algorithm", "accumulate_grad_batches", "strategy", "num_nodes",
+    "gradient_clip_algorithm", "accumulate_grad_batches", "strategy", "num_nodes", "max_time", "deterministic",
+    "detect_anomaly", "benchmark",
 )  # fmt: skip
 ONE_DEVICE = "a run trains in one process on one device; a sweep runs several runs"
-OUTSIDE_LIGHTNING = "populations (hydra/launcher=population) train outside Lightning's Trainer and would ignore it"
 ECHO_SETS = "echo sets it itself"
 NO_LIMIT = (
     "each Lightning epoch is one batch of fresh sequences: a limit would train or evaluate nothing, or change "
@@ -173,7 +180,6 @@ TRAINER_REFUSED = {
     "min_epochs": "a run stops at stop_at; stop_at=null trains every epoch",
     "max_steps": "echo counts epochs of several optimizer steps each; use trainer.max_epochs",
     "min_steps": "echo counts epochs of several optimizer steps each; use stop_at=null",
-    "max_time": OUTSIDE_LIGHTNING,
     "limit_train_batches": NO_LIMIT,
     "limit_val_batches": NO_LIMIT,
     "limit_test_batches": NO_LIMIT,
@@ -185,11 +191,8 @@ TRAINER_REFUSED = {
     "enable_checkpointing": f"{ECHO_SETS}; use checkpoint_every=<epochs>",
     "enable_progress_bar": f"{ECHO_SETS}; use progress=true or progress=false",
     "enable_model_summary": f"{ECHO_SETS} (off)",
-    "deterministic": OUTSIDE_LIGHTNING,
-    "benchmark": OUTSIDE_LIGHTNING,
-    "inference_mode": OUTSIDE_LIGHTNING,
-    "profiler": OUTSIDE_LIGHTNING,
-    "detect_anomaly": OUTSIDE_LIGHTNING,
+    "inference_mode": "echo evaluates without gradients itself (a population in its own steps)",
+    "profiler": "Lightning's profiler reports to its info log, which echo keeps quiet; benchmarks/speed.py times a run",
     "use_distributed_sampler": ONE_DEVICE,
     "sync_batchnorm": ONE_DEVICE,
     "plugins": "echo runs on Lightning's default plugins",
@@ -335,6 +338,10 @@ CHECKS = {
     "trainer.gradient_clip_val": optional(non_negative),
     "trainer.gradient_clip_algorithm": one_of("norm", "value"),
     "trainer.accumulate_grad_batches": count,
+    "trainer.max_time": optional(duration),
+    "trainer.deterministic": boolean,
+    "trainer.detect_anomaly": boolean,
+    "trainer.benchmark": optional(boolean),
     "logger.name": one_of("mlflow", "csv", "none", hint="logger=mlflow, logger=csv or logger=none"),
     "logger.experiment": name,
     "logger.save_dir": name,

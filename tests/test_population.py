@@ -467,3 +467,18 @@ def test_members_log_through_their_own_lightning_loggers_with_logger_csv(store, 
         )
     assert {yaml.safe_load((folder / "config.yaml").read_text())["seed"] for folder in folders} == {0, 1}
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("launcher", [[], POPULATION], ids=["run", "population"])
+def test_lightnings_own_trainer_settings_reach_a_run_and_a_population(launcher, store, tmp_path):
+    """A population trains through Lightning's Trainer as a run does: trainer.max_time ends it (each
+    member FINISHED and tested, long before max_epochs), with deterministic algorithms and anomaly detection on."""
+    lightning = ["+trainer.max_time=00:00:00:03", "+trainer.deterministic=true", "+trainer.detect_anomaly=true"]
+    result = run_py(*launcher, "seed=0,1" if launcher else "seed=0", *lightning, "trainer.max_epochs=100000",
+                    "stop_at=null", "progress=false", cwd=tmp_path, uri=store)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [r for r in all_runs(store) if r.data.tags.get("echo.sweep_parent") != "true"]
+    assert len(runs) == (2 if launcher else 1)
+    for run in runs:
+        assert run.info.status == "FINISHED" and "test/exact_match" in run.data.metrics
+        assert 0 < run.data.metrics["epochs"] < 100000 and run.data.params["trainer.max_time"] == "00:00:00:03"
