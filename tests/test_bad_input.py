@@ -74,6 +74,9 @@ BAD = {
     "+trainer.gradient_clip_algorithm=max": "trainer.gradient_clip_algorithm='max' is unknown",
     "+trainer.accumulate_grad_batches=0": "trainer.accumulate_grad_batches=0 must be a whole number >= 1",
     "+trainer.strategy=ddp": "trainer.strategy='ddp' is not supported by echo",
+    "+trainer.max_time=5": "trainer.max_time=5 must be a time as days:hours:minutes:seconds or null: e.g.",
+    "+trainer.deterministic=warn": "trainer.deterministic='warn' must be true or false",
+    "+trainer.profiler=simple": "trainer.profiler is not supported by echo (Lightning's profiler reports to its",
     "+trainer.num_nodes=2": "trainer.num_nodes=2 is not supported by echo",
     "+trainer.no_such_flag=1": "trainer.no_such_flag is not an argument of Lightning's Trainer",
     "logger.name=wandb": "logger.name='wandb' is unknown: choose logger=mlflow, logger=csv or logger=none",
@@ -199,6 +202,8 @@ def test_half_and_mixed_precision_are_refused_with_the_reason(precision):
         ["+trainer.precision=32-true", "+trainer.strategy=auto", "+trainer.num_nodes=1"],
         ["+trainer.gradient_clip_val=0.5", "+trainer.gradient_clip_algorithm=value"],
         ["+trainer.gradient_clip_val=null", "+trainer.accumulate_grad_batches=4"],
+        ["+trainer.max_time=01:00:30:00", "+trainer.deterministic=true", "+trainer.detect_anomaly=false"],
+        ["+trainer.max_time=null", "+trainer.benchmark=null"],
     ],
 )
 def test_the_supported_trainer_arguments_pass_every_check(overrides):
