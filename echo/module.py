@@ -473,7 +473,7 @@ class PopulationModule(pl.LightningModule):
             self.trainer.should_stop = True
 
     def on_train_end(self) -> None:
-        """trainer.max_epochs: the members still training end here."""
+        """trainer.max_epochs (or trainer.max_time): the members still training end here."""
         self._check_finite(self._running(), self.flush_train_metrics())
         last = self._running()
         for member in last:
