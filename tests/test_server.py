@@ -1,5 +1,6 @@
 """A shared tracking server: parallel jobs over HTTP lose nothing, and metrics stay buffered."""
 
+import json
 import os
 import signal
 import socket
@@ -118,13 +119,15 @@ def test_metrics_are_buffered_not_sent_every_epoch(store, monkeypatch, capsys):
         return log_batch(self, run_id, metrics, *args, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "log_batch", counting)
-    writer = RunWriter()
+    answers = []
+    writer = RunWriter(reply=answers.append)
     writer.start(store, "echo", "buffered", {}, {"model.hidden_size": "20"})
-    run_id = writer.run_id
+    run_id = answers[0]
     for epoch in range(1, 41):  # what a run with validation every epoch sends
         names = ("train/loss", "train/acc", "val/loss", "val/token_acc", "val/exact_match")
-        writer.metrics([(name, epoch, 0.5) for name in names], ms=0)
-    writer.end("FINISHED")
+        writer.handle(json.dumps({"op": "metrics", "rows": [[name, epoch, 0.5] for name in names], "ms": 0}))
+    writer.handle(json.dumps({"op": "end", "status": "FINISHED"}))
+    assert answers[-1] == "ended"
     assert sum(calls) == 40 * 5 and len(calls) <= 3, calls
     history = MlflowClient(store).get_metric_history(run_id, "val/exact_match")
     assert [m.step for m in history] == list(range(1, 41))
