@@ -12,11 +12,11 @@ from torch import Tensor, nn
 from echo.encoding import PAD, LinearScale, OneHot, representation
 from echo.faults import TrainingError, check_finite
 from echo.models import detach_state
+from echo.policy import windows_per_epoch
 from echo.speedups import EpochGraph
 from echo.stacked import MEMBER_OPTIMIZERS, StackedNet, member_loss_sums, member_scored, stacked_layout
 from echo.steps import StepSettings
 from echo.summary import summary_line
-from echo.task import windows_per_sequence
 from echo.windows import Draw, before_first_error
 
 
@@ -430,7 +430,7 @@ class PopulationModule(pl.LightningModule):
         self.tokens = isinstance(self.rep, OneHot) and self.net.reads_tokens  # one-hot codes as their tokens
         self.stateful, self.mask_inputs = bool(model.stateful), task.framing == "mask"
         self.n_unique, self.n_out = task.n_unique, task.n_out
-        self.windows_per_epoch = task.sequences_per_epoch * windows_per_sequence(task)
+        self.windows_per_epoch = windows_per_epoch(cfg)
         self.every, self.max_epochs = every, int(cfg.trainer.max_epochs)
         self.steps = StepSettings.from_trainer(cfg.trainer)  # clipping (per member) and accumulation
         optimizer = MEMBER_OPTIMIZERS[model.get("optimizer", "adam")]
