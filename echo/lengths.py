@@ -25,7 +25,7 @@ def evaluate_lengths(module, data, lengths: tuple[int, int]) -> dict[int, tuple[
     module.eval()
     scores = {}
     for n in range(lengths[0], lengths[1] + 1):
-        sums = module.eval_sums(data.eval_batches(*data.length_test_set(n))).tolist()
+        sums = module.eval_sums(data.eval_batches(*data.length_test_set(n)))[0][:, 0].tolist()
         _, correct, tokens, exact, rows, before_error, _ = sums
         scores[n] = (correct / tokens, exact / rows, before_error / tokens)
     return scores

@@ -1,4 +1,9 @@
-"""The LightningModule: loss, metrics, and Keras-style stateful state handling."""
+"""The LightningModule: loss, metrics, and Keras-style stateful state handling, on a member axis.
+
+One class trains one run or a population (docs/populations.md): its network's scores carry a
+leading member axis, K networks stacked as one (`echo.stacked.StackedNet`), or one network seen as a
+population of one. The loss, the metrics, the stop rule, the NaN guard and the test work per member.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from echo.windows import Draw, before_first_error
 
 
 class EchoModule(pl.LightningModule):
-    """Trains a network to echo windows of integers.
+    """Trains a network to echo windows of integers: one run, or a population (`PopulationModule`).
 
     Stateful (`stateful=True`): row i of batch b+1 starts from the final LSTM state of row i
     of batch b; no gradient crosses batches; the state is reset at each new epoch (new
@@ -29,15 +34,14 @@ class EchoModule(pl.LightningModule):
 
     One Lightning step (and epoch) is `epochs_per_step` tutorial epochs in a row, each a list
     of batches from fresh sequences with an optimizer step after each batch, so Lightning's
-    bookkeeping (about half a millisecond a step on a CPU) is paid once per several epochs. The
-    run sets it to divide every epoch count that needs Lightning's hooks in between (validation,
-    checkpoints, the last epoch): see `echo.policy.epochs_per_step`. Metrics are accumulated on
-    the device and read back once per validation, so the training loop never waits on the host.
+    bookkeeping (about half a millisecond a step on a CPU) is paid once per several epochs (see
+    `echo.policy.epochs_per_step`). Metrics are accumulated on the device, per member, and read back
+    once per validation, so the training loop never waits on the host.
 
     Metrics go to the Trainer's loggers, their step counted in tutorial epochs: the validation's with
-    `self.log_dict` (its `step` key is the epoch), the training's per-epoch rows, several epochs a
-    Lightning step, with `log_rows` at each validation and at the end. A loss that became NaN or
-    infinite stops the run there (`echo.faults.check_finite`). `summary` holds the latest scores.
+    `self.log_dict` (its `step` key is the epoch), the training's per-epoch rows with `log_rows` at
+    each validation and at the end. A loss that became NaN or infinite stops the run there
+    (`echo.faults.check_finite`). `summary` holds the latest scores.
 
     `representation` encodes tokens, scores outputs and decodes them (default: one-hot);
     `mask_inputs` hands the network a mask of the real (non-PAD) input items. A network with
@@ -46,7 +50,7 @@ class EchoModule(pl.LightningModule):
     accuracy by output position (`by_position`, position 1 first).
 
     On a CUDA device with `cuda_graph=True`, a whole training epoch (drawing its sequences,
-    every batch's forward, backward and Adam step, the metric sums) is replayed as one CUDA graph
+    every batch's forward, backward and optimizer step, the metric sums) is replayed as one CUDA graph
     (echo/speedups.py `EpochGraph`).
     """
 
@@ -69,6 +73,8 @@ class EchoModule(pl.LightningModule):
     ):
         super().__init__()
         self.net, self.n_unique, self.lr, self.stateful = net, n_unique, lr, stateful
+        self.stacked = isinstance(net, StackedNet)  # K members' networks; otherwise one network
+        self.tokens = self.stacked and net.reads_tokens and isinstance(representation, OneHot)  # fed as tokens
         self.windows_per_epoch, self.target, self.stop_at = windows_per_epoch, target, stop_at
         self.rep, self.mask_inputs = representation or OneHot(n_unique), mask_inputs
         self.epochs_per_step = epochs_per_step
@@ -78,9 +84,10 @@ class EchoModule(pl.LightningModule):
         self.recall = recall  # accuracy over the last `recall` output positions only (copy memory: 10); None: all
         self.by_position: list[float] = []  # test token accuracy at output positions 1, 2, ...
         self.summary: dict[str, float] = {}
-        self._train_sums: list[tuple[int, Tensor]] = []  # (first epoch, per epoch [loss*tokens, correct, tokens])
+        self._train_sums: list[tuple[int, Tensor, list[bool] | None]] = []  # (first epoch, (epochs, 4, K), training)
+        self._training: Tensor | None = None  # the members still training, where the others are left out
         self._unchecked: list[tuple[str, int, float]] = []  # the last validation's rows, for check_finite
-        self.cuda_graph, self._graph = cuda_graph, EpochGraph()
+        self._graph = EpochGraph() if cuda_graph else None
         self._t0, self._trained_s = None, 0.0  # (a resumed run: the training time before, from its checkpoint)
         # Several optimizer steps per Lightning step, written out (manual optimization); it
         # also skips automatic optimization's closure and hooks, costly next to these steps.
@@ -90,8 +97,8 @@ class EchoModule(pl.LightningModule):
     def forward(
         self, x: Tensor, state=None, n_out: int | None = None, targets: Tensor | None = None
     ) -> tuple[Tensor, object]:
-        """Scores for windows of token ids `x`; `n_out` echoed items, if not the network's own
-        (windows of another length: task.train_lengths, task.test_lengths); `targets` only to a
+        """Scores for windows of token ids `x` (one network's); `n_out` echoed items, if not the network's
+        own (windows of another length: task.train_lengths, task.test_lengths); `targets` only to a
         teacher-forced network."""
         options = {}
         if self.mask_inputs:
@@ -111,46 +118,73 @@ class EchoModule(pl.LightningModule):
         # Fused: one kernel per step. Capturable: its step count stays on the device, for graphs.
         return torch.optim.Adam(self.parameters(), lr=self.lr, fused=True, capturable=self._graphs())
 
+    def optimizer(self):
+        """The optimizer `_train_epoch` steps (a population's: its members' own)."""
+        return self.optimizers(use_pl_optimizer=False)
+
     def _graphs(self) -> bool:
-        return self.cuda_graph and self.device.type == "cuda"
+        return self._graph is not None and self.device.type == "cuda"
 
-    def _scored(self, scores: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """The output positions accuracy counts: all, or the last `recall` (copy memory's recalled symbols)."""
-        if self.recall is None:
-            return scores, y
-        return scores[:, -self.recall :], y[:, -self.recall :]
+    def _scored(self, t: Tensor) -> Tensor:
+        """The output positions (last axis) accuracy counts: all, or the last `recall` (copy memory's)."""
+        return t if self.recall is None else t[..., -self.recall :]
 
-    def _counts(self, scores: Tensor, y: Tensor) -> tuple[Tensor, ...]:
-        """Summed loss (every position), then over the scored positions (`_scored`): correct tokens,
-        counted tokens, exactly echoed rows, rows, tokens right before each row's first error
-        (`window_counts`); last, the tokens the loss summed over. PAD targets count nowhere."""
-        loss, loss_tokens = self.rep.loss_sum(scores, y), (y != PAD).sum()
-        scores, y = self._scored(scores, y)
-        return (loss, *window_counts(self.rep.decode(scores) == y, y != PAD), loss_tokens)
-
-    def _position_sums(self, scores: Tensor, y: Tensor) -> Tensor:
-        """Correct and counted tokens at each scored output position, (2, positions); PAD counts nowhere."""
-        scores, y = self._scored(scores, y)
-        real = y != PAD
-        correct = (self.rep.decode(scores) == y) & real
-        return torch.stack([correct.sum(0), real.sum(0)])
-
-    def _forward_batches(self, batches: list[tuple[Tensor, Tensor]], teacher_forced: bool = False):
-        """Yield (scores, targets) batch by batch. Stateful: the state runs on from batch to
-        batch, detached (no gradient crosses batches), and starts from zeros with every call,
+    def _forward_batches(self, batches, teacher_forced: bool = False, index: Tensor | None = None):
+        """Yield (scores, targets) batch by batch, both with the member axis first: of every member, or
+        of the members `index` holds (whose batches hold theirs only). Stateful: the state runs on from
+        batch to batch, detached (no gradient crosses batches), and starts from zeros with every call,
         which is a new sequence (Keras `reset_states()`). Stateless: zeros every batch.
         `teacher_forced`: the targets go to a network that takes them (teacher forcing)."""
         state = None
         for x, y in batches:
-            scores, state = self(
-                x, state if self.stateful else None, n_out=y.shape[1], targets=y if teacher_forced else None
-            )
+            state = state if self.stateful else None
+            if self.stacked:
+                mask = x != PAD if self.mask_inputs else None
+                inputs = x if self.tokens else self.rep.encode(x).to(self.input_dtype)
+                scores, state = self.net(inputs, state, mask, members=index)
+            else:  # one network: a population of one
+                scores, state = self(x, state, n_out=y.shape[1], targets=y if teacher_forced else None)
+                scores, y = scores.unsqueeze(0), y.unsqueeze(0)
             yield scores, y
             state = detach_state(state)
 
+    def _counts(self, scores: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per member (7, K): summed loss (every position), then over the scored positions (`_scored`):
+        correct tokens, counted tokens, exactly echoed rows, rows, tokens right before each row's first
+        error (`window_counts`); last, the tokens the loss summed over. PAD targets count nowhere.
+        Then the scored positions' right and real tokens (K, batch, positions)."""
+        loss_sums, right = member_scored(self.rep, scores, y)
+        real = y != PAD
+        right, scored = self._scored(right) & self._scored(real), self._scored(real)
+        counts = window_counts(right, scored, members=True)
+        return torch.stack([loss_sums, *counts, real.flatten(1).sum(1)]).to(loss_sums.dtype), right, scored
+
+    @torch.no_grad()
+    def eval_sums(self, batches, index: Tensor | None = None, teacher_forced: bool = False):
+        """`_counts` summed over evaluation batches (7, K), and the correct and counted tokens at each
+        scored output position (2, K, positions); of every member, or of those `index` holds."""
+        if index is not None:
+            batches = [(x[index], y[index]) for x, y in batches]
+        sums = positions = 0
+        for scores, y in self._forward_batches(batches, teacher_forced, index):
+            counts, right, real = self._counts(scores, y)
+            sums = sums + counts
+            positions = _add_padded(positions, torch.stack([right.sum(1), real.sum(1)]))
+        return sums, positions
+
+    @torch.no_grad()
+    def predicted(self, batches, index: Tensor | None = None) -> Tensor:
+        """Predicted tokens for evaluation batches (K, windows, n_out), with state carried and reset first."""
+        return torch.cat([self.rep.decode(scores) for scores, _ in self._forward_batches(batches, index=index)], 1)
+
+    def predict_windows(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """One network's predicted tokens for evaluation batches."""
+        self.eval()
+        return self.predicted(batches)[0]
+
     # -- training ----------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not self.stacked:
             self._load_cuda_libraries()
 
     def _load_cuda_libraries(self) -> None:
@@ -164,11 +198,10 @@ class EchoModule(pl.LightningModule):
         for draw in datamodule.val_dataloader():
             batches = draw()
             with torch.inference_mode():  # as validation runs
-                for scores, y in self._forward_batches(batches):
-                    self._counts(scores, y)
+                self.eval_sums(batches)
             with torch.enable_grad():  # as training runs
                 for scores, y in self._forward_batches(batches):
-                    self.rep.loss_sum(scores, y).backward()
+                    member_loss_sums(self.rep, scores, y).sum().backward()
         self.zero_grad(set_to_none=True)
         torch.cuda.synchronize(self.device)
 
@@ -195,51 +228,67 @@ class EchoModule(pl.LightningModule):
 
     def training_step(self, draw: Draw, batch_idx: int) -> None:
         """`epochs_per_step` tutorial epochs in a row: each `draw()` gives one epoch's batches."""
-        if self._graphs():
-            sums = [self._graph(self._train_epoch, draw) for _ in range(self.epochs_per_step)]
-        else:
-            sums = [self._train_epoch(draw()) for _ in range(self.epochs_per_step)]
-        self._step_sums = torch.stack(sums)
+        self._step_sums = torch.stack([self.train_epoch(draw) for _ in range(self.epochs_per_step)])
+
+    def train_epoch(self, draw: Draw) -> Tensor:
+        """One epoch on fresh data: `_train_epoch`, replayed as a CUDA graph once captured on a GPU."""
+        return self._graph(self._train_epoch, draw) if self._graphs() else self._train_epoch(draw())
 
     def _train_epoch(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """Train on the batches in order; returns [summed loss, tokens, correct scored tokens, scored
-        tokens] on the device. The plain optimizer and `backward()`: Lightning's per-step hooks would cost more
-        than these tiny steps. Clipping and accumulation as `self.steps` says (echo/steps.py)."""
-        optimizer = self.optimizers(use_pl_optimizer=False)
+        """Train every member (or those still training, `_training`) on its batches in order; returns
+        per member [summed loss, tokens, correct scored tokens, scored tokens] (4, K), on the device:
+        nothing in it reads a value back to the host, so a CUDA graph can capture it. The loss is the
+        sum of the members' mean losses, so each member's gradient is the one it would have alone.
+        Clipping (each member on its own) and accumulation as `self.steps` says (echo/steps.py)."""
+        index = self._training  # None: every member trains
+        if index is not None:
+            batches = [(x[index], y[index]) for x, y in batches]
+        optimizer = self.optimizer()
         steps, scale = self.steps, self.steps.loss_scale()
         sums = []
-        batched = self._forward_batches(batches, teacher_forced=self.teacher_forced)
-        for i, (scores, y) in enumerate(batched):
-            tokens = (y != PAD).sum()
-            loss_sum = self.rep.loss_sum(scores, y)
+        for i, (scores, y) in enumerate(self._forward_batches(batches, self.teacher_forced, index)):
+            tokens = (y != PAD).flatten(1).sum(1)
+            loss_sums = member_loss_sums(self.rep, scores, y)
             if steps.zero_before(i):
                 optimizer.zero_grad()
-            (loss_sum / tokens * scale if scale != 1 else loss_sum / tokens).backward()
+            (loss_sums / tokens * scale if scale != 1 else loss_sums / tokens).sum().backward()
             if steps.step_after(i, len(batches)):
-                steps.clip(self.parameters())
+                steps.clip(self.net.parameters(), members=self.stacked)
                 optimizer.step()
-            scored, scored_y = self._scored(scores.detach(), y)
-            correct = (self.rep.decode(scored) == scored_y).sum()  # PAD (-1) is never a prediction
-            sums.append(torch.stack([loss_sum.detach(), tokens, correct, (scored_y != PAD).sum()]))
-        return torch.stack(sums).sum(0)
+            scored, scored_y = self._scored(self.rep.decode(scores.detach())), self._scored(y)
+            correct = (scored == scored_y).flatten(1).sum(1)  # PAD (-1) is never a prediction
+            sums.append(torch.stack([loss_sums.detach(), tokens, correct, (scored_y != PAD).flatten(1).sum(1)]))
+        sums = torch.stack(sums).sum(0)
+        if index is None:
+            return sums
+        return sums.new_zeros(4, self.n_members).index_copy_(1, index, sums)  # (the others: zeros)
+
+    @property
+    def n_members(self) -> int:
+        return self.net.n_members if self.stacked else 1
 
     def on_train_epoch_end(self) -> None:  # after the step's validation: its epochs are complete
-        self._train_sums.append((self.epochs_completed() + 1, self._step_sums))
+        self._train_sums.append((self.epochs_completed() + 1, self._step_sums, None))
 
     def on_train_end(self) -> None:
-        check_finite(self.log_train_metrics(), self.lr)
+        check_finite(self.log_train_metrics()[0], self.lr)
 
-    def log_train_metrics(self) -> list[tuple[str, int, float]]:
-        """Log the per-epoch training metrics accumulated on the device; returns their rows."""
-        if not self._train_sums:
-            return []
-        epochs = [first + i for first, sums in self._train_sums for i in range(len(sums))]
-        sums = torch.cat([s for _, s in self._train_sums]).tolist()
+    def member_loggers(self, k: int) -> list:
+        """Member k's Lightning loggers (a run's: the Trainer's)."""
+        return self.loggers
+
+    def log_train_metrics(self) -> list[list[tuple[str, int, float]]]:
+        """Log each member's per-epoch training metrics accumulated on the device, for the epochs it
+        trained; returns each member's rows."""
+        rows = [[] for _ in range(self.n_members)]
+        for first, sums, training in self._train_sums:
+            for epoch, member_sums in enumerate(sums.tolist(), first):
+                for k, (loss_sum, tokens, correct, scored) in enumerate(zip(*member_sums)):
+                    if training is None or training[k]:
+                        rows[k] += [("train/loss", epoch, loss_sum / tokens), ("train/acc", epoch, correct / scored)]
         self._train_sums = []
-        rows = []
-        for epoch, (loss_sum, tokens, correct, scored) in zip(epochs, sums):
-            rows += [("train/loss", epoch, loss_sum / tokens), ("train/acc", epoch, correct / scored)]
-        log_rows(self.loggers, rows)
+        for k, member_rows in enumerate(rows):
+            log_rows(self.member_loggers(k), member_rows)
         return rows
 
     def configure_callbacks(self) -> list[pl.Callback]:
@@ -251,13 +300,8 @@ class EchoModule(pl.LightningModule):
         free-running, and for a teacher-forced network also teacher-forced. A set of several
         window lengths comes as one draw per length (batch_idx 0, 1, ...), summed up."""
         batches = draw()
-        sums, positions, forced = 0, 0, None
-        for scores, y in self._forward_batches(batches):
-            sums = sums + torch.stack(self._counts(scores, y)).float()
-            positions = _add_padded(positions, self._position_sums(scores, y))
-        if self.teacher_forced:
-            teacher = self._forward_batches(batches, teacher_forced=True)
-            forced = sum(torch.stack(self._counts(s, y)).float() for s, y in teacher)
+        sums, positions = self.eval_sums(batches)
+        forced = self.eval_sums(batches, teacher_forced=True)[0] if self.teacher_forced else None
         if batch_idx == 0:
             self._eval_sums, self._eval_positions, self._forced_sums = sums, positions, forced
             return
@@ -266,30 +310,16 @@ class EchoModule(pl.LightningModule):
         if forced is not None:
             self._forced_sums = self._forced_sums + forced
 
-    def eval_sums(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """[summed loss, correct tokens, tokens, exactly echoed rows, rows, tokens before the first error,
-        tokens of the loss] over evaluation batches."""
-        return sum(torch.stack(self._counts(s, y)).float() for s, y in self._forward_batches(batches))
-
     validation_step = test_step = _eval_step
-
-    def _eval_metrics(self, prefix: str) -> dict[str, float]:
-        loss_sum, correct, tokens, exact, rows, before_error, loss_tokens = self._eval_sums.tolist()
-        return {
-            f"{prefix}/loss": loss_sum / loss_tokens,
-            f"{prefix}/token_acc": correct / tokens,
-            f"{prefix}/exact_match": exact / rows,
-            f"{prefix}/prefix_acc": before_error / tokens,
-        }
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        metrics = self._eval_metrics("val")
+        metrics = eval_metrics(self._eval_sums[:, 0].tolist(), "val")
         if self.teacher_forced:
-            metrics.update(self._forced_metrics("val"))
+            metrics.update(_forced_metrics(self._forced_sums[:, 0].tolist(), "val"))
         epoch = self.epochs_at_step_end()
-        self._unchecked = self.log_train_metrics() + [(name, epoch, value) for name, value in metrics.items()]
+        self._unchecked = self.log_train_metrics()[0] + [(name, epoch, value) for name, value in metrics.items()]
         self.log_dict({**metrics, "step": float(epoch)})  # `step`: Lightning's x-axis for these
         if reached(self.summary, metrics, epoch, self.target, self.stop_at, self._t0, self.windows_per_epoch):
             self.trainer.should_stop = True
@@ -298,30 +328,36 @@ class EchoModule(pl.LightningModule):
         rows, self._unchecked = self._unchecked, []
         check_finite(rows, self.lr)
 
-    def _forced_metrics(self, prefix: str) -> dict[str, float]:
-        """The teacher-forced scores. Token accuracy shows the exposure-bias gap; exact match cannot:
-        decoding greedily, a row all of whose tokens are right is fed exactly the true tokens, so it
-        is exact teacher-forced if and only if it is exact free-running."""
-        _, correct, tokens, exact, rows, *_ = self._forced_sums.tolist()
-        return {
-            f"{prefix}/token_acc_teacher_forced": correct / tokens,
-            f"{prefix}/exact_match_teacher_forced": exact / rows,
-        }
-
     def on_test_epoch_end(self) -> None:
-        metrics = self._eval_metrics("test")
+        metrics = eval_metrics(self._eval_sums[:, 0].tolist(), "test")
         del metrics["test/loss"]
         if self.teacher_forced:
-            metrics.update(self._forced_metrics("test"))
+            metrics.update(_forced_metrics(self._forced_sums[:, 0].tolist(), "test"))
         self.summary.update(metrics)
-        correct, counted = self._eval_positions.float()
+        correct, counted = self._eval_positions[:, 0].float()
         self.by_position = (correct / counted.clamp(min=1)).tolist()
 
-    @torch.no_grad()
-    def predict_windows(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """Predicted tokens for evaluation batches, with state carried and reset first."""
-        self.eval()
-        return torch.cat([self.rep.decode(scores) for scores, _ in self._forward_batches(batches)])
+
+def eval_metrics(sums: list[float], prefix: str) -> dict[str, float]:
+    """One member's evaluation metrics from its `EchoModule.eval_sums`."""
+    loss_sum, correct, tokens, exact, rows, before_error, loss_tokens = sums
+    return {
+        f"{prefix}/loss": loss_sum / loss_tokens,
+        f"{prefix}/token_acc": correct / tokens,
+        f"{prefix}/exact_match": exact / rows,
+        f"{prefix}/prefix_acc": before_error / tokens,
+    }
+
+
+def _forced_metrics(sums: list[float], prefix: str) -> dict[str, float]:
+    """The teacher-forced scores. Token accuracy shows the exposure-bias gap; exact match cannot:
+    decoding greedily, a row all of whose tokens are right is fed exactly the true tokens, so it
+    is exact teacher-forced if and only if it is exact free-running."""
+    _, correct, tokens, exact, rows, *_ = sums
+    return {
+        f"{prefix}/token_acc_teacher_forced": correct / tokens,
+        f"{prefix}/exact_match_teacher_forced": exact / rows,
+    }
 
 
 class EpochProgress(pl.Callback):
@@ -351,7 +387,7 @@ class EpochProgress(pl.Callback):
 
 
 class _KeepMetricsOnException(pl.Callback):
-    """A run that crashes or is interrupted keeps its training metrics so far."""
+    """A run (or population) that crashes or is interrupted keeps its training metrics so far."""
 
     def on_exception(self, trainer, module: EchoModule, exception: BaseException) -> None:
         module.log_train_metrics()
@@ -384,27 +420,25 @@ def window_counts(correct: Tensor, real: Tensor, members: bool = False) -> tuple
 
 
 def _add_padded(total: Tensor | int, sums: Tensor) -> Tensor:
-    """`total + sums` for per-position sums (2, positions) of different widths (windows of several
+    """`total + sums` for per-position sums (..., positions) of different widths (windows of several
     lengths): the narrower is padded with zeros; `total` 0 is nothing yet."""
     if isinstance(total, int):
         return sums
-    width = max(total.shape[1], sums.shape[1])
+    width = max(total.shape[-1], sums.shape[-1])
     pad = torch.nn.functional.pad
-    return pad(total, (0, width - total.shape[1])) + pad(sums, (0, width - sums.shape[1]))
+    return pad(total, (0, width - total.shape[-1])) + pad(sums, (0, width - sums.shape[-1]))
 
 
-class PopulationModule(pl.LightningModule):
-    """A population (docs/populations.md): K members' networks stacked as one (echo/stacked.py),
-    trained by Lightning's Trainer as `EchoModule` trains one run, each member with its own Adam or
-    RMSprop (`echo.stacked.MemberAdam`, `MemberRMSprop`: one over the stacked weights is K
-    independent ones), data (`echo.data.PopulationData`), validation, stop, NaN guard, test and logger.
+class PopulationModule(EchoModule):
+    """A population (docs/populations.md): `EchoModule` over K members' networks stacked as one
+    (echo/stacked.py), each member with its own Adam or RMSprop (`echo.stacked.MemberAdam`,
+    `MemberRMSprop`: one over the stacked weights is K independent ones), data
+    (`echo.data.PopulationData`), validation, stop, NaN guard, test and logger.
 
-    The loss is the sum of the members' mean losses, so each member's gradient is the one it would
-    have alone. One Lightning step trains the tutorial epochs up to the next validation (or the last
-    epoch), as a run's step trains several, then validates the members still training: one that
-    reaches `stop_at` is frozen (its updates masked) and tested at once while the others go on; one
-    whose loss became NaN or infinite ends FAILED and the others go on. When every member has
-    stopped, or at trainer.max_epochs, training ends.
+    One Lightning step trains the tutorial epochs up to the next validation (or the last epoch), then
+    validates the members still training: one that reaches `stop_at` is frozen (its updates masked)
+    and tested at once while the others go on; one whose loss became NaN or infinite ends FAILED and
+    the others go on. When every member has stopped, or at trainer.max_epochs, training ends.
 
     `members` are `echo.population.Member`s: their config, their Lightning `logger` (or None), and
     `stopped()` and `finished(...)`, which store what the module hands them; the module knows no tracker.
@@ -420,42 +454,45 @@ class PopulationModule(pl.LightningModule):
         compact: bool,
         restore: list | None = None,
     ):
-        super().__init__()
         cfg = members[0].cfg
         task, model = cfg.task, cfg.model
-        self.members, self.nets = members, nets  # (a plain list: not submodules) each member's own network
-        self.net = StackedNet(nets).to(device)  # (float64 already, with trainer.precision=64)
-        self.input_dtype = self.net.p(self.net.names[0]).dtype
-        self.rep = representation(task)
-        self.tokens = isinstance(self.rep, OneHot) and self.net.reads_tokens  # one-hot codes as their tokens
-        self.stateful, self.mask_inputs = bool(model.stateful), task.framing == "mask"
-        self.n_unique, self.n_out = task.n_unique, task.n_out
-        self.windows_per_epoch = windows_per_epoch(cfg)
-        self.every, self.max_epochs = every, int(cfg.trainer.max_epochs)
-        self.steps = StepSettings.from_trainer(cfg.trainer)  # clipping (per member) and accumulation
-        optimizer = MEMBER_OPTIMIZERS[model.get("optimizer", "adam")]
-        self.optimizer = optimizer(list(self.net.parameters()), [float(m.cfg.model.lr) for m in members])
-        # On a GPU an epoch is replayed as one CUDA graph, as an independent run's is.
         on_gpu = device.type == "cuda"
-        self.graph = EpochGraph() if on_gpu and cfg.get("cuda_graph", True) else None
+        super().__init__(
+            StackedNet(nets).to(device),  # (float64 already, with trainer.precision=64)
+            task.n_unique,
+            lr=None,  # each member's own (member.cfg.model.lr)
+            stateful=bool(model.stateful),
+            windows_per_epoch=windows_per_epoch(cfg),
+            representation=representation(task),
+            mask_inputs=task.framing == "mask",
+            cuda_graph=on_gpu and cfg.get("cuda_graph", True),  # as an independent run's epoch is
+            steps=StepSettings.from_trainer(cfg.trainer),
+            optimizer=model.get("optimizer", "adam"),
+        )
+        self.members, self.nets = members, nets  # (a plain list: not submodules) each member's own network
+        self.input_dtype = self.net.p(self.net.names[0]).dtype
+        self.n_out = task.n_out
+        self.every, self.max_epochs = every, int(cfg.trainer.max_epochs)
+        optimizer = MEMBER_OPTIMIZERS[self.optimizer_name]
+        self._optimizer = optimizer(list(self.net.parameters()), [float(m.cfg.model.lr) for m in members])
         # On a CPU a wide step is arithmetic-bound: members that have stopped are then left out of
         # the forward and backward (`_freeze`), not only of the optimizer's step.
         self.compact = compact and not on_gpu
-        self._training: Tensor | None = None  # the members still training, once one has stopped
-        self._train_sums: list[tuple[int, Tensor, list[bool]]] = []
-        self.epochs_done, self._trained_s, self._t0 = 0, 0.0, time.perf_counter()
-        self.automatic_optimization = False  # echo's own steps, as EchoModule's
+        self.epochs_done = 0
         for k, state in enumerate(restore or []):  # (weights: loaded into `nets` before stacking)
-            self.optimizer.load_member_state(k, state["adam"], self.net.names, stacked_layout)
+            self._optimizer.load_member_state(k, state["adam"], self.net.names, stacked_layout)
             members[k].summary.update(state["summary"])
             self.epochs_done = int(state["epochs_done"])
             self._trained_s = float(state["summary"].get("train_time_s", 0.0))  # its time before
 
     def configure_optimizers(self) -> None:
-        return None  # the members' own optimizer, `self.optimizer`, steps in `_train_epoch`
+        return None  # the members' own optimizer steps in `_train_epoch`
 
-    def on_train_start(self) -> None:
-        self._t0 = time.perf_counter() - self._trained_s
+    def optimizer(self):
+        return self._optimizer
+
+    def member_loggers(self, k: int) -> list:
+        return self.members[k].loggers
 
     def epochs_at_step_end(self) -> int:
         return self.epochs_done
@@ -464,33 +501,24 @@ class PopulationModule(pl.LightningModule):
         """The tutorial epochs up to the next validation or the last epoch, then the validation."""
         last = min(self.max_epochs, (self.epochs_done // self.every + 1) * self.every)
         for epoch in range(self.epochs_done + 1, last + 1):
-            active = [m.status == "RUNNING" for m in self.members]
-            self._train_sums.append((epoch, self.train_epoch(draw), active))
+            training = [m.status == "RUNNING" for m in self.members]
+            self._train_sums.append((epoch, self.train_epoch(draw)[None], training))
             self.epochs_done = epoch
         if self.epochs_done % self.every == 0 and self._running():
             self._validate(self.epochs_done)
         if not self._running() or self.epochs_done >= self.max_epochs:
             self.trainer.should_stop = True
 
+    def on_train_epoch_end(self) -> None:
+        pass  # the step has logged its epochs
+
     def on_train_end(self) -> None:
         """trainer.max_epochs (or trainer.max_time): the members still training end here."""
-        self._check_finite(self._running(), self.flush_train_metrics())
+        self._check_finite(self._running(), self.log_train_metrics())
         last = self._running()
         for member in last:
             self._stop(member, self.epochs_done)
         self._finish(last)
-
-    # -- the members' epochs ----------------------------------------------------------------
-    def _forward_batches(self, batches, index: Tensor | None = None):
-        """(scores, targets) batch by batch, state carried (detached) if stateful, zeros first; of
-        every member, or of the members `index` holds only, whose batches hold theirs only."""
-        state = None
-        for x, y in batches:
-            mask = x != PAD if self.mask_inputs else None
-            inputs = x if self.tokens else self.rep.encode(x).to(self.input_dtype)
-            scores, state = self.net(inputs, state if self.stateful else None, mask, members=index)
-            yield scores, y
-            state = detach_state(state)
 
     def _indices(self, members: list) -> Tensor | None:
         """The members' indices in the population, on the device; None for all of them."""
@@ -498,42 +526,12 @@ class PopulationModule(pl.LightningModule):
             return None
         return torch.tensor([self.members.index(m) for m in members], dtype=torch.long, device=self.device)
 
-    def train_epoch(self, draw: Draw) -> Tensor:
-        """One epoch on fresh data: `_train_epoch`, replayed as a CUDA graph once captured on a GPU."""
-        return self.graph(self._train_epoch, draw) if self.graph else self._train_epoch(draw())
-
-    def _train_epoch(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """One epoch for every member on its batches; returns per member [summed loss, correct
-        tokens, tokens] (3, K), on the device. Nothing in it reads a value back to the host, so a
-        CUDA graph can capture it."""
-        index = self._training  # None: every member trains
-        if index is not None:
-            batches = [(x[index], y[index]) for x, y in batches]
-        steps, scale = self.steps, self.steps.loss_scale()
-        sums = []
-        for i, (scores, y) in enumerate(self._forward_batches(batches, index)):
-            tokens = (y != PAD).flatten(1).sum(1)
-            loss_sums = member_loss_sums(self.rep, scores, y)
-            if steps.zero_before(i):
-                self.optimizer.zero_grad()
-            mean_losses = loss_sums / tokens * scale if scale != 1 else loss_sums / tokens
-            mean_losses.sum().backward()  # each member's gradient: that of its own mean loss
-            if steps.step_after(i, len(batches)):
-                steps.clip(self.optimizer.params, members=True)  # each member's own norm
-                self.optimizer.step()
-            correct = (self.rep.decode(scores.detach()) == y).flatten(1).sum(1)
-            sums.append(torch.stack([loss_sums.detach(), correct, tokens]))
-        if index is None:
-            return torch.stack(sums).sum(0)
-        every = sums[0].new_zeros(3, len(self.members))  # (the members that no longer train: zeros)
-        return every.index_copy_(1, index, torch.stack(sums).sum(0))
-
     def _running(self) -> list:
         return [m for m in self.members if m.status == "RUNNING"]
 
     def _stop(self, member, epoch: int) -> None:
         member.status = "STOPPED"
-        member.summary.update(train_time_s=time.perf_counter() - self._t0, epochs=epoch)
+        member.summary.update(train_time_s=self.train_time_s(), epochs=epoch)
         self._freeze(member)
         member.stopped()  # its metrics are complete: its curve is drawn while the others train
 
@@ -541,64 +539,24 @@ class PopulationModule(pl.LightningModule):
         """The member trains no more (see `MemberAdam.freeze`). A captured epoch updates the members
         that trained when it was captured: it is captured again at the next epoch. Where a step is
         arithmetic-bound (a wide step on a CPU), the others now train without it."""
-        self.optimizer.freeze(self.members.index(member), zero)
-        if self.graph is not None:
-            self.graph.reset()
+        self._optimizer.freeze(self.members.index(member), zero)
+        if self._graph is not None:
+            self._graph.reset()
         if self.compact:
             self._training = self._indices(self._running())
-
-    def flush_train_metrics(self) -> list[list[tuple[str, int, float]]]:
-        """Log each member's per-epoch training metrics, for the epochs it trained; returns each member's rows."""
-        rows = [[] for _ in self.members]
-        if self._train_sums:
-            sums = torch.stack([s for _, s, _ in self._train_sums]).tolist()  # (epochs, 3, K)
-            for (epoch, _, active), (loss_sums, correct, tokens) in zip(self._train_sums, sums):
-                for k in (k for k in range(len(self.members)) if active[k]):
-                    rows[k] += [
-                        ("train/loss", epoch, loss_sums[k] / tokens[k]),
-                        ("train/acc", epoch, correct[k] / tokens[k]),
-                    ]
-            self._train_sums = []
-        for member, member_rows in zip(self.members, rows):
-            log_rows(member.loggers, member_rows)
-        return rows
-
-    # -- validation and test --------------------------------------------------------------------
-    @torch.no_grad()
-    def _evaluate(self, batches, index: Tensor | None = None, by_position: bool = False):
-        """Per member (every one, or those `index` holds) [summed loss, correct tokens, tokens, exact
-        rows, rows, tokens before each row's first error] (lists of 6); with `by_position`, also per
-        member the token accuracy at each output position (lists of n_out)."""
-        if index is not None:
-            batches = [(x[index], y[index]) for x, y in batches]
-        total = correct_at = real_at = 0
-        for scores, y in self._forward_batches(batches, index):
-            real = y != PAD
-            loss_sums, right = member_scored(self.rep, scores, y)
-            counts = [loss_sums, *window_counts(right, real, members=True)]
-            total = total + torch.stack([c.float() for c in counts], 1)
-            if by_position:
-                correct_at, real_at = correct_at + (right & real).sum(1), real_at + real.sum(1)
-        if not by_position:
-            return total.tolist()
-        return total.tolist(), (correct_at / real_at.clamp(min=1)).tolist()
 
     def _validate(self, epoch: int) -> None:
         """As an independent run validates (the members still training): metrics, target, stop_at;
         then the NaN check, and the test of the members that stopped."""
         running = self._running()
-        checked = self.flush_train_metrics()  # each member's rows the NaN guard reads
-        results = self._evaluate(self.trainer.datamodule.val, self._indices(running))
+        checked = self.log_train_metrics()  # each member's rows the NaN guard reads
+        sums, _ = self.eval_sums(self.trainer.datamodule.val, self._indices(running))
         stopped = []
-        for member, (loss_sum, correct, tokens, exact, rows, before_error) in zip(running, results):
-            metrics = {
-                "val/loss": loss_sum / tokens,
-                "val/token_acc": correct / tokens,
-                "val/exact_match": exact / rows,
-                "val/prefix_acc": before_error / tokens,
-            }
-            log_rows(member.loggers, [(name, epoch, value) for name, value in metrics.items()])
-            checked[self.members.index(member)] += [(name, epoch, value) for name, value in metrics.items()]
+        for member, member_sums in zip(running, sums.T.tolist()):
+            metrics = eval_metrics(member_sums, "val")
+            rows = [(name, epoch, value) for name, value in metrics.items()]
+            log_rows(member.loggers, rows)
+            checked[self.members.index(member)] += rows
             cfg = member.cfg
             if reached(member.summary, metrics, epoch, cfg.target, cfg.stop_at, self._t0, self.windows_per_epoch):
                 self._stop(member, epoch)
@@ -624,20 +582,20 @@ class PopulationModule(pl.LightningModule):
         if not members:
             return
         index = self._indices(members)
-        results, positions = self._evaluate(self.trainer.datamodule.test, index, by_position=True)
+        sums, positions = self.eval_sums(self.trainer.datamodule.test, index)
+        correct_at, counted_at = positions.float()
+        by_position = (correct_at / counted_at.clamp(min=1)).tolist()
         tables = self._expected_predicted(members, index)
         chance = 1 / self.n_unique  # a uniform guess per token
-        for member, (_, correct, tokens, exact, rows, before_error), at, table in zip(
-            members, results, positions, tables
-        ):
-            member.summary.update({"test/token_acc": correct / tokens, "test/exact_match": exact / rows})
-            member.summary["test/prefix_acc"] = before_error / tokens
+        for member, member_sums, at, table in zip(members, sums.T.tolist(), by_position, tables):
+            metrics = eval_metrics(member_sums, "test")
+            del metrics["test/loss"]
+            member.summary.update(metrics)
             member.summary.update({"chance/token_acc": chance, "chance/exact_match": chance**self.n_out})
             print(f"{member.run_name}: {summary_line(member.summary)}")
             epochs = member.summary["epochs"]
             final = [(n, epochs, v) for n, v in member.summary.items() if not n.startswith("val/")]
-            by_position = [("test/token_acc_by_position", j, acc) for j, acc in enumerate(at, 1)]
-            log_rows(member.loggers, final + by_position)
+            log_rows(member.loggers, final + [("test/token_acc_by_position", j, acc) for j, acc in enumerate(at, 1)])
             member.finished(self.member_net(member), at, chance, table)
             member.status = "FINISHED"
 
@@ -647,13 +605,11 @@ class PopulationModule(pl.LightningModule):
         self.nets[k].load_state_dict(self.net.member_state_dict(k))
         return self.nets[k]
 
-    @torch.no_grad()
     def _expected_predicted(self, members: list, index: Tensor | None) -> list[str]:
         """Each member's tutorial evaluation: one fresh sequence of its own (seed 10,000 + seed)."""
         data = self.trainer.datamodule
         x, y = data.held_out(1, [10_000 + m.cfg.seed for m in members])
-        batches = data.eval_batches(x, y)
-        predicted = torch.cat([self.rep.decode(s) for s, _ in self._forward_batches(batches, index)], 1)
+        predicted = self.predicted(data.eval_batches(x, y), index)
         return [
             "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[j, 0].tolist(), predicted[j].tolist()))
             for j in range(len(members))
@@ -666,10 +622,10 @@ class PopulationModule(pl.LightningModule):
         member = self.members[k]
         return {
             "state_dict": {f"net.{n}": v for n, v in self.net.member_state_dict(k).items()},
-            "adam": self.optimizer.member_state(k, self.net.names, self.net.member_layout),
+            "adam": self._optimizer.member_state(k, self.net.names, self.net.member_layout),
             "generator": generator.get_state(),
             "epochs_done": self.epochs_done if member.status == "RUNNING" else member.summary["epochs"],
-            "summary": {"train_time_s": time.perf_counter() - self._t0, **member.summary},  # (a stopped one's own)
+            "summary": {"train_time_s": self.train_time_s(), **member.summary},  # (a stopped one's own)
         }
 
 

@@ -157,7 +157,7 @@ def train_population(
     except BaseException as exception:
         stopped = interrupted(exception)  # Ctrl-C or SIGTERM: Lightning turns it into sys.exit(1)
         if module is not None:
-            module.flush_train_metrics()  # the metrics so far are kept, as an independent run keeps them
+            module.log_train_metrics()  # the metrics so far are kept, as an independent run keeps them
             if stopped:
                 save_checkpoints(module, data)
         error = None if stopped else traceback.format_exc()

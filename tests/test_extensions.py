@@ -51,7 +51,7 @@ def test_linear_metrics_count_predictions_that_round_to_the_target():
     y = torch.tensor([[10, 20], [PAD, 30]])
     off_by = torch.tensor([[0.4, -0.4], [50.0, 0.6]])  # in integer units: rounds right, right; PAD; wrong
     outputs = ((y.clamp(min=0) + off_by) / 99).unsqueeze(-1)
-    _, correct, tokens, exact, rows, _, _ = module._counts(outputs, y)
+    _, correct, tokens, exact, rows, _, _ = module._counts(outputs[None], y[None])[0][:, 0]
     assert (correct.item(), tokens.item(), exact.item(), rows.item()) == (2, 3, 1, 2)
 
 
@@ -117,7 +117,7 @@ def test_padded_targets_never_count_in_loss_or_metrics():
     logits = torch.full((3, 2, 4), -10.0)
     logits[2, 0, 1] = logits[2, 1, 2] = logits[1, 1, 2] = 10.0  # real tokens all right
     logits[0, :, 3] = logits[1, 0, 3] = 50.0  # padded positions "wrong" with huge scores
-    loss, correct, tokens, exact, rows, before_error, _ = module._counts(logits, y)
+    loss, correct, tokens, exact, rows, before_error, _ = module._counts(logits[None], y[None])[0][:, 0]
     assert (correct.item(), tokens.item()) == (3, 3)
     assert (exact.item(), rows.item()) == (2, 2)  # the all-PAD row is no row
     assert before_error.item() == 3  # padded positions are never an error before the first real one

@@ -111,16 +111,16 @@ def test_a_populations_graphed_epochs_train_as_its_eager_epochs_do(variant):
         sums, captured = [], None
         for epoch in range(1, WARM_EPOCHS + 9):
             if epoch == WARM_EPOCHS + 4:
-                captured = population.graph.graph if graphed else None
+                captured = population._graph.graph if graphed else None
                 population._freeze(population.members[1])
                 frozen = first[1].detach().clone()
             sums.append(population.train_epoch(data.draw))
         assert torch.equal(first[1], frozen)  # member 1 stayed put after its freeze
         if graphed:
-            assert captured is not None and population.graph.graph is not None
-            assert population.graph.graph is not captured  # captured again after the freeze
+            assert captured is not None and population._graph.graph is not None
+            assert population._graph.graph is not captured  # captured again after the freeze
         else:
-            assert population.graph is None
+            assert population._graph is None
         sums = torch.stack(sums)  # (epochs, 3, members)
         losses[graphed], weights[graphed] = sums[:, 0] / sums[:, 2], first.detach().clone()
         assert len(set(losses[graphed][:, 0].tolist())) == len(losses[graphed])  # fresh data every replay

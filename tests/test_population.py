@@ -174,7 +174,7 @@ def test_a_training_epoch_reads_nothing_back_from_the_device(variant, monkeypatc
         monkeypatch.setattr(torch.Tensor, name, read)
     sums = population._train_epoch(data.draw())
     monkeypatch.undo()
-    assert sums.shape == (3, 2) and (sums[2] > 0).all()  # [loss, correct, tokens] per member
+    assert sums.shape == (4, 2) and (sums[1] > 0).all()  # [loss, tokens, correct, scored tokens] per member
     assert not torch.equal(population.net.p(population.net.names[0]), before)  # it trained
 
 
@@ -448,7 +448,7 @@ def test_a_member_steps_as_its_independent_run_does_clipped_accumulated_or_in_fl
             torch.testing.assert_close(ours[name], value, atol=1e-5, rtol=1e-4)
         assert any(not torch.allclose(v, plain.net.state_dict()[n].to(v.dtype)) for n, v in ours.items())
         adam_steps = int(next(iter(alone.optimizers().optimizer.state.values()))["step"])
-        assert adam_steps == int(population.optimizer._step) == (8 if "accumulate 2" in steps else 12)
+        assert adam_steps == int(population.optimizer()._step) == (8 if "accumulate 2" in steps else 12)
 
 
 def test_members_log_through_their_own_lightning_loggers_with_logger_csv(store, tmp_path):
