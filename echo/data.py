@@ -14,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from echo.memory import copy_memory
-from echo.stacked import member_sequences, member_windows, stacked_batches
 from echo.task import length_range, length_seed, windows_per_sequence
 from echo.windows import Draw, generate_sequences, to_batches, to_windows
 
@@ -46,7 +45,7 @@ class Epochs:
 
 
 def held_out(task, n_seq: int, seed: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """A fixed set of windows from `n_seq` fresh sequences drawn with their own seed."""
+    """A fixed set of windows from `n_seq` fresh sequences drawn with their own seed (on the CPU, then moved)."""
     seqs = generate_sequences(n_seq, task.length, task.n_unique, torch.Generator().manual_seed(seed))
     return frame(task, seqs.to(device), task.n_in, task.n_out)
 
@@ -71,8 +70,18 @@ def at_length(task, n: int) -> SimpleNamespace:
 
 def held_out_at_length(task, n: int, windows: int, seed: int, device: torch.device | str = "cpu"):
     """At least `windows` fixed windows of length `n` (whole-window echoes), seeded by `seed` and `n`."""
-    n_seq = -(-windows // windows_per_sequence(task))
-    return held_out(at_length(task, n), n_seq, length_seed(seed, n), device)
+    return held_out(at_length(task, n), sequences_for(task, windows), length_seed(seed, n), device)
+
+
+def sequences_for(task, windows: int) -> int:
+    """Sequences enough for at least `windows` windows."""
+    return -(-windows // windows_per_sequence(task))
+
+
+def eval_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tuple[Tensor, Tensor]]:
+    """Stateful models are evaluated as they were trained, batch by batch with state carried;
+    stateless ones see every window at once."""
+    return to_batches(x, y, batch_size if stateful else x.shape[-2], stateful)
 
 
 class EchoData(pl.LightningDataModule):
@@ -99,7 +108,7 @@ class EchoData(pl.LightningDataModule):
         self.train_generator = torch.Generator(device).manual_seed(self.seed)
         self.train_lengths = length_range(self.task, "train_lengths")
         if self.train_lengths is None:
-            n_seq = -(-self.task.eval_windows // windows_per_sequence(self.task))
+            n_seq = sequences_for(self.task, self.task.eval_windows)
             self.val = held_out(self.task, n_seq, self.task.val_seed, device)
             self.test = held_out(self.task, n_seq, self.task.test_seed, device)
             self.val_sets, self.test_sets = [self.val], [self.test]
@@ -143,11 +152,7 @@ class EchoData(pl.LightningDataModule):
         return held_out_at_length(self.task, n, self.task.eval_windows, self.task.test_seed, self.eval_device)
 
     def eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Stateful models are evaluated as they were trained, batch by batch with state
-        carried; stateless ones see every window at once."""
-        if self.stateful:
-            return to_batches(x, y, self.batch_size, stateful=True)
-        return to_batches(x, y, x.shape[1], stateful=False)
+        return eval_batches(x, y, self.batch_size, self.stateful)
 
 
 class CopyMemoryData(pl.LightningDataModule):
@@ -200,10 +205,9 @@ class PopulationData(pl.LightningDataModule):
         if isinstance(task, DictConfig):  # plain attributes: read every epoch, and DictConfig is slow
             task = SimpleNamespace(**OmegaConf.to_container(task, resolve=True))
         self.task, self.batch_size, self.stateful, self.device = task, batch_size, stateful, device
-        self.reverse = {key: bool(_get(task, key)) for key in ("reverse_input", "reverse_target")}
         self.generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
         self.draw = Draw(self.fresh_batches, tuple(self.generators))
-        n_seq = -(-task.eval_windows // windows_per_sequence(task))
+        n_seq = sequences_for(task, task.eval_windows)
         self.val = self.eval_batches(*self.held_out(n_seq, [task.val_seed] * len(seeds)))
         self.test = self.eval_batches(*self.held_out(n_seq, [task.test_seed] * len(seeds)))
 
@@ -211,22 +215,18 @@ class PopulationData(pl.LightningDataModule):
         return Epochs(self.draw)
 
     def held_out(self, n_seq: int, seeds: list[int]) -> tuple[Tensor, Tensor]:
-        """Fixed windows from `n_seq` sequences per member, member k's drawn with seeds[k] on the
-        CPU and moved to the device, as `held_out` draws them."""
-        t = self.task
-        seqs = member_sequences([torch.Generator().manual_seed(s) for s in seeds], n_seq, t.length, t.n_unique)
-        return member_windows(seqs.to(self.device), t.n_in, t.n_out, t.framing, **self.reverse)
+        """`held_out` for each member, member k's drawn with seeds[k]."""
+        xs, ys = zip(*(held_out(self.task, n_seq, seed, self.device) for seed in seeds))
+        return torch.stack(xs), torch.stack(ys)
 
     def eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """As `EchoData.eval_batches`: stateful batch by batch, stateless all windows at once."""
-        if self.stateful:
-            return stacked_batches(x, y, self.batch_size, stateful=True)
-        return stacked_batches(x, y, x.shape[2], stateful=False)
+        return eval_batches(x, y, self.batch_size, self.stateful)
 
     def fresh_batches(self) -> list[tuple[Tensor, Tensor]]:
         """One epoch: each member's `sequences_per_epoch` fresh sequences from its own generator,
         framed and batched as `EchoData.fresh_batches` does."""
         t = self.task
-        seqs = member_sequences(self.generators, t.sequences_per_epoch, t.length, t.n_unique)
-        x, y = member_windows(seqs, t.n_in, t.n_out, t.framing, **self.reverse)
-        return stacked_batches(x, y, self.batch_size, self.stateful)
+        seqs = [generate_sequences(t.sequences_per_epoch, t.length, t.n_unique, g) for g in self.generators]
+        x, y = frame(t, torch.cat(seqs), t.n_in, t.n_out)
+        members = len(seqs), t.sequences_per_epoch
+        return to_batches(x.unflatten(0, members), y.unflatten(0, members), self.batch_size, self.stateful)

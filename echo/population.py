@@ -121,15 +121,6 @@ class Member:
             self.tracker.end_soon("FINISHED")
 
 
-def _device(cfg: DictConfig) -> torch.device:
-    """trainer.accelerator's device; on a GPU, trainer.devices=[i]'s (echo.config allows one device)."""
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        devices = cfg.trainer.get("devices", 1)
-        return torch.device("cuda", int(devices[0])) if not isinstance(devices, (int, str)) else torch.device("cuda")
-    return torch.device("cpu")
-
-
 def train_population(
     members: list[Member], population_id: str | None, threads: int, restore: dict | list[dict] | None = None
 ) -> list[Member]:
@@ -152,8 +143,8 @@ def train_population(
         log_text(member.logger, OmegaConf.to_yaml(member.cfg, resolve=True), "config.yaml")  # there while it runs
     module = data = None
     try:
-        module, data = build_population(members, restore)
-        fit_population(module, data, threads)
+        trainer, module, data = build_population(members, restore)
+        fit_population(trainer, module, data, threads)
     except BaseException as exception:
         stopped = interrupted(exception)  # Ctrl-C or SIGTERM: Lightning turns it into sys.exit(1)
         if module is not None:
@@ -175,8 +166,9 @@ def train_population(
 
 
 def build_population(members: list[Member], restore: dict | list[dict] | None = None):
-    """The population's LightningModule and data: each member's network built under its own seed as
-    `echo.train` builds an independent run's, stacked on the device; `restore`: as `train_population`'s."""
+    """The population's Trainer, LightningModule and data: each member's network built under its own seed
+    as `echo.train` builds an independent run's, brought to the Trainer's device and precision, and
+    stacked; `restore`: as `train_population`'s."""
     restore = [restore] if isinstance(restore, dict) else restore
     assert restore is None or (len(restore) == len(members) and can_restore_together(restore)), restore
     cfg = members[0].cfg
@@ -185,35 +177,33 @@ def build_population(members: list[Member], restore: dict | list[dict] | None = 
     # each operation would wait for it (0.5-1 s for listing B's eight networks).
     torch.set_num_threads(1)
     reuse_freed_memory()
-    device = _device(cfg)
-    dtype = torch.float64 if str(cfg.trainer.get("precision", "32")).startswith("64") else torch.float32
+    every = cfg.trainer.get("check_val_every_n_epoch", 1) or 1
+    trainer = _trainer(cfg, int(restore[0]["epochs_done"]) if restore else 0, every)
     rep = representation(cfg.task)
     nets = []
-    for member in members:  # as echo.train builds an independent run's network
+    for member in members:  # as echo.train builds an independent run's network, which Lightning converts
         torch.manual_seed(member.cfg.seed)
-        nets.append(network(member.cfg, rep).to(dtype))
+        nets.append(trainer.precision_plugin.convert_module(network(member.cfg, rep)))
         if member.tracker:  # as an independent run logs it
             member.tracker.log_params({"n_params": count_parameters(nets[-1])})
     for net, state in zip(nets, restore or []):
         net.load_state_dict({name.removeprefix("net."): w for name, w in state["state_dict"].items()})
-    every = cfg.trainer.get("check_val_every_n_epoch", 1) or 1
-    compact = wide_step(cfg, len(members))
-    module = PopulationModule(members, nets, device, every, compact, restore)
+    device = trainer.strategy.root_device
+    module = PopulationModule(members, nets, device, every, wide_step(cfg, len(members)), restore)
     data = PopulationData(cfg.task, [m.cfg.seed for m in members], cfg.model.batch_size, cfg.model.stateful, device)
     for generator, state in zip(data.generators, restore or []):
         generator.set_state(state["generator"])
-    return module, data
+    return trainer, module, data
 
 
-def fit_population(module: PopulationModule, data: PopulationData, threads: int) -> None:
-    """Train the population with Lightning's Trainer: one step for the epochs up to each validation."""
+def _trainer(cfg: DictConfig, done: int, every: int) -> pl.Trainer:
+    """The population's Trainer: one step for the epochs up to each validation, from epoch `done` on."""
     quiet_lightning()
-    cfg = module.members[0].cfg
-    done, last, every = module.epochs_done, module.max_epochs, module.every
+    last = int(cfg.trainer.max_epochs)
     steps = last // every - done // every + (1 if last % every else 0)
     args = in_lightning_epochs(cfg.trainer, 1) | {"max_epochs": max(steps, 1), "check_val_every_n_epoch": 1}
     args.pop("min_epochs", None)
-    trainer = pl.Trainer(
+    return pl.Trainer(
         **args,
         logger=False,  # each member has its own logger (Member.logger)
         callbacks=[EpochProgress(cfg.trainer.max_epochs)] if cfg.get("progress") else [],
@@ -223,6 +213,10 @@ def fit_population(module: PopulationModule, data: PopulationData, threads: int)
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
+
+
+def fit_population(trainer: pl.Trainer, module: PopulationModule, data: PopulationData, threads: int) -> None:
+    """Train the population with its Trainer (`build_population`'s) on `threads` CPU threads."""
     torch.set_num_threads(threads)
     trainer.fit(module, data)
 

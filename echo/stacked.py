@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from echo.compat import fused_adam_
 from echo.encoding import PAD
 from echo.models import EncoderDecoder, ManyToOne, OneToOne, Seq2Seq
-from echo.windows import generate_sequences, to_windows
 
 STACKABLE = {"seq2seq": Seq2Seq, "encdec": EncoderDecoder, "one_to_one": OneToOne, "many_to_one": ManyToOne}
 LSTMS = {Seq2Seq: ("lstm",), EncoderDecoder: ("encoder", "decoder"), OneToOne: ("lstm",), ManyToOne: ("lstm",)}
@@ -341,32 +340,3 @@ class MemberRMSprop(MemberOptimizer):
 
 
 MEMBER_OPTIMIZERS = {"adam": MemberAdam, "rmsprop": MemberRMSprop}  # model.optimizer
-
-
-def member_sequences(generators: list[torch.Generator], n_seq: int, length: int, n_unique: int) -> Tensor:
-    """Each member's `n_seq` sequences (K, n_seq, length), drawn from its own generator."""
-    return torch.stack([generate_sequences(n_seq, length, n_unique, g) for g in generators])
-
-
-def member_windows(
-    seqs: Tensor, n_in: int, n_out: int, framing: str = "drop", **reverse: bool
-) -> tuple[Tensor, Tensor]:
-    """`to_windows` for every member: seqs (K, n_seq, length) -> x (K, n_seq, rows, n_in),
-    y (K, n_seq, rows, n_out); `reverse`: to_windows' reverse_input and reverse_target."""
-    x, y = to_windows(seqs.flatten(0, 1), n_in, n_out, framing, **reverse)
-    return x.unflatten(0, seqs.shape[:2]), y.unflatten(0, seqs.shape[:2])
-
-
-def stacked_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tuple[Tensor, Tensor]]:
-    """`echo.data.to_batches` for every member at once: x, y (K, n_seq, rows, ...) -> the epoch's
-    batches, each (K, windows, ...), member k's batch b being exactly its own `to_batches`' batch b."""
-    k, n_seq, rows = x.shape[:3]
-    if not stateful:
-        flat_x, flat_y = x.reshape(k, n_seq * rows, -1), y.reshape(k, n_seq * rows, -1)
-        return list(zip(flat_x.split(n_seq * batch_size, 1), flat_y.split(n_seq * batch_size, 1)))
-
-    def interleave(t: Tensor) -> Tensor:
-        steps = rows // batch_size
-        return t.reshape(k, n_seq, steps, batch_size, -1).transpose(1, 2).reshape(k, steps, n_seq * batch_size, -1)
-
-    return list(zip(interleave(x).unbind(1), interleave(y).unbind(1)))

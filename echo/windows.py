@@ -47,23 +47,26 @@ def to_windows(
 
 
 def to_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tuple[Tensor, Tensor]]:
-    """Split windows of shape (n_seq, rows, ...) into the optimizer steps of one epoch.
+    """Split windows of shape (..., n_seq, rows, items) into the optimizer steps of one epoch; leading
+    axes (a population's member axis) are kept, member k's batch b being exactly its own batch b.
 
     Each step holds `batch_size` windows of every sequence. Stateful: in sequence order, so
     row i of batch b+1 is the window that follows row i of batch b (Keras `stateful=True`
     with `shuffle=False`); `batch_size` must divide `rows`. Stateless: consecutive chunks of
     all windows, the last one possibly smaller.
     """
-    n_seq, rows = x.shape[:2]
+    *lead, n_seq, rows = x.shape[:-1]
+    axis = len(lead)
     if not stateful:
-        flat_x, flat_y = x.reshape(n_seq * rows, -1), y.reshape(n_seq * rows, -1)
-        return list(zip(flat_x.split(n_seq * batch_size), flat_y.split(n_seq * batch_size)))
+        flat_x, flat_y = x.reshape(*lead, n_seq * rows, -1), y.reshape(*lead, n_seq * rows, -1)
+        return list(zip(flat_x.split(n_seq * batch_size, axis), flat_y.split(n_seq * batch_size, axis)))
 
     def interleave(t: Tensor) -> Tensor:
         steps = rows // batch_size
-        return t.reshape(n_seq, steps, batch_size, -1).transpose(0, 1).reshape(steps, n_seq * batch_size, -1)
+        t = t.reshape(*lead, n_seq, steps, batch_size, -1).transpose(axis, axis + 1)
+        return t.reshape(*lead, steps, n_seq * batch_size, -1)
 
-    return list(zip(interleave(x).unbind(), interleave(y).unbind()))
+    return list(zip(interleave(x).unbind(axis), interleave(y).unbind(axis)))
 
 
 def before_first_error(correct: Tensor, real: Tensor) -> Tensor:

@@ -106,7 +106,7 @@ def test_a_populations_graphed_epochs_train_as_its_eager_epochs_do(variant):
     stays put."""
     losses, weights = {}, {}
     for graphed in (True, False):
-        population, data = _population(VARIANTS[variant], graphed)
+        _, population, data = _population(VARIANTS[variant], graphed)
         first = population.net.p(population.net.names[0])
         sums, captured = [], None
         for epoch in range(1, WARM_EPOCHS + 9):
@@ -121,8 +121,8 @@ def test_a_populations_graphed_epochs_train_as_its_eager_epochs_do(variant):
             assert population._graph.graph is not captured  # captured again after the freeze
         else:
             assert population._graph is None
-        sums = torch.stack(sums)  # (epochs, 3, members)
-        losses[graphed], weights[graphed] = sums[:, 0] / sums[:, 2], first.detach().clone()
+        sums = torch.stack(sums)  # (epochs, 4, members)
+        losses[graphed], weights[graphed] = sums[:, 0] / sums[:, 1], first.detach().clone()
         assert len(set(losses[graphed][:, 0].tolist())) == len(losses[graphed])  # fresh data every replay
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weights[True], weights[False], rtol=1e-3, atol=1e-5)

@@ -10,20 +10,12 @@ import yaml
 from helpers import TINY, all_runs, artifacts, csv_metrics, make_cfg, metric_history, run_py, start_run_py
 from pytorch_lightning.loggers import Logger
 
-from echo.data import to_batches, to_windows
+from echo.data import EchoData, PopulationData, held_out, to_batches, to_windows
 from echo.encoding import PAD, LinearScale, OneHot
 from echo.models import build_net
 from echo.module import EchoModule
 from echo.population import Member, build_population, fit_population, population_key, why_not_stackable
-from echo.stacked import (
-    MemberAdam,
-    StackedNet,
-    member_loss_sums,
-    member_scored,
-    member_sequences,
-    member_windows,
-    stacked_batches,
-)
+from echo.stacked import MemberAdam, StackedNet, member_loss_sums, member_scored
 
 POPULATION = ["-m", "hydra/launcher=population"]
 MODELS = ["seq2seq", "encdec", "one_to_one", "many_to_one"]
@@ -95,7 +87,7 @@ def test_each_members_batches_are_the_batches_it_would_train_on_alone(stateful, 
     windows = [to_windows(s, 5, 2, framing) for s in seqs]
     x, y = torch.stack([w[0] for w in windows]), torch.stack([w[1] for w in windows])
     batch_size = 7 if framing == "drop" else 5
-    together = stacked_batches(x, y, batch_size, stateful)
+    together = to_batches(x, y, batch_size, stateful)
     for k in range(3):
         alone = to_batches(*windows[k], batch_size, stateful)
         assert len(alone) == len(together)
@@ -104,15 +96,18 @@ def test_each_members_batches_are_the_batches_it_would_train_on_alone(stateful, 
 
 
 @pytest.mark.parametrize("framing", ["drop", "mask"])
-def test_each_member_draws_the_sequences_and_windows_its_seed_gives_a_run_alone(framing):
-    from echo.data import generate_sequences
-
-    seqs = member_sequences([torch.Generator().manual_seed(s) for s in (0, 7)], 3, 25, 100)
-    x, y = member_windows(seqs, 5, 2, framing)
+def test_each_member_draws_the_data_its_seed_gives_a_run_alone(framing):
+    cfg = make_cfg(f"task.framing={framing}", "task.reverse_input=true")
+    task, batch_size, stateful = cfg.task, 7 if framing == "drop" else 5, cfg.model.stateful
+    data = PopulationData(task, [0, 7], batch_size, stateful, torch.device("cpu"))
+    together = data.fresh_batches()
+    x, y = data.held_out(2, [3, 4])
     for k, seed in enumerate((0, 7)):
-        alone = generate_sequences(3, 25, 100, torch.Generator().manual_seed(seed))
-        assert torch.equal(seqs[k], alone)
-        x_alone, y_alone = to_windows(alone, 5, 2, framing)
+        alone = EchoData(task, batch_size, stateful, seed)
+        alone.setup("fit")
+        for (xa, ya), (xt, yt) in zip(alone.fresh_batches(), together, strict=True):
+            assert torch.equal(xa, xt[k]) and torch.equal(ya, yt[k])
+        x_alone, y_alone = held_out(task, 2, 3 + k)
         assert torch.equal(x[k], x_alone) and torch.equal(y[k], y_alone)
 
 
@@ -164,7 +159,7 @@ def test_a_training_epoch_reads_nothing_back_from_the_device(variant, monkeypatc
     a value back to the host (.item(), .tolist(), a tensor's truth value). Here, where there is no
     GPU: the epoch trains while every such read raises."""
     members = [Member(make_cfg("logger=none", f"seed={seed}", *VARIANTS[variant]), f"m{seed}", {}) for seed in (0, 1)]
-    population, data = build_population(members)
+    trainer, population, data = build_population(members)
     before = population.net.p(population.net.names[0]).detach().clone()
 
     def read(*args):
@@ -184,7 +179,7 @@ def test_members_still_training_train_alone_as_they_would_with_the_stopped_ones_
     cfgs = [make_cfg("logger=none", "model=encdec", "task.n_out=2", f"seed={seed}") for seed in (0, 1, 2)]
     runs = {}
     for compact in (True, False):
-        population, data = build_population([Member(cfg, f"m{cfg.seed}", {}) for cfg in cfgs])
+        trainer, population, data = build_population([Member(cfg, f"m{cfg.seed}", {}) for cfg in cfgs])
         assert population.compact  # listing B's fast regime is wide
         population.compact, population._t0 = compact, time.perf_counter()
         losses = []
@@ -211,8 +206,8 @@ def test_a_member_resumed_from_its_checkpoint_trains_on_as_if_never_stopped():
     def population(epochs: int, seeds=(0, 1), restore=None):
         cfgs = [make_cfg(*settings, f"trainer.max_epochs={epochs}", f"seed={seed}") for seed in seeds]
         members = [Member(cfg, f"m{cfg.seed}", {}, logger=Rows()) for cfg in cfgs]
-        together, data = build_population(members, restore)
-        fit_population(together, data, threads=1)
+        trainer, together, data = build_population(members, restore)
+        fit_population(trainer, together, data, threads=1)
         return together, data
 
     (whole, _), (halted, data) = population(10), population(6)
@@ -436,8 +431,8 @@ def test_a_member_steps_as_its_independent_run_does_clipped_accumulated_or_in_fl
     modules = []
     monkeypatch.setattr(training, "EchoModule", lambda *a, **k: modules.append(EchoModule(*a, **k)) or modules[-1])
     cfgs = [make_cfg(*settings, *STEPS[steps], f"seed={seed}") for seed in (0, 1)]
-    population, data = build_population([Member(cfg, f"m{cfg.seed}", {}) for cfg in cfgs])
-    fit_population(population, data, threads=1)
+    trainer, population, data = build_population([Member(cfg, f"m{cfg.seed}", {}) for cfg in cfgs])
+    fit_population(trainer, population, data, threads=1)
     for k, cfg in enumerate(cfgs):
         training.train(cfg)
         training.train(make_cfg(*settings, f"seed={cfg.seed}"))  # plain steps
