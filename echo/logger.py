@@ -17,10 +17,14 @@ the training process dies by SIGKILL (docs/performance.md, echo/tracking/__init_
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger
 
+from echo.reuse import save_network
 from echo.tracking import Tracker, flatten
 
 
@@ -81,3 +85,48 @@ def log_text(logger: Logger | None, text: str, name: str) -> None:
         folder = Path(logger.log_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
+
+
+@dataclass(eq=False)  # a member is itself alone: finding it in a list compares no configs
+class Member:
+    """One run, alone or a population's member: its config (resolved and checked, as run.py leaves it),
+    run name and tags, its tracker and Lightning logger, and what it has done so far."""
+
+    cfg: DictConfig
+    run_name: str
+    tags: dict[str, str]
+    tracker: Tracker | None = None
+    logger: Logger | None = None
+    summary: dict = field(default_factory=dict)
+    status: str = "RUNNING"  # RUNNING (training), STOPPED (trained, not yet tested), FINISHED, FAILED, KILLED
+    error: str | None = None
+
+    @property
+    def loggers(self) -> list:
+        return [self.logger] if self.logger is not None else []
+
+    def start_logging(self) -> None:
+        """Its logger (`make_logger`), its config among the params (an MLflow run has it already) and
+        as config.yaml: there while it runs."""
+        self.logger = make_logger(self.cfg, self.tracker)
+        if self.logger is not None and self.tracker is None:
+            self.logger.log_hyperparams(OmegaConf.to_container(self.cfg, resolve=True))
+        log_text(self.logger, OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
+
+    def stopped(self, baseline: float | None = None) -> None:
+        """Its training is over: the tracking worker draws its curve meanwhile (`baseline`: chance/loss)."""
+        if isinstance(self.logger, MLflowRunLogger):
+            self.tracker.log_learning_curve(self.logger.history, self.cfg.target, baseline)
+
+    def store(self, net: torch.nn.Module, by_position: list[float], chance: float, table: str) -> None:
+        """Its test is done (its metrics logged): its table, figure and trained network."""
+        log_text(self.logger, table + "\n", "expected_predicted.txt")
+        if self.tracker:
+            self.tracker.log_by_position_plot(by_position, chance)
+            save_network(net, OmegaConf.to_yaml(self.cfg, resolve=True), self.tracker)
+
+    def finished(self, net: torch.nn.Module, by_position: list[float], chance: float, table: str) -> None:
+        """A member's `store`, then its run ends while the others train."""
+        self.store(net, by_position, chance, table)
+        if self.tracker:
+            self.tracker.end_soon("FINISHED")

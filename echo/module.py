@@ -406,6 +406,13 @@ def log_rows(loggers, rows: list[tuple[str, int, float]]) -> None:
         logger.save()
 
 
+def summary_rows(summary: dict[str, float], epochs: int, by_position: list[float]) -> list[tuple[str, int, float]]:
+    """The rows a run logs at its end: its summary at its last epoch (val/* logged already), and its test
+    token accuracy by output position (the step: the position, 1 first)."""
+    final = [(name, epochs, value) for name, value in summary.items() if not name.startswith("val/")]
+    return final + [("test/token_acc_by_position", j, acc) for j, acc in enumerate(by_position, 1)]
+
+
 def window_counts(correct: Tensor, real: Tensor, members: bool = False) -> tuple[Tensor, ...]:
     """Over windows (..., n_out) of which tokens are right (`correct`) and real (not PAD): correct real
     tokens, real tokens, exactly right windows, windows with a real token, and real tokens before each
@@ -593,9 +600,7 @@ class PopulationModule(EchoModule):
             member.summary.update(metrics)
             member.summary.update({"chance/token_acc": chance, "chance/exact_match": chance**self.n_out})
             print(f"{member.run_name}: {summary_line(member.summary)}")
-            epochs = member.summary["epochs"]
-            final = [(n, epochs, v) for n, v in member.summary.items() if not n.startswith("val/")]
-            log_rows(member.loggers, final + [("test/token_acc_by_position", j, acc) for j, acc in enumerate(at, 1)])
+            log_rows(member.loggers, summary_rows(member.summary, member.summary["epochs"], at))
             member.finished(self.member_net(member), at, chance, table)
             member.status = "FINISHED"
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import sys
 import tempfile
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -30,13 +29,12 @@ from echo.compat import reuse_freed_memory
 from echo.data import PopulationData
 from echo.encoding import representation
 from echo.faults import TrainingError, interrupted
-from echo.logger import MLflowRunLogger, log_text, make_logger
+from echo.logger import Member
 from echo.models import count_parameters
 from echo.module import EpochProgress, PopulationModule
 from echo.policy import cpu_threads, wide_step
-from echo.reuse import save_network
 from echo.stacked import STACKABLE
-from echo.tracking import Tracker, log_artifacts, start_tracker
+from echo.tracking import log_artifacts, start_tracker
 
 POPULATION_TAG = "echo.population"
 CHECKPOINT = "population.pt"  # in each member's artifacts, under checkpoints/
@@ -88,39 +86,6 @@ def _flat_items(tree, prefix=""):
             yield f"{prefix}{key}", repr(value)
 
 
-@dataclass(eq=False)  # a member is itself alone: finding it in a list compares no configs
-class Member:
-    """One run of the population: its config (resolved and checked, as run.py leaves it), run name
-    and tags, its tracker and Lightning logger, and what it has done so far."""
-
-    cfg: DictConfig
-    run_name: str
-    tags: dict[str, str]
-    tracker: Tracker | None = None
-    logger: pl.loggers.Logger | None = None
-    summary: dict = field(default_factory=dict)
-    status: str = "RUNNING"  # RUNNING (training), STOPPED (trained, not yet tested), FINISHED, FAILED, KILLED
-    error: str | None = None
-
-    @property
-    def loggers(self) -> list:
-        return [self.logger] if self.logger is not None else []
-
-    def stopped(self) -> None:
-        """Its training is over: the tracking worker draws its curve while the others train."""
-        if isinstance(self.logger, MLflowRunLogger):
-            self.tracker.log_learning_curve(self.logger.history, self.cfg.target)
-
-    def finished(self, net: torch.nn.Module, by_position: list[float], chance: float, table: str) -> None:
-        """Its test is done (its metrics logged): its figure, table and trained network, as an
-        independent run stores them; its run ends while the others train."""
-        log_text(self.logger, table + "\n", "expected_predicted.txt")
-        if self.tracker:
-            self.tracker.log_by_position_plot(by_position, chance)
-            save_network(net, OmegaConf.to_yaml(self.cfg, resolve=True), self.tracker)
-            self.tracker.end_soon("FINISHED")
-
-
 def train_population(
     members: list[Member], population_id: str | None, threads: int, restore: dict | list[dict] | None = None
 ) -> list[Member]:
@@ -137,10 +102,7 @@ def train_population(
             member.tags = {**member.tags, POPULATION_TAG: population_id}
         if member.cfg.logger.name == "mlflow":
             member.tracker = start_tracker(member.cfg, member.run_name, member.tags)
-        member.logger = make_logger(member.cfg, member.tracker)
-        if member.logger is not None and member.tracker is None:  # (an MLflow run has the flattened config already)
-            member.logger.log_hyperparams(OmegaConf.to_container(member.cfg, resolve=True))
-        log_text(member.logger, OmegaConf.to_yaml(member.cfg, resolve=True), "config.yaml")  # there while it runs
+        member.start_logging()
     module = data = None
     try:
         trainer, module, data = build_population(members, restore)

@@ -25,13 +25,13 @@ from echo.data import CopyMemoryData, EchoData, at_length, held_out
 from echo.encoding import representation
 from echo.faults import interrupted
 from echo.lengths import evaluate_lengths, length_rows, length_scores
-from echo.logger import MLflowRunLogger, log_text, make_logger
+from echo.logger import Member, MLflowRunLogger, log_text
 from echo.memory import N_SYMBOLS, RECALL, memoryless_loss
 from echo.models import count_parameters
-from echo.module import EchoModule, EpochProgress, log_rows
+from echo.module import EchoModule, EpochProgress, log_rows, summary_rows
 from echo.policy import epochs_per_step, resolve_threads, windows_per_epoch
 from echo.preflight import out_of_memory_as_training_error, preflight
-from echo.reuse import EVALUATED_FROM, network_to_evaluate, save_network
+from echo.reuse import EVALUATED_FROM, network_to_evaluate
 from echo.steps import StepSettings
 from echo.summary import summary_line
 from echo.task import is_copy_memory, length_range, trained_lengths
@@ -137,14 +137,12 @@ def _fit_and_test(
         data = CopyMemoryData(task, model.batch_size, seed=cfg.seed)
     else:
         data = EchoData(task, model.batch_size, model.stateful, seed=cfg.seed)
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    logger = make_logger(cfg, tracker)
-    if logger is not None and tracker is None:  # (an MLflow run has the flattened config already)
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    log_text(logger, config_yaml, "config.yaml")  # at the start: there while the run runs
+    run = Member(cfg, "", {}, tracker)
+    run.start_logging()
+    logger = run.logger
     callbacks = [EpochProgress(cfg.trainer.max_epochs)] if cfg.progress else []
     if tracker and stored_net is None:
-        callbacks += [Checkpointer(tracker, config_yaml, cfg.get("checkpoint_every"))]
+        callbacks += [Checkpointer(tracker, OmegaConf.to_yaml(cfg, resolve=True), cfg.get("checkpoint_every"))]
     trainer = pl.Trainer(
         **{"log_every_n_steps": 1, **in_lightning_epochs(cfg.trainer, k)},  # (the module logs per validation)
         logger=logger or False,
@@ -160,11 +158,8 @@ def _fit_and_test(
         return _test_stored(cfg, logger, trainer, module, data)
     trainer.fit(module, data, ckpt_path=checkpoint, weights_only=True)  # download_checkpoint checked it
     train_time = module.train_time_s()  # (a resumed run's: its time before included)
-    if isinstance(logger, MLflowRunLogger):  # its history is complete: the worker draws the curve meanwhile
-        tracker.log_learning_curve(logger.history, cfg.target, baseline)
+    run.stopped(baseline)  # its history is complete: the worker draws the curve meanwhile
     trainer.test(module, data, verbose=False)
-    if tracker:
-        save_network(net, config_yaml, tracker)
 
     epochs = module.epochs_completed()
     chance = 1 / (N_SYMBOLS if copy else task.n_unique)  # a uniform guess per token (copy memory: per symbol)
@@ -177,18 +172,14 @@ def _fit_and_test(
     if tested := length_range(task, "test_lengths"):
         by_length = evaluate_lengths(module, data, tested)
         summary.update(length_scores(by_length, trained_lengths(task)))
-        log_rows(trainer.loggers, length_rows(by_length))
+        log_rows(run.loggers, length_rows(by_length))
         if tracker:
             tracker.log_length_generalisation(by_length, trained_lengths(task), chance)
     table = expected_predicted(module, data, task, seed=cfg.seed)
     print(table)
     print(summary_line(summary))
-    final = [(name, epochs, v) for name, v in summary.items() if not name.startswith("val/")]  # val/*: logged
-    by_position = [("test/token_acc_by_position", j, acc) for j, acc in enumerate(module.by_position, 1)]
-    log_rows(trainer.loggers, final + by_position)
-    if tracker:
-        tracker.log_by_position_plot(module.by_position, chance)
-    log_text(logger, table + "\n", "expected_predicted.txt")
+    log_rows(run.loggers, summary_rows(summary, epochs, module.by_position))
+    run.store(net, module.by_position, chance, table)
     if logger is not None and not isinstance(logger, MLflowRunLogger):
         print(f"Logged to {logger.log_dir}")
     return summary

@@ -13,9 +13,10 @@ from helpers import TINY, all_runs, csv_metrics, make_cfg, metric_history, run_p
 from pytorch_lightning.loggers import CSVLogger
 
 from echo.data import EchoData
+from echo.logger import Member
 from echo.models import build_net
 from echo.module import EchoModule
-from echo.population import Member, build_population
+from echo.population import build_population
 from echo.speedups import WARM_EPOCHS
 from echo.train import train
 

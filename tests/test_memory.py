@@ -188,7 +188,8 @@ def test_one_rmsprop_over_stacked_weights_is_each_members_rmsprop_and_a_frozen_m
 
 
 def test_a_population_trains_reversed_windows_with_rmsprop_as_runs_alone_would(tmp_path):
-    from echo.population import Member, train_population, why_not_stackable
+    from echo.logger import Member
+    from echo.population import train_population, why_not_stackable
 
     overrides = ["model=encdec", "model.hidden_size=8", "model.optimizer=rmsprop", "task.reverse_input=true"]
     overrides += ["task.reverse_target=true", "trainer.max_epochs=4", "trainer.check_val_every_n_epoch=2"]

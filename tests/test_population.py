@@ -12,9 +12,10 @@ from pytorch_lightning.loggers import Logger
 
 from echo.data import EchoData, PopulationData, held_out, to_batches, to_windows
 from echo.encoding import PAD, LinearScale, OneHot
+from echo.logger import Member
 from echo.models import build_net
 from echo.module import EchoModule
-from echo.population import Member, build_population, fit_population, population_key, why_not_stackable
+from echo.population import build_population, fit_population, population_key, why_not_stackable
 from echo.stacked import MemberAdam, StackedNet, member_loss_sums, member_scored
 
 POPULATION = ["-m", "hydra/launcher=population"]

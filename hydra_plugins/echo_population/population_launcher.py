@@ -175,8 +175,9 @@ class PopulationLauncher(Launcher):
         return result
 
     def _run_population(self, jobs: list[_Job]) -> dict[int, JobReturn]:
+        from echo.logger import Member
         from echo.policy import cpu_threads, resolve_threads
-        from echo.population import Member, train_population
+        from echo.population import train_population
         from echo.sweeps import job_name_and_tags
 
         # the members' `threads`, or for `auto` what a run as wide as all the members' steps would take
