@@ -29,9 +29,6 @@ def preflight(cfg) -> None:
     check_memory(cfg)
 
 
-# -- the trainer settings ------------------------------------------------------------------------
-
-
 def check_trainer(cfg) -> None:
     """Build a Trainer with the run's settings (about 25 ms) and turn Lightning's refusal into one line."""
     accelerator = cfg.trainer.get("accelerator", "auto")
@@ -66,24 +63,19 @@ def check_trainer(cfg) -> None:
                 enable_model_summary=False,
                 num_sanity_val_steps=0,
             )
-    except TypeError as error:
+    except Exception as error:  # MisconfigurationException, ValueError, TypeError, a missing package (ImportError)
         unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
-        if unknown:
+        if isinstance(error, TypeError) and unknown:
             key = unknown.group(1)
             raise ConfigError(
                 f"trainer.{key} is not an argument of Lightning's Trainer: remove +trainer.{key}=..."
             ) from None
-        raise ConfigError(f"Lightning refuses the trainer settings: {_first_line(error)}: fix trainer.*") from None
-    except Exception as error:  # MisconfigurationException, ValueError, a missing package (ImportError)
         raise ConfigError(f"Lightning refuses the trainer settings: {_first_line(error)}: fix trainer.*") from None
 
 
 def _first_line(error: BaseException) -> str:
     """`first_line`, inside a sentence: at most 300 characters, no closing full stop."""
     return first_line(error)[:300].rstrip(".")
-
-
-# -- memory --------------------------------------------------------------------------------------
 
 
 def check_memory(cfg) -> None:
@@ -198,23 +190,14 @@ def _size(n: int) -> str:
         n /= 1000
 
 
-# -- out of memory all the same ------------------------------------------------------------------
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
-
-
 @contextmanager
 def out_of_memory_as_training_error():
     """An out-of-memory error that still happens (the estimate is rough, or other processes took
     the memory meanwhile) becomes a TrainingError: one line, no traceback."""
     try:
         yield
-    except BaseException as error:
-        if not is_out_of_memory(error):
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        known = isinstance(error, MemoryError | torch.OutOfMemoryError)
+        if not known and not re.search("can't allocate memory|out of memory", str(error)):
             raise
         raise TrainingError(f"out of memory ({_first_line(error)}): {SHRINK}") from error
