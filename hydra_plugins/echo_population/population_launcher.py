@@ -51,7 +51,6 @@ class PopulationLauncher(Launcher):
             )
             sys.exit(2)
         self.max_members = max_members
-        self.config = self.task_function = self.hydra_context = None
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
@@ -192,13 +191,10 @@ class PopulationLauncher(Launcher):
         restore = [job.restore for job in jobs] if jobs[0].restore is not None else None
         said = f"#{', #'.join(str(j.num) for j in jobs)} ({'; '.join(_said(j) for j in jobs)})"
         if population_id is None:
-            print(f"echo: job {said} continues alone, {threads} thread(s)", file=sys.stderr)
+            what = f"job {said} continues alone"
         else:
-            how = "continue" if restore else "train"
-            print(
-                f"echo: population {population_id}: jobs {said} {how} as one stacked model, {threads} thread(s)",
-                file=sys.stderr,
-            )
+            what = f"population {population_id}: jobs {said} {'continue' if restore else 'train'} as one stacked model"
+        print(f"echo: {what}, {threads} thread(s)", file=sys.stderr)
         try:  # the members' runs are written by the sweep's tracking service (echo.sweeps.SweepCallback)
             train_population(members, population_id, threads, restore)
         except KeyboardInterrupt:
