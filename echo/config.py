@@ -130,8 +130,6 @@ def optional(check):
     return optional_check
 
 
-ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
-
 # -- Lightning's Trainer arguments: those echo supports, and why it refuses the others --------------
 
 # pytorch_lightning.Trainer's arguments (2.6), named here so that the checks import no torch
@@ -310,7 +308,7 @@ CHECKS = {
     "model.teacher_forcing": probability,
     "trainer.max_epochs": count,
     "trainer.check_val_every_n_epoch": count,
-    "trainer.accelerator": one_of(*ACCELERATORS),
+    "trainer.accelerator": one_of("cpu", "gpu", "cuda", "mps", "auto"),
     "trainer.devices": one_device,
     "trainer.num_nodes": only(1, ONE_DEVICE),
     "trainer.strategy": only("auto", ONE_DEVICE),

@@ -169,9 +169,6 @@ def recorded_args() -> list[str]:
     return list(CONTINUING.get("args") or sys.argv[1:])
 
 
-# -- a job's decision ---------------------------------------------------------------------------------
-
-
 @dataclass
 class Decision:
     """What a job of a continued sweep does: `keep` the child `run` (FINISHED with its config), `resume`
@@ -216,12 +213,6 @@ def _checkpoint(uri: str, run_id: str) -> str | None:
     return next((name for name in names if name in saved), None)
 
 
-def job_params(cfg) -> dict[str, str]:
-    """A job's config as its run's params record it (echo.tracking.start_tracker), less NOT_COMPARED."""
-    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
-    return {k: str(v) for k, v in flat.items() if k.split(".")[0] not in NOT_COMPARED}
-
-
 def _same(run, wanted: dict[str, str], loose: tuple[str, ...] = ()) -> bool:
     params = run.data.params
     return all(params.get(k) == v for k, v in wanted.items() if k not in loose)
@@ -232,7 +223,8 @@ def decide(parent: str, cfg) -> Decision:
     `parent`: keep the child that FINISHED with the same config, else resume the last one that ended
     KILLED or FAILED with a checkpoint (with the same config, but for the settings of RESUMABLE that
     this command changes), else run (in the place of the last unfinished one)."""
-    wanted = job_params(cfg)
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))  # as its run's params record it (start_tracker)
+    wanted = {k: str(v) for k, v in flat.items() if k.split(".")[0] not in NOT_COMPARED}
     jobs = _jobs(tracking_uri(), parent)
     finished = [run for run in jobs if run.info.status == "FINISHED" and _same(run, wanted)]
     if finished:

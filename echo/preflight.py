@@ -16,7 +16,6 @@ from echo.faults import TrainingError
 from echo.policy import epochs_per_step
 from echo.task import windows_per_sequence
 
-FLOAT = 4  # bytes of a float32
 # trainer.* keys echo.config checks in full (CHECKS); with others Lightning builds a Trainer to check them
 CHECKED_HERE = {"max_epochs", "check_val_every_n_epoch", "accelerator", "devices", "strategy", "num_nodes"}
 CHECKED_HERE |= {"gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches"}  # echo's (echo/steps.py)
@@ -122,7 +121,7 @@ def estimate_memory(cfg) -> dict[str, int]:
     def activations(rows: int, stored: int) -> int:
         per_row = steps * stored * width + 2 * n_in * rep.n_features + 4 * n_out * rep.n_outputs
         per_row += 3 * heads * (model.get("n_layers") or 1) * steps * steps  # attention weights
-        return rows * per_row * FLOAT
+        return rows * per_row * 4  # bytes of a float32
 
     rows = windows_per_sequence(task)
     sequences = task.get("sequences_per_epoch", model.batch_size)  # copy memory: one batch of batch_size

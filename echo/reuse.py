@@ -292,14 +292,11 @@ def _say_code_version(run_id: str, tags: dict[str, str]) -> None:
 
 
 def load_run(run_id: str):
-    """The trained network of run `run_id` (in eval mode, on the CPU) and the run's config.
-
-    The store is `MLFLOW_TRACKING_URI`, else ./mlflow.db. The network maps input features
-    (batch, n_in, n_features) to scores (batch, n_out, n_classes) and a recurrent state; the config
-    says how the run encoded its tokens (`task.representation`, `task.n_unique`). Raises LoadError
-    (one line naming the run) for an unknown run, a run without a stored network, or a stored file
-    that is not plain tensors and values. Says so on stderr if the run's code version is not this
-    checkout's."""
+    """The trained network of run `run_id` (in eval mode, on the CPU) and the run's config, from the store
+    `MLFLOW_TRACKING_URI` (else ./mlflow.db). The network maps input features (batch, n_in, n_features) to
+    scores (batch, n_out, n_classes) and a recurrent state; the config says how tokens were encoded
+    (`task.representation`, `task.n_unique`). LoadError, one line naming the run, if it cannot be loaded;
+    a line on stderr if the run's code version is not this checkout's."""
     run_id = str(run_id)
     stored, config, tags = _stored(run_id, "run")
     _say_code_version(run_id, tags)
@@ -333,19 +330,14 @@ def evaluated_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             )
         OmegaConf.update(merged, key, override.value(), force_add=True)
         keys.add(key)
-    if _one_batch_per_sequence(saved) and "model.batch_size" not in keys:
-        # Trained on whole sequences (listing B): so it sees sequences of another length too.
+    try:  # a stateful run whose batches were whole sequences (listing B): so it sees another length's too
+        whole = bool(saved.model.stateful) and saved.model.batch_size == windows_per_sequence(saved.task)
+    except (AttributeError, KeyError, TypeError):  # a config from another version of echo
+        whole = False
+    if whole and "model.batch_size" not in keys:
         merged.model.batch_size = windows_per_sequence(merged.task)
     merged.evaluate, merged.resume = run_id, None
     return merged
-
-
-def _one_batch_per_sequence(cfg: DictConfig) -> bool:
-    """Whether a stateful run's batches were whole sequences, so that no state ran from batch to batch."""
-    try:
-        return bool(cfg.model.stateful) and cfg.model.batch_size == windows_per_sequence(cfg.task)
-    except (AttributeError, KeyError, TypeError):  # a config from another version of echo
-        return False
 
 
 def network_to_evaluate(cfg: DictConfig):

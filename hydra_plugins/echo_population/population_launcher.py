@@ -97,8 +97,7 @@ class PopulationLauncher(Launcher):
             except ConfigError as error:
                 print(f"echo: bad config: job #{job.num} ({' '.join(job.overrides)}): {error}", file=sys.stderr)
                 sys.exit(2)
-            reason = why_not_stackable(job.task_cfg)
-            if reason is not None:
+            if (reason := why_not_stackable(job.task_cfg)) is not None:
                 print(f"echo: population: job #{job.num} ({_said(job)}) runs on its own: {reason}", file=sys.stderr)
                 units.append([job])
                 continue
