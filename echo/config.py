@@ -262,10 +262,8 @@ OBJECTIVES = (
     "train_time_s",
 )
 
-# Every key a user may set, with its check (keys a config does not have are skipped: a new key
-# gets its row here). trainer.* keys outside TRAINER_SUPPORTED are refused (`check_trainer_keys`);
-# Lightning builds a Trainer with the rest (echo.preflight); settings that depend on each other
-# are checked after these, in `validate`.
+# Every key a user may set, with its check (keys a config does not have are skipped: a new key gets its
+# row here); settings that depend on each other are checked after these, in `validate`.
 CHECKS = {
     "seed": seed,
     "threads": auto_or_count,
@@ -327,22 +325,15 @@ CHECKS = {
 _ABSENT = object()
 
 
-def _check_lengths(task, key: str) -> tuple[int, int] | None:
-    """task.<key>: null or [lo,hi] (CHECKS' lengths_pair), here below the lengths' seed stride too."""
-    value = task.get(key)
-    if value is None:
-        return None
-    if value[1] >= LENGTH_SEED_STRIDE:
-        raise ConfigError(
-            f"task.{key}={list(value)!r} must be null or [lo,hi]: whole numbers with 1 <= lo <= hi < "
-            f"{LENGTH_SEED_STRIDE} (both lengths included), e.g. task.{key}=[1,10]"
-        )
-    return int(value[0]), int(value[1])
-
-
 def _validate_lengths(task, model) -> None:
     """Variable-length training and per-length testing: whole-window echoes, by networks that take any length."""
-    train, test = _check_lengths(task, "train_lengths"), _check_lengths(task, "test_lengths")
+    train, test = task.get("train_lengths"), task.get("test_lengths")  # null or [lo,hi] (CHECKS' lengths_pair)
+    for key, value in (("train_lengths", train), ("test_lengths", test)):
+        if value is not None and value[1] >= LENGTH_SEED_STRIDE:
+            raise ConfigError(
+                f"task.{key}={list(value)!r} must be null or [lo,hi]: whole numbers with 1 <= lo <= hi < "
+                f"{LENGTH_SEED_STRIDE} (both lengths included), e.g. task.{key}=[1,10]"
+            )
     if not (train or test):
         return
     key = "task.train_lengths" if train else "task.test_lengths"

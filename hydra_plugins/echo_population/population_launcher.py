@@ -1,9 +1,6 @@
 """`hydra/launcher=population`: a multirun's jobs that differ only in settings that leave every
-tensor's shape alone (seed, model.lr, ...) train together as one stacked model in this process
-(echo/population.py); the others run one after another, as the basic launcher runs them.
-
-Hydra imports this module whenever it starts (it looks for plugins in `hydra_plugins`), so it
-imports nothing heavy: torch and echo's training load only when a population launches.
+tensor's shape alone train together as one stacked model in this process (docs/populations.md); the
+others run one after another. Hydra imports this module whenever it starts: it imports nothing heavy.
 """
 
 import copy
