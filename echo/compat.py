@@ -85,10 +85,8 @@ class AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.then(module)
 
 
-# torchmetrics' flags for optional packages it would import when Lightning loads, for metrics and
-# plots echo never uses: matplotlib.pyplot (Metric.plot, ~0.5 s), torchvision (image metrics) and
-# transformers (BERTScore, with scikit-learn): together ~10 s on a machine that has them all.
-# A flag a torchmetrics version does not have is skipped.
+# torchmetrics' flags for optional packages: matplotlib.pyplot (Metric.plot, ~0.5 s), torchvision (image
+# metrics), transformers (BERTScore, with scikit-learn). A flag a torchmetrics version lacks is skipped.
 UNUSED_FLAGS = (
     "_MATPLOTLIB_AVAILABLE",
     "_TORCHVISION_AVAILABLE",
@@ -107,19 +105,17 @@ def _unused_packages_off(imports) -> None:
 
 
 def keep_torchmetrics_from_unused_packages() -> None:
-    """torchmetrics imports optional packages when Lightning loads if its flags (UNUSED_FLAGS) say
-    they are installed: matplotlib.pyplot for `Metric.plot`, torchvision and transformers for image
-    and text metrics, none of which echo uses: saves 0.45 s of CPU per process here (the same
-    command: 7.1 s with, 7.6 s without), ~10 s where torchvision and transformers are installed.
-    The flags are set to False as their module executes, before torchmetrics reads them. (The
-    learning curves are drawn by the tracking worker, a process of its own, with matplotlib.)"""
+    """Set torchmetrics' flags for optional packages echo never uses (UNUSED_FLAGS) to False as their
+    module executes, before torchmetrics reads them and imports the packages when Lightning loads: saves
+    0.45 s of CPU per process here (the same command: 7.1 s with, 7.6 s without), ~10 s where
+    torchvision and transformers are installed. (The tracking worker draws its curves with matplotlib.)"""
     if "torchmetrics.utilities.imports" not in sys.modules:
         sys.meta_path.insert(0, AfterImport("torchmetrics.utilities.imports", _unused_packages_off))
 
 
 def defer_unused_imports() -> None:
-    """Both, before Lightning is imported (a no-op for modules already imported). The command line
-    (run.py) applies it; importing echo from a notebook or a test changes nothing in other libraries."""
+    """Both, before Lightning is imported (a no-op for modules already imported): run.py applies it, so
+    importing echo from a notebook or a test changes nothing in other libraries."""
     defer_scipy_signal()
     keep_torchmetrics_from_unused_packages()
 
@@ -228,13 +224,12 @@ def stop_loky_workers():
 
 
 def answer_sweep_jobs_with(loader, master, composed: dict) -> None:
-    """From now on Hydra's config `loader` answers the sweep's jobs with copies of the configs in
-    `composed` (by their overrides, as a tuple; about 5 ms each) instead of composing them again
-    (about 0.1 s each): Hydra's sweeper composes every job once more to check it, and an in-process
-    launcher once more to run it. It replaces the loader's `load_sweep_config` on this one instance.
-    Saves 4.2 s of CPU in a 20-job sweep (`python run.py -m seed=0,...,19 logger=none
-    trainer.max_epochs=5`, whole process, median of 3: 12.9 s with, 17.1 s without; 20 compositions
-    instead of 60). A launcher that runs the jobs elsewhere pickles the loader: leave it as it is."""
+    """Replace this `loader`'s `load_sweep_config`: the sweep's jobs get copies of the configs in `composed`
+    (by their overrides, as a tuple; about 5 ms each) instead of being composed again (about 0.1 s each)
+    by Hydra's sweeper, to check them, and by an in-process launcher, to run them. Saves 4.2 s of CPU in
+    a 20-job sweep (`python run.py -m seed=0,...,19 logger=none trainer.max_epochs=5`, whole process,
+    median of 3: 12.9 s with, 17.1 s without; 20 compositions instead of 60). A launcher that runs the
+    jobs elsewhere pickles the loader: leave it as it is."""
     import copy
 
     from omegaconf import OmegaConf
