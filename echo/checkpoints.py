@@ -1,12 +1,7 @@
-"""Checkpoints in the run's MLflow artifacts, and `resume=<run id>` from the last one.
-
-A run saves `checkpoints/last.ckpt` (weights, optimizer, epoch, the run's summary so far) and
-`checkpoints/config.yaml` into its artifacts when it is interrupted (Ctrl-C, SIGTERM) or fails,
-and every `checkpoint_every` epochs if that is set (off by default: saving costs time). A
-resumed run is a new MLflow run tagged `echo.resumed_from=<old run id>` that starts from the
-checkpoint's epoch with the old run's config; the old run keeps its own status and metrics.
-A checkpoint holds tensors and plain values only and is read back as such (weights only): one
-that needs more, or is malformed, is refused before Lightning, or anything else, unpickles it.
+"""Checkpoints in the run's MLflow artifacts (`checkpoints/last.ckpt`, `checkpoints/config.yaml`: saved
+on an interrupt or failure, and every `checkpoint_every` epochs), and `resume=<run id>` from the last one
+(docs/faults-and-resume.md). A checkpoint is read back as tensors and plain values only (weights only),
+before Lightning, or anything else, unpickles it.
 """
 
 from __future__ import annotations
@@ -158,9 +153,7 @@ def _misfit(checkpoint: dict, cfg: DictConfig, member: bool) -> str | None:
         if counted != len(names) or any(index not in range(len(names)) for index in optimizer["state"]):
             return f"its optimizer state is for {counted} parameters, the network has {len(names)}"
         for index, state in optimizer["state"].items():
-            for moment in OPTIMIZER_OF:
-                if moment not in state:
-                    continue
+            for moment in (moment for moment in OPTIMIZER_OF if moment in state):
                 shape, expected = tuple(state[moment].shape), tuple(params[names[index]].shape)
                 if shape != expected:
                     return (
@@ -176,12 +169,9 @@ def is_member_checkpoint(path: str) -> bool:
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The config of the run being resumed, with this command's plain `key=value` overrides on top
-    (e.g. `trainer.max_epochs=2000` to train longer). A group or preset on the command line
-    (`experiment=...`, `model=encdec`) is no change if the config it composes is the run's (the
-    run's own command line, as a requeued SLURM job gives it again); one that changes a setting is
-    refused, naming it. The stored config is data (echo.reuse.read_stored_config): no interpolation,
-    no unknown key."""
+    """The config of the run being resumed (data: echo.reuse.read_stored_config), with this command's plain
+    `key=value` overrides on top (e.g. `trainer.max_epochs=2000`). A group or preset on the command line is
+    no change if it composes the run's config (a requeued SLURM job's); one that changes a setting is refused."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from echo.reuse import CONF, GROUPS, read_stored_config

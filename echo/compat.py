@@ -31,25 +31,11 @@ class Deferred(types.ModuleType):
         name = self.__name__
         del sys.modules[name]
         real = importlib.import_module(name)
-        own = {k: v for k, v in self.__dict__.items() if not k.startswith("__")}
-        for key, value in own.items():  # what was set on the stand-in meanwhile, unless the real one has it
-            if not hasattr(real, key):
+        for key, value in self.__dict__.items():  # what was set on the stand-in meanwhile, unless the real one has it
+            if not key.startswith("__") and not hasattr(real, key):
                 setattr(real, key, value)
         self.__dict__.update(real.__dict__)
         return real
-
-
-def defer(name: str, **attributes) -> None:
-    """Put a stand-in for module `name` (a submodule of an installed package) in `sys.modules`,
-    holding `attributes`; nothing if `name` is imported already or its package is not installed."""
-    package, _, child = name.rpartition(".")
-    if name in sys.modules or importlib.util.find_spec(package) is None:
-        return
-    stand_in = Deferred(name)
-    # Its file, as the real module's: `inspect` reads every module's `__file__` (torch does, at import).
-    stand_in.__dict__.update(attributes, __file__=importlib.util.find_spec(name).origin)
-    sys.modules[name] = stand_in
-    setattr(importlib.import_module(package), child, stand_in)
 
 
 def _hamming(*args, **kwargs):
@@ -64,7 +50,13 @@ def defer_scipy_signal() -> None:
     process, median of 5: 7.1 s with, 8.3 s without). torchmetrics only checks for
     `scipy.signal.hamming` (and, if missing, sets it to `scipy.signal.windows.hamming`): the
     stand-in holds that function, so the check does not load the module."""
-    defer("scipy.signal", hamming=_hamming)
+    if "scipy.signal" in sys.modules or importlib.util.find_spec("scipy") is None:
+        return
+    stand_in = Deferred("scipy.signal")
+    # Its file, as the real module's: `inspect` reads every module's `__file__` (torch does, at import).
+    stand_in.__dict__.update(hamming=_hamming, __file__=importlib.util.find_spec("scipy.signal").origin)
+    sys.modules["scipy.signal"] = stand_in
+    importlib.import_module("scipy").signal = stand_in
 
 
 class AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -93,16 +85,8 @@ class AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.then(module)
 
 
-def after_import(name: str, then) -> None:
-    """Call `then(module)` right after module `name` is first imported (not if it is already)."""
-    if name not in sys.modules:
-        sys.meta_path.insert(0, AfterImport(name, then))
-
-
-# torchmetrics' flags for optional packages it would import when Lightning loads, for metrics and
-# plots echo never uses: matplotlib.pyplot (Metric.plot, ~0.5 s), torchvision (image metrics) and
-# transformers (BERTScore, with scikit-learn): together ~10 s on a machine that has them all.
-# A flag a torchmetrics version does not have is skipped.
+# torchmetrics' flags for optional packages: matplotlib.pyplot (Metric.plot, ~0.5 s), torchvision (image
+# metrics), transformers (BERTScore, with scikit-learn). A flag a torchmetrics version lacks is skipped.
 UNUSED_FLAGS = (
     "_MATPLOTLIB_AVAILABLE",
     "_TORCHVISION_AVAILABLE",
@@ -121,18 +105,17 @@ def _unused_packages_off(imports) -> None:
 
 
 def keep_torchmetrics_from_unused_packages() -> None:
-    """torchmetrics imports optional packages when Lightning loads if its flags (UNUSED_FLAGS) say
-    they are installed: matplotlib.pyplot for `Metric.plot`, torchvision and transformers for image
-    and text metrics, none of which echo uses: saves 0.45 s of CPU per process here (the same
-    command: 7.1 s with, 7.6 s without), ~10 s where torchvision and transformers are installed.
-    The flags are set to False as their module executes, before torchmetrics reads them. (The
-    learning curves are drawn by the tracking worker, a process of its own, with matplotlib.)"""
-    after_import("torchmetrics.utilities.imports", _unused_packages_off)
+    """Set torchmetrics' flags for optional packages echo never uses (UNUSED_FLAGS) to False as their
+    module executes, before torchmetrics reads them and imports the packages when Lightning loads: saves
+    0.45 s of CPU per process here (the same command: 7.1 s with, 7.6 s without), ~10 s where
+    torchvision and transformers are installed. (The tracking worker draws its curves with matplotlib.)"""
+    if "torchmetrics.utilities.imports" not in sys.modules:
+        sys.meta_path.insert(0, AfterImport("torchmetrics.utilities.imports", _unused_packages_off))
 
 
 def defer_unused_imports() -> None:
-    """Both, before Lightning is imported (a no-op for modules already imported). The command line
-    (run.py) applies it; importing echo from a notebook or a test changes nothing in other libraries."""
+    """Both, before Lightning is imported (a no-op for modules already imported): run.py applies it, so
+    importing echo from a notebook or a test changes nothing in other libraries."""
     defer_scipy_signal()
     keep_torchmetrics_from_unused_packages()
 
@@ -189,16 +172,10 @@ def restart_interrupted_epoch(checkpoint: dict) -> None:
     """Make a checkpoint taken mid-epoch (an interrupt) resume at the start of that epoch, by rewriting
     the progress counters of Lightning's fit loop in the checkpoint (`loops.fit_loop`: Lightning's
     own layout, no public API). Not a speed-up: without it a resumed run skips the end of the
-    interrupted epoch, where its training metrics are recorded.
-
-    A Lightning epoch here is a few tutorial epochs (up to a validation's worth), each a few
-    optimizer steps on fresh sequences, so redoing it costs little, while resuming halfway (after
-    its training step, during its validation or its end hooks) would skip the end of that epoch,
-    where its training metrics are recorded. Lightning counts an epoch processed before its end
-    hooks and completed after them; a checkpoint saved every N epochs is saved in those hooks,
-    and its epoch goes on to be recorded: it resumes at the next epoch. An interrupt between two
-    epochs (as one starts, before its training step) resumes at the next epoch too, but only once
-    the batches of the last one are no longer counted as this one's.
+    interrupted epoch, where its training metrics are recorded (redoing a Lightning epoch, a few
+    optimizer steps on fresh sequences, costs little). A checkpoint saved every N epochs is saved in
+    the end hooks, and its epoch goes on to be recorded: it resumes at the next epoch, as does an
+    interrupt between two epochs, once the last one's batches are no longer counted as this one's.
     """
     fit = checkpoint.get("loops", {}).get("fit_loop")
     if not fit or checkpoint.get("echo", {}).get("epoch_done"):
@@ -247,13 +224,12 @@ def stop_loky_workers():
 
 
 def answer_sweep_jobs_with(loader, master, composed: dict) -> None:
-    """From now on Hydra's config `loader` answers the sweep's jobs with copies of the configs in
-    `composed` (by their overrides, as a tuple; about 5 ms each) instead of composing them again
-    (about 0.1 s each): Hydra's sweeper composes every job once more to check it, and an in-process
-    launcher once more to run it. It replaces the loader's `load_sweep_config` on this one instance.
-    Saves 4.2 s of CPU in a 20-job sweep (`python run.py -m seed=0,...,19 logger=none
-    trainer.max_epochs=5`, whole process, median of 3: 12.9 s with, 17.1 s without; 20 compositions
-    instead of 60). A launcher that runs the jobs elsewhere pickles the loader: leave it as it is."""
+    """Replace this `loader`'s `load_sweep_config`: the sweep's jobs get copies of the configs in `composed`
+    (by their overrides, as a tuple; about 5 ms each) instead of being composed again (about 0.1 s each)
+    by Hydra's sweeper, to check them, and by an in-process launcher, to run them. Saves 4.2 s of CPU in
+    a 20-job sweep (`python run.py -m seed=0,...,19 logger=none trainer.max_epochs=5`, whole process,
+    median of 3: 12.9 s with, 17.1 s without; 20 compositions instead of 60). A launcher that runs the
+    jobs elsewhere pickles the loader: leave it as it is."""
     import copy
 
     from omegaconf import OmegaConf

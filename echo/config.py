@@ -34,40 +34,72 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def _is_whole(value) -> bool:
+    """A whole number (YAML's `true` is not one)."""
+    return not isinstance(value, bool) and isinstance(value, int)
+
+
 def _is_count(value) -> bool:
-    """A whole number >= 1 (YAML's `true` is not one)."""
-    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+    return _is_whole(value) and value >= 1
 
 
 def _is_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
+def _is_pair(value) -> bool:
+    """[lo, hi] with 1 <= lo <= hi."""
+    pair = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+    return pair and all(_is_count(v) for v in value) and value[0] <= value[1]
+
+
 # -- one check per key: each takes the key's path and value and raises ConfigError ---------------
 
 
-def at_least(low: int):
-    """A whole number >= `low`."""
+def rule(ok, must: str, fix: str):
+    """A check: `ok(value)`, else `<path>=<value> must be <must>: <fix>` (`{path}` in `fix`: the key)."""
 
     def check(path: str, value) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{path}={value!r} must be a whole number >= {low}: set {path}=<n>")
+        if not ok(value):
+            raise ConfigError(f"{path}={value!r} must be {must}: {fix.format(path=path)}")
 
     return check
 
 
+def at_least(low: int):
+    """A whole number >= `low`."""
+    return rule(lambda v: _is_whole(v) and v >= low, f"a whole number >= {low}", "set {path}=<n>")
+
+
 count = at_least(1)
-
-
-def boolean(path: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{path}={value!r} must be true or false: set {path}=true or {path}=false")
-
-
-def duration(path: str, value) -> None:
-    """Lightning's `max_time` as a command line gives it: days:hours:minutes:seconds."""
-    if not isinstance(value, str) or not re.fullmatch(r"\d+:\d\d:\d\d:\d\d", value):
-        raise ConfigError(f"{path}={value!r} must be a time as days:hours:minutes:seconds: e.g. {path}=00:12:00:00")
+boolean = rule(lambda v: isinstance(v, bool), "true or false", "set {path}=true or {path}=false")
+# Lightning's `max_time` as a command line gives it
+duration = rule(
+    lambda v: isinstance(v, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v),
+    "a time as days:hours:minutes:seconds",
+    "e.g. {path}=00:12:00:00",
+)
+positive_number = rule(lambda v: _is_number(v) and math.isfinite(v) and v > 0, "a positive number", "e.g. {path}=1e-3")
+fraction = rule(lambda v: _is_number(v) and 0 < v <= 1, "a fraction in (0, 1]", "e.g. {path}=0.99")
+probability = rule(lambda v: _is_number(v) and 0 <= v <= 1, "a probability in [0, 1]", "e.g. {path}=1.0")
+non_negative = rule(
+    lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a number >= 0 (0: no clipping)", "e.g. {path}=1.0"
+)
+# a seed torch takes (negative ones too)
+seed = rule(lambda v: _is_whole(v) and -(2**63) <= v < 2**64, "a whole number (a 64-bit seed)", "e.g. {path}=0")
+# an MLflow experiment name
+name = rule(
+    lambda v: isinstance(v, str) and v.strip() and len(v) <= 500,
+    "a name (1 to 500 characters)",
+    "e.g. {path}=my_study (a number needs quotes: {path}=\"'2024'\")",
+)
+run_id = rule(
+    lambda v: not isinstance(v, bool) and isinstance(v, (str, int)) and str(v).strip(),
+    "an MLflow run id",
+    "copy one from `mlflow ui`",
+)
+auto_or_count = rule(lambda v: v == "auto" or _is_count(v), "auto or a whole number >= 1", "e.g. {path}=1")
+lengths_pair = rule(_is_pair, "[lo,hi] with 1 <= lo <= hi", "e.g. {path}=[1,10]")
 
 
 def one_of(*names: str, hint: str | None = None):
@@ -81,53 +113,6 @@ def one_of(*names: str, hint: str | None = None):
             raise ConfigError(f"{path}={value!r} is unknown: choose {choices}")
 
     return check
-
-
-def positive_number(path: str, value) -> None:
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{path}={value!r} must be a positive number: e.g. {path}=1e-3")
-
-
-def fraction(path: str, value) -> None:
-    if not _is_number(value) or not 0 < value <= 1:
-        raise ConfigError(f"{path}={value!r} must be a fraction in (0, 1]: e.g. {path}=0.99")
-
-
-def seed(path: str, value) -> None:
-    """A whole number torch takes as a seed (negative ones too)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**64:
-        raise ConfigError(f"{path}={value!r} must be a whole number (a 64-bit seed): e.g. {path}=0")
-
-
-def name(path: str, value) -> None:
-    """A non-empty string of at most 500 characters (an MLflow experiment name)."""
-    if not isinstance(value, str) or not value.strip() or len(value) > 500:
-        raise ConfigError(
-            f"{path}={value!r} must be a name (1 to 500 characters): e.g. {path}=my_study "
-            f"(a number needs quotes: {path}=\"'2024'\")"
-        )
-
-
-def run_id(path: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
-        raise ConfigError(f"{path}={value!r} must be an MLflow run id: copy one from `mlflow ui`")
-
-
-def auto_or_count(path: str, value) -> None:
-    if value != "auto" and not _is_count(value):
-        raise ConfigError(f"{path}={value!r} must be auto or a whole number >= 1: e.g. {path}=1")
-
-
-def probability(path: str, value) -> None:
-    if not _is_number(value) or not 0 <= value <= 1:
-        raise ConfigError(f"{path}={value!r} must be a probability in [0, 1]: e.g. {path}=1.0")
-
-
-def lengths_pair(path: str, value) -> None:
-    """[lo, hi] with 1 <= lo <= hi."""
-    ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
-    if not ok or not all(_is_count(v) for v in value) or value[0] > value[1]:
-        raise ConfigError(f"{path}={value!r} must be [lo,hi] with 1 <= lo <= hi: e.g. {path}=[1,10]")
 
 
 def optional(check):
@@ -144,8 +129,6 @@ def optional(check):
 
     return optional_check
 
-
-ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 
 # -- Lightning's Trainer arguments: those echo supports, and why it refuses the others --------------
 
@@ -255,11 +238,6 @@ def only(allowed, why: str):
     return check
 
 
-def non_negative(path: str, value) -> None:
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{path}={value!r} must be a number >= 0 (0: no clipping): e.g. {path}=1.0")
-
-
 # The scalar metrics a run returns, which `objective` may name (README.md, What a run records).
 OBJECTIVES = (
     "val/loss",
@@ -284,10 +262,8 @@ OBJECTIVES = (
     "train_time_s",
 )
 
-# Every key a user may set, with its check (keys a config does not have are skipped: a new key
-# gets its row here). trainer.* keys outside TRAINER_SUPPORTED are refused (`check_trainer_keys`);
-# Lightning builds a Trainer with the rest (echo.preflight); settings that depend on each other
-# are checked after these, in `validate`.
+# Every key a user may set, with its check (keys a config does not have are skipped: a new key gets its
+# row here); settings that depend on each other are checked after these, in `validate`.
 CHECKS = {
     "seed": seed,
     "threads": auto_or_count,
@@ -330,7 +306,7 @@ CHECKS = {
     "model.teacher_forcing": probability,
     "trainer.max_epochs": count,
     "trainer.check_val_every_n_epoch": count,
-    "trainer.accelerator": one_of(*ACCELERATORS),
+    "trainer.accelerator": one_of("cpu", "gpu", "cuda", "mps", "auto"),
     "trainer.devices": one_device,
     "trainer.num_nodes": only(1, ONE_DEVICE),
     "trainer.strategy": only("auto", ONE_DEVICE),
@@ -349,24 +325,15 @@ CHECKS = {
 _ABSENT = object()
 
 
-def _check_lengths(task, key: str) -> tuple[int, int] | None:
-    value = task.get(key)
-    if value is None:
-        return None
-    ok = not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and len(value) == 2
-    ok = ok and all(_is_count(v) for v in value) and value[0] <= value[1] < LENGTH_SEED_STRIDE
-    if not ok:
-        shown = list(value) if hasattr(value, "__iter__") and not isinstance(value, str) else value
-        raise ConfigError(
-            f"task.{key}={shown!r} must be null or [lo,hi]: whole numbers with 1 <= lo <= hi < {LENGTH_SEED_STRIDE} "
-            f"(both lengths included), e.g. task.{key}=[1,10]"
-        )
-    return int(value[0]), int(value[1])
-
-
 def _validate_lengths(task, model) -> None:
     """Variable-length training and per-length testing: whole-window echoes, by networks that take any length."""
-    train, test = _check_lengths(task, "train_lengths"), _check_lengths(task, "test_lengths")
+    train, test = task.get("train_lengths"), task.get("test_lengths")  # null or [lo,hi] (CHECKS' lengths_pair)
+    for key, value in (("train_lengths", train), ("test_lengths", test)):
+        if value is not None and value[1] >= LENGTH_SEED_STRIDE:
+            raise ConfigError(
+                f"task.{key}={list(value)!r} must be null or [lo,hi]: whole numbers with 1 <= lo <= hi < "
+                f"{LENGTH_SEED_STRIDE} (both lengths included), e.g. task.{key}=[1,10]"
+            )
     if not (train or test):
         return
     key = "task.train_lengths" if train else "task.test_lengths"

@@ -1,15 +1,7 @@
-"""`python run.py -m resume=<sweep parent run id>`: a sweep that stopped (Ctrl-C, SIGTERM, a killed
-process) goes on under the same parent run (docs/sweeps-and-clusters.md#a-sweep-that-stopped).
-
-run.py rebuilds the command line before Hydra reads it (`continued_argv`): the arguments the parent
-recorded as the sweep started (tag `echo.argv`), this command's own on top (a key given again
-replaces the recorded one), in the sweep's own folder; so presets, launcher settings and search spaces
-compose exactly as they did. Each job then decides for itself, in its own process (`decide`), by its
-resolved config, not its number: a child of the parent that FINISHED with the same config is kept (its
-objective goes back to the sweeper from its metrics), one that ended KILLED or FAILED with a checkpoint
-is resumed (a new child tagged `echo.resumed_from`), and otherwise the job runs (tagged
-`echo.rerun_of` where it takes the place of a child that left nothing to resume from). An Optuna search
-gets a study that replays the parent's trials first (`continued_study`), so it ends at `n_trials` in all.
+"""`python run.py -m resume=<sweep parent run id>`: a sweep that stopped goes on under the same parent
+run (docs/sweeps-and-clusters.md#a-sweep-that-stopped). run.py rebuilds the sweep's recorded command
+line (`continued_argv`); each job then decides by its resolved config (`decide`) whether its child is
+kept, resumed or run again; an Optuna search replays the parent's trials first (`continued_study`).
 
 Imports nothing heavy: mlflow (through echo.tracking) only once a continuation asks the store.
 """
@@ -172,17 +164,9 @@ def continued_parent() -> str | None:
     return os.environ.get(CONTINUE_ENV) or None
 
 
-def launching_tags() -> dict[str, str]:
-    """What a sweep's parent records as its launching process starts it (or continues it)."""
-    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
-
-
 def recorded_args() -> list[str]:
     """The arguments a sweep's parent records: the rebuilt ones of a continued sweep, else this command's."""
     return list(CONTINUING.get("args") or sys.argv[1:])
-
-
-# -- a job's decision ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -229,12 +213,6 @@ def _checkpoint(uri: str, run_id: str) -> str | None:
     return next((name for name in names if name in saved), None)
 
 
-def job_params(cfg) -> dict[str, str]:
-    """A job's config as its run's params record it (echo.tracking.start_tracker), less NOT_COMPARED."""
-    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
-    return {k: str(v) for k, v in flat.items() if k.split(".")[0] not in NOT_COMPARED}
-
-
 def _same(run, wanted: dict[str, str], loose: tuple[str, ...] = ()) -> bool:
     params = run.data.params
     return all(params.get(k) == v for k, v in wanted.items() if k not in loose)
@@ -245,7 +223,8 @@ def decide(parent: str, cfg) -> Decision:
     `parent`: keep the child that FINISHED with the same config, else resume the last one that ended
     KILLED or FAILED with a checkpoint (with the same config, but for the settings of RESUMABLE that
     this command changes), else run (in the place of the last unfinished one)."""
-    wanted = job_params(cfg)
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))  # as its run's params record it (start_tracker)
+    wanted = {k: str(v) for k, v in flat.items() if k.split(".")[0] not in NOT_COMPARED}
     jobs = _jobs(tracking_uri(), parent)
     finished = [run for run in jobs if run.info.status == "FINISHED" and _same(run, wanted)]
     if finished:
@@ -299,11 +278,8 @@ def _value(text: str):
 
 
 def continued_study(parent: str, study_name: str, direction):
-    """The Optuna storage of a continued search (`hydra.sweeper.storage`, instantiated by Hydra): a study
-    in memory named `study_name` whose first trials are the parent's, enqueued with their params
-    (`replayed`). The sweeper asks for them first; each such job finds its child and is kept (its value
-    told from its metrics) or resumed, so the sampler knows them all and the search ends at `n_trials`
-    trials in all."""
+    """The Optuna storage of a continued search (`hydra.sweeper.storage`): a study in memory whose first
+    trials are the parent's (`replayed`), each kept or resumed by its job, so the search ends at `n_trials`."""
     import warnings
 
     import optuna

@@ -1,10 +1,7 @@
-"""Hydra's own refusals of a command line (an unknown config group option or key, an override it
-cannot read) as echo's one line: `echo: bad config: <what>: <fix>`, exit 2.
-
-Hydra prints these itself, over several lines, and exits 1. Its documented switch
-HYDRA_FULL_ERROR=1 makes it raise them instead; `one_line_errors` sets it (unless the user did, to
-see Hydra's own report) and turns Hydra's exception, by its type and fields, into the line.
-"""
+"""Hydra's own refusals of a command line (an unknown group option or key, an unreadable override) as
+echo's one line, `echo: bad config: <what>: <fix>`, exit 2, instead of Hydra's several lines and exit 1.
+Hydra raises them under its documented HYDRA_FULL_ERROR=1, which `one_line_errors` sets unless the
+user did (to see Hydra's own report)."""
 
 from __future__ import annotations
 
@@ -73,7 +70,8 @@ def unknown_option(missing: str, options: list[str]) -> str:
     import difflib
 
     group, _, name = missing.rpartition("/")
-    line = f"{group}={name} is unknown: choose {group}={_either(options)}"
+    either = options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+    line = f"{group}={name} is unknown: choose {group}={either}"
     close = difflib.get_close_matches(name, options, n=1)
     return line + (f" (did you mean {group}={close[0]}?)" if close else "")
 
@@ -83,7 +81,8 @@ def unknown_key(full_key: str, key: str, siblings: list, argv: Sequence[str]) ->
     one. `full_key`: the first key of the override that is not in the config, `key` its last segment."""
     import difflib
 
-    given = next((a for a in argv if f"{_key_of(a)}.".startswith(f"{full_key}.")), f"{full_key}=<value>")
+    keys = {a: a.lstrip("+~").partition("=")[0].partition("@")[0] for a in argv}
+    given = next((a for a in argv if f"{keys[a]}.".startswith(f"{full_key}.")), f"{full_key}=<value>")
     typed, _, value = given.lstrip("+~").partition("=")
     line = f"{given}: the config has no key {full_key}"
     close = difflib.get_close_matches(key, [str(k) for k in siblings], n=1, cutoff=0.7) if "/" not in key else []
@@ -105,14 +104,6 @@ def unreadable(override: str, message: str) -> str:
         return f"{what}: write key=value, e.g. {override.strip()}=<value>"
     quoted = f"\"{key}='{value}'\"" if "'" not in value else f"'{key}=\"{value}\"'"
     return f"{what}: quote a value that holds brackets, commas, spaces or non-ASCII characters, e.g. {quoted}"
-
-
-def _key_of(override: str) -> str:
-    return override.lstrip("+~").partition("=")[0].partition("@")[0]
-
-
-def _either(options: list[str]) -> str:
-    return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
 
 
 def _one_line(error: BaseException) -> str:

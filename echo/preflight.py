@@ -16,7 +16,6 @@ from echo.faults import TrainingError
 from echo.policy import epochs_per_step
 from echo.task import windows_per_sequence
 
-FLOAT = 4  # bytes of a float32
 # trainer.* keys echo.config checks in full (CHECKS); with others Lightning builds a Trainer to check them
 CHECKED_HERE = {"max_epochs", "check_val_every_n_epoch", "accelerator", "devices", "strategy", "num_nodes"}
 CHECKED_HERE |= {"gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches"}  # echo's (echo/steps.py)
@@ -27,9 +26,6 @@ def preflight(cfg) -> None:
     """Raise ConfigError if Lightning refuses the trainer settings or the run cannot fit in memory."""
     check_trainer(cfg)
     check_memory(cfg)
-
-
-# -- the trainer settings ------------------------------------------------------------------------
 
 
 def check_trainer(cfg) -> None:
@@ -66,24 +62,19 @@ def check_trainer(cfg) -> None:
                 enable_model_summary=False,
                 num_sanity_val_steps=0,
             )
-    except TypeError as error:
+    except Exception as error:  # MisconfigurationException, ValueError, TypeError, a missing package (ImportError)
         unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
-        if unknown:
+        if isinstance(error, TypeError) and unknown:
             key = unknown.group(1)
             raise ConfigError(
                 f"trainer.{key} is not an argument of Lightning's Trainer: remove +trainer.{key}=..."
             ) from None
-        raise ConfigError(f"Lightning refuses the trainer settings: {_first_line(error)}: fix trainer.*") from None
-    except Exception as error:  # MisconfigurationException, ValueError, a missing package (ImportError)
         raise ConfigError(f"Lightning refuses the trainer settings: {_first_line(error)}: fix trainer.*") from None
 
 
 def _first_line(error: BaseException) -> str:
     """`first_line`, inside a sentence: at most 300 characters, no closing full stop."""
     return first_line(error)[:300].rstrip(".")
-
-
-# -- memory --------------------------------------------------------------------------------------
 
 
 def check_memory(cfg) -> None:
@@ -130,7 +121,7 @@ def estimate_memory(cfg) -> dict[str, int]:
     def activations(rows: int, stored: int) -> int:
         per_row = steps * stored * width + 2 * n_in * rep.n_features + 4 * n_out * rep.n_outputs
         per_row += 3 * heads * (model.get("n_layers") or 1) * steps * steps  # attention weights
-        return rows * per_row * FLOAT
+        return rows * per_row * 4  # bytes of a float32
 
     rows = windows_per_sequence(task)
     sequences = task.get("sequences_per_epoch", model.batch_size)  # copy memory: one batch of batch_size
@@ -198,23 +189,14 @@ def _size(n: int) -> str:
         n /= 1000
 
 
-# -- out of memory all the same ------------------------------------------------------------------
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
-
-
 @contextmanager
 def out_of_memory_as_training_error():
     """An out-of-memory error that still happens (the estimate is rough, or other processes took
     the memory meanwhile) becomes a TrainingError: one line, no traceback."""
     try:
         yield
-    except BaseException as error:
-        if not is_out_of_memory(error):
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        known = isinstance(error, MemoryError | torch.OutOfMemoryError)
+        if not known and not re.search("can't allocate memory|out of memory", str(error)):
             raise
         raise TrainingError(f"out of memory ({_first_line(error)}): {SHRINK}") from error

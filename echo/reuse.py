@@ -1,17 +1,9 @@
-"""A run's trained network: stored when the run finishes, loaded back safely.
+"""A run's trained network: stored when the run finishes (`model/weights.pt`, `model/config.yaml`),
+loaded back safely by `echo.load_run(run_id)` and `python run.py evaluate=<run id>`.
 
-Every finished run keeps `model/weights.pt` (the network's name and sizes, and its state_dict:
-tensors and plain values only) and `model/config.yaml` (the run's resolved config) in its
-artifacts. `echo.load_run(run_id)` returns that network, ready to predict, and the config;
-`python run.py evaluate=<run id>` tests it again as a new run tagged `echo.evaluated_from`.
-
-Whatever is read back from a store is untrusted: anyone who can write a run's artifacts (a
-shared `mlflow server` has no authentication by default) could plant a file whose unpickling
-runs code. Files are read with `torch.load(weights_only=True)`, which builds tensors and plain
-values only, and a file that needs more, or is malformed, is refused with one line naming the run.
-A stored config is data: plain YAML values, no interpolation (`${...}` is refused, never resolved) and
-no key this checkout's config does not have. A stored network's sizes are checked, and its tensors
-compared with the network they describe, on torch's meta device, before anything is allocated.
+What a store holds is untrusted (a shared `mlflow server` has no authentication by default): files
+are read with `torch.load(weights_only=True)`, a stored config as data (no interpolation, no unknown
+key), and a network's sizes and tensors are checked on torch's meta device before anything is allocated.
 """
 
 from __future__ import annotations
@@ -220,6 +212,7 @@ def _build(stored: dict, run_id: str, key: str):
     import torch
 
     from echo.models import MODELS, build_net
+    from echo.preflight import _size, host_free_bytes
 
     args = dict(stored["network"])
     name = args.pop("name")
@@ -236,7 +229,13 @@ def _build(stored: dict, run_id: str, key: str):
         raise LoadError(
             f"{what} describes a {name} network ({built}) that cannot be built ({first_line(error)})"
         ) from None
-    check_memory(shapes, f"{what} describes a {name} network ({built}) that")
+    need = 4 * sum(p.numel() for p in shapes.parameters())  # float32, as echo's networks are built
+    free = host_free_bytes()
+    if free is not None and need > free:
+        raise LoadError(
+            f"{what} describes a {name} network ({built}) that needs about {_size(need)} of memory for its "
+            f"weights, more than the {_size(free)} available on this machine, refused"
+        )
     if why := misfit(stored["state_dict"], shapes.state_dict()):
         raise LoadError(f"{what} does not fit the {name} network it describes ({built}): {why}, refused")
     try:
@@ -267,20 +266,6 @@ def _check_sizes(args: dict, state_dict: dict, what: str) -> None:
             raise LoadError(f"{what} describes its network with {arg}={value!r}, which no echo network has, refused")
 
 
-def check_memory(net, what: str) -> None:
-    """LoadError if `net` (built on the meta device) cannot be built for real in the memory free here:
-    `what` is the sentence's subject."""
-    from echo.preflight import _size, host_free_bytes
-
-    need = 4 * sum(p.numel() for p in net.parameters())  # float32, as echo's networks are built
-    free = host_free_bytes()
-    if free is not None and need > free:
-        raise LoadError(
-            f"{what} needs about {_size(need)} of memory for its weights, more than the {_size(free)} "
-            f"available on this machine, refused"
-        )
-
-
 def misfit(stored: dict, expected: dict) -> str | None:
     """How tensors `stored` (name -> tensor) first differ from `expected` (name -> tensor, e.g. a
     state_dict on the meta device): a missing or unexpected key, or a shape; None if they fit."""
@@ -307,14 +292,11 @@ def _say_code_version(run_id: str, tags: dict[str, str]) -> None:
 
 
 def load_run(run_id: str):
-    """The trained network of run `run_id` (in eval mode, on the CPU) and the run's config.
-
-    The store is `MLFLOW_TRACKING_URI`, else ./mlflow.db. The network maps input features
-    (batch, n_in, n_features) to scores (batch, n_out, n_classes) and a recurrent state; the config
-    says how the run encoded its tokens (`task.representation`, `task.n_unique`). Raises LoadError
-    (one line naming the run) for an unknown run, a run without a stored network, or a stored file
-    that is not plain tensors and values. Says so on stderr if the run's code version is not this
-    checkout's."""
+    """The trained network of run `run_id` (in eval mode, on the CPU) and the run's config, from the store
+    `MLFLOW_TRACKING_URI` (else ./mlflow.db). The network maps input features (batch, n_in, n_features) to
+    scores (batch, n_out, n_classes) and a recurrent state; the config says how tokens were encoded
+    (`task.representation`, `task.n_unique`). LoadError, one line naming the run, if it cannot be loaded;
+    a line on stderr if the run's code version is not this checkout's."""
     run_id = str(run_id)
     stored, config, tags = _stored(run_id, "run")
     _say_code_version(run_id, tags)
@@ -348,19 +330,14 @@ def evaluated_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             )
         OmegaConf.update(merged, key, override.value(), force_add=True)
         keys.add(key)
-    if _one_batch_per_sequence(saved) and "model.batch_size" not in keys:
-        # Trained on whole sequences (listing B): so it sees sequences of another length too.
+    try:  # a stateful run whose batches were whole sequences (listing B): so it sees another length's too
+        whole = bool(saved.model.stateful) and saved.model.batch_size == windows_per_sequence(saved.task)
+    except (AttributeError, KeyError, TypeError):  # a config from another version of echo
+        whole = False
+    if whole and "model.batch_size" not in keys:
         merged.model.batch_size = windows_per_sequence(merged.task)
     merged.evaluate, merged.resume = run_id, None
     return merged
-
-
-def _one_batch_per_sequence(cfg: DictConfig) -> bool:
-    """Whether a stateful run's batches were whole sequences, so that no state ran from batch to batch."""
-    try:
-        return bool(cfg.model.stateful) and cfg.model.batch_size == windows_per_sequence(cfg.task)
-    except (AttributeError, KeyError, TypeError):  # a config from another version of echo
-        return False
 
 
 def network_to_evaluate(cfg: DictConfig):

@@ -1,15 +1,14 @@
 """Sweeps in MLflow: one parent run per multirun, its jobs as children, and a summary at the end.
 
-Works with every Hydra launcher (basic, joblib, submitit, Ray) and sweeper (basic, Optuna):
-the parent is created as the sweep starts, by a process of the sweep's own (`SweepStore`, which
-also writes the summary: the launching process never imports mlflow), before any job's run, and
-each job finds its parent through the environment, or, where the environment does not
-travel (a remote Ray cluster), through the sweep's tag.
+Works with every Hydra launcher and sweeper: the parent is created as the sweep starts, by a process
+of the sweep's own (`SweepStore`: the launching process never imports mlflow), and each job finds it
+through the environment, or, where that does not travel (a remote Ray cluster), by the sweep's tag.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import json
 import math
@@ -18,7 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -29,11 +28,12 @@ from echo.continuation import (
     ARGV_TAG,
     CONTINUED_TAG,
     CONTINUING,
+    HOST_TAG,
+    PID_TAG,
     SWEEP_DIR_TAG,
     SWEEPER_TAG,
     continued_parent,
     decide,
-    launching_tags,
     recorded_args,
     search_tally,
     tally,
@@ -82,24 +82,18 @@ def parent_of_sweep(sweep: str, experiment: str) -> str | None:
 
 
 class SweepCallback(Callback):
-    """A multirun is one parent MLflow run; its jobs are children (`mlflow.parentRunId`).
-
-    At the end the parent holds the best child (tags `echo.best_run`, `echo.best_run_id`,
-    metric `best/<objective>`), a table of all children (`sweep.md`) and a plot of the
-    objective against each swept setting (`sweep.png`). A sweep one of whose jobs FAILED ends its
-    parent FAILED (after its summary, if it went on); an interrupted one (Ctrl-C, SIGTERM) ends the
-    parent and its unfinished children KILLED, never RUNNING (`end_sweep`).
-    """
+    """A multirun is one parent MLflow run; its jobs are children (`mlflow.parentRunId`). At the end the
+    parent holds the best child, a table and a plot (docs/sweeps-and-clusters.md); a sweep with a FAILED
+    job ends it FAILED, an interrupted one (Ctrl-C, SIGTERM) KILLED with its unfinished children."""
 
     parent: str | None = None
     service: TrackingService | None = None
     store: SweepStore | None = None
-    _pending: Answer | None = None  # the parent run's id, until taken
+    _pending: Callable | None = None  # the parent run's id, until taken
 
     def __getstate__(self) -> dict:
-        """What a job gets: parallel and remote launchers (joblib, submitit, Ray) pickle this callback
-        into every job. Jobs need no MLflow client, and unpickling one imports mlflow (seconds of CPU);
-        they find the tracking service and their parent run through the environment."""
+        """What a job gets: parallel and remote launchers pickle this callback into every job, which needs
+        no MLflow client (unpickling one imports mlflow: seconds of CPU); it uses the environment."""
         return {key: value for key, value in self.__dict__.items() if key not in ("service", "store", "_pending")}
 
     def on_multirun_start(self, config, **kwargs) -> None:
@@ -109,10 +103,8 @@ class SweepCallback(Callback):
                 # A store that stops answering: a few retries (about 15 s), not MLflow's minutes (as the jobs' workers)
                 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
                 if _launcher(config) in SHARED_TRACKING:
-                    # Parallel jobs on this machine, or a population's members: one tracking process writes
-                    # all their runs. It starts first and imports mlflow while this process checks and
-                    # composes the jobs and imports torch, instead of every job's worker later (or a
-                    # population's, as it trains).
+                    # One tracking process writes all the runs of parallel jobs or a population's members: it
+                    # imports mlflow now, while this process composes the jobs, not every job's worker later.
                     self.service = TrackingService()
                     atexit.register(self.service.close)
                 # The store opens meanwhile too, ready for the parent run
@@ -131,12 +123,8 @@ class SweepCallback(Callback):
         if not tracked:
             return
         if why := unreachable(tracking_uri()):
-            print(
-                f"echo: tracking failed: the tracking server {tracking_uri()} is unreachable ({why})", file=sys.stderr
-            )
-            self._stop_tracking()
-            sys.exit(2)
-        if why := cannot_write(tracking_uri()):
+            why = f"the tracking server {tracking_uri()} is unreachable ({why})"
+        if why := why or cannot_write(tracking_uri()):
             print(f"echo: tracking failed: {why}", file=sys.stderr)
             self._stop_tracking()
             sys.exit(2)
@@ -147,7 +135,8 @@ class SweepCallback(Callback):
         self.ignored = ("seed", *sorted(excluded))  # children that differ only in these are one setting
         tags = {SWEEP_TAG: sweep, PARENT_TAG: "true", "echo.overrides": overrides, "echo.objective": self.objective}
         tags |= {ARGV_TAG: json.dumps(recorded_args()), SWEEP_DIR_TAG: str(config.hydra.sweep.dir)}
-        tags |= {SWEEPER_TAG: str(config.hydra.sweeper.get("_target_", "")), **launching_tags()}
+        tags |= {SWEEPER_TAG: str(config.hydra.sweeper.get("_target_", ""))}
+        tags |= {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}  # its launching process
         if continuing:  # the same parent run, RUNNING again
             tags[CONTINUED_TAG] = _continuation_plan(config, continuing, jobs)
             self._pending = self.store.call("reopen", parent=continuing, tags=tags)
@@ -159,7 +148,7 @@ class SweepCallback(Callback):
             PENDING_PARENT.append(self._take_parent)
         else:  # the jobs, elsewhere, find it in the environment
             self._take_parent()
-        atexit.register(self._end_if_reachable, None)  # if the sweep stops before on_multirun_end
+        atexit.register(self._end, None)  # if the sweep stops before on_multirun_end
         _sigterm_as_interrupt()
 
     def _stop_tracking(self) -> None:
@@ -174,7 +163,7 @@ class SweepCallback(Callback):
         if pending is None:
             return
         try:
-            self.parent = pending.result()
+            self.parent = pending()
         except Exception as error:
             print(f"echo: tracking failed: could not create the sweep's parent run ({reason(error)})", file=sys.stderr)
             return
@@ -194,7 +183,7 @@ class SweepCallback(Callback):
                 os.environ.pop(PARENT_RUN_ENV, None)
                 ignored = list(self.ignored)
                 argv = [sys.argv[0], *recorded_args()]  # a continued sweep's: its command line, rebuilt
-                self.store.call("finish", parent=parent, objective=self.objective, ignored=ignored, argv=argv).result()
+                self.store.call("finish", parent=parent, objective=self.objective, ignored=ignored, argv=argv)()
             except Exception as error:  # the store went away: the jobs' runs say where theirs are kept
                 problem = f"could not write the sweep's summary to {tracking_uri()} ({reason(error)})"
         if self.store is not None:
@@ -213,27 +202,24 @@ class SweepCallback(Callback):
             print(f"echo: tracking failed: {problem}", file=sys.stderr)
             sys.exit(3)
 
-    def _end_if_reachable(self, status: str | None) -> None:
+    def _end(self, status: str | None) -> None:
         """End the parent with `status`; None: KILLED after an interrupt, else as `end_sweep` finds."""
         if status is None and INTERRUPTED:
             status = "KILLED"
         try:
-            self._end(status)
+            self._take_parent()
+            if self.parent is None:
+                return
+            parent, self.parent = self.parent, None
+            os.environ.pop(PARENT_RUN_ENV, None)
+            status = self.store.call("end", parent=parent, status=status)()
+            print(
+                f"echo: sweep stopped, its parent run {parent} ended {status}: continue it with "
+                f"`python run.py -m resume={parent}`",
+                file=sys.stderr,
+            )
         except Exception as error:  # the store is gone: the jobs' lines said where their runs are kept
             print(f"echo: tracking failed: could not end the sweep's parent run ({reason(error)})", file=sys.stderr)
-
-    def _end(self, status: str | None) -> None:
-        self._take_parent()
-        if self.parent is None:
-            return
-        parent, self.parent = self.parent, None
-        os.environ.pop(PARENT_RUN_ENV, None)
-        status = self.store.call("end", parent=parent, status=status).result()
-        print(
-            f"echo: sweep stopped, its parent run {parent} ended {status}: continue it with "
-            f"`python run.py -m resume={parent}`",
-            file=sys.stderr,
-        )
 
 
 def _check_continuation(config, tracked: bool) -> str | None:
@@ -241,7 +227,6 @@ def _check_continuation(config, tracked: bool) -> str | None:
     parent = continued_parent()
     if parent is None:
         return None
-    why = None
     if not tracked:
         why = f"a continued sweep is tracked in its parent's store: logger={config.logger.name} cannot continue it"
     elif CONTINUING.get("experiment") not in (None, config.logger.experiment):
@@ -249,10 +234,10 @@ def _check_continuation(config, tracked: bool) -> str | None:
             f"the sweep's parent run is in experiment '{CONTINUING['experiment']}', and this command tracks to "
             f"'{config.logger.experiment}': leave logger.experiment as the sweep had it"
         )
-    if why:
-        print(f"echo: bad sweep: resume={parent}: {why}", file=sys.stderr)
-        sys.exit(2)
-    return parent
+    else:
+        return parent
+    print(f"echo: bad sweep: resume={parent}: {why}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _continuation_plan(config, parent: str, jobs: list | None) -> str:
@@ -278,13 +263,10 @@ def _launcher(config) -> str:
 
 
 class SweepStore:
-    """The sweep's MLflow work (the parent run, the summary, its end), done by another process, so
-    that this one never imports mlflow: the sweep's tracking service where it has one (parallel
-    jobs, a population's members: one process then imports mlflow and opens the store for the
-    whole sweep), else a process of the store's own. Either imports mlflow and opens the store
-    (about 3.5 s on a small machine) while this process imports torch and composes the jobs.
-    Requests go as JSON lines, one answer comes back for each; if this process dies first, the
-    parent ends KILLED when its requests' stream closes."""
+    """The sweep's MLflow work (the parent run, the summary, its end), done by the sweep's tracking
+    service where it has one, else by a process of its own: either imports mlflow and opens the store
+    (about 3.5 s on a small machine) while this process imports torch and composes the jobs. Requests
+    go as JSON lines, answered in order; if this process dies first, the parent ends KILLED."""
 
     def __init__(self, service: str | None = None):
         """`service`: the socket of the sweep's tracking service (echo.tracking.TrackingService)."""
@@ -307,12 +289,12 @@ class SweepStore:
             self.requests, self.replies = self.process.stdin, self.process.stdout
         self.sent, self.answers = 0, []  # requests are answered in order
 
-    def call(self, op: str, **args) -> Answer:
-        """Send request `op` (open, create, finish, end: `SweepRequests`); its answer, read when asked for."""
+    def call(self, op: str, **args) -> Callable:
+        """Send request `op` (open, create, finish, end: `SweepRequests`); call the result for its answer."""
         self.requests.write(json.dumps({"op": f"sweep.{op}", "uri": tracking_uri(), **args}) + "\n")
         self.requests.flush()
         self.sent += 1
-        return Answer(self, self.sent - 1)
+        return functools.partial(self.answer, self.sent - 1)
 
     def answer(self, index: int):
         """Request `index`'s answer (RuntimeError if the other process failed it, or exited)."""
@@ -344,20 +326,9 @@ class SweepStore:
         self.sock.close()
 
 
-@dataclass
-class Answer:
-    """A request's answer, read from the other process when `result()` is asked for."""
-
-    store: SweepStore
-    index: int
-
-    def result(self):
-        return self.store.answer(self.index)
-
-
 def serve() -> None:
-    """The sweep's store process (SweepStore, where the sweep has no tracking service): answer
-    requests until stdin closes, then end a parent left open KILLED."""
+    """The sweep's store process (SweepStore): answer requests until stdin closes, then end a parent
+    left open KILLED."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     requests = SweepRequests(lambda text: print(ANSWER + text, flush=True))
     for line in sys.stdin:
@@ -378,12 +349,9 @@ def task_overrides(config) -> list[str]:
 
 
 def check_sweep(config) -> list | None:
-    """Check every job of a basic (grid) sweep before any starts; exit with one line on a bad one.
-    Returns the jobs' configs, as composed (None for another sweeper: it chooses its jobs as it goes).
-
-    A sweep whose fourth job has `model.hidden_size=-5` should not train three models first.
-    (Raising here would not stop Hydra: it turns exceptions in callbacks into warnings.)
-    """
+    """Check every job of a basic (grid) sweep before any starts (not three models trained before a bad
+    fourth); exit with one line, as Hydra turns a callback's exception into a warning. Returns the jobs'
+    configs, as composed (None for another sweeper: it chooses its jobs as it goes)."""
     if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None  # other sweepers choose their jobs as they go
     from hydra.core.global_hydra import GlobalHydra
@@ -398,11 +366,9 @@ def check_sweep(config) -> list | None:
     arguments = [f"{k}={v}" for k, v in params.items()] + task_overrides(config)
     jobs = grid(OverridesParser.create().parse_overrides(arguments))
     loader = GlobalHydra.instance().config_loader()
-    # Where the jobs run in this process, torch and Lightning load here for the first one anyway: each
-    # job's memory estimate and Trainer (what a run checks before it starts) are checked here first.
-    # Jobs in other processes on this machine (joblib, submitit_local) have its memory: theirs is
-    # estimated here too (torch loads here, about a second, while the tracking service starts on the
-    # other core). Jobs elsewhere (SLURM, Ray) check their own machine's before they train.
+    # Jobs in this process (torch loads here for the first anyway) have their Trainer and memory checked
+    # here; jobs in other processes on this machine their memory (torch loads here, about a second, while
+    # the tracking service starts). Jobs elsewhere (SLURM, Ray) check their own machine's.
     in_process = _launcher(config) in IN_PROCESS
     local = _launcher(config) in LOCAL_PARALLEL
     composed = {}

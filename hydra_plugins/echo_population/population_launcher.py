@@ -1,9 +1,6 @@
 """`hydra/launcher=population`: a multirun's jobs that differ only in settings that leave every
-tensor's shape alone (seed, model.lr, ...) train together as one stacked model in this process
-(echo/population.py); the others run one after another, as the basic launcher runs them.
-
-Hydra imports this module whenever it starts (it looks for plugins in `hydra_plugins`), so it
-imports nothing heavy: torch and echo's training load only when a population launches.
+tensor's shape alone train together as one stacked model in this process (docs/populations.md); the
+others run one after another. Hydra imports this module whenever it starts: it imports nothing heavy.
 """
 
 import copy
@@ -51,7 +48,6 @@ class PopulationLauncher(Launcher):
             )
             sys.exit(2)
         self.max_members = max_members
-        self.config = self.task_function = self.hydra_context = None
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
@@ -98,8 +94,7 @@ class PopulationLauncher(Launcher):
             except ConfigError as error:
                 print(f"echo: bad config: job #{job.num} ({' '.join(job.overrides)}): {error}", file=sys.stderr)
                 sys.exit(2)
-            reason = why_not_stackable(job.task_cfg)
-            if reason is not None:
+            if (reason := why_not_stackable(job.task_cfg)) is not None:
                 print(f"echo: population: job #{job.num} ({_said(job)}) runs on its own: {reason}", file=sys.stderr)
                 units.append([job])
                 continue
@@ -193,13 +188,10 @@ class PopulationLauncher(Launcher):
         restore = [job.restore for job in jobs] if jobs[0].restore is not None else None
         said = f"#{', #'.join(str(j.num) for j in jobs)} ({'; '.join(_said(j) for j in jobs)})"
         if population_id is None:
-            print(f"echo: job {said} continues alone, {threads} thread(s)", file=sys.stderr)
+            what = f"job {said} continues alone"
         else:
-            how = "continue" if restore else "train"
-            print(
-                f"echo: population {population_id}: jobs {said} {how} as one stacked model, {threads} thread(s)",
-                file=sys.stderr,
-            )
+            what = f"population {population_id}: jobs {said} {'continue' if restore else 'train'} as one stacked model"
+        print(f"echo: {what}, {threads} thread(s)", file=sys.stderr)
         try:  # the members' runs are written by the sweep's tracking service (echo.sweeps.SweepCallback)
             train_population(members, population_id, threads, restore)
         except KeyboardInterrupt:
