@@ -300,7 +300,7 @@ def reuse_freed_memory() -> None:
     and the first touch of each 4 KiB page is a page fault: a population's evaluation, whose outputs
     are a few MiB every batch, took a quarter longer. Now blocks up to 32 MiB come from the heap, and
     up to 512 MiB of freed heap stays with the process. Saves about 11 ms per validation of a
-    listing-A population of 8 (`PopulationModule._evaluate`, median of 60, three processes each: 46.5 ms
+    listing-A population of 8 (`EchoModule.eval_sums`, median of 60, three processes each: 46.5 ms
     with, 57.9 ms without, up to 2,300 page faults), about 0.5 s of its 50 validations."""
     import ctypes
 
