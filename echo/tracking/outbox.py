@@ -221,7 +221,7 @@ def _read_json(path: Path | None, default):
 
 
 def read(folder: str | os.PathLike) -> dict:
-    """An outbox folder's contents: run (run.json), metrics rows, tags, end status, artifacts folder."""
+    """An outbox folder's contents: run (run.json), metrics rows, tags, later params, end status, artifacts folder."""
     folder = Path(folder)
     run = json.loads((folder / "run.json").read_text())
     metrics = []
@@ -235,6 +235,7 @@ def read(folder: str | os.PathLike) -> dict:
         "run": run,
         "metrics": metrics,
         "tags": _read_json(folder / "tags.json", {}),
+        "params": _read_json(folder / "params.json", {}),  # those sent after the run started (`Outbox.params`)
         "status": _read_json(folder / "end.json", {}).get("status"),
         "artifacts": artifacts if artifacts.is_dir() and any(artifacts.iterdir()) else None,
     }
@@ -260,8 +261,3 @@ def failed_message(answer: dict, run_name: str, run_id: str | None, uri: str) ->
     else:
         line += f"; it could not be kept locally either ({answer.get('lost')})"
     return line
-
-
-def read_params(folder: str | os.PathLike) -> dict[str, str]:
-    """The params an outbox kept beyond the run's first ones (`Outbox.params`)."""
-    return _read_json(Path(folder) / "params.json", {})
