@@ -340,14 +340,8 @@ class RunWriter:
         elif self.failed_start is not None or self.run is None:  # nothing of it can be tracked
             if op == "artifacts" and message.get("remove"):
                 shutil.rmtree(message["folder"], ignore_errors=True)
-        elif self.outbox is not None:
-            self.keep(op, message)
         else:
-            try:
-                write(self.store, op, message)
-            except Exception as error:
-                self.open_outbox(error)
-                self.keep(op, message, failed=True)
+            self.write_or_keep(op, message)
         if op == "end":
             outbox, self.outbox, self.run, self.store, self.failed_start = self.outbox, None, None, None, None
             self.reply("ended" if outbox is None else "unsent " + json.dumps(outbox.summary()))
@@ -377,29 +371,28 @@ class RunWriter:
 
     def abandon(self) -> None:
         """The training process went away without a word: end its run KILLED (or keep that locally)."""
-        if self.run is None or self.failed_start is not None:
-            return
-        message = {"status": "KILLED"}
+        if self.run is not None and self.failed_start is None:
+            self.write_or_keep("end", {"status": "KILLED"})
+
+    def write_or_keep(self, op: str, message: dict) -> None:
+        """Write message `op` into the store; once it has refused a write, keep this and the rest locally."""
         if self.outbox is None:
             try:
-                write(self.store, "end", message)
+                write(self.store, op, message)
                 return
             except Exception as error:
                 self.open_outbox(error)
-        self.keep("end", message)
+                if op == "metrics":  # its rows were pending: the outbox has them
+                    return
+        write(self.outbox, op, message)
+        if op == "end":
+            self.end_in_store(message["status"])
 
     def open_outbox(self, error: BaseException) -> None:
         """Keep this run's writes locally from now on, starting with the metrics not yet written."""
         self.outbox = Outbox(self.run, reason(error))
         self.outbox.metrics([(m.key, m.value, m.timestamp, m.step) for m in self.store.pending])
         self.store.pending = []
-
-    def keep(self, op: str, message: dict, failed: bool = False) -> None:
-        """Keep message `op` in the outbox (`failed`: the store failed while writing it)."""
-        if op != "metrics" or not failed:  # (a failed one's rows were pending, and are kept already)
-            write(self.outbox, op, message)
-        if op == "end":
-            self.end_in_store(message["status"])
 
     def end_in_store(self, status: str) -> None:
         """End a run kept locally in the store too, where it can be reached, so that it does not stay
