@@ -36,7 +36,7 @@ from echo.module import EpochProgress, PopulationModule
 from echo.policy import cpu_threads, wide_step
 from echo.reuse import save_network
 from echo.stacked import STACKABLE
-from echo.tracking import Tracker, log_artifacts, start_tracker
+from echo.tracking import Tracker, mlflow_client, start_tracker
 
 POPULATION_TAG = "echo.population"
 CHECKPOINT = "population.pt"  # in each member's artifacts, under checkpoints/
@@ -248,7 +248,7 @@ def save_checkpoints(module: PopulationModule, data: PopulationData) -> None:
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(module.member_state(k, data.generators[k]), Path(folder) / CHECKPOINT)
                 (Path(folder) / "config.yaml").write_text(OmegaConf.to_yaml(member.cfg, resolve=True))
-                log_artifacts(member.tracker.run_id, folder, "checkpoints")
+                mlflow_client().log_artifacts(member.tracker.run_id, folder, "checkpoints")
             saved += 1
         except Exception:  # the others are still worth saving
             traceback.print_exc()
