@@ -14,13 +14,9 @@ from echo.tracking.worker import ANSWER
 
 
 class TrackingService:
-    """A tracking worker that writes the runs of all a parallel sweep's local jobs at once
-    (`worker.py --serve`), so that none of them starts a worker of its own.
-
-    The launching process starts it before the jobs (echo/sweeps.py): it imports mlflow while the
-    sweep starts, on a core that is idle then. Jobs find it through SERVICE_ENV; one whose
-    directory differs, or that runs elsewhere, starts its own worker.
-    """
+    """A tracking worker writing the runs of all a parallel sweep's local jobs at once (`worker.py
+    --serve`), started by the launching process before the jobs (echo/sweeps.py). Jobs find it through
+    SERVICE_ENV; one whose directory differs, or that runs elsewhere, starts its own worker."""
 
     def __init__(self):
         self.folder = tempfile.mkdtemp(prefix="echo-tracking-")
