@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -71,9 +72,13 @@ def summarize_sweep(
         client.log_metric(parent_run_id, f"best/{objective}", best.data.metrics[objective])
         for key in swept:
             client.set_tag(parent_run_id, f"echo.best.{key}", best.data.params.get(key, ""))
-    if len(settings) == 1 and settings[0].finished:
-        for name, value in settings[0].parent_metrics().items():
-            client.log_metric(parent_run_id, name, value)
+    if len(settings) == 1 and settings[0].finished:  # a seeds-only sweep: its statistics on the parent
+        for name, spread in settings[0].stats.items():
+            client.log_metric(parent_run_id, f"mean/{name}", spread.mean)
+            client.log_metric(parent_run_id, f"max/{name}", max(spread.values))
+            if spread.std is not None:  # two seeds or more
+                client.log_metric(parent_run_id, f"std/{name}", spread.std)
+        client.log_metric(parent_run_id, "success_rate", settings[0].success_rate)
     if sum(len(s.stats.get(objective, ())) for s in settings) > 1:
         client.log_figure(parent_run_id, sweep_plot(settings, keys, objective), "sweep.png")
     return summary
@@ -142,18 +147,6 @@ class Setting:
                 for name, s in self.stats.items()
             },
         }
-
-    def parent_metrics(self) -> dict[str, float]:
-        """`mean/`, `std/` (two seeds or more), `max/<metric>` for every metric in the table; `success_rate`."""
-        logged = {}
-        for name, spread in self.stats.items():
-            logged[f"mean/{name}"] = spread.mean
-            logged[f"max/{name}"] = max(spread.values)
-            if spread.std is not None:
-                logged[f"std/{name}"] = spread.std
-        if self.success_rate is not None:
-            logged["success_rate"] = self.success_rate
-        return logged
 
 
 def seed_statistics(runs: list, keys: list[str], objective: str) -> list[Setting]:
@@ -247,12 +240,8 @@ def _seed(run) -> tuple:
 
 
 def _unfinished(runs: list) -> str:
-    if not runs:
-        return "0"
-    counts: dict[str, int] = {}
-    for run in runs:
-        counts[run.info.status] = counts.get(run.info.status, 0) + 1
-    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    counts = Counter(run.info.status for run in runs)
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "0"
 
 
 def runs_table(runs: list, swept: list[str], objective: str) -> str:
