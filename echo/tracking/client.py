@@ -24,12 +24,9 @@ SERVICE_ENV = "ECHO_TRACKING_SERVICE"  # a parallel sweep's tracking service, fo
 
 
 class _Worker:
-    """A tracking worker process (`echo/tracking/worker.py`), writing one run after another.
-
-    Starting one costs an interpreter and an mlflow import (seconds of CPU on a small machine), so a
-    process keeps its worker between runs (a sweep's jobs run in turn share one). It is reused only
-    from the process, directory and environment it was started in, where a new one would behave the same.
-    """
+    """A tracking worker process (`echo/tracking/worker.py`), writing one run after another. Starting
+    one costs seconds of CPU (an interpreter, an mlflow import), so a process keeps it between runs,
+    reusing it only from the process, directory and environment it was started in."""
 
     def __init__(self):
         self.owner = _owner()
@@ -232,9 +229,9 @@ class Tracker:
     def log_tags(self, tags: dict[str, str]) -> None:
         self._send(op="tags", tags=tags)
 
-    def log_provenance(self, argv: list[str] | None = None) -> None:
+    def log_provenance(self) -> None:
         """Tag where the run came from (echo/tracking/provenance.py), collected by the worker."""
-        self._send(op="provenance", argv=list(sys.argv if argv is None else argv))
+        self._send(op="provenance", argv=list(sys.argv))
 
     def page(self, timeout: float = 300) -> str | None:
         """The address of the run's page in the MLflow UI, once the worker has written what was sent

@@ -73,11 +73,9 @@ def cannot_write(uri: str) -> str | None:
         return None
     except OSError as error:
         why = f"{error.filename if error.filename == str(path) else folder}: {error.strerror or error}"
-    fix = (
-        "set MLFLOW_TRACKING_URI to a store you can write"
-        if os.environ.get("MLFLOW_TRACKING_URI")
-        else ("run from a folder you can write, set MLFLOW_TRACKING_URI")
-    )
+    fix = "run from a folder you can write, set MLFLOW_TRACKING_URI"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        fix = "set MLFLOW_TRACKING_URI to a store you can write"
     return f"cannot write the tracking store {uri} ({why}): {fix}, or run with logger=none"
 
 

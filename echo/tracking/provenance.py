@@ -35,9 +35,8 @@ def _git(repo: Path, *args: str) -> str | None:
 
 def git_state() -> dict | None:
     """{"root", "commit", "dirty", "diff"} of the git checkout holding this echo, or None if it is not one.
-
-    Dirty means a tracked file differs from the commit or a file git does not ignore is untracked;
-    `diff` is then `git diff HEAD` and the list of untracked files, at most DIFF_LIMIT characters."""
+    Dirty: a tracked file differs from the commit, or a file git does not ignore is untracked; `diff` is
+    then `git diff HEAD` and the list of untracked files, at most DIFF_LIMIT characters."""
     top = _git(CODE, "rev-parse", "--show-toplevel", "HEAD")
     if top is None or len(top.split()) != 2:
         return None

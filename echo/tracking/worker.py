@@ -82,10 +82,9 @@ def pyplot():
     return plt
 
 
-# Figures this process has drawn, by layout, with their data lines: the next run's figure of the
-# same layout is the same figure with new data, which draws in about half the time (its axes,
-# ticks and legend are made once). The last KEPT_FIGURES layouts stay open (pyplot warns past 20);
-# a fixed axis range (set in `make`) stays as it is.
+# Figures this process has drawn, by layout, with their data lines: the next run's figure of the same
+# layout is drawn with new data in about half the time (axes, ticks and legend made once). The last
+# KEPT_FIGURES layouts stay open (pyplot warns past 20); a fixed axis range (set in `make`) stays.
 _figures: dict[tuple, tuple] = {}
 KEPT_FIGURES = 8
 
@@ -490,10 +489,9 @@ def finish_sweep(client, parent: str, objective: str, ignored: list[str], argv: 
 
 
 def end_sweep(client, parent: str, status: str | None) -> str:
-    """End a sweep's parent run, and its children still RUNNING, with `status` (KILLED, FAILED). None:
-    a sweep that stopped for a reason its launching process did not see (an error raised from a job,
-    or an interrupt a job's own handler took); its children tell: an interrupted job ended KILLED:
-    KILLED; else one that ended FAILED: FAILED; else KILLED."""
+    """End a sweep's parent run, and its children still RUNNING, with `status` (KILLED, FAILED), or, if
+    None (a job raised, or its handler took an interrupt), as its children tell: KILLED if one ended
+    KILLED, else FAILED if one ended FAILED, else KILLED."""
     runs = sibling("sweep_summary").children(client, parent)
     if status is None:
         statuses = {run.info.status for run in runs}
