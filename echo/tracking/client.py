@@ -23,6 +23,13 @@ WORKER = str(Path(__file__).with_name("worker.py"))
 SERVICE_ENV = "ECHO_TRACKING_SERVICE"  # a parallel sweep's tracking service, for its local jobs
 
 
+def start_worker(*args: str) -> subprocess.Popen:
+    """`worker.py *args`, its stdin and stdout piped, in a session of its own: Ctrl-C reaches the
+    training processes, which end their runs (KILLED)."""
+    command = [sys.executable, WORKER, *args]
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+
+
 class _Worker:
     """A tracking worker process (`echo/tracking/worker.py`), writing one run after another. Starting
     one costs seconds of CPU (an interpreter, an mlflow import), so a process keeps it between runs,
@@ -30,13 +37,7 @@ class _Worker:
 
     def __init__(self):
         self.owner = _owner()
-        self.process = subprocess.Popen(
-            [sys.executable, WORKER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # Ctrl-C reaches training, which then ends the run as KILLED
-        )
+        self.process = start_worker()
         self.stream = self.process.stdin
         self._read_answers_from(self.process.stdout)
 

@@ -6,10 +6,9 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
-from echo.tracking.client import SERVICE_ENV, WORKER
+from echo.tracking.client import SERVICE_ENV, start_worker
 from echo.tracking.worker import ANSWER
 
 
@@ -21,13 +20,7 @@ class TrackingService:
     def __init__(self):
         self.folder = tempfile.mkdtemp(prefix="echo-tracking-")
         path = os.path.join(self.folder, "socket")
-        self.process = subprocess.Popen(
-            [sys.executable, WORKER, "--serve", path],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # Ctrl-C reaches the jobs, which end their runs
-        )
+        self.process = start_worker("--serve", path)
         self.socket = None  # its socket, once it listens
         try:
             ready = self.process.stdout.readline().strip() == ANSWER + "ready"
