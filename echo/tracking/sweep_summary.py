@@ -38,14 +38,6 @@ def children(client, parent_run_id: str) -> list:
 NOT_SWEPT = ("resume",)
 
 
-def swept_settings(runs: list) -> list[str]:
-    """The params whose values differ between runs: what the sweep varied."""
-    if len(runs) < 2:
-        return []
-    keys = set().union(*(run.data.params for run in runs)) - set(NOT_SWEPT)
-    return sorted(k for k in keys if len({run.data.params.get(k) for run in runs}) > 1)
-
-
 def summarize_sweep(
     client, parent_run_id: str, objective: str = "val/exact_match", ignored: Iterable[str] = NOT_A_SETTING
 ) -> dict[str, object]:
@@ -56,7 +48,10 @@ def summarize_sweep(
     lower = objective in LOWER_IS_BETTER
     worst = math.inf if lower else -math.inf
     runs.sort(key=lambda r: (r.data.metrics.get(objective, worst) * (1 if lower else -1), r.info.run_name))
-    swept = swept_settings(runs)
+    swept = []  # what the sweep varied: the params whose values differ between runs
+    if len(runs) > 1:
+        names = set().union(*(run.data.params for run in runs)) - set(NOT_SWEPT)
+        swept = sorted(k for k in names if len({run.data.params.get(k) for run in runs}) > 1)
     ignored = set(ignored)
     keys = [k for k in swept if k not in ignored]
     settings = seed_statistics(runs, keys, objective)
