@@ -34,7 +34,7 @@ from echo.models import count_parameters
 from echo.module import EpochProgress, PopulationModule
 from echo.policy import cpu_threads, wide_step
 from echo.stacked import STACKABLE
-from echo.tracking import log_artifacts, start_tracker
+from echo.tracking import mlflow_client, start_tracker
 
 POPULATION_TAG = "echo.population"
 CHECKPOINT = "population.pt"  # in each member's artifacts, under checkpoints/
@@ -204,7 +204,7 @@ def save_checkpoints(module: PopulationModule, data: PopulationData) -> None:
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(module.member_state(k, data.generators[k]), Path(folder) / CHECKPOINT)
                 (Path(folder) / "config.yaml").write_text(OmegaConf.to_yaml(member.cfg, resolve=True))
-                log_artifacts(member.tracker.run_id, folder, "checkpoints")
+                mlflow_client().log_artifacts(member.tracker.run_id, folder, "checkpoints")
             saved += 1
         except Exception:  # the others are still worth saving
             traceback.print_exc()

@@ -9,13 +9,9 @@
     sweep_summary.py  a sweep's summary on its parent run: table, seed statistics, plot, best child
     provenance.py  where a run came from: git commit and diff, command, versions, machine
 
-Why not Lightning's `MLFlowLogger`: it writes from the training process, synchronously. Measured
-on a 2-core CPU (listing A, 500 epochs): a lean Trainer ran ~150 epochs/s, ~75 with MLFlowLogger
-on SQLite (~4 ms per call; ~55 ms over HTTP to a server); importing mlflow costs ~1 s of the
-training process's start-up. The worker imports mlflow and writes on the other core while
-training runs, batching 1,000 metrics per call (0.84 s for 10,000 values instead of 20 s). It
-also ends a run KILLED when its training process dies, even by SIGKILL (its stdin closes), which
-an in-process logger cannot; and sweep parents and checkpoints need the client API anyway.
+Why not Lightning's `MLFlowLogger` (docs/tracking.md): it writes synchronously from the training
+process (on a 2-core CPU, ~150 epochs/s became ~75 on SQLite; batching 10,000 values takes 0.84 s
+instead of 20 s) and cannot end a run KILLED when that process dies.
 """
 
 from echo.tracking.client import SERVICE_ENV, Tracker, close_service_connections, start_tracker, warm_up
@@ -28,7 +24,7 @@ from echo.tracking.naming import (
     tracking_uri,
 )
 from echo.tracking.service import TrackingService
-from echo.tracking.store import download_artifact, log_artifacts, mlflow_client, run_tags
+from echo.tracking.store import download_artifact, mlflow_client, run_tags
 
 __all__ = [
     "PARENT_RUN_ENV",
@@ -40,7 +36,6 @@ __all__ = [
     "TrackingService",
     "download_artifact",
     "flatten",
-    "log_artifacts",
     "mlflow_client",
     "run_name_and_tags",
     "run_tags",

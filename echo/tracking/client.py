@@ -1,10 +1,10 @@
 """The training side of tracking: a `Tracker` per run, sending messages to a worker process
-(echo/tracking/worker.py) that batches metrics (one SQLite or HTTP call per thousand values) and
-writes artifacts, so logging costs training almost nothing."""
+(echo/tracking/worker.py) that writes them, so logging costs training almost nothing."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import queue
@@ -23,66 +23,52 @@ WORKER = str(Path(__file__).with_name("worker.py"))
 SERVICE_ENV = "ECHO_TRACKING_SERVICE"  # a parallel sweep's tracking service, for its local jobs
 
 
-class _Worker:
-    """A tracking worker process (`echo/tracking/worker.py`), writing one run after another.
+def start_worker(*args: str) -> subprocess.Popen:
+    """`worker.py *args`, its stdin and stdout piped, in a session of its own: Ctrl-C reaches the
+    training processes, which end their runs (KILLED)."""
+    command = [sys.executable, WORKER, *args]
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
 
-    Starting one costs an interpreter and an mlflow import (seconds of CPU on a small machine),
-    so a process keeps its worker between runs: the jobs of a sequential sweep, or the jobs a
-    parallel launcher's worker process runs in turn, share one. It is only reused from the
-    process, directory and environment it was started in, where a new one would behave the same.
-    """
+
+class _Worker:
+    """A tracking worker process (`echo/tracking/worker.py`), writing one run after another. Starting
+    one costs seconds of CPU (an interpreter, an mlflow import), so a process keeps it between runs,
+    reusing it only from the process, directory and environment it was started in."""
 
     def __init__(self):
         self.owner = _owner()
-        self.process = subprocess.Popen(
-            [sys.executable, WORKER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # Ctrl-C reaches training, which then ends the run as KILLED
-        )
+        self.process = start_worker()
+        self.stream = self.process.stdin
         self._read_answers_from(self.process.stdout)
 
     def _read_answers_from(self, stream) -> None:
+        """Queue the worker's answers (lines it marks as such; MLflow may print others); None at its end."""
         self.answers: queue.Queue[str | None] = queue.Queue()
         self.gone = threading.Event()
-        threading.Thread(target=self._read_answers, args=(stream,), daemon=True).start()
 
-    def _read_answers(self, stream) -> None:
-        """Queue the worker's answers (lines it marks as such; MLflow may print others); None at its end."""
-        try:
-            for line in stream:
-                if line.startswith(ANSWER):
-                    self.answers.put(line[len(ANSWER) :].strip())
-        except OSError:
-            pass
-        self.gone.set()
-        self.answers.put(None)
+        def read() -> None:
+            try:
+                for line in stream:
+                    if line.startswith(ANSWER):
+                        self.answers.put(line[len(ANSWER) :].strip())
+            except OSError:
+                pass
+            self.gone.set()
+            self.answers.put(None)
 
-    def reusable(self) -> bool:
-        return not self.gone.is_set() and self.owner == _owner()
-
-    def _write(self, text: str) -> None:
-        self.process.stdin.write(text)
-        self.process.stdin.flush()
+        threading.Thread(target=read, daemon=True).start()
 
     def send(self, message: dict) -> None:
         try:
-            self._write(json.dumps(message) + "\n")
+            self.stream.write(json.dumps(message) + "\n")
+            self.stream.flush()
         except (OSError, ValueError):  # the worker died; it said why on stderr
             pass
-
-    def answer(self, timeout: float | None = None) -> str | None:
-        """The worker's next answer; None if it exited first. TimeoutError after `timeout` seconds."""
-        try:
-            return self.answers.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError from None
 
     def close(self, wait: float = 300) -> None:
         """No more runs: the worker ends a run still open as KILLED, then exits (waited for up to `wait` s)."""
         try:
-            self.process.stdin.close()
+            self.stream.close()
         except OSError:
             pass
         try:
@@ -92,8 +78,8 @@ class _Worker:
 
 
 class _ServiceConnection(_Worker):
-    """A connection to a parallel sweep's tracking service (`worker.py --serve`), used
-    as a worker of this process's own: the service writes runs from all the sweep's jobs at once."""
+    """A connection to a parallel sweep's tracking service (`worker.py --serve`), used as a worker of
+    this process's own."""
 
     def __init__(self, path: str):
         self.owner = _owner()
@@ -105,10 +91,6 @@ class _ServiceConnection(_Worker):
             raise
         self.stream = self.sock.makefile("w", encoding="utf-8")
         self._read_answers_from(self.sock.makefile("r", encoding="utf-8"))
-
-    def _write(self, text: str) -> None:
-        self.stream.write(text)
-        self.stream.flush()
 
     def close(self, wait: float = 300) -> None:
         """No more runs: the service ends a run still open as KILLED (waited for up to `wait` s)."""
@@ -138,24 +120,18 @@ _idle: list[_Worker] = []  # those between runs (one, unless runs overlapped)
 def _take_worker() -> _Worker:
     while _idle:
         worker = _idle.pop()
-        if worker.reusable():
+        if not worker.gone.is_set() and worker.owner == _owner():
             return worker
         _close(worker)
     if not _workers:
         atexit.register(_close_all)
-    _workers.append(_connect_to_service() or _Worker())
-    return _workers[-1]
-
-
-def _connect_to_service() -> _ServiceConnection | None:
-    """A connection to the sweep's tracking service, if there is one and it writes from this directory."""
+    worker = None
     service = json.loads(os.environ.get(SERVICE_ENV) or "null")
-    if service is None or service["cwd"] != os.getcwd():
-        return None
-    try:
-        return _ServiceConnection(service["socket"])
-    except OSError:  # it is gone, or on another machine
-        return None
+    if service is not None and service["cwd"] == os.getcwd():  # the sweep's tracking service, here
+        with contextlib.suppress(OSError):  # it is gone, or on another machine
+            worker = _ServiceConnection(service["socket"])
+    _workers.append(worker or _Worker())
+    return _workers[-1]
 
 
 def _close(worker: _Worker, wait: float = 300) -> None:
@@ -165,9 +141,8 @@ def _close(worker: _Worker, wait: float = 300) -> None:
 
 
 def close_service_connections() -> None:
-    """Close this process's idle connections to the sweep's tracking service (their runs have
-    ended), so that the service exits once the sweep is over: the jobs of an in-process launcher
-    (a population's members) keep theirs for the next run, as a worker is kept."""
+    """Close this process's idle connections to the sweep's tracking service, which an in-process
+    launcher's jobs (a population's members) keep as a worker is kept, so that the service can exit."""
     for worker in [w for w in _idle if isinstance(w, _ServiceConnection)]:
         _idle.remove(worker)
         _close(worker)
@@ -182,12 +157,8 @@ def _close_all() -> None:
 
 
 class Tracker:
-    """One MLflow run, written by a worker process (`echo/tracking/worker.py`).
-
-    Calls return at once: messages go down a pipe, and the worker, started before training (or
-    kept from this process's previous run), imports mlflow and writes on the other core. `end`
-    waits until the run is complete.
-    """
+    """One MLflow run, written by a worker process (`echo/tracking/worker.py`): calls return at once,
+    `end` waits until the run is complete."""
 
     def __init__(self, experiment: str, run_name: str, tags: dict[str, str] | None = None):
         self.experiment, self.run_name, self.tags = experiment, run_name, dict(tags or {})
@@ -210,7 +181,7 @@ class Tracker:
     @property
     def run_id(self) -> str | None:
         if not self._answered and self._worker is not None:
-            self._take_start_answer(self._worker.answer())
+            self._take_start_answer(self._worker.answers.get())
         return self._run_id
 
     def _take_start_answer(self, answer: str | None) -> None:
@@ -259,10 +230,9 @@ class Tracker:
     def log_tags(self, tags: dict[str, str]) -> None:
         self._send(op="tags", tags=tags)
 
-    def log_provenance(self, argv: list[str] | None = None) -> None:
-        """Tag where the run came from (code version, command, versions, machine:
-        echo/tracking/provenance.py); the worker collects it, off the training process."""
-        self._send(op="provenance", argv=list(sys.argv if argv is None else argv))
+    def log_provenance(self) -> None:
+        """Tag where the run came from (echo/tracking/provenance.py), collected by the worker."""
+        self._send(op="provenance", argv=list(sys.argv))
 
     def page(self, timeout: float = 300) -> str | None:
         """The address of the run's page in the MLflow UI, once the worker has written what was sent
@@ -271,8 +241,8 @@ class Tracker:
             return None
         self._send(op="where")
         try:
-            experiment = self._worker.answer(timeout)
-        except TimeoutError:
+            experiment = self._worker.answers.get(timeout=timeout)
+        except queue.Empty:
             return None
         return run_page(experiment, self.run_id) if experiment else None
 
@@ -292,28 +262,25 @@ class Tracker:
         self._send(op="positions", accuracy=accuracy, chance=chance)
 
     def end_soon(self, status: str = "FINISHED", error: str | None = None) -> None:
-        """Ask for the run's end now, when nothing more will be sent, without waiting: the worker
-        writes it while this process goes on (a population's member that finished while the
-        others train), and `end` then only waits until it is written. Its status stands."""
+        """Ask for the run's end now (nothing more will be sent) without waiting, as a population's
+        finished member does; `end` then only waits until it is written. Its status stands."""
         if self._worker is not None and not self._end_sent:
             self._worker.send({"op": "end", "status": status, "error": error})
             self._end_sent = True
 
     def end(self, status: str = "FINISHED", error: str | None = None, timeout: float = 300) -> None:
-        """Close the run as FINISHED, FAILED or KILLED (unless `end_soon` did) once everything sent
-        is written.
-
-        Raises TrackingStartError if the store never created the run, and TrackingFailed if it
-        refused writes on the way (they are kept in the local folder the message names)."""
+        """Close the run as FINISHED, FAILED or KILLED (unless `end_soon` did) once everything sent is
+        written. TrackingStartError if the store never created the run; TrackingFailed if it refused
+        writes on the way (kept in the local folder the message names)."""
         if self._worker is None:
             return
         self.end_soon(status, error)
         worker, self._worker = self._worker, None
         try:
             if not self._answered:  # the worker answers `start` first
-                self._take_start_answer(worker.answer(timeout))
-            ended = worker.answer(timeout)
-        except TimeoutError:
+                self._take_start_answer(worker.answers.get(timeout=timeout))
+            ended = worker.answers.get(timeout=timeout)
+        except queue.Empty:
             _close(worker, wait=0)  # it ends the run when it can (or keeps it locally), then exits
             kept = f"; what it has not written yet goes to ./{ROOT} when it gives up"
             raise TrackingFailed(f"writing to {tracking_uri()} did not finish in {timeout:g} s{kept}") from None
@@ -329,8 +296,8 @@ class Tracker:
 
 
 def warm_up() -> None:
-    """Start this process's tracking worker now, so that it imports mlflow while the training process
-    imports torch and checks the config; the next run's Tracker takes it."""
+    """Start this process's tracking worker now, to import mlflow while the training process imports
+    torch; the next run's Tracker takes it."""
     if not _idle:
         _idle.append(_take_worker())
     _idle[-1].send({"op": "open", "uri": tracking_uri()})  # the store opens meanwhile too

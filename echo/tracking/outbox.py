@@ -1,18 +1,9 @@
 """What a run could not write to its tracking store, kept in a local folder to upload later.
 
-When the store refuses a write (a server that went away, a full disk, an experiment MLflow
-will not write to), the tracking worker keeps that write, and every later one of the run, in
-`./echo-unsent/<run name>.<run id>/` (this user's alone: folders 0700, files 0600; where a link or
-another user's folder has that name, a new `echo-unsent-<random>/` beside it):
-
-    run.json        the store, experiment, run name and id, tags and params, why writing failed
-    metrics.jsonl   one [name, value, timestamp_ms, step] per line
-    tags.json       tags set after the failure
-    artifacts/      files at their artifact paths (config.yaml, learning_curve.png, checkpoints/...)
-    end.json        how the run ended: {"status": "FINISHED" | "FAILED" | "KILLED"}
-
-`python -m echo.upload <folder>` writes it into the store afterwards (echo/upload.py, with
-worker.upload). The run exits non-zero with one line naming the folder (TrackingFailed).
+When the store refuses a write, the tracking worker keeps it, and every later one of the run, in
+`./echo-unsent/<run name>.<run id>/`, this user's alone; the folder's files and how to upload them
+(`python -m echo.upload`, with worker.upload): docs/bad-input.md. The run exits non-zero with one
+line naming the folder (TrackingFailed).
 """
 
 from __future__ import annotations
@@ -82,11 +73,9 @@ def cannot_write(uri: str) -> str | None:
         return None
     except OSError as error:
         why = f"{error.filename if error.filename == str(path) else folder}: {error.strerror or error}"
-    fix = (
-        "set MLFLOW_TRACKING_URI to a store you can write"
-        if os.environ.get("MLFLOW_TRACKING_URI")
-        else ("run from a folder you can write, set MLFLOW_TRACKING_URI")
-    )
+    fix = "run from a folder you can write, set MLFLOW_TRACKING_URI"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        fix = "set MLFLOW_TRACKING_URI to a store you can write"
     return f"cannot write the tracking store {uri} ({why}): {fix}, or run with logger=none"
 
 
@@ -96,17 +85,14 @@ def reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)[:80] or "run"
-
-
 class Outbox:
     """The folder keeping one run's unwritten metrics, params, tags and artifacts: this user's alone
     (folders 0700, files 0600), never reached through a link that was there before (`private_folder`)."""
 
     def __init__(self, run: dict, why: str, root: str | os.PathLike | None = None):
         suffix = (run.get("run_id") or "")[:8] or time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
-        name = f"{_safe(run.get('run_name') or 'run')}.{suffix}"
+        safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", run.get("run_name") or "run")[:80] or "run"
+        name = f"{safe}.{suffix}"
         self.run, self.why, self.lost = dict(run), why, None
         for base in (Path(root) if root else Path.cwd() / ROOT, Path(tempfile.gettempdir()) / ROOT):
             try:
@@ -221,7 +207,7 @@ def _read_json(path: Path | None, default):
 
 
 def read(folder: str | os.PathLike) -> dict:
-    """An outbox folder's contents: run (run.json), metrics rows, tags, end status, artifacts folder."""
+    """An outbox folder's contents: run (run.json), metrics rows, tags, later params, end status, artifacts folder."""
     folder = Path(folder)
     run = json.loads((folder / "run.json").read_text())
     metrics = []
@@ -235,6 +221,7 @@ def read(folder: str | os.PathLike) -> dict:
         "run": run,
         "metrics": metrics,
         "tags": _read_json(folder / "tags.json", {}),
+        "params": _read_json(folder / "params.json", {}),  # those sent after the run started (`Outbox.params`)
         "status": _read_json(folder / "end.json", {}).get("status"),
         "artifacts": artifacts if artifacts.is_dir() and any(artifacts.iterdir()) else None,
     }
@@ -260,8 +247,3 @@ def failed_message(answer: dict, run_name: str, run_id: str | None, uri: str) ->
     else:
         line += f"; it could not be kept locally either ({answer.get('lost')})"
     return line
-
-
-def read_params(folder: str | os.PathLike) -> dict[str, str]:
-    """The params an outbox kept beyond the run's first ones (`Outbox.params`)."""
-    return _read_json(Path(folder) / "params.json", {})

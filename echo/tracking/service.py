@@ -6,32 +6,21 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
-from echo.tracking.client import SERVICE_ENV, WORKER
+from echo.tracking.client import SERVICE_ENV, start_worker
 from echo.tracking.worker import ANSWER
 
 
 class TrackingService:
-    """A tracking worker that writes the runs of all a parallel sweep's local jobs at once
-    (`worker.py --serve`), so that none of them starts a worker of its own.
-
-    The launching process starts it before the jobs (echo/sweeps.py): it imports mlflow while the
-    sweep starts, on a core that is idle then. Jobs find it through SERVICE_ENV; one whose
-    directory differs, or that runs elsewhere, starts its own worker.
-    """
+    """A tracking worker writing the runs of all a parallel sweep's local jobs at once (`worker.py
+    --serve`), started by the launching process before the jobs (echo/sweeps.py). Jobs find it through
+    SERVICE_ENV; one whose directory differs, or that runs elsewhere, starts its own worker."""
 
     def __init__(self):
         self.folder = tempfile.mkdtemp(prefix="echo-tracking-")
         path = os.path.join(self.folder, "socket")
-        self.process = subprocess.Popen(
-            [sys.executable, WORKER, "--serve", path],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # Ctrl-C reaches the jobs, which end their runs
-        )
+        self.process = start_worker("--serve", path)
         self.socket = None  # its socket, once it listens
         try:
             ready = self.process.stdout.readline().strip() == ANSWER + "ready"

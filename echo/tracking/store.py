@@ -33,11 +33,6 @@ def download_artifact(run_id: str, path: str, folder: str) -> str | None:
         return None
 
 
-def log_artifacts(run_id: str, folder: str, artifact_path: str) -> None:
-    """Copy the files in `folder` into run `run_id`'s artifacts under `artifact_path`, now."""
-    mlflow_client().log_artifacts(run_id, folder, artifact_path)
-
-
 def run_record(run_id: str) -> dict | None:
     """Run `run_id`'s status, experiment name and tags in the tracking store; None if there is no such run."""
     from mlflow.exceptions import MlflowException

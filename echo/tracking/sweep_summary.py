@@ -1,12 +1,12 @@
-"""A sweep's summary on its parent run: its children's table with seed statistics per setting
-(`sweep.md`), a plot of the spread over seeds (`sweep.png`) and the best child. Read and written
-through an MLflow client by the tracking worker or the sweep's store process (echo/tracking/worker.py),
-never by the launching process. Plain Python: the worker, run as a script, imports it as its sibling."""
+"""A sweep's summary on its parent run: seed statistics per setting and every child (`sweep.md`),
+the spread over seeds (`sweep.png`), the best child (docs/sweeps-seed-statistics.md). Plain Python:
+the tracking worker, run as a script, imports it as its sibling."""
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -15,21 +15,17 @@ LOWER_IS_BETTER = ("time_to_target_s", "epochs_to_target", "samples_to_target", 
 # Params that differ between a sweep's jobs without making them different settings: the seed, and
 # what conf/config.yaml leaves out of run names because it does not change results.
 NOT_A_SETTING = ("seed", "progress", "threads", "cuda_graph")
-# What the per-setting table aggregates over seeds, besides the objective (the *_to_target ones
-# where present: only seeds that reached the target have them).
+# What the per-setting table aggregates over seeds, besides the objective (*_to_target: seeds that reached it).
 SEED_METRICS = ("test/exact_match", "test/token_acc", "test/prefix_acc", "time_to_target_s", "epochs_to_target")
 REACHED = "epochs_to_target"  # a run has it when its val/exact_match reached its `target`
 
-
-# Tags of a child that continues another child of its sweep: resumed from its checkpoint (as a requeued
-# SLURM job, or a continued sweep, does), or run again in its place (a continued sweep's job whose run
-# left no checkpoint).
+# Tags of a child that continues another child of its sweep: resumed from its checkpoint (a requeued
+# SLURM job, a continued sweep), or run again in its place (a continued sweep's job with no checkpoint).
 CONTINUES = ("echo.resumed_from", "echo.rerun_of")
 
 
 def children(client, parent_run_id: str) -> list:
-    """The sweep's jobs: its child runs, less those another child continued (CONTINUES), so that a job
-    counts once, as its last run."""
+    """The sweep's jobs: its child runs, less those another child continued (a job counts as its last run)."""
     parent = client.get_run(parent_run_id)
     runs = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10_000
@@ -42,29 +38,20 @@ def children(client, parent_run_id: str) -> list:
 NOT_SWEPT = ("resume",)
 
 
-def swept_settings(runs: list) -> list[str]:
-    """The params whose values differ between runs: what the sweep varied."""
-    if len(runs) < 2:
-        return []
-    keys = set().union(*(run.data.params for run in runs)) - set(NOT_SWEPT)
-    return sorted(k for k in keys if len({run.data.params.get(k) for run in runs}) > 1)
-
-
 def summarize_sweep(
     client, parent_run_id: str, objective: str = "val/exact_match", ignored: Iterable[str] = NOT_A_SETTING
 ) -> dict[str, object]:
-    """Write the sweep's table, plot and best child onto its parent run; return the summary.
-
-    Children that differ only in the `ignored` params (the seed, and settings that do not change
-    results) are one setting; `sweep.md` has a row of seed statistics per setting, then every child.
-    A sweep with one setting also logs `mean/<metric>`, `std/<metric>`, `max/<metric>` (the best seed,
-    as the Chomsky-hierarchy suite reports) and `success_rate` on the parent.
-    """
+    """Write the sweep's table, plot and best child onto its parent run; return the summary. Children
+    that differ only in the `ignored` params are one setting; a sweep of one setting also logs
+    `mean/`, `std/`, `max/<metric>` (the best seed) and `success_rate` on the parent."""
     runs = children(client, parent_run_id)
     lower = objective in LOWER_IS_BETTER
     worst = math.inf if lower else -math.inf
     runs.sort(key=lambda r: (r.data.metrics.get(objective, worst) * (1 if lower else -1), r.info.run_name))
-    swept = swept_settings(runs)
+    swept = []  # what the sweep varied: the params whose values differ between runs
+    if len(runs) > 1:
+        names = set().union(*(run.data.params for run in runs)) - set(NOT_SWEPT)
+        swept = sorted(k for k in names if len({run.data.params.get(k) for run in runs}) > 1)
     ignored = set(ignored)
     keys = [k for k in swept if k not in ignored]
     settings = seed_statistics(runs, keys, objective)
@@ -80,9 +67,13 @@ def summarize_sweep(
         client.log_metric(parent_run_id, f"best/{objective}", best.data.metrics[objective])
         for key in swept:
             client.set_tag(parent_run_id, f"echo.best.{key}", best.data.params.get(key, ""))
-    if len(settings) == 1 and settings[0].finished:
-        for name, value in settings[0].parent_metrics().items():
-            client.log_metric(parent_run_id, name, value)
+    if len(settings) == 1 and settings[0].finished:  # a seeds-only sweep: its statistics on the parent
+        for name, spread in settings[0].stats.items():
+            client.log_metric(parent_run_id, f"mean/{name}", spread.mean)
+            client.log_metric(parent_run_id, f"max/{name}", max(spread.values))
+            if spread.std is not None:  # two seeds or more
+                client.log_metric(parent_run_id, f"std/{name}", spread.std)
+        client.log_metric(parent_run_id, "success_rate", settings[0].success_rate)
     if sum(len(s.stats.get(objective, ())) for s in settings) > 1:
         client.log_figure(parent_run_id, sweep_plot(settings, keys, objective), "sweep.png")
     return summary
@@ -115,8 +106,7 @@ class Spread:
 
 
 def spread(values: Iterable[float], fmt: str) -> str:
-    """The table cell of a metric over seeds, in sweep.md and the study tables (experiments/report.py):
-    `mean ± std (min–max)`, one seed's value, or `–` for none."""
+    """A metric's cell over seeds in sweep.md and experiments/report.py's tables; `–` for none."""
     values = list(values)
     return Spread(values).cell(fmt) if values else "–"
 
@@ -132,7 +122,7 @@ class Setting:
 
     @property
     def reached(self) -> int:
-        """Finished seeds whose val/exact_match reached their run's `target` (they have epochs_to_target)."""
+        """Finished seeds whose val/exact_match reached their run's `target`."""
         return sum(REACHED in run.data.metrics for run in self.finished)
 
     @property
@@ -153,23 +143,10 @@ class Setting:
             },
         }
 
-    def parent_metrics(self) -> dict[str, float]:
-        """`mean/<metric>`, `std/<metric>` (two seeds or more), `max/<metric>` for every metric in the table,
-        and `success_rate`."""
-        logged = {}
-        for name, spread in self.stats.items():
-            logged[f"mean/{name}"] = spread.mean
-            logged[f"max/{name}"] = max(spread.values)
-            if spread.std is not None:
-                logged[f"std/{name}"] = spread.std
-        if self.success_rate is not None:
-            logged["success_rate"] = self.success_rate
-        return logged
-
 
 def seed_statistics(runs: list, keys: list[str], objective: str) -> list[Setting]:
-    """Group children by the params in `keys` (every swept param but the seed) and compute each
-    setting's spread of the objective and the test metrics over its finished seeds; best setting first."""
+    """Children grouped by the params in `keys`, with each setting's spread of the objective and the
+    test metrics over its finished seeds; best setting first."""
     settings: dict[tuple, Setting] = {}
     for run in runs:
         values = {k: run.data.params.get(k, "") for k in keys}
@@ -258,12 +235,8 @@ def _seed(run) -> tuple:
 
 
 def _unfinished(runs: list) -> str:
-    if not runs:
-        return "0"
-    counts: dict[str, int] = {}
-    for run in runs:
-        counts[run.info.status] = counts.get(run.info.status, 0) + 1
-    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    counts = Counter(run.info.status for run in runs)
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "0"
 
 
 def runs_table(runs: list, swept: list[str], objective: str) -> str:
@@ -281,8 +254,8 @@ def runs_table(runs: list, swept: list[str], objective: str) -> str:
 
 
 def sweep_plot(settings: list[Setting], keys: list[str], objective: str):
-    """The spread over seeds: per setting, a point per finished seed and the mean with ± std error
-    bars, for the objective and test/exact_match (a numeric axis when one numeric setting is swept)."""
+    """Per setting, a point per finished seed and the mean ± std, for the objective and test/exact_match
+    (a numeric axis when one numeric setting is swept)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,14 +1,10 @@
 """The process that writes runs to MLflow: `python echo/tracking/worker.py [--serve SOCKET]`.
 
-The training process starts it first thing and sends it JSON lines on stdin; it imports
-mlflow, creates the run and writes metrics in batches on the other CPU core while training
-runs, so tracking costs training almost nothing. The training process keeps it for its next
-run (echo/tracking/client.py), so a sweep's jobs pay for the import once. If the training process
-dies without saying how the run ended (killed, even with SIGKILL), stdin closes and the run
-ends KILLED.
+The training process starts it first thing, keeps it for its next runs (echo/tracking/client.py)
+and sends it JSON lines on stdin; why a process of its own: docs/tracking.md. If the training
+process dies without saying how the run ended (even by SIGKILL), stdin closes and the run ends KILLED.
 
-Messages, one JSON object per line, `op` naming the `RunWriter` method that handles it
-(`RunWriter.OPS`):
+Messages, one JSON object per line, `op` naming it (`RunWriter.OPS`):
 
 | op | fields | what the worker does | answer |
 |---|---|---|---|
@@ -31,19 +27,18 @@ store cannot create is answered `failed <why>`. A write the store refuses is kep
 of the run, in ./echo-unsent/<run>/ (outbox.py), and `end` answers
 `unsent {"folder": ..., "why": ..., "lost": ...}`.
 
-With `--serve SOCKET` it is a parallel sweep's tracking service instead (echo/tracking/service.py):
-it writes the runs of all the sweep's local jobs at once, each training process on its own
-connection to the Unix socket, with the same messages and answers; a connection that closes
-with its run open ends that run KILLED. The jobs pay for no mlflow import, and the service
-pays for its own while the sweep starts, on an otherwise idle core. A connection whose first
-message is `sweep.create` carries the sweep's own requests instead (its parent run, summary and
-end: echo.sweeps.SweepStore, answered by SweepRequests); closed with the parent open, it ends it KILLED.
+With `--serve SOCKET` it is a parallel sweep's tracking service (echo/tracking/service.py): one
+connection per training process, the same messages and answers; a connection closed with its run
+open ends that run KILLED. A connection whose first message is a `sweep.` one carries the sweep's
+own requests (echo.sweeps.SweepStore, answered by SweepRequests); closed with the parent open, it
+ends it KILLED.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import json
 import logging
 import os
@@ -52,10 +47,10 @@ import signal
 import sys
 import time
 
-if __name__ == "__main__":  # run as a script: its sibling module, without importing the echo package
-    from outbox import Outbox, read, read_params, reason, unreachable
+if __name__ == "__main__":  # run as a script: its sibling modules, without importing the echo package
+    from outbox import Outbox, read, reason, unreachable
 else:
-    from echo.tracking.outbox import Outbox, read, read_params, reason, unreachable
+    from echo.tracking.outbox import Outbox, read, reason, unreachable
 
 ANSWER = "echo-tracking: "  # marks the answers on stdout
 KEPT_TAGS = ("echo.kept_in", "echo.status")  # on a run ended FAILED, its rest kept locally: where, how it ended
@@ -87,18 +82,9 @@ def pyplot():
     return plt
 
 
-def warm_up_figures() -> None:
-    """Load matplotlib and draw a learning curve into memory: a process's first figure costs
-    about 0.2 s more than the next (fonts, text and tick caches)."""
-    import io
-
-    learning_curve([["train/loss", 1, 1.0], ["train/loss", 2, 0.5]], 0.99).savefig(io.BytesIO(), format="png")
-
-
-# Figures this process has drawn, by layout, with their data lines: the next run's figure of the
-# same layout is the same figure with new data, which draws in about half the time (its axes,
-# ticks and legend are made once). The last KEPT_FIGURES layouts stay open (pyplot warns past 20);
-# a fixed axis range (set in `make`) stays as it is.
+# Figures this process has drawn, by layout, with their data lines: the next run's figure of the same
+# layout is drawn with new data in about half the time (axes, ticks and legend made once). The last
+# KEPT_FIGURES layouts stay open (pyplot warns past 20); a fixed axis range (set in `make`) stays.
 _figures: dict[tuple, tuple] = {}
 KEPT_FIGURES = 8
 
@@ -177,21 +163,10 @@ def by_position(accuracy: list[float], chance: float):
     return _with_data(("positions", len(accuracy), chance), make, [(range(1, len(accuracy) + 1), accuracy)])
 
 
-_clients: dict = {}  # one MLflow client per store: opening one (engine, schema check) costs ~0.2 s
-
-
-def client(uri: str):
-    """This process's MLflow client for store `uri`: a service's connections share it."""
-    if uri not in _clients:
-        _clients[uri] = new_client(uri)
-    return _clients[uri]
-
-
 def new_client(uri: str):
     """An MLflow client for store `uri`. The first client of a new SQLite store creates its schema
     (seconds of migrations), and two processes doing so at once crash (`table ... already exists`):
-    a sweep's store process and its first job's tracking worker, parallel jobs. Until the store is
-    complete, clients are made one at a time, under a lock on the store's folder."""
+    until the store is complete, clients are made one at a time, under a lock on its folder."""
     from mlflow import MlflowClient
 
     path = _sqlite_path(uri)
@@ -208,6 +183,10 @@ def new_client(uri: str):
         return MlflowClient(uri)
     finally:
         os.close(folder)
+
+
+# This process's client per store, shared by a service's connections: opening one costs ~0.2 s.
+client = functools.cache(new_client)
 
 
 def _sqlite_path(uri: str) -> str | None:
@@ -228,44 +207,32 @@ def _complete(path: str) -> bool:
         return False
 
 
-def open_store(uri: str, client=client) -> None:
-    """Open an existing SQLite store now (its engine, its schema checked: about 1.5 s) with `client`,
-    ahead of the requests that need it. A store that fails here fails again when a request uses it,
-    which says so. A server needs no opening, and a new store is created by the run that needs it,
-    not ahead."""
+def open_store(uri: str) -> None:
+    """Open an existing SQLite store now (engine, schema check: about 1.5 s), ahead of the requests
+    that need it; a store that fails here fails again, saying so, when a request uses it."""
     path = _sqlite_path(uri)
     if path is None or not os.path.exists(path):
         return
-    try:
-        # A client is kept only once made, and making one opens the store: one whose first query
-        # failed is as good as a new one for the next request.
+    try:  # a client is kept only once made: one whose first query failed is as good as a new one
         client(uri).search_experiments(max_results=1)
     except Exception:
         pass
 
 
-def log_params(store, run_id: str, params: dict) -> None:
-    from mlflow.entities import Param
-
-    items = [Param(k, str(v)) for k, v in params.items()]
-    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
-        store.log_batch(run_id, params=items[i : i + 100])
-
-
 class StoreRun:
     """A run in the store, written through the calls an Outbox takes; metrics in batches of
-    `flush_rows`, or every `flush_every_s`."""
+    `flush_rows`, or every 10 s."""
 
-    def __init__(self, client, run_id: str, flush_rows: int, flush_every_s: float):
-        from mlflow.entities import Metric, RunTag
+    def __init__(self, client, run_id: str, flush_rows: int = 1000):
+        from mlflow.entities import Metric, Param, RunTag
 
-        self.Metric, self.RunTag = Metric, RunTag
-        self.client, self.run_id, self.flush_rows, self.flush_every_s = client, run_id, flush_rows, flush_every_s
+        self.Metric, self.Param, self.RunTag = Metric, Param, RunTag
+        self.client, self.run_id, self.flush_rows = client, run_id, flush_rows
         self.pending, self.last_flush = [], time.monotonic()
 
     def metrics(self, rows: list[tuple[str, float, int, int]]) -> None:
         self.pending += [self.Metric(name, value, ms, step) for name, value, ms, step in rows]
-        if len(self.pending) >= self.flush_rows or time.monotonic() - self.last_flush > self.flush_every_s:
+        if len(self.pending) >= self.flush_rows or time.monotonic() - self.last_flush > 10.0:
             self.flush()
 
     def flush(self) -> None:
@@ -275,10 +242,12 @@ class StoreRun:
         self.last_flush = time.monotonic()
 
     def tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[self.RunTag(k, v) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[self.RunTag(k, str(v)) for k, v in tags.items()])
 
     def params(self, params: dict[str, str]) -> None:
-        log_params(self.client, self.run_id, params)
+        items = [self.Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
@@ -286,7 +255,7 @@ class StoreRun:
     def figure(self, figure, name: str) -> None:
         self.client.log_figure(self.run_id, figure, name)
 
-    def artifacts(self, folder: str, path: str) -> None:
+    def artifacts(self, folder: str, path: str | None) -> None:
         self.client.log_artifacts(self.run_id, folder, path)
 
     def end(self, status: str) -> None:
@@ -314,11 +283,18 @@ def write(run, op: str, message: dict) -> None:
         run.artifacts(message["folder"], message["path"])
         if message.get("remove"):
             shutil.rmtree(message["folder"], ignore_errors=True)
-    elif op == "provenance":  # where the run came from (provenance.py), collected here, off the training process
-        tags, diff = _source_tags(message["argv"])
+    elif op == "provenance":  # collected here, off the training process; none if it cannot be (the run goes on)
+        provenance = sibling("provenance")
+        try:
+            tags, diff = provenance.source_tags(message["argv"])
+        except Exception:
+            import traceback
+
+            traceback.print_exc()
+            tags, diff = {}, ""
         run.tags(tags)
         if diff:
-            run.text(diff, _provenance().DIFF_ARTIFACT)
+            run.text(diff, provenance.DIFF_ARTIFACT)
     elif op == "end":
         if message.get("error"):
             run.text(message["error"], "error.txt")
@@ -327,57 +303,47 @@ def write(run, op: str, message: dict) -> None:
 
 
 class RunWriter:
-    """Writes runs, one at a time: params at the start, metrics in batches, artifacts, the status.
-
-    A write the store refuses (a server gone, a full disk) is kept instead, with every later write
-    of the run, in a local folder (echo.outbox.Outbox); `end` is then answered with that folder.
-    A run the store cannot even create is answered `failed <why>`, and nothing of it is kept
-    (the training process stops before training)."""
+    """Writes runs, one at a time. A write the store refuses is kept instead, with every later write
+    of the run, in a local folder (outbox.py); a run the store cannot even create is answered
+    `failed <why>`, and nothing of it is kept (the training process stops before training)."""
 
     OPS = frozenset(  # the messages (table above)
         {"start", "metrics", "text", "tags", "params", "curve", "positions", "lengths", "artifacts", "provenance"}
         | {"where", "open", "end"}
     )
 
-    def __init__(self, flush_every_s: float = 10.0, reply=answer, service: bool = False):
-        self.flush_every_s, self.reply = flush_every_s, reply
+    def __init__(self, reply=answer, service: bool = False):
         # A service loads matplotlib when it is idle, not as a run starts. It writes metrics in
         # smaller batches: many runs end at once (a population's), and what each has not written
         # by then is written after training, while the sweep waits.
-        self.warm_up, self.flush_rows = not service, 250 if service else 1000
+        self.reply, self.warm_up, self.flush_rows = reply, not service, 250 if service else 1000
         self.client, self.uri = None, None
         self.run, self.store, self.outbox, self.failed_start = None, None, None, None
 
     def handle(self, line: str) -> None:
-        """Act on one message; answer `end` once the run is written or kept (`start` is answered early)."""
+        """Act on one message; answer `end` (`ended`, or `unsent <where it is kept>`) once the run is
+        written or kept (`start` is answered early)."""
         message = json.loads(line)
         op = message.pop("op")
         if op not in self.OPS:
             raise ValueError(f"unknown tracking message {op!r}")
         if op == "start":
             self.start(**message)
-        elif op == "where":
-            self.where()
+        elif op == "where":  # the run's experiment id, for its page's address; empty if unknown
+            try:
+                self.reply(self.client.get_run(self.store.run_id).info.experiment_id)
+            except Exception:  # no run, or the store is gone: the training process prints no address
+                self.reply("")
         elif op == "open":  # while the training process imports torch: the run's `start` then costs little
             open_store(message["uri"])
         elif self.failed_start is not None or self.run is None:  # nothing of it can be tracked
             if op == "artifacts" and message.get("remove"):
                 shutil.rmtree(message["folder"], ignore_errors=True)
-        elif self.outbox is not None:
-            self.keep(op, message)
         else:
-            try:
-                write(self.store, op, message)
-            except Exception as error:
-                self.open_outbox(error)
-                self.keep(op, message, failed=True)
+            self.write_or_keep(op, message)
         if op == "end":
-            self.finish()
-
-    def finish(self) -> None:
-        """Answer `end`: `ended` when all was written, else `unsent <where it is kept>`."""
-        outbox, self.outbox, self.run, self.store, self.failed_start = self.outbox, None, None, None, None
-        self.reply("ended" if outbox is None else "unsent " + json.dumps(outbox.summary()))
+            outbox, self.outbox, self.run, self.store, self.failed_start = self.outbox, None, None, None, None
+            self.reply("ended" if outbox is None else "unsent " + json.dumps(outbox.summary()))
 
     def start(self, uri, experiment, run_name, tags, params) -> None:
         self.run = dict(uri=uri, experiment=experiment, run_name=run_name, tags=tags, params=params)
@@ -387,7 +353,7 @@ class RunWriter:
             if uri != self.uri:
                 self.client, self.uri = client(uri), uri
             created = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name, tags=tags)
-            self.store = StoreRun(self.client, created.info.run_id, self.flush_rows, self.flush_every_s)
+            self.store = StoreRun(self.client, created.info.run_id, self.flush_rows)
         except Exception as error:
             self.failed_start = reason(error)
             self.reply("failed " + self.failed_start)
@@ -395,51 +361,42 @@ class RunWriter:
         self.run["run_id"] = self.store.run_id
         self.reply(self.store.run_id)
         try:
-            log_params(self.client, self.store.run_id, params)
+            self.store.params(params)
             self.run["params_written"] = True
         except Exception as error:
             self.open_outbox(error)
         if self.warm_up:
             pyplot()  # load matplotlib now, while training runs, not at the end
 
-    def where(self) -> None:
-        """Answer the run's experiment id (for the address of the run's page); empty if unknown."""
-        try:
-            self.reply(self.client.get_run(self.store.run_id).info.experiment_id)
-        except Exception:  # no run, or the store is gone: the training process prints no address
-            self.reply("")
-
     def abandon(self) -> None:
         """The training process went away without a word: end its run KILLED (or keep that locally)."""
-        if self.run is None or self.failed_start is not None:
-            return
-        message = {"status": "KILLED"}
+        if self.run is not None and self.failed_start is None:
+            self.write_or_keep("end", {"status": "KILLED"})
+
+    def write_or_keep(self, op: str, message: dict) -> None:
+        """Write message `op` into the store; once it has refused a write, keep this and the rest locally."""
         if self.outbox is None:
             try:
-                write(self.store, "end", message)
+                write(self.store, op, message)
                 return
             except Exception as error:
                 self.open_outbox(error)
-        self.keep("end", message)
+                if op == "metrics":  # its rows were pending: the outbox has them
+                    return
+        write(self.outbox, op, message)
+        if op == "end":
+            self.end_in_store(message["status"])
 
-    # -- what the store refused ----------------------------------------------------------------
     def open_outbox(self, error: BaseException) -> None:
         """Keep this run's writes locally from now on, starting with the metrics not yet written."""
         self.outbox = Outbox(self.run, reason(error))
         self.outbox.metrics([(m.key, m.value, m.timestamp, m.step) for m in self.store.pending])
         self.store.pending = []
 
-    def keep(self, op: str, message: dict, failed: bool = False) -> None:
-        """Keep message `op` in the outbox (`failed`: the store failed while writing it)."""
-        if op != "metrics" or not failed:  # (a failed one's rows were pending, and are kept already)
-            write(self.outbox, op, message)
-        if op == "end":
-            self.end_in_store(message["status"])
-
     def end_in_store(self, status: str) -> None:
-        """End a run whose writes are kept locally in the store too, where it can be reached, so that
-        it does not stay RUNNING there: FAILED (what it holds is incomplete), tagged with the folder
-        keeping the rest; `python -m echo.upload` then completes it and gives it `status`."""
+        """End a run kept locally in the store too, where it can be reached, so that it does not stay
+        RUNNING: FAILED (incomplete), tagged with the folder keeping the rest; `python -m echo.upload`
+        then completes it and gives it `status`."""
         if self.store is None or unreachable(self.uri):  # a server that is gone: no minutes of retries
             return
         logging.disable(logging.CRITICAL)  # a store that refuses it again (a full disk): the run's line said why
@@ -453,57 +410,37 @@ class RunWriter:
             logging.disable(logging.NOTSET)
 
 
-@functools.cache
-def _provenance():
-    """echo/tracking/provenance.py beside this file (this worker runs as a script, outside the package)."""
-    import importlib.util
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location("echo_provenance", os.path.join(here, "provenance.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _source_tags(argv) -> tuple[dict[str, str], str]:
-    """The provenance tags and the diff of a dirty tree; none if they cannot be collected (the run goes on)."""
-    try:
-        return _provenance().source_tags(argv)
-    except Exception:
-        import traceback
-
-        traceback.print_exc()
-        return {}, ""
+def sibling(name: str):
+    """Module `name` of this package, imported when needed (run as a script, this worker imports its siblings)."""
+    return importlib.import_module(name if __name__ == "__main__" else f"echo.tracking.{name}")
 
 
 class SweepRequests:
-    """Does what echo.sweeps.SweepStore asks, where its requests arrive: in a store process of its own
-    (echo.sweeps.serve) or in the sweep's tracking service. `reply(text)` answers one request;
-    `client(uri)` is an MLflow client for a store. A parent created and not ended when the requests
-    stop (the launching process died) ends KILLED (`abandon`)."""
+    """Does what echo.sweeps.SweepStore asks, in a store process of its own (echo.sweeps.serve) or in
+    the sweep's tracking service; `reply(text)` answers one request. A parent created and not ended
+    when the requests stop (the launching process died) ends KILLED (`abandon`)."""
 
-    def __init__(self, reply, client=client):
-        self.reply, self.client = reply, client
-        self.open_parent, self.uri = None, None
+    def __init__(self, reply):
+        self.reply, self.open_parent, self.uri = reply, None, None
 
     def handle(self, line: str) -> None:
         request = json.loads(line)
         self.uri = request.pop("uri")
         op = request.pop("op")
         if op == "sweep.open":  # while the jobs are checked: it writes nothing
-            open_store(self.uri, self.client)
+            open_store(self.uri)
             self.reply(json.dumps({"value": None}))
             return
-        client = self.client(self.uri)
+        store = client(self.uri)
         try:
             if op == "sweep.create":
-                value = self.open_parent = create_parent(client, **request)
+                value = self.open_parent = create_parent(store, **request)
             elif op == "sweep.reopen":
-                value = self.open_parent = reopen_parent(client, **request)
+                value = self.open_parent = reopen_parent(store, **request)
             elif op == "sweep.finish":
-                value, self.open_parent = finish_sweep(client, **request), None
+                value, self.open_parent = finish_sweep(store, **request), None
             else:  # "sweep.end"
-                value, self.open_parent = end_sweep(client, **request), None
+                value, self.open_parent = end_sweep(store, **request), None
             self.reply(json.dumps({"value": value}))
         except Exception as error:
             self.reply(json.dumps({"error": reason(error)}))
@@ -512,54 +449,50 @@ class SweepRequests:
         if self.open_parent is None:
             return
         try:
-            end_sweep(self.client(self.uri), self.open_parent, "KILLED")
+            end_sweep(client(self.uri), self.open_parent, "KILLED")
         except Exception:  # the store is gone: the launching process has said so
             pass
 
 
-CONTINUE_WITH = "echo.continue_with"  # on a sweep's parent: the command that continues the sweep
-
-
 def create_parent(client, experiment: str, run_name: str, tags: dict[str, str]) -> str:
-    """A sweep's parent run, tagged with the command that continues it; its id."""
+    """A sweep's parent run, tagged with the command that continues the sweep; its id."""
     run_id = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags).info.run_id
-    client.set_tag(run_id, CONTINUE_WITH, f"python run.py -m resume={run_id}")
+    client.set_tag(run_id, "echo.continue_with", f"python run.py -m resume={run_id}")
     return run_id
 
 
 def reopen_parent(client, parent: str, tags: dict[str, str]) -> str:
     """A sweep's parent run again, for the sweep that continues it: RUNNING, with `tags`; its children
     left RUNNING by a sweep that died outright ended KILLED. Its id."""
-    from mlflow.entities import RunTag
-
-    for run in _sweep_summary().children(client, parent):
+    for run in sibling("sweep_summary").children(client, parent):
         if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, "KILLED")
     client.update_run(parent, status="RUNNING")
-    client.log_batch(parent, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+    StoreRun(client, parent).tags(tags)
     return parent
 
 
 def finish_sweep(client, parent: str, objective: str, ignored: list[str], argv: list[str]) -> None:
-    """The sweep's end: its parent tagged with where it came from (`argv`), its summary, FINISHED, or
-    FAILED if one of its jobs failed (a diverged job: the sweep went on)."""
-    summarize_sweep = _sweep_summary().summarize_sweep
-    status = "FINISHED"
+    """The sweep's end: its parent tagged with where it came from (`argv`, as its jobs are), its
+    summary, FINISHED, or FAILED if one of its jobs failed (a diverged job: the sweep went on)."""
+    summarize_sweep, status = sibling("sweep_summary").summarize_sweep, "FINISHED"
     try:
-        tag_provenance(client, parent, argv)
-        summary = summarize_sweep(client, parent, objective, ignored)
-        if summary["failed"]:
+        provenance, parent_run = sibling("provenance"), StoreRun(client, parent)
+        tags, diff = provenance.source_tags(argv)
+        parent_run.tags(tags)
+        if diff:
+            parent_run.text(diff, provenance.DIFF_ARTIFACT)
+        if summarize_sweep(client, parent, objective, ignored)["failed"]:
             status = "FAILED"
     finally:
         client.set_terminated(parent, status)
 
 
 def end_sweep(client, parent: str, status: str | None) -> str:
-    """End a sweep's parent run, and its children still RUNNING, with `status` (KILLED, FAILED). None:
-    a sweep that stopped before its end, for a reason its launching process did not see (an error
-    raised from a job, or an interrupt while a job's own handler had the signal): its children
-    tell. An interrupted job ended KILLED: KILLED; else one that ended FAILED: FAILED; else KILLED."""
-    runs = _sweep_summary().children(client, parent)
+    """End a sweep's parent run, and its children still RUNNING, with `status` (KILLED, FAILED), or, if
+    None (a job raised, or its handler took an interrupt), as its children tell: KILLED if one ended
+    KILLED, else FAILED if one ended FAILED, else KILLED."""
+    runs = sibling("sweep_summary").children(client, parent)
     if status is None:
         statuses = {run.info.status for run in runs}
         status = "FAILED" if "FAILED" in statuses and "KILLED" not in statuses else "KILLED"
@@ -568,27 +501,6 @@ def end_sweep(client, parent: str, status: str | None) -> str:
             client.set_terminated(run.info.run_id, status)
     client.set_terminated(parent, status)
     return status
-
-
-def tag_provenance(client, run_id: str, argv: list[str]) -> None:
-    """Tag run `run_id` (a sweep's parent), as its jobs are, with where it came from (provenance.py):
-    the command line `argv`."""
-    from mlflow.entities import RunTag
-
-    provenance = _provenance()
-    tags, diff = provenance.source_tags(argv)
-    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
-    if diff:
-        client.log_text(run_id, diff, provenance.DIFF_ARTIFACT)
-
-
-def _sweep_summary():
-    """sweep_summary.py beside this file (imported when a sweep asks for its summary: plain Python)."""
-    if __name__ == "__main__":
-        import sweep_summary
-    else:
-        from echo.tracking import sweep_summary
-    return sweep_summary
 
 
 class Connection:
@@ -612,7 +524,6 @@ class Connection:
         for line in lines:
             if self.writer is None:
                 sweep = json.loads(line)["op"].startswith("sweep.")
-                # the sweep's own requests (echo.sweeps.SweepStore) share this service's clients with its runs
                 self.writer = SweepRequests(self.reply) if sweep else RunWriter(reply=self.reply, service=True)
             self.writer.handle(line.decode())
         return bool(data)
@@ -626,6 +537,7 @@ class Connection:
 def serve(path: str) -> None:
     """The service: runs from every connection to the Unix socket `path`, until stdin closes (the
     sweep is over, or its process died) and then every connection has."""
+    import io
     import selectors
     import socket
     import traceback
@@ -644,7 +556,8 @@ def serve(path: str) -> None:
     while accepting or connections:
         events = selector.select(timeout=0 if cold else None)
         if cold and not events:  # matplotlib once nothing waits: the sweep's first requests come first
-            warm_up_figures()
+            # a process's first figure costs about 0.2 s more than the next (fonts, text and tick caches)
+            learning_curve([["train/loss", 1, 1.0], ["train/loss", 2, 0.5]], 0.99).savefig(io.BytesIO(), format="png")
             cold = False
         for key, _ in events:
             if key.fileobj is listener:
@@ -674,13 +587,12 @@ def serve(path: str) -> None:
 
 
 def main() -> None:
-    # The training process decides how the run ends, and then closes this one's input. Ctrl-C reaches
-    # both, and so do SLURM's signals, sent to every process of a job: SIGTERM when it requeues or stops
-    # the job, SIGUSR1/SIGUSR2 (`--signal`) before its time limit.
+    # The training process decides how the run ends, then closes this one's input. Ctrl-C reaches both,
+    # and so do SLURM's signals to every process of a job (SIGTERM, SIGUSR1/SIGUSR2 before its time limit).
     for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
-    # A store that stops answering: a few retries, then the run's writes are kept locally (echo.outbox)
+    # A store that stops answering: a few retries, then the run's writes are kept locally (outbox.py)
     # rather than retried for minutes; MLflow's settings win where the user made them.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -703,12 +615,8 @@ if __name__ == "__main__":
 
 
 def upload(folder: str, uri: str) -> str:
-    """Write an outbox folder (echo.outbox) into the store at `uri`; returns the run id written to.
-
-    The run it was kept from goes on where that run exists in this store (its metrics complete
-    again); elsewhere a new run is created with the kept params and tags."""
-    from mlflow.entities import Metric, RunTag
-
+    """Write an outbox folder into the store at `uri`; the run id written to: the run it was kept from
+    where it exists in this store, else a new run with the kept params and tags."""
     kept = read(folder)
     run, client = kept["run"], new_client(uri)
     run_id, params = run.get("run_id"), not run.get("params_written")
@@ -723,17 +631,17 @@ def upload(folder: str, uri: str) -> str:
         experiment = experiment_id(client, run["experiment"])
         run_id = client.create_run(experiment, run_name=run["run_name"], tags=tags).info.run_id
         params = True
+    store = StoreRun(client, run_id)
     if params:
-        log_params(client, run_id, run["params"])
-    log_params(client, run_id, read_params(folder))  # params sent after the run started (e.g. n_params)
+        store.params(run["params"])
+    store.params(kept["params"])  # params sent after the run started (e.g. n_params)
     if kept["tags"]:
-        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in kept["tags"].items()])
-    metrics = [Metric(name, value, ms, step) for name, value, ms, step in kept["metrics"]]
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+        store.tags(kept["tags"])
+    store.metrics(kept["metrics"])
+    store.flush()
     if kept["artifacts"] is not None:
-        client.log_artifacts(run_id, str(kept["artifacts"]))
-    client.set_terminated(run_id, kept["status"] or "KILLED")  # no end recorded: the process died
+        store.artifacts(str(kept["artifacts"]), None)
+    store.end(kept["status"] or "KILLED")  # no end recorded: the process died
     for tag in KEPT_TAGS:  # complete now (RunWriter.end_in_store)
         with contextlib.suppress(Exception):
             client.delete_tag(run_id, tag)
