@@ -4,6 +4,7 @@ what a run left in MLflow. (Fixtures live in conftest.py.)"""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,8 @@ def run_py(*args: str, cwd, uri: str, timeout: float = 300, **popen) -> subproce
 
 
 def start_run_py(*args: str, cwd, uri: str) -> subprocess.Popen:
+    """`run.py *args` started, for a test that signals it. Ctrl-C (SIGINT) reaches it even where the
+    tests run with SIGINT ignored (in a shell's background job), which Python would keep ignoring."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
     env.pop("ECHO_PARENT_RUN_ID", None)
     return subprocess.Popen(
@@ -43,6 +46,7 @@ def start_run_py(*args: str, cwd, uri: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
