@@ -208,8 +208,10 @@ class PopulationData(pl.LightningDataModule):
         self.generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
         self.draw = Draw(self.fresh_batches, tuple(self.generators))
         n_seq = sequences_for(task, task.eval_windows)
-        self.val = self.eval_batches(*self.held_out(n_seq, [task.val_seed] * len(seeds)))
-        self.test = self.eval_batches(*self.held_out(n_seq, [task.test_seed] * len(seeds)))
+        self.val, self.test = (  # the same sets for every member: drawn once
+            self.eval_batches(*(t.expand(len(seeds), *t.shape) for t in held_out(task, n_seq, seed, device)))
+            for seed in (task.val_seed, task.test_seed)
+        )
 
     def train_dataloader(self) -> Epochs:
         return Epochs(self.draw)
