@@ -1,9 +1,6 @@
 """Sweeps in MLflow: one parent run per multirun, its jobs as children, and a summary at the end.
-
-Works with every Hydra launcher and sweeper: the parent is created as the sweep starts, by a process
-of the sweep's own (`SweepStore`: the launching process never imports mlflow), and each job finds it
-through the environment, or, where that does not travel (a remote Ray cluster), by the sweep's tag.
-"""
+Works with every Hydra launcher and sweeper: jobs find the parent through the environment, or where
+that does not travel (a remote Ray cluster) by the sweep's tag."""
 
 from __future__ import annotations
 
@@ -92,8 +89,8 @@ class SweepCallback(Callback):
     _pending: Callable | None = None  # the parent run's id, until taken
 
     def __getstate__(self) -> dict:
-        """What a job gets: parallel and remote launchers pickle this callback into every job, which needs
-        no MLflow client (unpickling one imports mlflow: seconds of CPU); it uses the environment."""
+        """Parallel and remote launchers pickle this callback into every job, which needs no MLflow client
+        (unpickling one imports mlflow: seconds of CPU)."""
         return {key: value for key, value in self.__dict__.items() if key not in ("service", "store", "_pending")}
 
     def on_multirun_start(self, config, **kwargs) -> None:
@@ -103,11 +100,10 @@ class SweepCallback(Callback):
                 # A store that stops answering: a few retries (about 15 s), not MLflow's minutes (as the jobs' workers)
                 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
                 if _launcher(config) in SHARED_TRACKING:
-                    # One tracking process writes all the runs of parallel jobs or a population's members: it
-                    # imports mlflow now, while this process composes the jobs, not every job's worker later.
+                    # One tracking process writes every job's runs: it imports mlflow now, while this
+                    # process composes the jobs, not every job's worker later.
                     self.service = TrackingService()
                     atexit.register(self.service.close)
-                # The store opens meanwhile too, ready for the parent run
                 self.store = SweepStore(self.service.socket if self.service else None)
                 self.store.call("open")
             jobs = check_sweep(config)
@@ -152,13 +148,13 @@ class SweepCallback(Callback):
         _sigterm_as_interrupt()
 
     def _stop_tracking(self) -> None:
-        """Stop the tracking processes before the sweep's first write (a bad sweep, or one interrupted)."""
+        """Stop the tracking processes before the sweep's first write."""
         for process in (self.service, self.store):  # the service first: the store's connection then closes at once
             if process is not None:
                 process.kill()
 
     def _take_parent(self) -> None:
-        """The parent run, once created (PARENT_RUN_ENV set for the jobs); a line if it could not be."""
+        """The parent run, once created (PARENT_RUN_ENV set for the jobs)."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -170,9 +166,7 @@ class SweepCallback(Callback):
         os.environ[PARENT_RUN_ENV] = self.parent
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        # The joblib launcher's worker processes exit now, while the summary is written, not with this
-        # process's teardown (seconds later, one after another): then it has no children left, and exits at once.
-        workers_stopped = stop_loky_workers()
+        workers_stopped = stop_loky_workers()  # they exit while the summary is written (echo/compat.py)
         self._take_parent()  # a sweep of no job never asked for it
         problem = None
         if self.parent is not None and (why := unreachable(tracking_uri())):
@@ -181,9 +175,10 @@ class SweepCallback(Callback):
             try:
                 parent, self.parent = self.parent, None
                 os.environ.pop(PARENT_RUN_ENV, None)
-                ignored = list(self.ignored)
                 argv = [sys.argv[0], *recorded_args()]  # a continued sweep's: its command line, rebuilt
-                self.store.call("finish", parent=parent, objective=self.objective, ignored=ignored, argv=argv)()
+                self.store.call(
+                    "finish", parent=parent, objective=self.objective, ignored=list(self.ignored), argv=argv
+                )()
             except Exception as error:  # the store went away: the jobs' runs say where theirs are kept
                 problem = f"could not write the sweep's summary to {tracking_uri()} ({reason(error)})"
         if self.store is not None:
@@ -241,8 +236,8 @@ def _check_continuation(config, tracked: bool) -> str | None:
 
 
 def _continuation_plan(config, parent: str, jobs: list | None) -> str:
-    """Print in one line, and return for the parent's tag, what each job of the continued sweep will do
-    (echo.continuation.decide): its grid's jobs (`jobs`, composed), or a search's trials."""
+    """Print in one line, and return for the parent's tag, what each job or trial of the continued sweep
+    will do (echo.continuation.decide)."""
     if jobs is not None:
         said = tally([decide(parent, OmegaConf.masked_copy(job, [k for k in job if k != "hydra"])) for job in jobs])
         what = f"{len(jobs)} jobs"
@@ -264,12 +259,11 @@ def _launcher(config) -> str:
 
 class SweepStore:
     """The sweep's MLflow work (the parent run, the summary, its end), done by the sweep's tracking
-    service where it has one, else by a process of its own: either imports mlflow and opens the store
-    (about 3.5 s on a small machine) while this process imports torch and composes the jobs. Requests
-    go as JSON lines, answered in order; if this process dies first, the parent ends KILLED."""
+    service (`service`: its socket) or else a process of its own: either imports mlflow and opens the
+    store (about 3.5 s on a small machine) while this process imports torch and composes the jobs.
+    Requests go as JSON lines, answered in order; if this process dies first, the parent ends KILLED."""
 
     def __init__(self, service: str | None = None):
-        """`service`: the socket of the sweep's tracking service (echo.tracking.TrackingService)."""
         self.process = self.sock = None
         if service is not None:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -287,7 +281,7 @@ class SweepStore:
                 start_new_session=True,  # Ctrl-C is for this process, which ends the sweep
             )
             self.requests, self.replies = self.process.stdin, self.process.stdout
-        self.sent, self.answers = 0, []  # requests are answered in order
+        self.sent, self.answers = 0, []
 
     def call(self, op: str, **args) -> Callable:
         """Send request `op` (open, create, finish, end: `SweepRequests`); call the result for its answer."""
@@ -297,7 +291,7 @@ class SweepStore:
         return functools.partial(self.answer, self.sent - 1)
 
     def answer(self, index: int):
-        """Request `index`'s answer (RuntimeError if the other process failed it, or exited)."""
+        """Request `index`'s answer (RuntimeError if the other process failed it or exited)."""
         while len(self.answers) <= index:
             line = self.replies.readline()
             if line and not line.startswith(ANSWER):  # MLflow prints too (a run's address)
@@ -327,8 +321,7 @@ class SweepStore:
 
 
 def serve() -> None:
-    """The sweep's store process (SweepStore): answer requests until stdin closes, then end a parent
-    left open KILLED."""
+    """The sweep's store process: answer requests until stdin closes, then end a parent left open KILLED."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     requests = SweepRequests(lambda text: print(ANSWER + text, flush=True))
     for line in sys.stdin:
@@ -349,11 +342,11 @@ def task_overrides(config) -> list[str]:
 
 
 def check_sweep(config) -> list | None:
-    """Check every job of a basic (grid) sweep before any starts (not three models trained before a bad
-    fourth); exit with one line, as Hydra turns a callback's exception into a warning. Returns the jobs'
-    configs, as composed (None for another sweeper: it chooses its jobs as it goes)."""
+    """Check every job of a basic (grid) sweep before any starts; exit with one line (Hydra turns a
+    callback's exception into a warning). Returns the jobs' configs (None for another sweeper: it
+    chooses its jobs as it goes)."""
     if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
-        return None  # other sweepers choose their jobs as they go
+        return None
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -366,9 +359,9 @@ def check_sweep(config) -> list | None:
     arguments = [f"{k}={v}" for k, v in params.items()] + task_overrides(config)
     jobs = grid(OverridesParser.create().parse_overrides(arguments))
     loader = GlobalHydra.instance().config_loader()
-    # Jobs in this process (torch loads here for the first anyway) have their Trainer and memory checked
-    # here; jobs in other processes on this machine their memory (torch loads here, about a second, while
-    # the tracking service starts). Jobs elsewhere (SLURM, Ray) check their own machine's.
+    # Jobs in this process have their Trainer and memory checked here; jobs in other processes on this
+    # machine their memory (torch loads, about a second, while the tracking service starts); jobs
+    # elsewhere (SLURM, Ray) check their own machine's.
     in_process = _launcher(config) in IN_PROCESS
     local = _launcher(config) in LOCAL_PARALLEL
     composed = {}
@@ -409,8 +402,7 @@ def grid(overrides: list) -> list[list[str]]:
 
 
 def _interrupted(error: BaseException) -> bool:
-    """Whether Ctrl-C caused `error`: one amid Hydra's composing can surface as an OmegaConf or Hydra
-    error (or another), raised while handling the KeyboardInterrupt."""
+    """Whether Ctrl-C caused `error` (amid Hydra's composing it surfaces as another error)."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, KeyboardInterrupt):
@@ -425,8 +417,7 @@ INTERRUPTED: list[int] = []  # the signals (SIGINT, SIGTERM) that interrupted th
 
 def _sigterm_as_interrupt() -> None:
     """SIGTERM to the launching process ends the sweep as Ctrl-C does, so atexit handlers run; both
-    are noted (INTERRUPTED), for the parent's status. (A job's run, in this process, handles SIGTERM
-    itself while it trains: `end_sweep` tells that from its children.)"""
+    are noted (INTERRUPTED) for the parent's status."""
 
     def interrupt(signum, frame) -> None:
         INTERRUPTED.append(signum)
