@@ -47,12 +47,19 @@ def refused_by_hydra(error: BaseException, task_function: Callable) -> bool:
 
 def describe(error: BaseException, argv: Sequence[str] | None = None) -> str:
     """What Hydra refused and how to fix it, in one line; `argv`: the command line's overrides."""
+    import difflib
+
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     argv = sys.argv[1:] if argv is None else argv
     if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
-        return unknown_option(error.missing_cfg_file, list(error.options))
+        group, _, name = error.missing_cfg_file.rpartition("/")  # model/encdek
+        options = list(error.options)
+        either = options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+        close = difflib.get_close_matches(name, options, n=1)
+        did_you_mean = f" (did you mean {group}={close[0]}?)" if close else ""
+        return f"{group}={name} is unknown: choose {group}={either}{did_you_mean}"
     if isinstance(error, OverrideParseException):
         return unreadable(error.override, error.message)
     cause = error.__cause__
@@ -60,17 +67,6 @@ def describe(error: BaseException, argv: Sequence[str] | None = None) -> str:
         if cause.full_key and cause.key is not None and hasattr(cause.parent_node, "keys"):
             return unknown_key(str(cause.full_key), str(cause.key), list(cause.parent_node.keys()), argv)
     return _one_line(error)
-
-
-def unknown_option(missing: str, options: list[str]) -> str:
-    """`model=encdek is unknown: choose model=...` for the missing config `model/encdek`."""
-    import difflib
-
-    group, _, name = missing.rpartition("/")
-    either = options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
-    line = f"{group}={name} is unknown: choose {group}={either}"
-    close = difflib.get_close_matches(name, options, n=1)
-    return line + (f" (did you mean {group}={close[0]}?)" if close else "")
 
 
 def unknown_key(full_key: str, key: str, siblings: list, argv: Sequence[str]) -> str:
