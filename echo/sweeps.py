@@ -144,7 +144,7 @@ class SweepCallback(Callback):
             PENDING_PARENT.append(self._take_parent)
         else:  # the jobs, elsewhere, find it in the environment
             self._take_parent()
-        atexit.register(self._end, None)  # if the sweep stops before on_multirun_end
+        atexit.register(self._end)  # if the sweep stops before on_multirun_end
         _sigterm_as_interrupt()
 
     def _stop_tracking(self) -> None:
@@ -175,10 +175,9 @@ class SweepCallback(Callback):
             try:
                 parent, self.parent = self.parent, None
                 os.environ.pop(PARENT_RUN_ENV, None)
+                ignored = list(self.ignored)
                 argv = [sys.argv[0], *recorded_args()]  # a continued sweep's: its command line, rebuilt
-                self.store.call(
-                    "finish", parent=parent, objective=self.objective, ignored=list(self.ignored), argv=argv
-                )()
+                self.store.call("finish", parent=parent, objective=self.objective, ignored=ignored, argv=argv)()
             except Exception as error:  # the store went away: the jobs' runs say where theirs are kept
                 problem = f"could not write the sweep's summary to {tracking_uri()} ({reason(error)})"
         if self.store is not None:
@@ -197,17 +196,15 @@ class SweepCallback(Callback):
             print(f"echo: tracking failed: {problem}", file=sys.stderr)
             sys.exit(3)
 
-    def _end(self, status: str | None) -> None:
-        """End the parent with `status`; None: KILLED after an interrupt, else as `end_sweep` finds."""
-        if status is None and INTERRUPTED:
-            status = "KILLED"
+    def _end(self) -> None:
+        """End the parent run: KILLED after an interrupt, else as `end_sweep` finds."""
         try:
             self._take_parent()
             if self.parent is None:
                 return
             parent, self.parent = self.parent, None
             os.environ.pop(PARENT_RUN_ENV, None)
-            status = self.store.call("end", parent=parent, status=status)()
+            status = self.store.call("end", parent=parent, status="KILLED" if INTERRUPTED else None)()
             print(
                 f"echo: sweep stopped, its parent run {parent} ended {status}: continue it with "
                 f"`python run.py -m resume={parent}`",
