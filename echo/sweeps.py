@@ -5,6 +5,7 @@ that does not travel (a remote Ray cluster) by the sweep's tag."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import itertools
 import json
@@ -309,11 +310,9 @@ class SweepStore:
         if self.process is not None:
             self.process.wait()
             return
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)  # the service sees the end of the requests ...
             self.replies.read()  # ... and closes its side
-        except OSError:
-            pass
         self.sock.close()
 
 
@@ -420,13 +419,11 @@ def _sigterm_as_interrupt() -> None:
         INTERRUPTED.append(signum)
         signal.default_int_handler(signal.SIGINT, frame)
 
-    try:
+    with contextlib.suppress(ValueError):  # not the main thread
         if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
             signal.signal(signal.SIGTERM, interrupt)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, interrupt)
-    except ValueError:  # not the main thread
-        pass
 
 
 def job_name_and_tags(hydra_cfg, cfg) -> tuple[str, dict[str, str]]:
