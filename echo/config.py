@@ -200,7 +200,7 @@ def precision(path: str, value) -> None:
 def one_device(path: str, value) -> None:
     """Lightning's single-device settings: 1, auto, or one device's index in a list ([0])."""
     listed = not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and len(value) == 1
-    if listed and not isinstance(value[0], bool) and isinstance(value[0], int) and value[0] >= 0:
+    if listed and _is_whole(value[0]) and value[0] >= 0:
         return
     if not listed and not isinstance(value, bool) and value in (1, "1", "auto"):
         return
