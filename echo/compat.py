@@ -1,8 +1,6 @@
-"""Other libraries' private names and internals, fenced in one module: nothing else in echo reaches
-into torch, Lightning, Hydra, joblib's loky, torchmetrics, the interpreter's exit or glibc. Each
-function says what it saves or keeps right, measured, and tests/test_compat.py fails when the
-library changes what it relies on. Importing this module loads nothing beyond the standard library.
-"""
+"""Other libraries' private names and internals, fenced in one module. Each function says what it
+saves or keeps right, measured; tests/test_compat.py fails when a library changes what it relies on.
+Importing this module loads nothing beyond the standard library."""
 
 from __future__ import annotations
 
@@ -13,13 +11,10 @@ import importlib.util
 import sys
 import types
 
-# -- start-up: what torchmetrics would import when Lightning loads (run.py) --------------------------
-
 
 class Deferred(types.ModuleType):
-    """Stands in `sys.modules` for a module until an attribute is read that it does not hold;
-    then it imports the real module, takes on its contents (so every reference to the stand-in
-    works as the real module) and leaves the real one in `sys.modules`."""
+    """Stands in `sys.modules` for a module until an attribute is read that it does not hold; then
+    it imports the real module and takes on its contents (references to the stand-in keep working)."""
 
     def __getattr__(self, name: str):
         real = sys.modules.get(self.__name__)
@@ -48,8 +43,7 @@ def defer_scipy_signal() -> None:
     """Defer `scipy.signal`, which torchmetrics imports when Lightning loads and echo never uses:
     saves 1.2 s of CPU per process (`python run.py logger=none trainer.max_epochs=10`, whole
     process, median of 5: 7.1 s with, 8.3 s without). torchmetrics only checks for
-    `scipy.signal.hamming` (and, if missing, sets it to `scipy.signal.windows.hamming`): the
-    stand-in holds that function, so the check does not load the module."""
+    `scipy.signal.hamming`, which the stand-in holds."""
     if "scipy.signal" in sys.modules or importlib.util.find_spec("scipy") is None:
         return
     stand_in = Deferred("scipy.signal")
@@ -60,8 +54,7 @@ def defer_scipy_signal() -> None:
 
 
 class AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Calls `then(module)` once module `name` has executed, the first time it is imported; the
-    import itself is the usual one (the module keeps its own loader)."""
+    """Calls `then(module)` once module `name` has executed, the first time it is imported."""
 
     def __init__(self, name: str, then):
         self.name, self.then, self.loader = name, then, None
@@ -105,29 +98,24 @@ def _unused_packages_off(imports) -> None:
 
 
 def keep_torchmetrics_from_unused_packages() -> None:
-    """Set torchmetrics' flags for optional packages echo never uses (UNUSED_FLAGS) to False as their
-    module executes, before torchmetrics reads them and imports the packages when Lightning loads: saves
-    0.45 s of CPU per process here (the same command: 7.1 s with, 7.6 s without), ~10 s where
-    torchvision and transformers are installed. (The tracking worker draws its curves with matplotlib.)"""
+    """Set torchmetrics' flags for optional packages echo never uses (UNUSED_FLAGS) to False before
+    torchmetrics reads them and imports the packages: saves 0.45 s of CPU per process here (the same
+    command: 7.1 s with, 7.6 s without), ~10 s where torchvision and transformers are installed."""
     if "torchmetrics.utilities.imports" not in sys.modules:
         sys.meta_path.insert(0, AfterImport("torchmetrics.utilities.imports", _unused_packages_off))
 
 
 def defer_unused_imports() -> None:
-    """Both, before Lightning is imported (a no-op for modules already imported): run.py applies it, so
-    importing echo from a notebook or a test changes nothing in other libraries."""
+    """Both, before Lightning is imported: run.py applies it, so importing echo from a notebook or a
+    test changes nothing in other libraries."""
     defer_scipy_signal()
     keep_torchmetrics_from_unused_packages()
 
 
-# -- the end of a process (run.py) -------------------------------------------------------------------
-
-
 def exit_without_teardown() -> None:
     """Run the exit handlers (CPython's private `atexit._run_exitfuncs`), flush, and end the process
-    without the interpreter's teardown of torch and Lightning: saves 0.8 s of CPU per process
-    (`python run.py logger=none trainer.max_epochs=10`, median of 5: 7.1 s with, 8.0 s without).
-    Only once every run is written (its tracking worker said so) and no child process is left."""
+    without the interpreter's teardown of torch and Lightning: saves 0.8 s of CPU per process (the
+    same command: 7.1 s with, 8.0 s without). Only once every run is written and no child is left."""
     import atexit
     import os
 
@@ -137,15 +125,11 @@ def exit_without_teardown() -> None:
     os._exit(0)
 
 
-# -- torch -------------------------------------------------------------------------------------------
-
-
 def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, beta1: float, beta2: float, eps: float):
-    """Adam's update of lists of tensors in place by torch's fused kernel (`torch._fused_adam_`, the one
-    `Adam(fused=True)` runs), with the step counts as given (`steps`, already counted): the public
-    `torch.optim.adam.adam(..., fused=True)` groups the tensors and counts each step tensor itself on
-    every call: 0.90 ms against 0.16 ms per step of a listing-A population of 8 (1 thread, median of
-    7 x 2,000 steps), about 1.1 s of a 500-epoch population run's 1,500 steps."""
+    """Adam's update in place by torch's fused kernel (`torch._fused_adam_`, which `Adam(fused=True)`
+    runs), with the step counts already counted: the public `adam(..., fused=True)` groups the tensors
+    and counts the steps on every call: 0.90 ms against 0.16 ms per step of a listing-A population of
+    8 (1 thread, median of 7 x 2,000 steps), about 1.1 s of a 500-epoch population run's 1,500 steps."""
     import torch
 
     torch._fused_adam_(
@@ -165,18 +149,11 @@ def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, beta1
     )
 
 
-# -- Lightning's checkpoint: its fit loop's progress counters (echo/checkpoints.py) --------------------
-
-
 def restart_interrupted_epoch(checkpoint: dict) -> None:
     """Make a checkpoint taken mid-epoch (an interrupt) resume at the start of that epoch, by rewriting
-    the progress counters of Lightning's fit loop in the checkpoint (`loops.fit_loop`: Lightning's
-    own layout, no public API). Not a speed-up: without it a resumed run skips the end of the
-    interrupted epoch, where its training metrics are recorded (redoing a Lightning epoch, a few
-    optimizer steps on fresh sequences, costs little). A checkpoint saved every N epochs is saved in
-    the end hooks, and its epoch goes on to be recorded: it resumes at the next epoch, as does an
-    interrupt between two epochs, once the last one's batches are no longer counted as this one's.
-    """
+    the progress counters of Lightning's fit loop (`loops.fit_loop`, no public API). Not a speed-up:
+    without it a resumed run skips the end of the interrupted epoch, where its training metrics are
+    recorded. A checkpoint saved in the epoch's end hooks resumes at the next epoch."""
     fit = checkpoint.get("loops", {}).get("fit_loop")
     if not fit or checkpoint.get("echo", {}).get("epoch_done"):
         return  # Lightning resumes at the next epoch
@@ -190,9 +167,8 @@ def restart_interrupted_epoch(checkpoint: dict) -> None:
 
 
 def count_epochs_in_steps_of(checkpoint: dict, k: int) -> None:
-    """Convert the checkpoint's epoch counts (Lightning's fit-loop counters), in Lightning epochs of the
-    saving run's tutorial epochs per step, into this run's `k`, which divides that
-    (echo.policy.epochs_per_step). Not a speed-up: a resumed run that takes other steps needs it."""
+    """Convert the checkpoint's fit-loop epoch counts from the saving run's tutorial epochs per step
+    into this run's `k`, which divides it. Not a speed-up: a resumed run that takes other steps needs it."""
     saved = checkpoint.get("echo", {}).get("epochs_per_step", 1)
     fit = checkpoint.get("loops", {}).get("fit_loop")
     if not fit or saved == k:
@@ -201,14 +177,10 @@ def count_epochs_in_steps_of(checkpoint: dict, k: int) -> None:
         counters.update({name: count * saved // k for name, count in counters.items()})
 
 
-# -- joblib's loky (echo/sweeps.py) -------------------------------------------------------------------
-
-
 def stop_loky_workers():
-    """Tell the joblib launcher's worker processes (loky's reusable executor, reached through its
-    private `_executor` and `_executor_manager_thread`) to exit now; returns a function that waits
-    until they have (nothing to do where there are none). Left alone, they are stopped by the
-    interpreter's exit, after the launching process's own teardown: a joblib sweep of 2 jobs
+    """Tell the joblib launcher's worker processes (loky's private `_executor` and its
+    `_executor_manager_thread`) to exit now; returns a function that waits until they have. Left
+    alone, they stop after the launching process's own teardown: a joblib sweep of 2 jobs
     (`python run.py -m hydra/launcher=joblib seed=0,1 trainer.max_epochs=5`, MLflow on SQLite) took
     33 s from the start of its summary to the process's exit instead of 3.7 s (median of 4)."""
     loky = sys.modules.get("joblib.externals.loky.reusable_executor")
@@ -220,16 +192,12 @@ def stop_loky_workers():
     return manager.join
 
 
-# -- Hydra's config loader (echo/sweeps.py) -----------------------------------------------------------
-
-
 def answer_sweep_jobs_with(loader, master, composed: dict) -> None:
-    """Replace this `loader`'s `load_sweep_config`: the sweep's jobs get copies of the configs in `composed`
-    (by their overrides, as a tuple; about 5 ms each) instead of being composed again (about 0.1 s each)
-    by Hydra's sweeper, to check them, and by an in-process launcher, to run them. Saves 4.2 s of CPU in
-    a 20-job sweep (`python run.py -m seed=0,...,19 logger=none trainer.max_epochs=5`, whole process,
-    median of 3: 12.9 s with, 17.1 s without; 20 compositions instead of 60). A launcher that runs the
-    jobs elsewhere pickles the loader: leave it as it is."""
+    """Replace `loader.load_sweep_config`: the sweep's jobs get copies of the configs in `composed` (by
+    their overrides; about 5 ms each) instead of being composed again (about 0.1 s each) by Hydra's
+    sweeper and an in-process launcher. Saves 4.2 s of CPU in a 20-job sweep (`python run.py -m
+    seed=0,...,19 logger=none trainer.max_epochs=5`, whole process, median of 3: 12.9 s with, 17.1 s
+    without). Only for in-process launchers: others pickle the loader."""
     import copy
 
     from omegaconf import OmegaConf
@@ -248,18 +216,14 @@ def answer_sweep_jobs_with(loader, master, composed: dict) -> None:
     loader.load_sweep_config = load_sweep_config
 
 
-# -- submitit's SLURM jobs (hydra_plugins/echo_slurm/) --------------------------------------------------
-
-
 def end_slurm_jobs_without_a_result(ended) -> None:
-    """Let a sweep through submitit on SLURM end when one of its jobs ends without a result (`scancel`, a
-    node lost, a job killed outright). submitit learns a job's state from `sacct` alone (its watcher's
-    private `_make_command`), which fails on a cluster that keeps no accounting: it then waits for such a
-    job forever (in CI, on the tests' one-node cluster, a sweep whose job was cancelled had not exited
-    600 s later). Its jobs' states now come from `squeue` where `sacct` fails (slurmctld keeps an ended
-    job for MinJobAge, 300 s by default), checked every minute at most (submitit: every 10), and such a
-    job's `results()` returns `ended(job)` instead of raising, so the launcher waits for the other jobs
-    (the same sweep stopped 34 s after `scancel`)."""
+    """Let a sweep through submitit on SLURM end when one of its jobs ends without a result (`scancel`,
+    a node lost). submitit learns a job's state from `sacct` alone (its watcher's private
+    `_make_command`), and without accounting waits for such a job forever (in CI a sweep whose job was
+    cancelled had not exited 600 s later). States now come from `squeue` where `sacct` fails (slurmctld
+    keeps an ended job for MinJobAge, 300 s by default), checked every minute at most (submitit: every
+    10), and such a job's `results()` returns `ended(job)` instead of raising (the same sweep stopped
+    34 s after `scancel`)."""
     import shlex
 
     from submitit.core.utils import UncompletedJobError
@@ -286,8 +250,6 @@ def end_slurm_jobs_without_a_result(ended) -> None:
     slurm.SlurmJob.results = results
 
 
-# -- glibc's malloc (echo/train.py, echo/population.py) ----------------------------------------------
-
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 512 * 2**20
@@ -295,13 +257,11 @@ TRIM_THRESHOLD = 512 * 2**20
 
 @functools.cache  # a setting of the process: every run of an in-process sweep asks for it
 def reuse_freed_memory() -> None:
-    """Make glibc's malloc hand memory that tensors free to the next ones (elsewhere than glibc on
-    Linux this does nothing). By default a block over 128 KiB may get fresh pages from the kernel,
-    and the first touch of each 4 KiB page is a page fault: a population's evaluation, whose outputs
-    are a few MiB every batch, took a quarter longer. Now blocks up to 32 MiB come from the heap, and
-    up to 512 MiB of freed heap stays with the process. Saves about 11 ms per validation of a
-    listing-A population of 8 (`EchoModule.eval_sums`, median of 60, three processes each: 46.5 ms
-    with, 57.9 ms without, up to 2,300 page faults), about 0.5 s of its 50 validations."""
+    """Make glibc's malloc hand memory that tensors free to the next ones (a no-op but on glibc): by
+    default a block over 128 KiB may get fresh pages, each a page fault at first touch. Now blocks up
+    to 32 MiB come from the heap, and up to 512 MiB of freed heap stays with the process. Saves about
+    11 ms per validation of a listing-A population of 8 (`EchoModule.eval_sums`, median of 60, three
+    processes each: 46.5 ms with, 57.9 ms without), about 0.5 s of its 50 validations."""
     import ctypes
 
     if not sys.platform.startswith("linux"):

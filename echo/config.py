@@ -9,9 +9,8 @@ from collections.abc import Sequence
 import echo.resolvers  # noqa: F401  (the presets' ${add:...}, registered with the checks)
 from echo.task import LENGTH_SEED_STRIDE, is_copy_memory, windows_per_sequence
 
-# What the checks accept, named here rather than read from echo.models and echo.encoding: those
-# import torch, and a sweep checks every job in the launching process, which (with a parallel
-# launcher) trains nothing. tests/test_sweeps.py keeps these in step with the real ones.
+# Named here, not read from echo.models and echo.encoding (they import torch, which a sweep's launching
+# process need not load); tests/test_sweeps.py keeps these in step with the real ones.
 MODEL_NAMES = ("seq2seq", "encdec", "one_to_one", "many_to_one", "attention", "autoregressive", "transformer")
 CELLS = ("lstm", "gru")
 POSITIONAL = ("sinusoidal", "learned")
@@ -39,10 +38,6 @@ def _is_whole(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, int)
 
 
-def _is_count(value) -> bool:
-    return _is_whole(value) and value >= 1
-
-
 def _is_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
@@ -50,24 +45,27 @@ def _is_number(value) -> bool:
 def _is_pair(value) -> bool:
     """[lo, hi] with 1 <= lo <= hi."""
     pair = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
-    return pair and all(_is_count(v) for v in value) and value[0] <= value[1]
-
-
-# -- one check per key: each takes the key's path and value and raises ConfigError ---------------
+    return pair and all(_is_whole(v) and v >= 1 for v in value) and value[0] <= value[1]
 
 
 def rule(ok, must: str, fix: str):
-    """A check: `ok(value)`, else `<path>=<value> must be <must>: <fix>` (`{path}` in `fix`: the key)."""
+    """A check of one key: `ok(value)`, else `<path>=<value> must be <must>: <fix>` (`{path}`: the key)."""
 
     def check(path: str, value) -> None:
         if not ok(value):
             raise ConfigError(f"{path}={value!r} must be {must}: {fix.format(path=path)}")
 
+    check.ok, check.must, check.fix = ok, must, fix
     return check
 
 
+def optional(check):
+    """`check` (a `rule`), or null."""
+    head, colon, tail = check.must.partition(": ")
+    return rule(lambda v: v is None or check.ok(v), f"{head} or null{colon}{tail}", check.fix)
+
+
 def at_least(low: int):
-    """A whole number >= `low`."""
     return rule(lambda v: _is_whole(v) and v >= low, f"a whole number >= {low}", "set {path}=<n>")
 
 
@@ -98,7 +96,7 @@ run_id = rule(
     "an MLflow run id",
     "copy one from `mlflow ui`",
 )
-auto_or_count = rule(lambda v: v == "auto" or _is_count(v), "auto or a whole number >= 1", "e.g. {path}=1")
+auto_or_count = rule(lambda v: v == "auto" or count.ok(v), "auto or a whole number >= 1", "e.g. {path}=1")
 lengths_pair = rule(_is_pair, "[lo,hi] with 1 <= lo <= hi", "e.g. {path}=[1,10]")
 
 
@@ -115,23 +113,6 @@ def one_of(*names: str, hint: str | None = None):
     return check
 
 
-def optional(check):
-    """`check`, or null."""
-
-    def optional_check(path: str, value) -> None:
-        if value is not None:
-            try:
-                check(path, value)
-            except ConfigError as error:  # "<path>=<value> must be X: <fix>" -> "... X or null: <fix>"
-                message = str(error)
-                cut = message.find(": ", message.find(" must be ") + 1) if " must be " in message else -1
-                raise ConfigError(f"{message[:cut]} or null{message[cut:]}" if cut > 0 else message) from None
-
-    return optional_check
-
-
-# -- Lightning's Trainer arguments: those echo supports, and why it refuses the others --------------
-
 # pytorch_lightning.Trainer's arguments (2.6), named here so that the checks import no torch
 # (tests/test_bad_input.py keeps this in step with the real signature).
 LIGHTNING_TRAINER_ARGS = (
@@ -144,7 +125,7 @@ LIGHTNING_TRAINER_ARGS = (
     "use_distributed_sampler", "profiler", "detect_anomaly", "barebones", "plugins", "sync_batchnorm",
     "reload_dataloaders_every_n_epochs", "default_root_dir", "enable_autolog_hparams", "model_registry",
 )  # fmt: skip
-# The ones echo supports, single runs and populations alike (docs/bad-input.md); each value is checked in CHECKS.
+# The ones echo supports (docs/bad-input.md), each value checked in CHECKS.
 TRAINER_SUPPORTED = (
     "max_epochs", "check_val_every_n_epoch", "accelerator", "devices", "precision", "gradient_clip_val",
     "gradient_clip_algorithm", "accumulate_grad_batches", "strategy", "num_nodes", "max_time", "deterministic",
@@ -217,9 +198,9 @@ def precision(path: str, value) -> None:
 
 
 def one_device(path: str, value) -> None:
-    """1, auto, or one device's index in a list ([0]): Lightning's single-device settings."""
+    """Lightning's single-device settings: 1, auto, or one device's index in a list ([0])."""
     listed = not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and len(value) == 1
-    if listed and not isinstance(value[0], bool) and isinstance(value[0], int) and value[0] >= 0:
+    if listed and _is_whole(value[0]) and value[0] >= 0:
         return
     if not listed and not isinstance(value, bool) and value in (1, "1", "auto"):
         return
@@ -229,7 +210,7 @@ def one_device(path: str, value) -> None:
 
 
 def only(allowed, why: str):
-    """Exactly `allowed` (what echo can do of a Lightning setting); `why` the others are refused."""
+    """Exactly `allowed`; `why` the others are refused."""
 
     def check(path: str, value) -> None:
         if value != allowed or isinstance(value, bool):
@@ -262,8 +243,8 @@ OBJECTIVES = (
     "train_time_s",
 )
 
-# Every key a user may set, with its check (keys a config does not have are skipped: a new key gets its
-# row here); settings that depend on each other are checked after these, in `validate`.
+# Every key a user may set, with its check (keys a config lacks are skipped); `validate` then checks
+# the settings that depend on each other.
 CHECKS = {
     "seed": seed,
     "threads": auto_or_count,
@@ -327,7 +308,7 @@ _ABSENT = object()
 
 def _validate_lengths(task, model) -> None:
     """Variable-length training and per-length testing: whole-window echoes, by networks that take any length."""
-    train, test = task.get("train_lengths"), task.get("test_lengths")  # null or [lo,hi] (CHECKS' lengths_pair)
+    train, test = task.get("train_lengths"), task.get("test_lengths")
     for key, value in (("train_lengths", train), ("test_lengths", test)):
         if value is not None and value[1] >= LENGTH_SEED_STRIDE:
             raise ConfigError(
@@ -363,8 +344,7 @@ def _validate_lengths(task, model) -> None:
 
 
 def validate(cfg) -> None:
-    """Raise ConfigError for the first setting that cannot work: each key's own check (CHECKS),
-    then the settings that depend on each other."""
+    """Raise ConfigError for the first setting that cannot work."""
     from omegaconf import OmegaConf
 
     check_trainer_keys(cfg.trainer)
@@ -390,7 +370,7 @@ def validate(cfg) -> None:
             f"model={model.name} reads the window in one step and cannot mask padded items: "
             f"use task.framing=drop, or a recurrent topology (model=seq2seq, encdec or many_to_one)"
         )
-    _check_network_options(cfg)
+    _check_network_options(task, model)
     _validate_lengths(task, model)
     rows = windows_per_sequence(task)
     if model.stateful and rows % model.batch_size:
@@ -402,8 +382,7 @@ def validate(cfg) -> None:
 
 
 def _validate_copy_memory(task, model) -> None:
-    """Copy memory: a network that answers at every step it reads, one sequence of T+20 steps per
-    window (its length, n_in and n_out follow task.delay), no echo-window settings."""
+    """Copy memory: a network that answers at every step it reads, one window of T+20 steps per sequence."""
     if model.name not in READS_PER_STEP:
         raise ConfigError(
             f"model={model.name} cannot read task=copy_memory, which scores an answer at every input step as the "
@@ -430,9 +409,8 @@ def _validate_copy_memory(task, model) -> None:
             raise ConfigError(f"task.{key} varies echo windows; task=copy_memory has none: remove task.{key}")
 
 
-def _check_network_options(cfg) -> None:
-    """The newer networks' settings that depend on others (each key alone is checked in CHECKS)."""
-    task, model = cfg.task, cfg.model
+def _check_network_options(task, model) -> None:
+    """The newer networks' settings that depend on others."""
     if "teacher_forcing" in model and task.get("representation", "onehot") != "onehot":
         raise ConfigError("model=autoregressive feeds back predicted tokens, which needs task.representation=onehot")
     if "n_heads" in model and model.d_model % model.n_heads:

@@ -10,8 +10,8 @@ class TrainingError(RuntimeError):
 
 
 def check_finite(rows: list[tuple[str, int, float]], lr: float) -> None:
-    """Raise TrainingError for the earliest loss among (name, epoch, value) rows that became NaN or
-    infinite (at one epoch, the training loss first): training diverged."""
+    """Raise TrainingError for the earliest loss among (name, epoch, value) rows that is not finite
+    (at one epoch, the training loss first)."""
     for name, epoch, value in sorted(rows, key=lambda row: (row[1], not row[0].startswith("train"))):
         if name.endswith("loss") and not math.isfinite(value):
             raise TrainingError(

@@ -1,7 +1,5 @@
-"""Hydra's own refusals of a command line (an unknown group option or key, an unreadable override) as
-echo's one line, `echo: bad config: <what>: <fix>`, exit 2, instead of Hydra's several lines and exit 1.
-Hydra raises them under its documented HYDRA_FULL_ERROR=1, which `one_line_errors` sets unless the
-user did (to see Hydra's own report)."""
+"""Hydra's refusals of a command line as echo's one line, `echo: bad config: <what>: <fix>`, exit 2,
+instead of Hydra's several lines and exit 1 (HYDRA_FULL_ERROR=1 set by the user keeps Hydra's report)."""
 
 from __future__ import annotations
 
@@ -17,7 +15,7 @@ FULL_ERROR = "HYDRA_FULL_ERROR"
 def one_line_errors(task_function: Callable) -> Iterator[None]:
     """Run `hydra.main`'s entry point; a config Hydra refuses ends the process with one line and
     exit 2. An error raised by `task_function` itself (a bug) propagates with its traceback."""
-    if os.environ.get(FULL_ERROR):  # the user asked for Hydra's own report
+    if os.environ.get(FULL_ERROR):
         yield
         return
     os.environ[FULL_ERROR] = "1"
@@ -33,8 +31,7 @@ def one_line_errors(task_function: Callable) -> Iterator[None]:
 
 
 def refused_by_hydra(error: BaseException, task_function: Callable) -> bool:
-    """Whether `error` is Hydra's (or OmegaConf's, composing) refusal of the config, raised outside
-    `task_function`."""
+    """Whether `error` is Hydra's (or OmegaConf's) refusal of the config, raised outside `task_function`."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -50,12 +47,19 @@ def refused_by_hydra(error: BaseException, task_function: Callable) -> bool:
 
 def describe(error: BaseException, argv: Sequence[str] | None = None) -> str:
     """What Hydra refused and how to fix it, in one line; `argv`: the command line's overrides."""
+    import difflib
+
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     argv = sys.argv[1:] if argv is None else argv
     if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
-        return unknown_option(error.missing_cfg_file, list(error.options))
+        group, _, name = error.missing_cfg_file.rpartition("/")  # model/encdek
+        options = list(error.options)
+        either = options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+        close = difflib.get_close_matches(name, options, n=1)
+        did_you_mean = f" (did you mean {group}={close[0]}?)" if close else ""
+        return f"{group}={name} is unknown: choose {group}={either}{did_you_mean}"
     if isinstance(error, OverrideParseException):
         return unreadable(error.override, error.message)
     cause = error.__cause__
@@ -65,20 +69,9 @@ def describe(error: BaseException, argv: Sequence[str] | None = None) -> str:
     return _one_line(error)
 
 
-def unknown_option(missing: str, options: list[str]) -> str:
-    """`model=encdek is unknown: choose model=...` for config `missing` (`model/encdek`) of a group."""
-    import difflib
-
-    group, _, name = missing.rpartition("/")
-    either = options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
-    line = f"{group}={name} is unknown: choose {group}={either}"
-    close = difflib.get_close_matches(name, options, n=1)
-    return line + (f" (did you mean {group}={close[0]}?)" if close else "")
-
-
 def unknown_key(full_key: str, key: str, siblings: list, argv: Sequence[str]) -> str:
-    """`foo=1: the config has no key foo: ...`, with the closest key beside the missing one if there is
-    one. `full_key`: the first key of the override that is not in the config, `key` its last segment."""
+    """`foo=1: the config has no key foo: ...`, with the closest key if there is one. `full_key`: the
+    first key of the override that is not in the config, `key` its last segment."""
     import difflib
 
     keys = {a: a.lstrip("+~").partition("=")[0].partition("@")[0] for a in argv}
@@ -117,7 +110,7 @@ def _one_line(error: BaseException) -> str:
     text = ""
     for line in lines:
         text += (" " if text.endswith(".") else "; ") + line if text else line
-    cause = error.__cause__
-    if cause is not None and str(cause).strip():
-        text += f": {str(cause).strip().splitlines()[0]}" if text else str(cause).strip().splitlines()[0]
+    cause = str(error.__cause__ or "").strip()
+    if cause:
+        text += f": {cause.splitlines()[0]}" if text else cause.splitlines()[0]
     return text or type(error).__name__

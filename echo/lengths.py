@@ -1,8 +1,5 @@
-"""Length generalisation: test every window length of `task.test_lengths` on its own held-out windows.
-
-The score is the Chomsky-hierarchy suite's: the mean accuracy over the tested lengths longer
-than any trained (`test/ood_*`), beside the mean over the trained lengths (`test/iid_exact_match`).
-"""
+"""Length generalisation: test every window length of `task.test_lengths` on its own held-out windows,
+scored as the Chomsky-hierarchy suite does (docs/length-generalisation.md)."""
 
 from __future__ import annotations
 
@@ -19,9 +16,8 @@ BY_LENGTH = (  # MLflow step = window length
 
 @torch.no_grad()
 def evaluate_lengths(module, data, lengths: tuple[int, int]) -> dict[int, tuple[float, float, float]]:
-    """{L: (token accuracy, exact match, prefix accuracy)} for every L in `lengths` (both included), each on the
-    data's fixed test windows of that length, evaluated as the model was trained (stateful:
-    batch by batch with state carried, reset at each length)."""
+    """{L: (token accuracy, exact match, prefix accuracy)} for every L in `lengths` (both included), each
+    on the data's fixed test windows of that length, evaluated as the model was trained."""
     module.eval()
     scores = {}
     for n in range(lengths[0], lengths[1] + 1):
@@ -32,10 +28,8 @@ def evaluate_lengths(module, data, lengths: tuple[int, int]) -> dict[int, tuple[
 
 
 def length_scores(by_length: dict[int, tuple[float, ...]], trained: tuple[int, int]) -> dict[str, float]:
-    """The summary of a per-length test: `test/ood_exact_match`, `test/ood_token_acc` and (given prefix
-    accuracies) `test/ood_prefix_acc`, the means over
-    the tested lengths above the trained range (none if no tested length is), and `test/iid_exact_match`,
-    the mean over the tested lengths inside it. Lengths below the trained range count in neither."""
+    """`test/ood_*`: the means over the tested lengths above the `trained` range (none if none is), and
+    `test/iid_exact_match`: the mean over those inside it. Lengths below it count in neither."""
     lo, hi = trained
     ood = [by_length[n] for n in sorted(by_length) if n > hi]
     iid = [by_length[n] for n in sorted(by_length) if lo <= n <= hi]
@@ -51,6 +45,5 @@ def length_scores(by_length: dict[int, tuple[float, ...]], trained: tuple[int, i
 
 
 def length_rows(by_length: dict[int, tuple[float, ...]]) -> list[tuple[str, int, float]]:
-    """(metric, step = length, value) rows of `test/token_acc_by_length`, `test/exact_match_by_length`
-    and `test/prefix_acc_by_length`."""
+    """(metric, step = length, value) rows of the BY_LENGTH metrics."""
     return [(name, n, value) for n, values in sorted(by_length.items()) for name, value in zip(BY_LENGTH, values)]

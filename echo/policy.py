@@ -16,18 +16,15 @@ WIDE_STEP = 5_000
 
 
 def wide_step(cfg, members: int = 1) -> bool:
-    """Whether a step of `members` runs of `cfg` together (a population's) is wide: arithmetic-bound
-    on a CPU, where a second thread pays."""
-    sequences = cfg.task.get("sequences_per_epoch", 1)  # (copy memory: one batch of batch_size sequences)
+    """Whether a step of `members` runs of `cfg` together is wide: arithmetic-bound on a CPU."""
+    sequences = cfg.task.get("sequences_per_epoch", 1)  # copy memory: one batch of batch_size sequences
     return sequences * members * cfg.model.batch_size * cfg.model.hidden_size >= WIDE_STEP
 
 
 def cpu_threads(cfg, cores: int | None = None, environ=os.environ, members: int = 1) -> int:
-    """Torch CPU threads for a run (or a population of `members` runs): `threads`, or for
-    `threads=auto` one thread for a narrow step (a second gains nothing, and the other core serves
-    the tracking worker or a parallel job) and two for a wide one, within the cores this process
-    may use and the threads a parallel launcher grants each job (joblib and Ray set
-    OMP_NUM_THREADS; SLURM limits the cores)."""
+    """Torch CPU threads for a run (or a population of `members` runs): for `threads=auto` one for a
+    narrow step (the other core serves the tracking worker or a parallel job) and two for a wide one,
+    within the cores this process may use and the threads a launcher grants (OMP_NUM_THREADS)."""
     if cfg.threads != "auto":
         return cfg.threads
     if not wide_step(cfg, members):
@@ -38,8 +35,7 @@ def cpu_threads(cfg, cores: int | None = None, environ=os.environ, members: int 
 
 
 def resolve_threads(cfg) -> None:
-    """Write the thread count `threads=auto` comes to into `cfg`, so the run records it
-    (ConfigError if `threads` asks for more cores than this process may use)."""
+    """Write the thread count `threads=auto` comes to into `cfg`, so the run records it."""
     check_threads(cfg)
     if cfg.threads == "auto":
         cfg.threads = cpu_threads(cfg)
@@ -47,27 +43,24 @@ def resolve_threads(cfg) -> None:
 
 def epochs_per_step(cfg, resumed: int | None = None) -> int:
     """Tutorial epochs trained in one Lightning step (and epoch): the largest number that divides
-    trainer.max_epochs, trainer.check_val_every_n_epoch and checkpoint_every, so that every
-    validation, periodic checkpoint and the run's end falls between two steps, as Lightning's
-    hooks need. Lightning costs about half a millisecond per step on a CPU, a tenth of a tutorial
-    epoch: paid once per validation instead of once per epoch. `resumed`: the number the run being
-    resumed used (its epoch counts, saved in Lightning epochs, must convert)."""
+    trainer.max_epochs, trainer.check_val_every_n_epoch and checkpoint_every (and `resumed`, the
+    resumed run's), so that Lightning's hooks fall between steps. Lightning costs about half a
+    millisecond per step on a CPU, a tenth of a tutorial epoch: paid once per validation instead."""
     counts = [cfg.trainer.max_epochs, cfg.trainer.get("check_val_every_n_epoch", 1)]
     counts += [n for n in (cfg.get("checkpoint_every"), resumed) if n]
     return math.gcd(*counts)
 
 
 def windows_per_epoch(cfg) -> int:
-    """Windows trained on per epoch: task.sequences_per_epoch sequences' windows; copy memory: one
-    batch of model.batch_size sequences (each one window)."""
+    """Windows trained on per epoch (copy memory: one batch of model.batch_size one-window sequences)."""
     if is_copy_memory(cfg.task):
         return cfg.model.batch_size
     return cfg.task.sequences_per_epoch * windows_per_sequence(cfg.task)
 
 
 def check_threads(cfg, cores: int | None = None) -> None:
-    """Refuse more torch threads than the cores this process may use (they would only wait on
-    each other: 999 threads on 2 cores trained about a hundred times slower)."""
+    """Refuse more torch threads than the cores this process may use (999 threads on 2 cores trained
+    about a hundred times slower)."""
     cores = cores or len(os.sched_getaffinity(0))
     if cfg.threads != "auto" and cfg.threads > cores:
         raise ConfigError(

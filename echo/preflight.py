@@ -1,5 +1,5 @@
-"""Checks that need torch and Lightning, made after the config's own checks and before anything
-is built or tracked: Lightning accepts the trainer settings, and the run fits in memory."""
+"""Checks that need torch and Lightning, before anything is built or tracked: Lightning accepts the
+trainer settings, and the run fits in memory."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def preflight(cfg) -> None:
 
 
 def check_trainer(cfg) -> None:
-    """Build a Trainer with the run's settings (about 25 ms) and turn Lightning's refusal into one line."""
+    """Build a Trainer with the run's settings and turn Lightning's refusal into one line."""
     accelerator = cfg.trainer.get("accelerator", "auto")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
@@ -97,13 +97,9 @@ def uses_cuda(cfg) -> bool:
 
 
 def estimate_memory(cfg) -> dict[str, int]:
-    """Bytes, by part, a run of `cfg` may hold at once: a rough upper bound from the config alone.
-
-    - network: parameters, gradients and Adam's two moments (16 bytes a parameter), counted on a
-      network built on torch's "meta" device (no memory);
-    - training step: every time step's activations of the step's windows, kept for backward;
-    - held-out sets: the validation and test windows, and evaluating them (no gradients).
-    """
+    """Bytes, by part, a run of `cfg` may hold at once: a rough upper bound from the config alone
+    (the network's parameters, gradients and Adam's moments; a step's activations, kept for backward;
+    the held-out windows and their evaluation)."""
     from echo.build import network
     from echo.encoding import representation
 
@@ -147,8 +143,7 @@ def host_free_bytes() -> int | None:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError):
             return None
-    limit = _cgroup_room()
-    return min(x for x in (free, limit) if x is not None) if (free, limit) != (None, None) else None
+    return min((x for x in (free, _cgroup_room()) if x is not None), default=None)
 
 
 def _cgroup_room() -> int | None:
@@ -191,8 +186,7 @@ def _size(n: int) -> str:
 
 @contextmanager
 def out_of_memory_as_training_error():
-    """An out-of-memory error that still happens (the estimate is rough, or other processes took
-    the memory meanwhile) becomes a TrainingError: one line, no traceback."""
+    """An out-of-memory error that still happens (the estimate is rough) becomes a one-line TrainingError."""
     try:
         yield
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError

@@ -1,13 +1,11 @@
 """Sweeps in MLflow: one parent run per multirun, its jobs as children, and a summary at the end.
-
-Works with every Hydra launcher and sweeper: the parent is created as the sweep starts, by a process
-of the sweep's own (`SweepStore`: the launching process never imports mlflow), and each job finds it
-through the environment, or, where that does not travel (a remote Ray cluster), by the sweep's tag.
-"""
+Works with every Hydra launcher and sweeper: jobs find the parent through the environment, or where
+that does not travel (a remote Ray cluster) by the sweep's tag."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import itertools
 import json
@@ -92,8 +90,8 @@ class SweepCallback(Callback):
     _pending: Callable | None = None  # the parent run's id, until taken
 
     def __getstate__(self) -> dict:
-        """What a job gets: parallel and remote launchers pickle this callback into every job, which needs
-        no MLflow client (unpickling one imports mlflow: seconds of CPU); it uses the environment."""
+        """Parallel and remote launchers pickle this callback into every job, which needs no MLflow client
+        (unpickling one imports mlflow: seconds of CPU)."""
         return {key: value for key, value in self.__dict__.items() if key not in ("service", "store", "_pending")}
 
     def on_multirun_start(self, config, **kwargs) -> None:
@@ -103,11 +101,10 @@ class SweepCallback(Callback):
                 # A store that stops answering: a few retries (about 15 s), not MLflow's minutes (as the jobs' workers)
                 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
                 if _launcher(config) in SHARED_TRACKING:
-                    # One tracking process writes all the runs of parallel jobs or a population's members: it
-                    # imports mlflow now, while this process composes the jobs, not every job's worker later.
+                    # One tracking process writes every job's runs: it imports mlflow now, while this
+                    # process composes the jobs, not every job's worker later.
                     self.service = TrackingService()
                     atexit.register(self.service.close)
-                # The store opens meanwhile too, ready for the parent run
                 self.store = SweepStore(self.service.socket if self.service else None)
                 self.store.call("open")
             jobs = check_sweep(config)
@@ -148,17 +145,17 @@ class SweepCallback(Callback):
             PENDING_PARENT.append(self._take_parent)
         else:  # the jobs, elsewhere, find it in the environment
             self._take_parent()
-        atexit.register(self._end, None)  # if the sweep stops before on_multirun_end
+        atexit.register(self._end)  # if the sweep stops before on_multirun_end
         _sigterm_as_interrupt()
 
     def _stop_tracking(self) -> None:
-        """Stop the tracking processes before the sweep's first write (a bad sweep, or one interrupted)."""
+        """Stop the tracking processes before the sweep's first write."""
         for process in (self.service, self.store):  # the service first: the store's connection then closes at once
             if process is not None:
                 process.kill()
 
     def _take_parent(self) -> None:
-        """The parent run, once created (PARENT_RUN_ENV set for the jobs); a line if it could not be."""
+        """The parent run, once created (PARENT_RUN_ENV set for the jobs)."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -170,9 +167,7 @@ class SweepCallback(Callback):
         os.environ[PARENT_RUN_ENV] = self.parent
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        # The joblib launcher's worker processes exit now, while the summary is written, not with this
-        # process's teardown (seconds later, one after another): then it has no children left, and exits at once.
-        workers_stopped = stop_loky_workers()
+        workers_stopped = stop_loky_workers()  # they exit while the summary is written (echo/compat.py)
         self._take_parent()  # a sweep of no job never asked for it
         problem = None
         if self.parent is not None and (why := unreachable(tracking_uri())):
@@ -202,17 +197,15 @@ class SweepCallback(Callback):
             print(f"echo: tracking failed: {problem}", file=sys.stderr)
             sys.exit(3)
 
-    def _end(self, status: str | None) -> None:
-        """End the parent with `status`; None: KILLED after an interrupt, else as `end_sweep` finds."""
-        if status is None and INTERRUPTED:
-            status = "KILLED"
+    def _end(self) -> None:
+        """End the parent run: KILLED after an interrupt, else as `end_sweep` finds."""
         try:
             self._take_parent()
             if self.parent is None:
                 return
             parent, self.parent = self.parent, None
             os.environ.pop(PARENT_RUN_ENV, None)
-            status = self.store.call("end", parent=parent, status=status)()
+            status = self.store.call("end", parent=parent, status="KILLED" if INTERRUPTED else None)()
             print(
                 f"echo: sweep stopped, its parent run {parent} ended {status}: continue it with "
                 f"`python run.py -m resume={parent}`",
@@ -241,8 +234,8 @@ def _check_continuation(config, tracked: bool) -> str | None:
 
 
 def _continuation_plan(config, parent: str, jobs: list | None) -> str:
-    """Print in one line, and return for the parent's tag, what each job of the continued sweep will do
-    (echo.continuation.decide): its grid's jobs (`jobs`, composed), or a search's trials."""
+    """Print in one line, and return for the parent's tag, what each job or trial of the continued sweep
+    will do (echo.continuation.decide)."""
     if jobs is not None:
         said = tally([decide(parent, OmegaConf.masked_copy(job, [k for k in job if k != "hydra"])) for job in jobs])
         what = f"{len(jobs)} jobs"
@@ -264,12 +257,11 @@ def _launcher(config) -> str:
 
 class SweepStore:
     """The sweep's MLflow work (the parent run, the summary, its end), done by the sweep's tracking
-    service where it has one, else by a process of its own: either imports mlflow and opens the store
-    (about 3.5 s on a small machine) while this process imports torch and composes the jobs. Requests
-    go as JSON lines, answered in order; if this process dies first, the parent ends KILLED."""
+    service (`service`: its socket) or else a process of its own: either imports mlflow and opens the
+    store (about 3.5 s on a small machine) while this process imports torch and composes the jobs.
+    Requests go as JSON lines, answered in order; if this process dies first, the parent ends KILLED."""
 
     def __init__(self, service: str | None = None):
-        """`service`: the socket of the sweep's tracking service (echo.tracking.TrackingService)."""
         self.process = self.sock = None
         if service is not None:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -287,7 +279,7 @@ class SweepStore:
                 start_new_session=True,  # Ctrl-C is for this process, which ends the sweep
             )
             self.requests, self.replies = self.process.stdin, self.process.stdout
-        self.sent, self.answers = 0, []  # requests are answered in order
+        self.sent, self.answers = 0, []
 
     def call(self, op: str, **args) -> Callable:
         """Send request `op` (open, create, finish, end: `SweepRequests`); call the result for its answer."""
@@ -297,7 +289,7 @@ class SweepStore:
         return functools.partial(self.answer, self.sent - 1)
 
     def answer(self, index: int):
-        """Request `index`'s answer (RuntimeError if the other process failed it, or exited)."""
+        """Request `index`'s answer (RuntimeError if the other process failed it or exited)."""
         while len(self.answers) <= index:
             line = self.replies.readline()
             if line and not line.startswith(ANSWER):  # MLflow prints too (a run's address)
@@ -318,17 +310,14 @@ class SweepStore:
         if self.process is not None:
             self.process.wait()
             return
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)  # the service sees the end of the requests ...
             self.replies.read()  # ... and closes its side
-        except OSError:
-            pass
         self.sock.close()
 
 
 def serve() -> None:
-    """The sweep's store process (SweepStore): answer requests until stdin closes, then end a parent
-    left open KILLED."""
+    """The sweep's store process: answer requests until stdin closes, then end a parent left open KILLED."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     requests = SweepRequests(lambda text: print(ANSWER + text, flush=True))
     for line in sys.stdin:
@@ -349,11 +338,11 @@ def task_overrides(config) -> list[str]:
 
 
 def check_sweep(config) -> list | None:
-    """Check every job of a basic (grid) sweep before any starts (not three models trained before a bad
-    fourth); exit with one line, as Hydra turns a callback's exception into a warning. Returns the jobs'
-    configs, as composed (None for another sweeper: it chooses its jobs as it goes)."""
+    """Check every job of a basic (grid) sweep before any starts; exit with one line (Hydra turns a
+    callback's exception into a warning). Returns the jobs' configs (None for another sweeper: it
+    chooses its jobs as it goes)."""
     if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
-        return None  # other sweepers choose their jobs as they go
+        return None
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -366,9 +355,9 @@ def check_sweep(config) -> list | None:
     arguments = [f"{k}={v}" for k, v in params.items()] + task_overrides(config)
     jobs = grid(OverridesParser.create().parse_overrides(arguments))
     loader = GlobalHydra.instance().config_loader()
-    # Jobs in this process (torch loads here for the first anyway) have their Trainer and memory checked
-    # here; jobs in other processes on this machine their memory (torch loads here, about a second, while
-    # the tracking service starts). Jobs elsewhere (SLURM, Ray) check their own machine's.
+    # Jobs in this process have their Trainer and memory checked here; jobs in other processes on this
+    # machine their memory (torch loads, about a second, while the tracking service starts); jobs
+    # elsewhere (SLURM, Ray) check their own machine's.
     in_process = _launcher(config) in IN_PROCESS
     local = _launcher(config) in LOCAL_PARALLEL
     composed = {}
@@ -409,8 +398,7 @@ def grid(overrides: list) -> list[list[str]]:
 
 
 def _interrupted(error: BaseException) -> bool:
-    """Whether Ctrl-C caused `error`: one amid Hydra's composing can surface as an OmegaConf or Hydra
-    error (or another), raised while handling the KeyboardInterrupt."""
+    """Whether Ctrl-C caused `error` (amid Hydra's composing it surfaces as another error)."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, KeyboardInterrupt):
@@ -425,20 +413,17 @@ INTERRUPTED: list[int] = []  # the signals (SIGINT, SIGTERM) that interrupted th
 
 def _sigterm_as_interrupt() -> None:
     """SIGTERM to the launching process ends the sweep as Ctrl-C does, so atexit handlers run; both
-    are noted (INTERRUPTED), for the parent's status. (A job's run, in this process, handles SIGTERM
-    itself while it trains: `end_sweep` tells that from its children.)"""
+    are noted (INTERRUPTED) for the parent's status."""
 
     def interrupt(signum, frame) -> None:
         INTERRUPTED.append(signum)
         signal.default_int_handler(signal.SIGINT, frame)
 
-    try:
+    with contextlib.suppress(ValueError):  # not the main thread
         if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
             signal.signal(signal.SIGTERM, interrupt)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, interrupt)
-    except ValueError:  # not the main thread
-        pass
 
 
 def job_name_and_tags(hydra_cfg, cfg) -> tuple[str, dict[str, str]]:

@@ -1,6 +1,5 @@
-"""The task's geometry, read from its config node: what a sequence frames into, the window lengths
-a run trains and tests, and their held-out seeds. Plain Python: the data, the checks and the
-launching process of a sweep use it alike."""
+"""The task's geometry, read from its config node: what a sequence frames into, the window lengths a
+run trains and tests, and their held-out seeds. Plain Python, for the data and the checks alike."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ LENGTH_SEED_STRIDE = 10_000  # a held-out set of length L has seed `seed * strid
 
 
 def is_copy_memory(task) -> bool:
-    """Whether `task` (a config node or a plain namespace) is the copy-memory benchmark (task=copy_memory)."""
+    """Whether `task` (a config node or a plain namespace) is task=copy_memory."""
     name = task.get("name") if hasattr(task, "get") else getattr(task, "name", None)
     return name == "copy_memory"
 
