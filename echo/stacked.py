@@ -254,10 +254,7 @@ class MemberAdam(MemberOptimizer):
     """torch.optim.Adam per member, by the fused kernel an independent run's `Adam(fused=True)` runs."""
 
     MOMENTS = ("exp_avg", "exp_avg_sq")
-
-    def __init__(self, params: list[Tensor], lrs, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
-        super().__init__(params, lrs)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
 
     @torch.no_grad()
     def step(self) -> None:
@@ -278,10 +275,7 @@ class MemberRMSprop(MemberOptimizer):
     """torch.optim.RMSprop per member (not centred, no momentum), `alpha` 0.9 as a single run's."""
 
     MOMENTS = ("square_avg",)
-
-    def __init__(self, params: list[Tensor], lrs, alpha: float = 0.9, eps: float = 1e-8):
-        self.alpha, self.eps = alpha, eps
-        super().__init__(params, lrs)
+    alpha, eps = 0.9, 1e-8
 
     @torch.no_grad()
     def step(self) -> None:
