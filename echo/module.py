@@ -30,8 +30,7 @@ class EchoModule(pl.LightningModule):
     `epochs_per_step` tutorial epochs, so Lightning's bookkeeping (about 0.5 ms a step on a CPU) is
     paid once per several; metrics are summed on the device and read back once per validation. Their
     step is the tutorial epoch. A teacher-forced network is evaluated free-running and, in
-    validation, teacher-forced too. With `cuda_graph` on CUDA, an epoch is one CUDA graph (`EpochGraph`).
-    """
+    validation, teacher-forced too. With `cuda_graph` on CUDA, an epoch is one CUDA graph (`EpochGraph`)."""
 
     def __init__(
         self,
@@ -269,8 +268,21 @@ class EchoModule(pl.LightningModule):
         epoch = self.epochs_at_step_end()
         self._unchecked = self.log_train_metrics()[0] + [(name, epoch, value) for name, value in metrics.items()]
         self.log_dict({**metrics, "step": float(epoch)})  # `step`: Lightning's x-axis
-        if reached(self.summary, metrics, epoch, self.target, self.stop_at, self._t0, self.windows_per_epoch):
+        if self._reached(self.summary, metrics, epoch, self.target, self.stop_at):
             self.trainer.should_stop = True
+
+    def _reached(self, summary: dict, metrics: dict, epoch: int, target: float, stop_at: float | None) -> bool:
+        """Put `metrics` into `summary`, with time, epochs and samples the first time val/exact_match
+        reaches `target`; return whether it reached `stop_at`."""
+        summary.update(metrics)
+        exact = metrics["val/exact_match"]
+        if exact >= target and "epochs_to_target" not in summary:
+            summary.update(
+                time_to_target_s=time.perf_counter() - self._t0,
+                epochs_to_target=epoch,
+                samples_to_target=epoch * self.windows_per_epoch,
+            )
+        return stop_at is not None and exact >= stop_at
 
     def on_validation_end(self) -> None:  # once the loggers have the validation's metrics
         rows, self._unchecked = self._unchecked, []
@@ -377,8 +389,7 @@ class PopulationModule(EchoModule):
     """`EchoModule` over K members' stacked networks (docs/populations.md), each with its own optimizer,
     data, validation, stop, NaN guard, test and loggers (`echo.logger.Member`). One Lightning step
     trains up to the next validation; a member that stops or fails is frozen, the others go on.
-    `restore`: each member's checkpoint (`member_state`), all saved after the same epoch.
-    """
+    `restore`: each member's checkpoint (`member_state`), all saved after the same epoch."""
 
     def __init__(
         self,
@@ -487,8 +498,7 @@ class PopulationModule(EchoModule):
             rows = [(name, epoch, value) for name, value in metrics.items()]
             log_rows(member.loggers, rows)
             checked[self.members.index(member)] += rows
-            cfg = member.cfg
-            if reached(member.summary, metrics, epoch, cfg.target, cfg.stop_at, self._t0, self.windows_per_epoch):
+            if self._reached(member.summary, metrics, epoch, member.cfg.target, member.cfg.stop_at):
                 self._stop(member, epoch)
                 stopped.append(member)
         self._check_finite(running, checked)
@@ -509,12 +519,15 @@ class PopulationModule(EchoModule):
         if not members:
             return
         index = self._indices(members)
-        sums, positions = self.eval_sums(self.trainer.datamodule.test, index)
+        data = self.trainer.datamodule
+        sums, positions = self.eval_sums(data.test, index)
         correct_at, counted_at = positions.float()
         by_position = (correct_at / counted_at.clamp(min=1)).tolist()
-        tables = self._expected_predicted(members, index)
+        # the tutorial's evaluation: one fresh sequence each (seed 10,000 + seed)
+        x, y = data.held_out(1, [10_000 + m.cfg.seed for m in members])
+        predicted = self.predicted(data.eval_batches(x, y), index)
         chance = 1 / self.n_unique
-        for member, member_sums, at, table in zip(members, sums.T.tolist(), by_position, tables):
+        for j, (member, member_sums, at) in enumerate(zip(members, sums.T.tolist(), by_position)):
             metrics = eval_metrics(member_sums, "test")
             del metrics["test/loss"]
             member.summary.update({**metrics, "chance/token_acc": chance, "chance/exact_match": chance**self.n_out})
@@ -522,18 +535,9 @@ class PopulationModule(EchoModule):
             log_rows(member.loggers, summary_rows(member.summary, member.summary["epochs"], at))
             k = self.members.index(member)
             self.nets[k].load_state_dict(self.net.member_state_dict(k))
+            table = "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[j, 0].tolist(), predicted[j].tolist()))
             member.finished(self.nets[k], at, chance, table)
             member.status = "FINISHED"
-
-    def _expected_predicted(self, members: list, index: Tensor | None) -> list[str]:
-        """Each member's tutorial evaluation on one fresh sequence (seed 10,000 + seed)."""
-        data = self.trainer.datamodule
-        x, y = data.held_out(1, [10_000 + m.cfg.seed for m in members])
-        predicted = self.predicted(data.eval_batches(x, y), index)
-        return [
-            "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[j, 0].tolist(), predicted[j].tolist()))
-            for j in range(len(members))
-        ]
 
     def member_state(self, k: int, generator: torch.Generator) -> dict:
         """Member k's checkpoint (echo.population.MEMBER_STATE), its weights in its own network's layout."""
@@ -545,19 +549,3 @@ class PopulationModule(EchoModule):
             "epochs_done": self.epochs_done if member.status == "RUNNING" else member.summary["epochs"],
             "summary": {"train_time_s": self.train_time_s(), **member.summary},
         }
-
-
-def reached(
-    summary: dict, metrics: dict, epoch: int, target: float, stop_at: float | None, t0: float, windows_per_epoch: int
-) -> bool:
-    """Put `metrics` into `summary`, with time, epochs and samples the first time val/exact_match reaches
-    `target`; return whether it reached `stop_at`."""
-    summary.update(metrics)
-    exact = metrics["val/exact_match"]
-    if exact >= target and "epochs_to_target" not in summary:
-        summary.update(
-            time_to_target_s=time.perf_counter() - t0,
-            epochs_to_target=epoch,
-            samples_to_target=epoch * windows_per_epoch,
-        )
-    return stop_at is not None and exact >= stop_at
