@@ -68,8 +68,7 @@ def eval_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[
 class EchoData(pl.LightningDataModule):
     """Fresh training sequences every tutorial epoch; fixed validation and test windows. With
     `task.train_lengths`, each epoch draws a window length, and the held-out sets hold equal shares of
-    every length (docs/length-generalisation.md).
-    """
+    every length (docs/length-generalisation.md)."""
 
     def __init__(self, task, batch_size: int, stateful: bool, seed: int):
         super().__init__()

@@ -71,8 +71,7 @@ def train_population(
 ) -> list[Member]:
     """Train members of one `population_key` as one population; return them with status and summary.
     An interrupt propagates once every member has ended KILLED with a checkpoint. `restore`: each
-    member's checkpoint (CHECKPOINT's contents), all saved after the same epoch by one population.
-    """
+    member's checkpoint (CHECKPOINT's contents), all saved after the same epoch by one population."""
     for member in members:
         if population_id is not None:
             member.tags = {**member.tags, POPULATION_TAG: population_id}

@@ -27,8 +27,7 @@ def to_windows(
     """Frame sequences (n_seq, length) as the tutorial's `to_supervised`: row t is `X = seq[t-n_in+1 .. t]`
     and `y = X[:n_out]`. "drop" drops rows with missing history, "mask" left-pads them with PAD.
     `[86, 81, 88, 1, 23]`, n_out 3: target `[86, 81, 88]`; reverse_input `[23, 1, 88, 81, 86]`
-    (Sutskever et al. 2014); reverse_target `[88, 81, 86]`.
-    """
+    (Sutskever et al. 2014); reverse_target `[88, 81, 86]`."""
     if framing == "mask":
         seqs = torch.nn.functional.pad(seqs, (n_in - 1, 0), value=PAD)
     x = seqs.unfold(1, n_in, 1)
@@ -41,8 +40,7 @@ def to_windows(
 def to_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tuple[Tensor, Tensor]]:
     """Windows (..., n_seq, rows, items) as one epoch's steps of `batch_size` windows of every sequence
     (leading axes kept). Stateful: row i of batch b+1 follows row i of batch b (Keras `stateful=True`,
-    `shuffle=False`; `batch_size` divides `rows`). Stateless: consecutive chunks of all windows.
-    """
+    `shuffle=False`; `batch_size` divides `rows`). Stateless: consecutive chunks of all windows."""
     *lead, n_seq, rows = x.shape[:-1]
     axis = len(lead)
     if not stateful:
