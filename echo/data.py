@@ -60,11 +60,6 @@ def sequences_for(task, windows: int) -> int:
     return -(-windows // windows_per_sequence(task))
 
 
-def eval_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tuple[Tensor, Tensor]]:
-    """Stateful models are evaluated batch by batch, as trained; stateless ones on every window at once."""
-    return to_batches(x, y, batch_size if stateful else x.shape[-2], stateful)
-
-
 class EchoData(pl.LightningDataModule):
     """Fresh training sequences every tutorial epoch; fixed validation and test windows. With
     `task.train_lengths`, each epoch draws a window length, and the held-out sets hold equal shares of
@@ -124,7 +119,8 @@ class EchoData(pl.LightningDataModule):
         return held_out_at_length(self.task, n, self.task.eval_windows, self.task.test_seed, self.eval_device)
 
     def eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
-        return eval_batches(x, y, self.batch_size, self.stateful)
+        """Stateful models are evaluated batch by batch, as trained; stateless ones on every window at once."""
+        return to_batches(x, y, self.batch_size if self.stateful else x.shape[-2], self.stateful)
 
 
 class CopyMemoryData(pl.LightningDataModule):
@@ -188,8 +184,7 @@ class PopulationData(pl.LightningDataModule):
         xs, ys = zip(*(held_out(self.task, n_seq, seed, self.device) for seed in seeds))
         return torch.stack(xs), torch.stack(ys)
 
-    def eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
-        return eval_batches(x, y, self.batch_size, self.stateful)
+    eval_batches = EchoData.eval_batches
 
     def fresh_batches(self) -> list[tuple[Tensor, Tensor]]:
         """One epoch: each member's fresh sequences from its own generator."""
