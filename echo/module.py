@@ -25,12 +25,9 @@ from echo.windows import Draw, before_first_error
 class EchoModule(pl.LightningModule):
     """Trains a network to echo windows of integers: one run, or a population (`PopulationModule`).
 
-    Stateful: row i of batch b+1 starts from row i of batch b's final state (no gradient crosses
-    batches), reset at each epoch and before every evaluation. One Lightning step trains
-    `epochs_per_step` tutorial epochs, so Lightning's bookkeeping (about 0.5 ms a step on a CPU) is
-    paid once per several; metrics are summed on the device and read back once per validation. Their
-    step is the tutorial epoch. A teacher-forced network is evaluated free-running and, in
-    validation, teacher-forced too. With `cuda_graph` on CUDA, an epoch is one CUDA graph (`EpochGraph`)."""
+    One Lightning step trains `epochs_per_step` tutorial epochs, so Lightning's bookkeeping (about
+    0.5 ms a step on a CPU) is paid once per several; metrics are summed on the device and read back
+    once per validation, their step the tutorial epoch. On CUDA an epoch is one graph (`EpochGraph`)."""
 
     def __init__(
         self,
@@ -145,10 +142,14 @@ class EchoModule(pl.LightningModule):
         return self.predicted(batches)[0]
 
     def on_fit_start(self) -> None:
-        """On CUDA, evaluate and backpropagate once on the validation windows, learning nothing: cuDNN,
-        cuBLAS and the kernels load on first use (0.1-0.5 s a process), here rather than in training."""
+        if self.device.type == "cuda" and not self.stacked:
+            self._load_cuda_libraries()
+
+    def _load_cuda_libraries(self) -> None:
+        """Evaluate and backpropagate once on the validation windows, learning nothing: cuDNN, cuBLAS and
+        the kernels load on first use (0.1-0.5 s a process), here rather than in training."""
         datamodule = self.trainer.datamodule
-        if self.device.type != "cuda" or self.stacked or datamodule is None:
+        if datamodule is None:
             return
         for draw in datamodule.val_dataloader():
             batches = draw()
@@ -388,8 +389,7 @@ def _add_padded(total: Tensor | int, sums: Tensor) -> Tensor:
 class PopulationModule(EchoModule):
     """`EchoModule` over K members' stacked networks (docs/populations.md), each with its own optimizer,
     data, validation, stop, NaN guard, test and loggers (`echo.logger.Member`). One Lightning step
-    trains up to the next validation; a member that stops or fails is frozen, the others go on.
-    `restore`: each member's checkpoint (`member_state`), all saved after the same epoch."""
+    trains up to the next validation. `restore`: each member's checkpoint (`member_state`)."""
 
     def __init__(
         self,
