@@ -73,7 +73,7 @@ class StackedNet(nn.Module):
         h = h.reshape(k, -1, h.shape[-1])
         if torch.is_grad_enabled():
             return torch.baddbmm(b, h, w).view(k, *shape, w.shape[-1])
-        # Evaluating: the bias added in place (baddbmm's broadcast copy of it is slower on a CPU than the product).
+        # Evaluating: the bias added in place (on a CPU, baddbmm's copy of it costs more than the product).
         return torch.bmm(h, w).add_(b).view(k, *shape, w.shape[-1])
 
     def _lstm(self, prefix: str, x: Tensor, state, mask: Tensor | None = None):
