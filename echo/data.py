@@ -1,8 +1,5 @@
-"""The echo problem's data: random sequences, supervised windows, batches, and the loaders that
-hand one Lightning step its tutorial epochs (several in a row: `echo.policy.epochs_per_step`).
-
-Everything is vectorised in torch and can be generated directly on the training device.
-"""
+"""The echo problem's data modules, generated on the training device: each Lightning step draws its
+tutorial epochs (several in a row: `echo.policy.epochs_per_step`) itself."""
 
 from __future__ import annotations
 
@@ -19,20 +16,11 @@ from echo.windows import Draw, generate_sequences, to_batches, to_windows
 
 
 def _fixed(batches: list[tuple[Tensor, Tensor]]) -> Draw:
-    """A draw that always gives the same (held-out) batches."""
     return Draw(lambda: batches)
 
 
 class Epochs:
-    """A data loader with one item per Lightning epoch: a `Draw`, the step's source of batches.
-
-    The tutorial's epoch is one `fit()` on one fresh sequence: a few batches, an update after
-    each, LSTM state carried between them. The LightningModule trains `epochs_per_step` such
-    epochs in one step (`echo.policy.epochs_per_step`: every tutorial epoch up to the next
-    validation, checkpoint or the run's end), calling the `Draw` once for each, so Lightning's
-    per-step bookkeeping is paid once per several epochs, not once per batch.
-    A held-out set of several window lengths is one `Draw` per length (state reset between them).
-    """
+    """A data loader of `Draw`s: one per Lightning epoch, or per window length of a held-out set."""
 
     def __init__(self, *draws: Draw):
         self.draws = draws
@@ -45,56 +33,37 @@ class Epochs:
 
 
 def held_out(task, n_seq: int, seed: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """A fixed set of windows from `n_seq` fresh sequences drawn with their own seed (on the CPU, then moved)."""
+    """Fixed windows from `n_seq` sequences drawn with their own seed (on the CPU, then moved)."""
     seqs = generate_sequences(n_seq, task.length, task.n_unique, torch.Generator().manual_seed(seed))
     return frame(task, seqs.to(device), task.n_in, task.n_out)
 
 
 def frame(task, seqs: Tensor, n_in: int, n_out: int) -> tuple[Tensor, Tensor]:
-    """`to_windows` as the task frames them (task.framing, task.reverse_input, task.reverse_target)."""
-    options = {key: bool(_get(task, key)) for key in ("reverse_input", "reverse_target")}
+    """`to_windows` as the task frames them."""
+    options = {key: bool(getattr(task, key, None)) for key in ("reverse_input", "reverse_target")}
     return to_windows(seqs, n_in, n_out, task.framing, **options)
 
 
-def _get(task, key: str):
-    return task.get(key) if hasattr(task, "get") else getattr(task, key, None)
-
-
 def at_length(task, n: int) -> SimpleNamespace:
-    """The task with whole windows of length `n` (n_in = n_out = n) framed from sequences just long
-    enough to give as many windows each as the task's own (`n` + task.length - task.n_in items), so
-    that every length trains in the same batches and a stateful batch size divides every length's windows."""
+    """The task with whole windows of length `n`, from sequences giving as many windows as the task's
+    own, so a stateful batch size divides every length's windows."""
     plain = OmegaConf.to_container(task, resolve=True) if isinstance(task, DictConfig) else vars(task)
     return SimpleNamespace(**{**plain, "n_in": n, "n_out": n, "length": n + windows_per_sequence(task) - 1})
 
 
 def held_out_at_length(task, n: int, windows: int, seed: int, device: torch.device | str = "cpu"):
-    """At least `windows` fixed windows of length `n` (whole-window echoes), seeded by `seed` and `n`."""
+    """At least `windows` fixed windows of length `n`, seeded by `seed` and `n`."""
     return held_out(at_length(task, n), sequences_for(task, windows), length_seed(seed, n), device)
 
 
 def sequences_for(task, windows: int) -> int:
-    """Sequences enough for at least `windows` windows."""
     return -(-windows // windows_per_sequence(task))
 
 
-def eval_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tuple[Tensor, Tensor]]:
-    """Stateful models are evaluated as they were trained, batch by batch with state carried;
-    stateless ones see every window at once."""
-    return to_batches(x, y, batch_size if stateful else x.shape[-2], stateful)
-
-
 class EchoData(pl.LightningDataModule):
-    """Fresh training sequences every tutorial epoch; fixed validation and test windows.
-
-    `task` holds length, n_unique, n_in, n_out, framing, sequences_per_epoch, and the
-    held-out sets' size (eval_windows) and seeds. Data is generated on the trainer's device.
-
-    With `task.train_lengths=[lo,hi]` each epoch draws one window length L from lo..hi (from a
-    generator of its own, seeded with `seed`) and echoes whole windows of L (`at_length`); the
-    validation and test sets then hold equal shares of windows of every trained length, each
-    length its own fixed windows (seeds from val_seed and test_seed and L), one `Draw` per length.
-    """
+    """Fresh training sequences every tutorial epoch; fixed validation and test windows. With
+    `task.train_lengths`, each epoch draws a window length, and the held-out sets hold equal shares of
+    every length (docs/length-generalisation.md)."""
 
     def __init__(self, task, batch_size: int, stateful: bool, seed: int):
         super().__init__()
@@ -124,8 +93,7 @@ class EchoData(pl.LightningDataModule):
         return Epochs(Draw(self.fresh_batches, generators=(self.train_generator,)))
 
     def fresh_batches(self) -> list[tuple[Tensor, Tensor]]:
-        """One epoch: `sequences_per_epoch` fresh sequences, framed and batched; with train_lengths,
-        whole windows of one length drawn for the epoch."""
+        """One epoch: `sequences_per_epoch` fresh sequences, framed and batched."""
         t = self.task
         if self.train_lengths is None:
             length, n_in, n_out = t.length, t.n_in, t.n_out
@@ -147,19 +115,17 @@ class EchoData(pl.LightningDataModule):
         return Epochs(*(_fixed(self.eval_batches(x, y)) for x, y in sets))
 
     def length_test_set(self, n: int) -> tuple[Tensor, Tensor]:
-        """The fixed test windows of length `n` (task.test_lengths): at least task.eval_windows of
-        them, seeded by task.test_seed and `n`, whatever the run's own seed."""
+        """The fixed test windows of length `n` (task.test_lengths), whatever the run's seed."""
         return held_out_at_length(self.task, n, self.task.eval_windows, self.task.test_seed, self.eval_device)
 
     def eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
-        return eval_batches(x, y, self.batch_size, self.stateful)
+        """Stateful models are evaluated batch by batch, as trained; stateless ones on every window at once."""
+        return to_batches(x, y, self.batch_size if self.stateful else x.shape[-2], self.stateful)
 
 
 class CopyMemoryData(pl.LightningDataModule):
-    """Copy memory (echo/memory.py): every epoch one batch of `batch_size` fresh sequences from the
-    run's generator (seeded with `seed`, as EchoData's); fixed validation and test sets of
-    task.eval_windows sequences each, from task.val_seed and task.test_seed. Generated on the
-    trainer's device; a held-out set is one batch."""
+    """Copy memory (echo/memory.py): one batch of fresh sequences every epoch; fixed held-out sets, one
+    batch each."""
 
     def __init__(self, task, batch_size: int, seed: int):
         super().__init__()
@@ -173,7 +139,7 @@ class CopyMemoryData(pl.LightningDataModule):
         self.val, self.test = (self.held_out(seed, device) for seed in (self.val_seed, self.test_seed))
 
     def held_out(self, seed: int, device: torch.device | str = "cpu", n: int | None = None) -> tuple[Tensor, Tensor]:
-        """`n` (default task.eval_windows) fixed sequences drawn with their own seed (on the CPU, then moved)."""
+        """`n` (default task.eval_windows) fixed sequences drawn with their own seed."""
         x, y = copy_memory(n or self.eval_windows, self.delay, torch.Generator().manual_seed(seed))
         return x.to(device), y.to(device)
 
@@ -190,15 +156,12 @@ class CopyMemoryData(pl.LightningDataModule):
         return Epochs(_fixed(self.eval_batches(*self.test)))
 
     def eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Every held-out sequence at once (stateless)."""
         return [(x, y)]
 
 
 class PopulationData(pl.LightningDataModule):
-    """A population's data (echo/population.py): each member's as its `EchoData` would be, member k's
-    on the member axis k. Its training sequences come from its own generator, seeded with its seed;
-    the held-out sets are the same for every member (task.val_seed, task.test_seed). Built on
-    `device` at once, so that a member's generator can be restored before training."""
+    """A population's data: member k's on member axis k, as its `EchoData`'s would be; the held-out
+    sets are every member's. Built at once, so a member's generator can be restored before training."""
 
     def __init__(self, task, seeds: list[int], batch_size: int, stateful: bool, device: torch.device):
         super().__init__()
@@ -221,12 +184,10 @@ class PopulationData(pl.LightningDataModule):
         xs, ys = zip(*(held_out(self.task, n_seq, seed, self.device) for seed in seeds))
         return torch.stack(xs), torch.stack(ys)
 
-    def eval_batches(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
-        return eval_batches(x, y, self.batch_size, self.stateful)
+    eval_batches = EchoData.eval_batches
 
     def fresh_batches(self) -> list[tuple[Tensor, Tensor]]:
-        """One epoch: each member's `sequences_per_epoch` fresh sequences from its own generator,
-        framed and batched as `EchoData.fresh_batches` does."""
+        """One epoch: each member's fresh sequences from its own generator."""
         t = self.task
         seqs = [generate_sequences(t.sequences_per_epoch, t.length, t.n_unique, g) for g in self.generators]
         x, y = frame(t, torch.cat(seqs), t.n_in, t.n_out)

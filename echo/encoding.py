@@ -1,7 +1,5 @@
-"""How integers are shown to a network and read back: one-hot (the tutorial) or linear.
-
-Imports torch only, so a config can be checked without loading Lightning.
-"""
+"""How integers are shown to a network and read back: one-hot (the tutorial) or linear. Imports torch
+only, so a config can be checked without loading Lightning."""
 
 from __future__ import annotations
 
@@ -16,17 +14,15 @@ PAD = -1  # token id of a missing observation (masked framing); never a target
 
 def one_hot_encode(tokens: Tensor, n_unique: int) -> Tensor:
     """One-hot float codes, `n_unique` wide; a PAD token becomes the all-zero vector."""
-    return F.one_hot(tokens + 1, n_unique + 1)[..., 1:].float()  # PAD (-1) lands in the dropped column
+    return F.one_hot(tokens + 1, n_unique + 1)[..., 1:].float()
 
 
 def one_hot_decode(codes: Tensor) -> Tensor:
-    """Integers back from one-hot codes (or scores): the argmax of the last axis."""
     return codes.argmax(-1)
 
 
 class OneHot:
-    """The tutorial's representation: one-hot inputs, `n_unique` class scores per output item,
-    cross-entropy loss, argmax decode. A PAD input is the all-zero vector."""
+    """The tutorial's: one-hot inputs, class scores, cross-entropy loss, argmax decode."""
 
     def __init__(self, n_unique: int):
         self.n_unique = self.n_features = self.n_outputs = n_unique
@@ -42,9 +38,8 @@ class OneHot:
 
 
 class LinearScale:
-    """Extension 1: each integer as one number scaled to [0, 1] (a PAD input is -1, outside
-    that range), one regression output per item, squared-error loss, decoded by rounding
-    back to the nearest integer in [0, n_unique-1]."""
+    """Extension 1: each integer scaled to [0, 1] (PAD: -1), one output per item, squared-error loss,
+    decoded by rounding to the nearest integer in range."""
 
     n_features = n_outputs = 1
 
@@ -66,9 +61,8 @@ REPRESENTATIONS = {"onehot": OneHot, "linear": LinearScale}
 
 
 def representation(task) -> OneHot | LinearScale:
-    """The representation `task` asks for (task.representation, default one-hot) of its tokens;
-    copy memory (task.name=copy_memory): one-hot inputs of its 10 categories, scores for the 9 a
-    target can be (blank and the 8 data symbols: the marker never is one)."""
+    """The representation `task` asks for; copy memory's: one-hot inputs of its 10 categories, scores for
+    the 9 a target can be (never the marker)."""
     if is_copy_memory(task):
         from echo.memory import N_CLASSES, N_INPUTS
 

@@ -1,11 +1,6 @@
-"""The copy-memory benchmark's data in plain torch (Hochreiter & Schmidhuber 1997; Arjovsky, Shah &
-Bengio 2016, Fig. 1): remember 10 symbols over a delay of T blanks, recall them after a marker.
-
-Ten categories: blank 0, data symbols 1-8, marker 9. The input (T+20 steps) is 10 data symbols
-drawn uniformly from 1-8, T-1 blanks, the marker, 10 blanks; the target is T+10 blanks, then the
-10 data symbols. A network that remembers nothing predicts blanks and then guesses uniformly among
-the 8 symbols: its cross-entropy over all T+20 positions is 10 ln 8 / (T+20), the baseline.
-"""
+"""The copy-memory benchmark's data (Hochreiter & Schmidhuber 1997; Arjovsky, Shah & Bengio 2016,
+Fig. 1): input 10 data symbols, T-1 blanks, a marker, 10 blanks; target T+10 blanks, the 10 symbols
+(docs/memory-benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -22,19 +17,17 @@ N_CLASSES = 9  # output categories: blank and 8 symbols (the marker is never a t
 
 
 def sequence_length(delay: int) -> int:
-    """Steps of one sequence, input and target alike: T + 20."""
     return delay + 2 * RECALL
 
 
 def memoryless_loss(delay: int) -> float:
-    """The baseline: the cross-entropy per position, over all T+20 positions, of the best network
-    that remembers nothing (blanks certain, then 1/8 for each symbol): 10 ln 8 / (T+20)."""
+    """The baseline: cross-entropy per position of the best network that remembers nothing (blanks
+    certain, then 1/8 for each symbol)."""
     return RECALL * math.log(N_SYMBOLS) / sequence_length(delay)
 
 
 def copy_memory(n_seq: int, delay: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """`n_seq` copy-memory sequences with delay T: inputs and targets, both (n_seq, T+20) token ids,
-    the data symbols drawn from `generator` (on its device)."""
+    """`n_seq` sequences with delay T: inputs and targets (n_seq, T+20), drawn on `generator`'s device."""
     device = generator.device if generator is not None else None
     data = torch.randint(1, N_SYMBOLS + 1, (n_seq, RECALL), generator=generator, device=device)
     x = torch.full((n_seq, sequence_length(delay)), BLANK, dtype=torch.long, device=device)

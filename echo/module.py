@@ -1,9 +1,6 @@
-"""The LightningModule: loss, metrics, and Keras-style stateful state handling, on a member axis.
-
-One class trains one run or a population (docs/populations.md): its network's scores carry a
-leading member axis, K networks stacked as one (`echo.stacked.StackedNet`), or one network seen as a
-population of one. The loss, the metrics, the stop rule, the NaN guard and the test work per member.
-"""
+"""The LightningModule: loss, metrics and Keras-style stateful state, per member of a population
+(docs/populations.md): K networks stacked as one (`echo.stacked.StackedNet`), or one network as a
+population of one."""
 
 from __future__ import annotations
 
@@ -28,31 +25,9 @@ from echo.windows import Draw, before_first_error
 class EchoModule(pl.LightningModule):
     """Trains a network to echo windows of integers: one run, or a population (`PopulationModule`).
 
-    Stateful (`stateful=True`): row i of batch b+1 starts from the final LSTM state of row i
-    of batch b; no gradient crosses batches; the state is reset at each new epoch (new
-    sequences) and before every evaluation. Stateless: every batch starts from zeros.
-
-    One Lightning step (and epoch) is `epochs_per_step` tutorial epochs in a row, each a list
-    of batches from fresh sequences with an optimizer step after each batch, so Lightning's
-    bookkeeping (about half a millisecond a step on a CPU) is paid once per several epochs (see
-    `echo.policy.epochs_per_step`). Metrics are accumulated on the device, per member, and read back
-    once per validation, so the training loop never waits on the host.
-
-    Metrics go to the Trainer's loggers, their step counted in tutorial epochs: the validation's with
-    `self.log_dict` (its `step` key is the epoch), the training's per-epoch rows with `log_rows` at
-    each validation and at the end. A loss that became NaN or infinite stops the run there
-    (`echo.faults.check_finite`). `summary` holds the latest scores.
-
-    `representation` encodes tokens, scores outputs and decodes them (default: one-hot);
-    `mask_inputs` hands the network a mask of the real (non-PAD) input items. A network with
-    `teacher_forced = True` gets the targets in training; it is evaluated free-running, and in
-    validation also teacher-forced (`val/exact_match_teacher_forced`). The test also counts token
-    accuracy by output position (`by_position`, position 1 first).
-
-    On a CUDA device with `cuda_graph=True`, a whole training epoch (drawing its sequences,
-    every batch's forward, backward and optimizer step, the metric sums) is replayed as one CUDA graph
-    (echo/speedups.py `EpochGraph`).
-    """
+    One Lightning step trains `epochs_per_step` tutorial epochs, so Lightning's bookkeeping (about
+    0.5 ms a step on a CPU) is paid once per several; metrics are summed on the device and read back
+    once per validation, their step the tutorial epoch. On CUDA an epoch is one graph (`EpochGraph`)."""
 
     def __init__(
         self,
@@ -73,33 +48,27 @@ class EchoModule(pl.LightningModule):
     ):
         super().__init__()
         self.net, self.n_unique, self.lr, self.stateful = net, n_unique, lr, stateful
-        self.stacked = isinstance(net, StackedNet)  # K members' networks; otherwise one network
+        self.stacked = isinstance(net, StackedNet)
         self.tokens = self.stacked and net.reads_tokens and isinstance(representation, OneHot)  # fed as tokens
         self.windows_per_epoch, self.target, self.stop_at = windows_per_epoch, target, stop_at
         self.rep, self.mask_inputs = representation or OneHot(n_unique), mask_inputs
         self.epochs_per_step = epochs_per_step
-        self.steps = steps or StepSettings()  # Lightning's clipping and accumulation (echo/steps.py)
+        self.steps = steps or StepSettings()
         self.teacher_forced = getattr(net, "teacher_forced", False)
-        self.optimizer_name = optimizer  # adam | rmsprop (echo.config.OPTIMIZERS)
-        self.recall = recall  # accuracy over the last `recall` output positions only (copy memory: 10); None: all
+        self.optimizer_name = optimizer
+        self.recall = recall  # accuracy over the last `recall` output positions only (copy memory: 10)
         self.by_position: list[float] = []  # test token accuracy at output positions 1, 2, ...
         self.summary: dict[str, float] = {}
         self._train_sums: list[tuple[int, Tensor, list[bool] | None]] = []  # (first epoch, (epochs, 4, K), training)
         self._training: Tensor | None = None  # the members still training, where the others are left out
         self._unchecked: list[tuple[str, int, float]] = []  # the last validation's rows, for check_finite
         self._graph = EpochGraph() if cuda_graph else None
-        self._t0, self._trained_s = None, 0.0  # (a resumed run: the training time before, from its checkpoint)
-        # Several optimizer steps per Lightning step, written out (manual optimization); it
-        # also skips automatic optimization's closure and hooks, costly next to these steps.
+        self._t0, self._trained_s = None, 0.0  # (a resumed run: the training time before)
+        # Several optimizer steps per Lightning step; also skips automatic optimization's costly hooks.
         self.automatic_optimization = False
 
-    # -- the network on token ids ------------------------------------------------------
-    def forward(
-        self, x: Tensor, state=None, n_out: int | None = None, targets: Tensor | None = None
-    ) -> tuple[Tensor, object]:
-        """Scores for windows of token ids `x` (one network's); `n_out` echoed items, if not the network's
-        own (windows of another length: task.train_lengths, task.test_lengths); `targets` only to a
-        teacher-forced network."""
+    def forward(self, x: Tensor, state=None, n_out: int | None = None, targets: Tensor | None = None) -> tuple:
+        """One network's scores for windows of token ids `x`; `n_out`: windows of another length."""
         options = {}
         if self.mask_inputs:
             options["mask"] = x != PAD
@@ -115,26 +84,20 @@ class EchoModule(pl.LightningModule):
     def configure_optimizers(self):
         if self.optimizer_name == "rmsprop":  # Arjovsky et al.'s (and Graves'): alpha (the decay) 0.9
             return torch.optim.RMSprop(self.parameters(), lr=self.lr, alpha=0.9, capturable=self._graphs())
-        # Fused: one kernel per step. Capturable: its step count stays on the device, for graphs.
         return torch.optim.Adam(self.parameters(), lr=self.lr, fused=True, capturable=self._graphs())
 
     def optimizer(self):
-        """The optimizer `_train_epoch` steps (a population's: its members' own)."""
         return self.optimizers(use_pl_optimizer=False)
 
     def _graphs(self) -> bool:
         return self._graph is not None and self.device.type == "cuda"
 
     def _scored(self, t: Tensor) -> Tensor:
-        """The output positions (last axis) accuracy counts: all, or the last `recall` (copy memory's)."""
         return t if self.recall is None else t[..., -self.recall :]
 
     def _forward_batches(self, batches, teacher_forced: bool = False, index: Tensor | None = None):
-        """Yield (scores, targets) batch by batch, both with the member axis first: of every member, or
-        of the members `index` holds (whose batches hold theirs only). Stateful: the state runs on from
-        batch to batch, detached (no gradient crosses batches), and starts from zeros with every call,
-        which is a new sequence (Keras `reset_states()`). Stateless: zeros every batch.
-        `teacher_forced`: the targets go to a network that takes them (teacher forcing)."""
+        """Yield (scores, targets) per batch, member axis first, of every member or those in `index`;
+        the state (stateful) runs on detached and starts from zeros with every call."""
         state = None
         for x, y in batches:
             state = state if self.stateful else None
@@ -142,17 +105,15 @@ class EchoModule(pl.LightningModule):
                 mask = x != PAD if self.mask_inputs else None
                 inputs = x if self.tokens else self.rep.encode(x).to(self.input_dtype)
                 scores, state = self.net(inputs, state, mask, members=index)
-            else:  # one network: a population of one
+            else:
                 scores, state = self(x, state, n_out=y.shape[1], targets=y if teacher_forced else None)
                 scores, y = scores.unsqueeze(0), y.unsqueeze(0)
             yield scores, y
             state = detach_state(state)
 
     def _counts(self, scores: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per member (7, K): summed loss (every position), then over the scored positions (`_scored`):
-        correct tokens, counted tokens, exactly echoed rows, rows, tokens right before each row's first
-        error (`window_counts`); last, the tokens the loss summed over. PAD targets count nowhere.
-        Then the scored positions' right and real tokens (K, batch, positions)."""
+        """Per member (7, K): summed loss, `window_counts` over the scored positions, the loss's tokens;
+        then the scored positions' right and real tokens (K, batch, positions)."""
         loss_sums, right = member_scored(self.rep, scores, y)
         real = y != PAD
         right, scored = self._scored(right) & self._scored(real), self._scored(real)
@@ -161,8 +122,7 @@ class EchoModule(pl.LightningModule):
 
     @torch.no_grad()
     def eval_sums(self, batches, index: Tensor | None = None, teacher_forced: bool = False):
-        """`_counts` summed over evaluation batches (7, K), and the correct and counted tokens at each
-        scored output position (2, K, positions); of every member, or of those `index` holds."""
+        """`_counts` summed over batches (7, K), and right and real tokens by position (2, K, positions)."""
         if index is not None:
             batches = [(x[index], y[index]) for x, y in batches]
         sums = positions = 0
@@ -174,42 +134,38 @@ class EchoModule(pl.LightningModule):
 
     @torch.no_grad()
     def predicted(self, batches, index: Tensor | None = None) -> Tensor:
-        """Predicted tokens for evaluation batches (K, windows, n_out), with state carried and reset first."""
+        """Predicted tokens (K, windows, n_out)."""
         return torch.cat([self.rep.decode(scores) for scores, _ in self._forward_batches(batches, index=index)], 1)
 
     def predict_windows(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """One network's predicted tokens for evaluation batches."""
         self.eval()
         return self.predicted(batches)[0]
 
-    # -- training ----------------------------------------------------------------------
     def on_fit_start(self) -> None:
         if self.device.type == "cuda" and not self.stacked:
             self._load_cuda_libraries()
 
     def _load_cuda_libraries(self) -> None:
-        """Evaluate the network on the validation windows, then run it forward and backward
-        there and drop the gradients: cuDNN, cuBLAS and the kernels load on first use (0.1-0.5 s,
-        once per process), a start-up cost like an import, paid here rather than in the first
-        epoch and validation. Nothing is learned and no random number is drawn: the run is the same."""
+        """Evaluate and backpropagate once on the validation windows, learning nothing: cuDNN, cuBLAS and
+        the kernels load on first use (0.1-0.5 s a process), here rather than in training."""
         datamodule = self.trainer.datamodule
         if datamodule is None:
             return
         for draw in datamodule.val_dataloader():
             batches = draw()
-            with torch.inference_mode():  # as validation runs
+            with torch.inference_mode():
                 self.eval_sums(batches)
-            with torch.enable_grad():  # as training runs
+            with torch.enable_grad():
                 for scores, y in self._forward_batches(batches):
                     member_loss_sums(self.rep, scores, y).sum().backward()
         self.zero_grad(set_to_none=True)
         torch.cuda.synchronize(self.device)
 
     def on_train_start(self) -> None:
-        self._t0 = time.perf_counter() - self._trained_s  # train_time_s and time_to_target_s count from here
+        self._t0 = time.perf_counter() - self._trained_s
 
     def train_time_s(self) -> float:
-        """Training time so far, a resumed run's time before its interruption included."""
+        """Training time so far, a resumed run's time before included."""
         return self._trained_s if self._t0 is None else time.perf_counter() - self._t0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -219,28 +175,23 @@ class EchoModule(pl.LightningModule):
         self._trained_s = float(checkpoint.get("train_time_s", 0.0))
 
     def epochs_completed(self) -> int:
-        """Tutorial epochs of the Lightning epochs completed (all of them once `fit` returns)."""
+        """Tutorial epochs of the Lightning epochs completed."""
         return self.current_epoch * self.epochs_per_step
 
     def epochs_at_step_end(self) -> int:
-        """Tutorial epochs trained once the current Lightning epoch (and step) is done."""
         return self.epochs_completed() + self.epochs_per_step
 
     def training_step(self, draw: Draw, batch_idx: int) -> None:
-        """`epochs_per_step` tutorial epochs in a row: each `draw()` gives one epoch's batches."""
         self._step_sums = torch.stack([self.train_epoch(draw) for _ in range(self.epochs_per_step)])
 
     def train_epoch(self, draw: Draw) -> Tensor:
-        """One epoch on fresh data: `_train_epoch`, replayed as a CUDA graph once captured on a GPU."""
         return self._graph(self._train_epoch, draw) if self._graphs() else self._train_epoch(draw())
 
     def _train_epoch(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """Train every member (or those still training, `_training`) on its batches in order; returns
-        per member [summed loss, tokens, correct scored tokens, scored tokens] (4, K), on the device:
-        nothing in it reads a value back to the host, so a CUDA graph can capture it. The loss is the
-        sum of the members' mean losses, so each member's gradient is the one it would have alone.
-        Clipping (each member on its own) and accumulation as `self.steps` says (echo/steps.py)."""
-        index = self._training  # None: every member trains
+        """Train every member (or those in `_training`); per member [summed loss, tokens, correct and
+        scored tokens] (4, K). Nothing reads back to the host, so a CUDA graph can capture it. The loss
+        sums the members' mean losses: each member's gradient is the one it would have alone."""
+        index = self._training
         if index is not None:
             batches = [(x[index], y[index]) for x, y in batches]
         optimizer = self.optimizer()
@@ -261,7 +212,7 @@ class EchoModule(pl.LightningModule):
         sums = torch.stack(sums).sum(0)
         if index is None:
             return sums
-        return sums.new_zeros(4, self.n_members).index_copy_(1, index, sums)  # (the others: zeros)
+        return sums.new_zeros(4, self.n_members).index_copy_(1, index, sums)
 
     @property
     def n_members(self) -> int:
@@ -274,12 +225,10 @@ class EchoModule(pl.LightningModule):
         check_finite(self.log_train_metrics()[0], self.lr)
 
     def member_loggers(self, k: int) -> list:
-        """Member k's Lightning loggers (a run's: the Trainer's)."""
         return self.loggers
 
     def log_train_metrics(self) -> list[list[tuple[str, int, float]]]:
-        """Log each member's per-epoch training metrics accumulated on the device, for the epochs it
-        trained; returns each member's rows."""
+        """Log each member's per-epoch training metrics for the epochs it trained; return its rows."""
         rows = [[] for _ in range(self.n_members)]
         for first, sums, training in self._train_sums:
             for epoch, member_sums in enumerate(sums.tolist(), first):
@@ -294,11 +243,8 @@ class EchoModule(pl.LightningModule):
     def configure_callbacks(self) -> list[pl.Callback]:
         return [_KeepMetricsOnException()]
 
-    # -- evaluation --------------------------------------------------------------------
     def _eval_step(self, draw: Draw, batch_idx: int) -> None:
-        """Evaluate as the model was trained: batch by batch, state carried, reset first;
-        free-running, and for a teacher-forced network also teacher-forced. A set of several
-        window lengths comes as one draw per length (batch_idx 0, 1, ...), summed up."""
+        """Sums over the set: one draw per window length (batch_idx 0, 1, ...)."""
         batches = draw()
         sums, positions = self.eval_sums(batches)
         forced = self.eval_sums(batches, teacher_forced=True)[0] if self.teacher_forced else None
@@ -312,56 +258,65 @@ class EchoModule(pl.LightningModule):
 
     validation_step = test_step = _eval_step
 
+    def _metrics(self, prefix: str) -> dict[str, float]:
+        forced = self._forced_sums[:, 0].tolist() if self.teacher_forced else None
+        return eval_metrics(self._eval_sums[:, 0].tolist(), prefix, forced)
+
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        metrics = eval_metrics(self._eval_sums[:, 0].tolist(), "val")
-        if self.teacher_forced:
-            metrics.update(_forced_metrics(self._forced_sums[:, 0].tolist(), "val"))
+        metrics = self._metrics("val")
         epoch = self.epochs_at_step_end()
         self._unchecked = self.log_train_metrics()[0] + [(name, epoch, value) for name, value in metrics.items()]
-        self.log_dict({**metrics, "step": float(epoch)})  # `step`: Lightning's x-axis for these
-        if reached(self.summary, metrics, epoch, self.target, self.stop_at, self._t0, self.windows_per_epoch):
+        self.log_dict({**metrics, "step": float(epoch)})  # `step`: Lightning's x-axis
+        if self._reached(self.summary, metrics, epoch, self.target, self.stop_at):
             self.trainer.should_stop = True
+
+    def _reached(self, summary: dict, metrics: dict, epoch: int, target: float, stop_at: float | None) -> bool:
+        """Put `metrics` into `summary`, with time, epochs and samples the first time val/exact_match
+        reaches `target`; return whether it reached `stop_at`."""
+        summary.update(metrics)
+        exact = metrics["val/exact_match"]
+        if exact >= target and "epochs_to_target" not in summary:
+            summary.update(
+                time_to_target_s=time.perf_counter() - self._t0,
+                epochs_to_target=epoch,
+                samples_to_target=epoch * self.windows_per_epoch,
+            )
+        return stop_at is not None and exact >= stop_at
 
     def on_validation_end(self) -> None:  # once the loggers have the validation's metrics
         rows, self._unchecked = self._unchecked, []
         check_finite(rows, self.lr)
 
     def on_test_epoch_end(self) -> None:
-        metrics = eval_metrics(self._eval_sums[:, 0].tolist(), "test")
+        metrics = self._metrics("test")
         del metrics["test/loss"]
-        if self.teacher_forced:
-            metrics.update(_forced_metrics(self._forced_sums[:, 0].tolist(), "test"))
         self.summary.update(metrics)
         correct, counted = self._eval_positions[:, 0].float()
         self.by_position = (correct / counted.clamp(min=1)).tolist()
 
 
-def eval_metrics(sums: list[float], prefix: str) -> dict[str, float]:
-    """One member's evaluation metrics from its `EchoModule.eval_sums`."""
+def eval_metrics(sums: list[float], prefix: str, forced: list[float] | None = None) -> dict[str, float]:
+    """One member's metrics from its `eval_sums`, and the teacher-forced ones from `forced`: token
+    accuracy shows the exposure-bias gap; exact match cannot (a greedy row all right is fed exactly
+    the true tokens, so it is exact teacher-forced if and only if free-running)."""
     loss_sum, correct, tokens, exact, rows, before_error, loss_tokens = sums
-    return {
+    metrics = {
         f"{prefix}/loss": loss_sum / loss_tokens,
         f"{prefix}/token_acc": correct / tokens,
         f"{prefix}/exact_match": exact / rows,
         f"{prefix}/prefix_acc": before_error / tokens,
     }
-
-
-def _forced_metrics(sums: list[float], prefix: str) -> dict[str, float]:
-    """The teacher-forced scores. Token accuracy shows the exposure-bias gap; exact match cannot:
-    decoding greedily, a row all of whose tokens are right is fed exactly the true tokens, so it
-    is exact teacher-forced if and only if it is exact free-running."""
-    _, correct, tokens, exact, rows, *_ = sums
-    return {
-        f"{prefix}/token_acc_teacher_forced": correct / tokens,
-        f"{prefix}/exact_match_teacher_forced": exact / rows,
-    }
+    if forced is not None:
+        _, correct, tokens, exact, rows, *_ = forced
+        metrics[f"{prefix}/token_acc_teacher_forced"] = correct / tokens
+        metrics[f"{prefix}/exact_match_teacher_forced"] = exact / rows
+    return metrics
 
 
 class EpochProgress(pl.Callback):
-    """One progress bar over the tutorial's epochs (a Lightning step trains several), for a run or a population."""
+    """One progress bar over the tutorial's epochs (a Lightning step trains several)."""
 
     def __init__(self, total: int):
         self.total = total
@@ -387,14 +342,14 @@ class EpochProgress(pl.Callback):
 
 
 class _KeepMetricsOnException(pl.Callback):
-    """A run (or population) that crashes or is interrupted keeps its training metrics so far."""
+    """A run that crashes or is interrupted keeps its training metrics so far."""
 
     def on_exception(self, trainer, module: EchoModule, exception: BaseException) -> None:
         module.log_train_metrics()
 
 
 def log_rows(loggers, rows: list[tuple[str, int, float]]) -> None:
-    """(name, step, value) rows through Lightning loggers: one `log_metrics` per step, then `save`."""
+    """(name, step, value) rows: one `log_metrics` per step, then `save`."""
     if not rows:
         return
     by_step: dict[int, dict[str, float]] = {}
@@ -407,19 +362,15 @@ def log_rows(loggers, rows: list[tuple[str, int, float]]) -> None:
 
 
 def summary_rows(summary: dict[str, float], epochs: int, by_position: list[float]) -> list[tuple[str, int, float]]:
-    """The rows a run logs at its end: its summary at its last epoch (val/* logged already), and its test
-    token accuracy by output position (the step: the position, 1 first)."""
+    """A run's last rows: its summary but val/* at its last epoch, and test token accuracy by position."""
     final = [(name, epochs, value) for name, value in summary.items() if not name.startswith("val/")]
     return final + [("test/token_acc_by_position", j, acc) for j, acc in enumerate(by_position, 1)]
 
 
 def window_counts(correct: Tensor, real: Tensor, members: bool = False) -> tuple[Tensor, ...]:
-    """Over windows (..., n_out) of which tokens are right (`correct`) and real (not PAD): correct real
-    tokens, real tokens, exactly right windows, windows with a real token, and real tokens before each
-    window's first wrong one (Grefenstette et al.'s fine accuracy, summed: divided by the real tokens it
-    is the mean over windows of the fraction right before the first error, each window weighted by its
-    real tokens, so never above token accuracy; with windows of one length, the plain mean).
-    `members`: the leading axis is a population's member, and each count is per member (K,)."""
+    """Correct real tokens, real tokens, exact windows, windows with a real token, and real tokens
+    before each window's first error (Grefenstette et al.'s fine accuracy, summed); per member (K,)
+    with `members`."""
     correct = correct & real
     exact = (correct | ~real).all(-1) & real.any(-1)
     counts = correct, real, exact, real.any(-1), before_first_error(correct, real)
@@ -427,8 +378,7 @@ def window_counts(correct: Tensor, real: Tensor, members: bool = False) -> tuple
 
 
 def _add_padded(total: Tensor | int, sums: Tensor) -> Tensor:
-    """`total + sums` for per-position sums (..., positions) of different widths (windows of several
-    lengths): the narrower is padded with zeros; `total` 0 is nothing yet."""
+    """`total + sums` of per-position sums, the narrower padded with zeros; `total` 0 is nothing yet."""
     if isinstance(total, int):
         return sums
     width = max(total.shape[-1], sums.shape[-1])
@@ -437,20 +387,9 @@ def _add_padded(total: Tensor | int, sums: Tensor) -> Tensor:
 
 
 class PopulationModule(EchoModule):
-    """A population (docs/populations.md): `EchoModule` over K members' networks stacked as one
-    (echo/stacked.py), each member with its own Adam or RMSprop (`echo.stacked.MemberAdam`,
-    `MemberRMSprop`: one over the stacked weights is K independent ones), data
-    (`echo.data.PopulationData`), validation, stop, NaN guard, test and logger.
-
-    One Lightning step trains the tutorial epochs up to the next validation (or the last epoch), then
-    validates the members still training: one that reaches `stop_at` is frozen (its updates masked)
-    and tested at once while the others go on; one whose loss became NaN or infinite ends FAILED and
-    the others go on. When every member has stopped, or at trainer.max_epochs, training ends.
-
-    `members` are `echo.population.Member`s: their config, their Lightning `logger` (or None), and
-    `stopped()` and `finished(...)`, which store what the module hands them; the module knows no tracker.
-    `restore`: each member's checkpoint (`member_state`), all saved after the same epoch.
-    """
+    """`EchoModule` over K members' stacked networks (docs/populations.md), each with its own optimizer,
+    data, validation, stop, NaN guard, test and loggers (`echo.logger.Member`). One Lightning step
+    trains up to the next validation. `restore`: each member's checkpoint (`member_state`)."""
 
     def __init__(
         self,
@@ -465,35 +404,33 @@ class PopulationModule(EchoModule):
         task, model = cfg.task, cfg.model
         on_gpu = device.type == "cuda"
         super().__init__(
-            StackedNet(nets).to(device),  # (float64 already, with trainer.precision=64)
+            StackedNet(nets).to(device),
             task.n_unique,
-            lr=None,  # each member's own (member.cfg.model.lr)
+            lr=None,  # each member's own
             stateful=bool(model.stateful),
             windows_per_epoch=windows_per_epoch(cfg),
             representation=representation(task),
             mask_inputs=task.framing == "mask",
-            cuda_graph=on_gpu and cfg.get("cuda_graph", True),  # as an independent run's epoch is
+            cuda_graph=on_gpu and cfg.get("cuda_graph", True),
             steps=StepSettings.from_trainer(cfg.trainer),
             optimizer=model.get("optimizer", "adam"),
         )
-        self.members, self.nets = members, nets  # (a plain list: not submodules) each member's own network
+        self.members, self.nets = members, nets  # (a plain list: not submodules)
         self.input_dtype = self.net.p(self.net.names[0]).dtype
         self.n_out = task.n_out
         self.every, self.max_epochs = every, int(cfg.trainer.max_epochs)
         optimizer = MEMBER_OPTIMIZERS[self.optimizer_name]
         self._optimizer = optimizer(list(self.net.parameters()), [float(m.cfg.model.lr) for m in members])
-        # On a CPU a wide step is arithmetic-bound: members that have stopped are then left out of
-        # the forward and backward (`_freeze`), not only of the optimizer's step.
-        self.compact = compact and not on_gpu
+        self.compact = compact and not on_gpu  # a wide CPU step leaves stopped members out (`_freeze`)
         self.epochs_done = 0
         for k, state in enumerate(restore or []):  # (weights: loaded into `nets` before stacking)
             self._optimizer.load_member_state(k, state["adam"], self.net.names, stacked_layout)
             members[k].summary.update(state["summary"])
             self.epochs_done = int(state["epochs_done"])
-            self._trained_s = float(state["summary"].get("train_time_s", 0.0))  # its time before
+            self._trained_s = float(state["summary"].get("train_time_s", 0.0))
 
     def configure_optimizers(self) -> None:
-        return None  # the members' own optimizer steps in `_train_epoch`
+        return None  # the members' own (`_optimizer`)
 
     def optimizer(self):
         return self._optimizer
@@ -505,7 +442,6 @@ class PopulationModule(EchoModule):
         return self.epochs_done
 
     def training_step(self, draw: Draw, batch_idx: int) -> None:
-        """The tutorial epochs up to the next validation or the last epoch, then the validation."""
         last = min(self.max_epochs, (self.epochs_done // self.every + 1) * self.every)
         for epoch in range(self.epochs_done + 1, last + 1):
             training = [m.status == "RUNNING" for m in self.members]
@@ -517,10 +453,10 @@ class PopulationModule(EchoModule):
             self.trainer.should_stop = True
 
     def on_train_epoch_end(self) -> None:
-        pass  # the step has logged its epochs
+        pass
 
     def on_train_end(self) -> None:
-        """trainer.max_epochs (or trainer.max_time): the members still training end here."""
+        """trainer.max_epochs or max_time: the members still training end here."""
         self._check_finite(self._running(), self.log_train_metrics())
         last = self._running()
         for member in last:
@@ -528,7 +464,7 @@ class PopulationModule(EchoModule):
         self._finish(last)
 
     def _indices(self, members: list) -> Tensor | None:
-        """The members' indices in the population, on the device; None for all of them."""
+        """The members' indices, on the device; None for all of them."""
         if len(members) == len(self.members):
             return None
         return torch.tensor([self.members.index(m) for m in members], dtype=torch.long, device=self.device)
@@ -540,12 +476,11 @@ class PopulationModule(EchoModule):
         member.status = "STOPPED"
         member.summary.update(train_time_s=self.train_time_s(), epochs=epoch)
         self._freeze(member)
-        member.stopped()  # its metrics are complete: its curve is drawn while the others train
+        member.stopped()
 
     def _freeze(self, member, zero: bool = False) -> None:
-        """The member trains no more (see `MemberAdam.freeze`). A captured epoch updates the members
-        that trained when it was captured: it is captured again at the next epoch. Where a step is
-        arithmetic-bound (a wide step on a CPU), the others now train without it."""
+        """The member trains no more; a captured epoch (which updates the members of its capture) is
+        captured again."""
         self._optimizer.freeze(self.members.index(member), zero)
         if self._graph is not None:
             self._graph.reset()
@@ -553,10 +488,9 @@ class PopulationModule(EchoModule):
             self._training = self._indices(self._running())
 
     def _validate(self, epoch: int) -> None:
-        """As an independent run validates (the members still training): metrics, target, stop_at;
-        then the NaN check, and the test of the members that stopped."""
+        """Validate the members still training as a run validates; test those that stopped."""
         running = self._running()
-        checked = self.log_train_metrics()  # each member's rows the NaN guard reads
+        checked = self.log_train_metrics()
         sums, _ = self.eval_sums(self.trainer.datamodule.val, self._indices(running))
         stopped = []
         for member, member_sums in zip(running, sums.T.tolist()):
@@ -564,16 +498,14 @@ class PopulationModule(EchoModule):
             rows = [(name, epoch, value) for name, value in metrics.items()]
             log_rows(member.loggers, rows)
             checked[self.members.index(member)] += rows
-            cfg = member.cfg
-            if reached(member.summary, metrics, epoch, cfg.target, cfg.stop_at, self._t0, self.windows_per_epoch):
+            if self._reached(member.summary, metrics, epoch, member.cfg.target, member.cfg.stop_at):
                 self._stop(member, epoch)
                 stopped.append(member)
         self._check_finite(running, checked)
         self._finish([m for m in stopped if m.status == "STOPPED"])
 
     def _check_finite(self, members: list, rows: list[list[tuple[str, int, float]]]) -> None:
-        """A member whose loss became NaN or infinite among its `rows` (by index in the population) ends
-        FAILED (as `echo.faults.check_finite` ends an independent run); the others go on."""
+        """A member whose loss became NaN or infinite among its `rows` ends FAILED; the others go on."""
         for member in members:
             try:
                 check_finite(rows[self.members.index(member)], member.cfg.model.lr)
@@ -583,68 +515,37 @@ class PopulationModule(EchoModule):
                 print(f"echo: run failed: {member.run_name}: {error}", file=sys.stderr)
 
     def _finish(self, members: list) -> None:
-        """Test members that stopped training and hand each its results (`finished`), as an
-        independent run ends. Their weights no longer change, so this runs as soon as they stop:
-        their figures and files are written while the others train on."""
+        """Test members that stopped and hand each its results (`finished`) while the others train on."""
         if not members:
             return
         index = self._indices(members)
-        sums, positions = self.eval_sums(self.trainer.datamodule.test, index)
+        data = self.trainer.datamodule
+        sums, positions = self.eval_sums(data.test, index)
         correct_at, counted_at = positions.float()
         by_position = (correct_at / counted_at.clamp(min=1)).tolist()
-        tables = self._expected_predicted(members, index)
-        chance = 1 / self.n_unique  # a uniform guess per token
-        for member, member_sums, at, table in zip(members, sums.T.tolist(), by_position, tables):
-            metrics = eval_metrics(member_sums, "test")
-            del metrics["test/loss"]
-            member.summary.update(metrics)
-            member.summary.update({"chance/token_acc": chance, "chance/exact_match": chance**self.n_out})
-            print(f"{member.run_name}: {summary_line(member.summary)}")
-            log_rows(member.loggers, summary_rows(member.summary, member.summary["epochs"], at))
-            member.finished(self.member_net(member), at, chance, table)
-            member.status = "FINISHED"
-
-    def member_net(self, member) -> nn.Module:
-        """The member's own network (echo.models), holding its trained weights."""
-        k = self.members.index(member)
-        self.nets[k].load_state_dict(self.net.member_state_dict(k))
-        return self.nets[k]
-
-    def _expected_predicted(self, members: list, index: Tensor | None) -> list[str]:
-        """Each member's tutorial evaluation: one fresh sequence of its own (seed 10,000 + seed)."""
-        data = self.trainer.datamodule
+        # the tutorial's evaluation: one fresh sequence each (seed 10,000 + seed)
         x, y = data.held_out(1, [10_000 + m.cfg.seed for m in members])
         predicted = self.predicted(data.eval_batches(x, y), index)
-        return [
-            "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[j, 0].tolist(), predicted[j].tolist()))
-            for j in range(len(members))
-        ]
+        chance = 1 / self.n_unique
+        for j, (member, member_sums, at) in enumerate(zip(members, sums.T.tolist(), by_position)):
+            metrics = eval_metrics(member_sums, "test")
+            del metrics["test/loss"]
+            member.summary.update({**metrics, "chance/token_acc": chance, "chance/exact_match": chance**self.n_out})
+            print(f"{member.run_name}: {summary_line(member.summary)}")
+            log_rows(member.loggers, summary_rows(member.summary, member.summary["epochs"], at))
+            k = self.members.index(member)
+            self.nets[k].load_state_dict(self.net.member_state_dict(k))
+            table = "\n".join(f"Expected: {e} Predicted {p}" for e, p in zip(y[j, 0].tolist(), predicted[j].tolist()))
+            member.finished(self.nets[k], at, chance, table)
+            member.status = "FINISHED"
 
     def member_state(self, k: int, generator: torch.Generator) -> dict:
-        """Member k's checkpoint (echo.population.MEMBER_STATE): its weights in its own network's layout
-        (under `net.`, as in a Lightning checkpoint), optimizer moments and step, data generator, epochs
-        and summary."""
+        """Member k's checkpoint (echo.population.MEMBER_STATE), its weights in its own network's layout."""
         member = self.members[k]
         return {
             "state_dict": {f"net.{n}": v for n, v in self.net.member_state_dict(k).items()},
             "adam": self._optimizer.member_state(k, self.net.names, self.net.member_layout),
             "generator": generator.get_state(),
             "epochs_done": self.epochs_done if member.status == "RUNNING" else member.summary["epochs"],
-            "summary": {"train_time_s": self.train_time_s(), **member.summary},  # (a stopped one's own)
+            "summary": {"train_time_s": self.train_time_s(), **member.summary},
         }
-
-
-def reached(
-    summary: dict, metrics: dict, epoch: int, target: float, stop_at: float | None, t0: float, windows_per_epoch: int
-) -> bool:
-    """The stop rule, after a validation: its `metrics` into `summary`, with the time, epochs and samples
-    to `target` the first time val/exact_match reaches it; whether it reached `stop_at` (the run stops)."""
-    summary.update(metrics)
-    exact = metrics["val/exact_match"]
-    if exact >= target and "epochs_to_target" not in summary:
-        summary.update(
-            time_to_target_s=time.perf_counter() - t0,
-            epochs_to_target=epoch,
-            samples_to_target=epoch * windows_per_epoch,
-        )
-    return stop_at is not None and exact >= stop_at

@@ -1,5 +1,4 @@
-"""A speed-up that is not about echoing: an epoch replayed as one CUDA graph. (Freed memory kept for
-the next tensors, glibc's setting, is echo.compat.reuse_freed_memory.)"""
+"""An epoch replayed as one CUDA graph."""
 
 from __future__ import annotations
 
@@ -14,11 +13,9 @@ WARM_EPOCHS = 3  # eager epochs before an epoch is captured in a CUDA graph
 
 
 class EpochGraph:
-    """A training epoch as one CUDA graph replay: one launch per epoch instead of hundreds of small
-    kernels. The first WARM_EPOCHS epochs run eagerly on a side stream (cuDNN, cuBLAS and Adam set
-    themselves up), then one epoch is captured and replayed; drawing the sequences is inside the
-    graph, from the data's own generator, so every replay trains on fresh sequences. The epoch needs
-    static shapes and an optimizer with `capturable=True`."""
+    """A training epoch as one CUDA graph replay instead of hundreds of small kernels, after WARM_EPOCHS
+    eager ones on a side stream. Drawing the sequences is in the graph (the data's generators are
+    registered), so every replay trains on fresh ones. Needs static shapes and a capturable optimizer."""
 
     def __init__(self):
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -26,11 +23,10 @@ class EpochGraph:
         self.sums: Tensor | None = None
 
     def reset(self) -> None:
-        """Capture the epoch again at the next call (what it updates has changed); no warm-up again."""
+        """Capture the epoch again at the next call (no warm-up again)."""
         self.graph = None
 
     def __call__(self, train_epoch: Callable[[list], Tensor], draw: Draw) -> Tensor:
-        """`train_epoch(draw())`'s result, by replaying the captured epoch once it is captured."""
         if self.graph is None:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())

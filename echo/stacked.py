@@ -1,13 +1,6 @@
-"""K networks of one topology as one: every weight gets a leading member axis, and every matrix
-product is a batched one (`torch.bmm`), so K small networks train in the time of about one.
-
-`torch.func.vmap` cannot do this for `nn.LSTM` (it has no batching rule), so the LSTM cell is
-written out here. A stacked network is built from K ordinary networks (`echo.models`), each
-made as an independent run makes it, and gives each member's weights back in that network's
-own layout (`member_state_dict`). Inputs and outputs carry the member axis first:
-x (K, batch, n_in, n_features) -> scores (K, batch, n_out, n_classes). One-hot inputs may be
-given as their tokens, x (K, batch, n_in), to every network but OneToOne (`reads_tokens`).
-"""
+"""K networks of one topology as one: every weight gets a leading member axis and every matrix product
+is batched (`torch.bmm`), so K small networks train in the time of about one. The LSTM cell is written
+out: `torch.func.vmap` has no batching rule for `nn.LSTM`."""
 
 from __future__ import annotations
 
@@ -23,21 +16,18 @@ from echo.models import EncoderDecoder, ManyToOne, OneToOne, Seq2Seq
 
 STACKABLE = {"seq2seq": Seq2Seq, "encdec": EncoderDecoder, "one_to_one": OneToOne, "many_to_one": ManyToOne}
 LSTMS = {Seq2Seq: ("lstm",), EncoderDecoder: ("encoder", "decoder"), OneToOne: ("lstm",), ManyToOne: ("lstm",)}
-TOKEN_INPUTS = (Seq2Seq, EncoderDecoder, ManyToOne)  # their first LSTM reads one input item per step
+TOKEN_INPUTS = (Seq2Seq, EncoderDecoder, ManyToOne)  # their first LSTM reads one item per step
 
 
 def stacked_layout(name: str, value: Tensor) -> Tensor:
-    """A member's parameter as the stacked network stores it: matrices as (inputs, outputs), so
-    that `x @ w` is the layer; biases as (1, outputs), to broadcast over a batch."""
+    """A member's parameter as stacked: matrices (inputs, outputs) for `x @ w`, biases (1, outputs)."""
     return value.t() if value.dim() == 2 else value.unsqueeze(0)
 
 
 class StackedNet(nn.Module):
-    """K networks of the same class and sizes, trained as one (see the module docstring).
-
-    The parameters keep the members' names (dots become `__`), so the optimizer state maps back
-    to each member's. LSTM biases stay two (input and recurrent) as in `nn.LSTM`: Adam moves each.
-    """
+    """K networks (`echo.models`) of one class and size as one: x (K, batch, n_in, n_features), or
+    tokens (K, batch, n_in) where `reads_tokens`, -> scores (K, batch, n_out, n_classes). Parameters
+    keep the members' names (dots become `__`); LSTM biases stay two, as Adam moves each."""
 
     def __init__(self, nets: list[nn.Module]):
         super().__init__()
@@ -57,52 +47,41 @@ class StackedNet(nn.Module):
             module = getattr(first, lstm)
             if module.num_layers != 1 or module.bidirectional or module.proj_size:
                 raise TypeError(f"{lstm}: only one-layer unidirectional LSTMs have a stacked form")
-        self._members: Tensor | None = None  # set by `forward` for the duration of a pass
+        self._members: Tensor | None = None  # set by `forward` for a pass
 
     @property
     def reads_tokens(self) -> bool:
-        """Whether one-hot inputs may be passed as tokens (K, batch, n_in) instead of their codes."""
         return self.kind in TOKEN_INPUTS
 
     def p(self, name: str) -> Tensor:
-        """Stacked parameter `name`: every member's, or in a forward pass given `members`, theirs."""
+        """Stacked parameter `name`: every member's, or in a pass given `members`, theirs."""
         value = getattr(self, name.replace(".", "__"))
         return value if self._members is None else value[self._members]
 
     def member_state_dict(self, k: int) -> dict[str, Tensor]:
-        """Member k's weights in its own network's layout (a `state_dict` of the echo.models class)."""
-        out = {}
-        for name in self.names:
-            out[name] = self.member_layout(name, self.p(name)[k])
-        return out
+        """Member k's weights in its own network's layout."""
+        return {name: self.member_layout(name, self.p(name)[k]) for name in self.names}
 
     def member_layout(self, name: str, value: Tensor) -> Tensor:
-        """One member's slice of stacked parameter `name` (or of its Adam moments) in its network's layout."""
+        """One member's slice of stacked parameter `name` (or of its moments) in its network's layout."""
         value = value.detach()
         return (value.t() if name in self.matrices else value.squeeze(0)).clone()
 
-    # -- layers ----------------------------------------------------------------------------
     def _linear(self, prefix: str, h: Tensor) -> Tensor:
-        """(K, ..., inputs) -> (K, ..., outputs) with member k's own weights."""
         k, shape = h.shape[0], h.shape[1:-1]
         w, b = self.p(f"{prefix}.weight"), self.p(f"{prefix}.bias")
         h = h.reshape(k, -1, h.shape[-1])
         if torch.is_grad_enabled():
             return torch.baddbmm(b, h, w).view(k, *shape, w.shape[-1])
-        # Evaluating, whose outputs are wide: the bias added in place (baddbmm's broadcast copy of
-        # it into the output is slower on a CPU than the product itself).
+        # Evaluating: the bias added in place (on a CPU, baddbmm's copy of it costs more than the product).
         return torch.bmm(h, w).add_(b).view(k, *shape, w.shape[-1])
 
     def _lstm(self, prefix: str, x: Tensor, state, mask: Tensor | None = None):
-        """One-layer LSTM over x (K, batch, steps, inputs), or tokens (K, batch, steps) (see
-        `_input_gates`), from `state` ((h, c), each (K, batch, hidden), or None for zeros).
-        Where `mask` (K, batch, steps) is False the step is skipped as `echo.models.masked_lstm`
-        skips it. Returns outputs (K, batch, steps, hidden) and the final (h, c)."""
+        """One-layer LSTM: outputs (K, batch, steps, hidden) and final (h, c); steps where `mask` is False
+        are skipped, as `echo.models.masked_lstm` skips them."""
         return self._recur(prefix, self._input_gates(prefix, x), state, mask)
 
     def _recur(self, prefix: str, inputs: Tensor, state, mask: Tensor | None = None):
-        """The LSTM's recurrence over its input gates (K, batch, steps, 4 hidden); gates in nn.LSTM's
-        order (input, forget, cell, output)."""
         w_hh = self.p(f"{prefix}.weight_hh_l0")
         k, batch = inputs.shape[:2]
         if state is None:
@@ -122,31 +101,27 @@ class StackedNet(nn.Module):
         return torch.stack(outputs, 2), (h, c)
 
     def _input_gates(self, prefix: str, x: Tensor) -> Tensor:
-        """The LSTM's input projection plus both biases for every step: (K, batch, steps, 4 hidden).
-        x is features (K, batch, steps, inputs), or tokens (K, batch, steps) standing for one-hot
-        codes: a code times the weights is the weights' row for its token, so the rows are looked up
-        instead (the same numbers, without a matrix product over mostly zeros). PAD tokens come only
-        with a mask, which skips their steps: the row looked up for them counts nowhere."""
+        """Input projection plus both biases, (K, batch, steps, 4 hidden). Tokens stand for one-hot codes:
+        their weight rows are looked up (the same numbers, no product over zeros). A PAD token's row
+        counts nowhere: PAD comes only with a mask, which skips its step."""
         w_ih, bias = self.p(f"{prefix}.weight_ih_l0"), self.p(f"{prefix}.bias_ih_l0") + self.p(f"{prefix}.bias_hh_l0")
         k, n_in = w_ih.shape[:2]
         if x.is_floating_point():
             return torch.baddbmm(bias, x.reshape(k, -1, n_in), w_ih).view(*x.shape[:3], -1)
-        offsets = torch.arange(k, device=x.device).view(k, 1, 1) * n_in  # member k's rows in the flat table
+        offsets = torch.arange(k, device=x.device).view(k, 1, 1) * n_in
         rows = (x.clamp(min=0) + offsets).flatten()
         if torch.is_grad_enabled():
             return w_ih.reshape(k * n_in, -1).index_select(0, rows).view(*x.shape, -1) + bias.unsqueeze(1)
-        # Evaluating: the bias added to the table's rows, not to every item's (the same sums).
+        # Evaluating: the bias added to the table's rows, not to every item's.
         return (w_ih + bias).reshape(k * n_in, -1).index_select(0, rows).view(*x.shape, -1)
 
     def _repeated_lstm(self, prefix: str, x: Tensor, steps: int, state):
-        """The LSTM fed the same input (K, batch, inputs) at every one of `steps` steps: its input
-        gates are computed once."""
+        """The LSTM fed the same input at each of `steps` steps: its input gates computed once."""
         return self._recur(prefix, self._input_gates(prefix, x.unsqueeze(2)).expand(-1, -1, steps, -1), state)
 
-    # -- the topologies of echo.models -----------------------------------------------------
     def forward(self, x: Tensor, state=None, mask: Tensor | None = None, members: Tensor | None = None):
-        """Scores and state of every member, or of `members` (their indices) only: then x, state and
-        mask hold only theirs, in that order (evaluating members that still train, or one that stopped)."""
+        """Scores and state of every member, or only of `members` (indices): x, state and mask then hold
+        only theirs."""
         self._members = members
         try:
             return self._forward(x, state, mask)
@@ -171,17 +146,15 @@ class StackedNet(nn.Module):
 
 
 def _cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """One LSTM step from its gates (K, batch, 4 hidden), nn.LSTM's order (input, forget, cell,
-    output), and the cell state c: the new (h, c)."""
+    """One LSTM step: the new (h, c) from gates in nn.LSTM's order (input, forget, cell, output)."""
     i, f, g, o = gates.chunk(4, -1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
 def _evaluation_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """`_cell`'s numbers (to rounding) without gradients, on a CPU, for evaluation's wide batches:
-    in place, one sigmoid over all four gates, and tanh as 2 sigmoid(2x) - 1 (torch's CPU tanh
-    takes about three times as long as its sigmoid). Evaluation takes about a third less time."""
+    """`_cell` (to rounding) for evaluation on a CPU: in place, one sigmoid over all four gates, tanh as
+    2 sigmoid(2x) - 1 (torch's CPU tanh takes about three times its sigmoid). Evaluation: a third faster."""
     hidden = c.shape[-1]
     gates[..., 2 * hidden : 3 * hidden] *= 2
     i, f, g, o = gates.sigmoid_().chunk(4, -1)
@@ -190,8 +163,7 @@ def _evaluation_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def member_loss_sums(rep, scores: Tensor, y: Tensor) -> Tensor:
-    """Each member's summed loss (K,) over scores (K, batch, n_out, ...) and targets (K, batch,
-    n_out), as its representation's `loss_sum` computes it for one network; PAD counts nowhere."""
+    """Each member's summed loss (K,), as its representation's `loss_sum`; PAD counts nowhere."""
     k = y.shape[0]
     if hasattr(rep, "scale"):  # LinearScale
         error = scores.squeeze(-1) - y / rep.scale
@@ -201,21 +173,17 @@ def member_loss_sums(rep, scores: Tensor, y: Tensor) -> Tensor:
 
 
 def member_scored(rep, scores: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Each member's summed loss (K,), and whether each output item decodes to its target (K,
-    batch, n_out): `member_loss_sums` and `rep.decode(scores) == y`, without gradients.
-
-    For one-hot scores on a CPU, in fewer passes over the scores, whose width (n_unique classes
-    per item) makes evaluation arithmetic-bound there: from the scores less their maximum, the
-    cross-entropy as log-sum-exp less the target's score, and an item right where its target's
-    score is that maximum and no other class's is. Where another class's is too, argmax (the
-    first class holding it) decides, as `decode` does."""
+    """`member_loss_sums` and `rep.decode(scores) == y`, without gradients. One-hot on a CPU (where the
+    scores' width makes evaluation arithmetic-bound) in fewer passes: from the scores less their
+    maximum, log-sum-exp less the target's score; right where only the target's is the maximum (a tie:
+    argmax decides, as `decode` does)."""
     if hasattr(rep, "scale") or scores.is_cuda:
         return member_loss_sums(rep, scores, y), rep.decode(scores) == y
     k, real = y.shape[0], y != PAD
     z = scores - scores.amax(-1, keepdim=True)
     at = y.clamp(min=0).unsqueeze(-1)
     target = z.gather(-1, at).squeeze(-1)
-    z.scatter_(-1, at, -math.inf)  # the other classes
+    z.scatter_(-1, at, -math.inf)
     best_other = z.amax(-1)
     exp_sums = z.exp_().sum(-1) + target.exp()
     loss_sums = ((exp_sums.log() - target) * real).view(k, -1).sum(1)
@@ -228,31 +196,27 @@ def member_scored(rep, scores: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class MemberOptimizer:
-    """An element-wise optimizer over a stacked network's parameters, one independent optimizer per
-    member (element-wise, so one over the stacked weights is K independent ones), member k with its
-    own learning rate; a frozen member (stopped or failed) is not updated at all. `MOMENTS` names its
-    per-parameter state; members that share a learning rate step in one call (`groups`)."""
+    """An element-wise optimizer over stacked parameters, so K independent ones, member k with its own
+    learning rate; a frozen member is not updated. Members sharing a learning rate step in one call."""
 
     MOMENTS: tuple[str, ...] = ()
 
     def __init__(self, params: list[Tensor], lrs):
-        self.params, self.lrs = list(params), [float(lr) for lr in lrs]  # lrs: one per member
+        self.params, self.lrs = list(params), [float(lr) for lr in lrs]
         for moment in self.MOMENTS:
             setattr(self, moment, [torch.zeros_like(p) for p in self.params])
-        # The step count, where the kernels read it: counted on the device, so a CUDA graph's replay
-        # counts its steps too.
+        # On the device, where the kernels read it: a CUDA graph's replay counts its steps too.
         self._step = torch.zeros((), device=self.params[0].device)
         self._group(active=range(len(self.lrs)))
 
     def _group(self, active) -> None:
-        """The members still training, by learning rate: one kernel call each (set again by `freeze`)."""
+        """The members still training, by learning rate: one kernel call each."""
         self.groups: dict[float, list[int]] = {}
         for k in active:
             self.groups.setdefault(self.lrs[k], []).append(k)
 
     def _tensors(self, members: list[int]) -> list[list[Tensor]]:
-        """[params, grads, *moments] of `members`: the stacked tensors whole when every member is one
-        of them, else each member's slices (views: updated in place)."""
+        """[params, grads, *moments] of `members`: whole, or each member's slices (views)."""
         tensors = [self.params, [p.grad for p in self.params], *(getattr(self, m) for m in self.MOMENTS)]
         if len(members) < len(self.lrs):
             tensors = [[t[k] for t in group for k in members] for group in tensors]
@@ -264,8 +228,7 @@ class MemberOptimizer:
 
     @torch.no_grad()
     def freeze(self, k: int, zero: bool = False) -> None:
-        """Member k trains no more; `zero`: also clear its weights and moments (a diverged member,
-        whose NaNs would otherwise stay in the arithmetic)."""
+        """Member k trains no more; `zero`: also clear its weights and moments (a diverged member's NaNs)."""
         self._group(active=sorted(j for members in self.groups.values() for j in members if j != k))
         if zero:
             for t in (*self.params, *(t for m in self.MOMENTS for t in getattr(self, m))):
@@ -273,15 +236,14 @@ class MemberOptimizer:
 
     @torch.no_grad()
     def load_member_state(self, k: int, state: dict, names: list[str], layout) -> None:
-        """Member k's moments and step count from `member_state`'s output (`layout` maps a moment in its
-        network's layout to the stacked one). The step count is shared: for a population of one."""
+        """Member k's moments and step count from `member_state`'s (the step count is shared)."""
         for moment in self.MOMENTS:
             for i, name in enumerate(names):
                 getattr(self, moment)[i][k].copy_(layout(name, state[moment][name]))
         self._step.fill_(state["step"])
 
     def member_state(self, k: int, names: list[str], layout) -> dict:
-        """Member k's moments, in its own network's layout (by parameter name), and the step count."""
+        """Member k's moments in its own network's layout, and the step count."""
         state: dict = {"step": int(self._step)}
         for moment in self.MOMENTS:
             state[moment] = {n: layout(n, m[k]) for n, m in zip(names, getattr(self, moment))}
@@ -289,20 +251,10 @@ class MemberOptimizer:
 
 
 class MemberAdam(MemberOptimizer):
-    """Adam, one per member: torch.optim.Adam's update (defaults: betas 0.9, 0.999, eps 1e-8) with
-    member k's own learning rate.
-
-    Each step runs torch's fused Adam kernel (echo.compat.fused_adam_), the one an independent
-    run's `Adam(fused=True)` runs: one pass over the weights. Members that share a learning rate go
-    through one call; all of them at once (the usual seed sweep) pass the stacked tensors whole,
-    otherwise each member's slices.
-    """
+    """torch.optim.Adam per member, by the fused kernel an independent run's `Adam(fused=True)` runs."""
 
     MOMENTS = ("exp_avg", "exp_avg_sq")
-
-    def __init__(self, params: list[Tensor], lrs, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
-        super().__init__(params, lrs)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
 
     @torch.no_grad()
     def step(self) -> None:
@@ -320,15 +272,10 @@ class MemberAdam(MemberOptimizer):
 
 
 class MemberRMSprop(MemberOptimizer):
-    """RMSprop, one per member: torch.optim.RMSprop's update (not centred, no momentum, eps 1e-8) with
-    the decay `alpha` (0.9: Arjovsky et al.'s, as `model.optimizer=rmsprop` sets it for a single run)
-    and member k's own learning rate."""
+    """torch.optim.RMSprop per member (not centred, no momentum), `alpha` 0.9 as a single run's."""
 
     MOMENTS = ("square_avg",)
-
-    def __init__(self, params: list[Tensor], lrs, alpha: float = 0.9, eps: float = 1e-8):
-        self.alpha, self.eps = alpha, eps
-        super().__init__(params, lrs)
+    alpha, eps = 0.9, 1e-8
 
     @torch.no_grad()
     def step(self) -> None:

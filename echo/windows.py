@@ -1,6 +1,4 @@
-"""The tutorial's framing in plain torch (no Lightning): random sequences, supervised windows,
-one epoch's batches, and the `Draw` that makes them. echo/data.py builds the training loaders on
-them, and echo/stacked.py a population's."""
+"""The tutorial's framing in plain torch: random sequences, supervised windows, one epoch's batches."""
 
 from __future__ import annotations
 
@@ -26,17 +24,10 @@ def to_windows(
     reverse_input: bool = False,
     reverse_target: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Frame sequences as the tutorial's `to_supervised` does.
-
-    Row t is `X = seq[t-n_in+1 .. t]` (oldest first) and `y = X[:n_out]`, the oldest `n_out`
-    items of the window. `framing="drop"` drops the rows with missing history
-    (`length - n_in + 1` rows); `framing="mask"` keeps them, left-padded with PAD (`length` rows).
-    `reverse_input`: the network reads the window newest item first (Sutskever et al. 2014), the
-    target unchanged; `reverse_target`: the target is the oldest `n_out` items newest first
-    (with n_out = n_in, the whole window reversed). `[86, 81, 88, 1, 23]`, n_out 3: the target
-    `[86, 81, 88]`; reversed input `[23, 1, 88, 81, 86]`; reversed target `[88, 81, 86]`.
-    `seqs` is (n_seq, length); returns X (n_seq, rows, n_in) and y (n_seq, rows, n_out).
-    """
+    """Frame sequences (n_seq, length) as the tutorial's `to_supervised`: row t is `X = seq[t-n_in+1 .. t]`
+    and `y = X[:n_out]`. "drop" drops rows with missing history, "mask" left-pads them with PAD.
+    `[86, 81, 88, 1, 23]`, n_out 3: target `[86, 81, 88]`; reverse_input `[23, 1, 88, 81, 86]`
+    (Sutskever et al. 2014); reverse_target `[88, 81, 86]`."""
     if framing == "mask":
         seqs = torch.nn.functional.pad(seqs, (n_in - 1, 0), value=PAD)
     x = seqs.unfold(1, n_in, 1)
@@ -47,14 +38,9 @@ def to_windows(
 
 
 def to_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tuple[Tensor, Tensor]]:
-    """Split windows of shape (..., n_seq, rows, items) into the optimizer steps of one epoch; leading
-    axes (a population's member axis) are kept, member k's batch b being exactly its own batch b.
-
-    Each step holds `batch_size` windows of every sequence. Stateful: in sequence order, so
-    row i of batch b+1 is the window that follows row i of batch b (Keras `stateful=True`
-    with `shuffle=False`); `batch_size` must divide `rows`. Stateless: consecutive chunks of
-    all windows, the last one possibly smaller.
-    """
+    """Windows (..., n_seq, rows, items) as one epoch's steps of `batch_size` windows of every sequence
+    (leading axes kept). Stateful: row i of batch b+1 follows row i of batch b (Keras `stateful=True`,
+    `shuffle=False`; `batch_size` divides `rows`). Stateless: consecutive chunks of all windows."""
     *lead, n_seq, rows = x.shape[:-1]
     axis = len(lead)
     if not stateful:
@@ -70,21 +56,16 @@ def to_batches(x: Tensor, y: Tensor, batch_size: int, stateful: bool) -> list[tu
 
 
 def before_first_error(correct: Tensor, real: Tensor) -> Tensor:
-    """Real (non-PAD) tokens before each window's first wrong real token, (...,) over windows
-    (..., n_out): Grefenstette et al.'s fine accuracy times the window's real tokens."""
+    """Real tokens before each window's first wrong one: Grefenstette et al.'s fine accuracy times
+    the window's real tokens."""
     wrong = real & ~correct
     return ((~wrong).long().cumprod(-1).bool() & real).sum(-1)
 
 
 class Draw:
-    """The data of one training step (a Lightning step, or a population's epoch): each call gives
-    the batches of one tutorial epoch, fresh sequences every call in training (the step calls it
-    once per epoch it trains).
-
-    The step draws the batches itself, so that on a GPU drawing them can be captured in the
-    epoch's CUDA graph; `generators` are the random generators such a graph must register.
-    (A plain object, not a collection: Lightning passes it through untouched.)
-    """
+    """A training step's data: each call gives one tutorial epoch's batches. The step draws them, so a
+    CUDA graph can capture the drawing (`generators`: those it must register). Not a collection:
+    Lightning passes it through untouched."""
 
     def __init__(self, make_batches: Callable[[], list[tuple[Tensor, Tensor]]], generators: tuple = ()):
         self.make_batches, self.generators = make_batches, generators

@@ -1,7 +1,6 @@
-"""`hydra/launcher=population`: a multirun's jobs that differ only in settings that leave every
-tensor's shape alone train together as one stacked model in this process (docs/populations.md); the
-others run one after another. Hydra imports this module whenever it starts: it imports nothing heavy.
-"""
+"""`hydra/launcher=population`: a multirun's jobs that differ only in settings that leave every shape
+alone train as one stacked model in this process, the others one after another (docs/populations.md).
+Hydra imports this module whenever it starts: it imports nothing heavy."""
 
 import copy
 import logging
@@ -33,10 +32,10 @@ ConfigStore.instance().store(group="hydra/launcher", name="population_base", nod
 class _Job:
     num: int
     overrides: list[str]
-    config: DictConfig  # the job's whole config, hydra node included
-    task_cfg: DictConfig  # what the job's task function would get
-    tags: dict = field(default_factory=dict)  # more tags for its run (a continued sweep's: echo/continuation.py)
-    restore: dict | None = None  # a continued sweep's member: its checkpoint, to continue from
+    config: DictConfig  # hydra node included
+    task_cfg: DictConfig  # what the task function would get
+    tags: dict = field(default_factory=dict)  # more tags for its run (echo/continuation.py)
+    restore: dict | None = None  # a continued member's checkpoint
 
 
 class PopulationLauncher(Launcher):
@@ -68,7 +67,6 @@ class PopulationLauncher(Launcher):
                 returns.update(self._run_population(unit))
         return [returns[job.num] for job in jobs]
 
-    # -- planning ------------------------------------------------------------------------------
     def _job(self, num: int, overrides: list[str]) -> _Job:
         config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(config):
@@ -80,12 +78,12 @@ class PopulationLauncher(Launcher):
         return _Job(num, overrides, config, task_cfg)
 
     def _plan(self, jobs: list[_Job]) -> list[list[_Job]]:
-        """Populations of jobs with the same population key (at most max_members each), and jobs
-        that run alone, in the order of their first job."""
+        """Populations of jobs with one population key (at most max_members each), and jobs that run
+        alone, in the order of their first job."""
         from echo.config import ConfigError, validate
         from echo.population import population_key, why_not_stackable
 
-        open_units: dict[str, list[_Job]] = {}  # per population key, the population being filled
+        open_units: dict[str, list[_Job]] = {}  # the population being filled, per key
         units: list[list[_Job]] = []
         for job in jobs:
             HydraConfig.instance().set_config(job.config)
@@ -107,9 +105,8 @@ class PopulationLauncher(Launcher):
         return units
 
     def _continue(self, jobs: list[_Job], returns: dict[int, JobReturn]) -> tuple[list[list[_Job]], list[_Job]]:
-        """A continued sweep's jobs (echo/continuation.py): those kept answered in `returns`; members that
-        resume from their population's checkpoints as populations again (those saved by one population
-        after the same epoch), or alone; the jobs left to plan as usual."""
+        """A continued sweep's jobs (echo/continuation.py): kept ones answered in `returns`; members that
+        resume from checkpoints saved together as populations again; and the jobs left to plan."""
         from echo.checkpoints import RESUMED_FROM, download_checkpoint
         from echo.continuation import continued_parent, decide
         from echo.population import CHECKPOINT, population_key, restored_together
@@ -131,7 +128,7 @@ class PopulationLauncher(Launcher):
                     job.task_cfg.resume = decision.run_id
                 job.tags = {RESUMED_FROM: decision.run_id}
                 groups.setdefault(key, []).append(job)
-            elif decision.action == "resume":  # a Lightning checkpoint: run.py resumes it, as it decides too
+            elif decision.action == "resume":  # a Lightning checkpoint: run.py resumes it
                 units.append([job])
             else:
                 job.tags = decision.tags()
@@ -141,7 +138,7 @@ class PopulationLauncher(Launcher):
         return units, rest
 
     def _returned(self, job: _Job, metrics: dict) -> JobReturn:
-        """The job's return to the sweeper: its objective from `metrics` (a run's summary)."""
+        """The job's return to the sweeper: its objective from `metrics`."""
         from echo.sweeps import objective_value
 
         result = JobReturn(
@@ -155,7 +152,6 @@ class PopulationLauncher(Launcher):
         result.return_value = objective_value(metrics, job.task_cfg.get("objective", "val/exact_match"))
         return result
 
-    # -- running -------------------------------------------------------------------------------
     def _run_alone(self, job: _Job) -> JobReturn:
         """As the basic launcher runs a job: run.py's task function, in this process."""
         log.info(f"\t#{job.num} : {' '.join(filter_overrides(job.overrides))}")
@@ -175,15 +171,13 @@ class PopulationLauncher(Launcher):
         from echo.population import train_population
         from echo.sweeps import job_name_and_tags
 
-        # the members' `threads`, or for `auto` what a run as wide as all the members' steps would take
         threads = cpu_threads(jobs[0].task_cfg, members=len(jobs))
         members = []
         for job in jobs:
             HydraConfig.instance().set_config(job.config)
-            resolve_threads(job.task_cfg)  # each run records the count an independent run would
+            resolve_threads(job.task_cfg)  # each run records an independent run's count
             name, tags = job_name_and_tags(job.config.hydra, job.task_cfg)
             members.append(Member(job.task_cfg, name, {**tags, **job.tags}))
-        # a population's, or a member's that continues alone (as `resume=<member run id>` does)
         population_id = f"{Path(str(self.config.hydra.sweep.dir)).name}-{jobs[0].num}" if len(jobs) > 1 else None
         restore = [job.restore for job in jobs] if jobs[0].restore is not None else None
         said = f"#{', #'.join(str(j.num) for j in jobs)} ({'; '.join(_said(j) for j in jobs)})"
@@ -192,12 +186,12 @@ class PopulationLauncher(Launcher):
         else:
             what = f"population {population_id}: jobs {said} {'continue' if restore else 'train'} as one stacked model"
         print(f"echo: {what}, {threads} thread(s)", file=sys.stderr)
-        try:  # the members' runs are written by the sweep's tracking service (echo.sweeps.SweepCallback)
+        try:
             train_population(members, population_id, threads, restore)
         except KeyboardInterrupt:
             print("echo: population interrupted: its runs ended KILLED", file=sys.stderr)
             sys.exit(1)
-        # a diverged member scores worst and the sweep goes on, as run.py does for a failed job
+        # a diverged member scores worst and the sweep goes on, as for a failed job
         return {
             job.num: self._returned(job, member.summary if member.status == "FINISHED" else {})
             for job, member in zip(jobs, members)
