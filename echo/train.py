@@ -42,13 +42,8 @@ from echo.tracking.outbox import TrackingStartError, cannot_write, unreachable
 def train(
     cfg: DictConfig, run_name: str = "default", tags: dict[str, str] | None = None, tracker: Tracker | None = None
 ) -> dict[str, float]:
-    """Train one echo model as `cfg` says; return its final metrics.
-
-    Raises `echo.config.ConfigError` before anything is built or tracked if `cfg` cannot run.
-    With `logger=mlflow` the run is tracked by `tracker`, or by a new one named `run_name`, and a
-    finished run keeps its trained network (echo/reuse.py). With `evaluate=<run id>` nothing is
-    trained: the stored network of that run is tested (`cfg` from `echo.reuse.evaluated_config`).
-    """
+    """Train one echo model as `cfg` says; return its final metrics. ConfigError before anything is built
+    or tracked if `cfg` cannot run; with `evaluate=<run id>`, that run's stored network is tested instead."""
     validate(cfg)
     resolve_threads(cfg)
     preflight(cfg)  # Lightning takes the trainer settings, and the run fits in memory
@@ -101,9 +96,7 @@ def train(
 def _fit_and_test(
     cfg: DictConfig, tracker: Tracker | None, checkpoint: str | None, stored_net=None
 ) -> dict[str, float]:
-    """Build, fit, test and report; returns the summary. An interrupt propagates from `fit`
-    (Lightning turns Ctrl-C into sys.exit(1)) after the callbacks kept the metrics so far.
-    With `stored_net` (evaluate=) that network is tested, and nothing trained."""
+    """Build, fit (or, with `stored_net`, only test), test and report; returns the summary."""
     quiet_lightning()
     torch.set_num_threads(cfg.threads)
     reuse_freed_memory()
@@ -186,7 +179,7 @@ def _fit_and_test(
 
 
 def _test_stored(cfg: DictConfig, logger, trainer, module: EchoModule, data: EchoData) -> dict:
-    """evaluate=: test the stored network, print and log the tutorial's table and the test metrics."""
+    """evaluate=: test the stored network; print and log the table and the test metrics."""
     trainer.test(module, data, verbose=False)
     summary = dict(module.summary)
     table = expected_predicted(module, data, cfg.task, seed=cfg.seed)
@@ -199,8 +192,7 @@ def _test_stored(cfg: DictConfig, logger, trainer, module: EchoModule, data: Ech
 
 
 def _device_tags(device: torch.device) -> dict[str, str]:
-    """What the run trained on: the device, torch's CPU threads, the GPU's name (the CPU's is the
-    tracking worker's to find, echo/tracking/provenance.py)."""
+    """What the run trained on (the CPU's name is the tracking worker's to find)."""
     tags = {"echo.device": str(device), "echo.device.threads": str(torch.get_num_threads())}
     if device.type == "cuda":
         tags["echo.device.gpu"] = torch.cuda.get_device_name(device)
@@ -208,7 +200,6 @@ def _device_tags(device: torch.device) -> dict[str, str]:
 
 
 def _run_line(tracker: Tracker, page: str | None) -> str:
-    """The line a tracked run ends with: where it is, and the address of its page."""
     line = f"MLflow run '{tracker.run_name}' ({tracker.run_id}) in {tracking_uri()}"
     if page is None:
         return f"{line}: see it with `mlflow ui`"
@@ -216,9 +207,8 @@ def _run_line(tracker: Tracker, page: str | None) -> str:
 
 
 def expected_predicted(module: EchoModule, data: EchoData | CopyMemoryData, task, seed: int) -> str:
-    """The tutorial's evaluation: one fresh sequence, one `Expected: [...] Predicted [...]` per window
-    (with task.train_lengths, windows of the longest trained length). Copy memory: ten fresh sequences,
-    the recalled symbols of each."""
+    """The tutorial's `Expected: [...] Predicted [...]` per window of one fresh sequence (of the longest
+    trained length); copy memory: the recalled symbols of ten."""
     if is_copy_memory(task):
         x, y = data.held_out(10_000 + seed, module.device, n=10)
         pred = module.predict_windows(data.eval_batches(x, y))[:, -RECALL:]
@@ -248,8 +238,7 @@ def _sigterm_as_interrupt():
 
 
 def _interrupt_unless_ending(signum, frame) -> None:
-    """Ctrl-C's KeyboardInterrupt, unless the run is already ending on an exception: a SLURM job at its
-    time limit gets submitit's SIGUSR2 (which requeues the job and exits) and then SLURM's SIGTERM, which
-    must not cut short the checkpoint being saved."""
+    """Ctrl-C's KeyboardInterrupt, unless the run is already ending on an exception: SLURM's SIGTERM after
+    submitit's SIGUSR2 at a time limit must not cut short the checkpoint being saved."""
     if sys.exc_info()[1] is None:
         signal.default_int_handler(signal.SIGINT, frame)
