@@ -28,7 +28,7 @@ FOLDER = "checkpoints"
 class Checkpointer(pl.Callback):
     """Saves the trainer's state into the tracker's run: every `every` epochs, on interrupt or error."""
 
-    def __init__(self, tracker, config_yaml: str, every: int | None = None):
+    def __init__(self, tracker, config_yaml: str, every: int | None):
         self.tracker, self.config_yaml, self.every = tracker, config_yaml, every
         self._epoch_done = False  # whether the checkpoint being saved marks its epoch done
 

@@ -39,9 +39,7 @@ from echo.tracking import Tracker, start_tracker, tracking_uri
 from echo.tracking.outbox import TrackingStartError, cannot_write, unreachable
 
 
-def train(
-    cfg: DictConfig, run_name: str = "default", tags: dict[str, str] | None = None, tracker: Tracker | None = None
-) -> dict[str, float]:
+def train(cfg: DictConfig, run_name: str = "default", tags: dict[str, str] | None = None) -> dict[str, float]:
     """Train one echo model as `cfg` says; return its final metrics. ConfigError before anything is built
     or tracked if `cfg` cannot run; with `evaluate=<run id>`, that run's stored network is tested instead."""
     validate(cfg)
@@ -69,7 +67,8 @@ def train(
     if evaluate := cfg.get("evaluate"):  # a new run, testing the network another one stored
         stored_net = network_to_evaluate(cfg)  # ConfigError if missing, unsafe or misfit: before tracking
         tags = {**(tags or {}), EVALUATED_FROM: str(evaluate)}
-    if tracker is None and cfg.logger.name == "mlflow":
+    tracker = None
+    if cfg.logger.name == "mlflow":
         tracker = start_tracker(cfg, run_name, tags)
     status, error = "FAILED", None
     try:
@@ -89,13 +88,15 @@ def train(
         if tracker:
             tracker.end(status, error)  # TrackingFailed if the store refused writes (kept locally)
     if tracker:
-        print(_run_line(tracker, page))
+        line = f"MLflow run '{tracker.run_name}' ({tracker.run_id}) in {tracking_uri()}"
+        if page is None:
+            print(f"{line}: see it with `mlflow ui`")
+        else:
+            print(f"{line}: {page}" + ("" if tracking_uri().startswith("http") else " (with `mlflow ui` running here)"))
     return summary
 
 
-def _fit_and_test(
-    cfg: DictConfig, tracker: Tracker | None, checkpoint: str | None, stored_net=None
-) -> dict[str, float]:
+def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | None, stored_net) -> dict[str, float]:
     """Build, fit (or, with `stored_net`, only test), test and report; returns the summary."""
     quiet_lightning()
     torch.set_num_threads(cfg.threads)
@@ -145,8 +146,12 @@ def _fit_and_test(
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    if tracker:
-        tracker.log_tags(_device_tags(trainer.strategy.root_device))
+    if tracker:  # what it trained on (the CPU's name is the tracking worker's to find)
+        device = trainer.strategy.root_device
+        tags = {"echo.device": str(device), "echo.device.threads": str(torch.get_num_threads())}
+        if device.type == "cuda":
+            tags["echo.device.gpu"] = torch.cuda.get_device_name(device)
+        tracker.log_tags(tags)
     if stored_net is not None:
         return _test_stored(cfg, logger, trainer, module, data)
     trainer.fit(module, data, ckpt_path=checkpoint, weights_only=True)  # download_checkpoint checked it
@@ -189,21 +194,6 @@ def _test_stored(cfg: DictConfig, logger, trainer, module: EchoModule, data: Ech
     log_rows(trainer.loggers, [(name, 0, value) for name, value in summary.items()])
     log_text(logger, table + "\n", "expected_predicted.txt")
     return summary
-
-
-def _device_tags(device: torch.device) -> dict[str, str]:
-    """What the run trained on (the CPU's name is the tracking worker's to find)."""
-    tags = {"echo.device": str(device), "echo.device.threads": str(torch.get_num_threads())}
-    if device.type == "cuda":
-        tags["echo.device.gpu"] = torch.cuda.get_device_name(device)
-    return tags
-
-
-def _run_line(tracker: Tracker, page: str | None) -> str:
-    line = f"MLflow run '{tracker.run_name}' ({tracker.run_id}) in {tracking_uri()}"
-    if page is None:
-        return f"{line}: see it with `mlflow ui`"
-    return f"{line}: {page}" + ("" if tracking_uri().startswith("http") else " (with `mlflow ui` running here)")
 
 
 def expected_predicted(module: EchoModule, data: EchoData | CopyMemoryData, task, seed: int) -> str:
