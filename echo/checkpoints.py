@@ -1,6 +1,5 @@
 """Checkpoints in the run's MLflow artifacts, and `resume=<run id>` from the last one
-(docs/faults-and-resume.md). A checkpoint is read weights-only before Lightning unpickles it.
-"""
+(docs/faults-and-resume.md). A checkpoint is read weights-only before Lightning unpickles it."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """`python run.py -m resume=<sweep parent run id>`: a stopped sweep goes on under the same parent run
-(docs/sweeps-and-clusters.md#a-sweep-that-stopped). Imports mlflow only once it asks the store.
-"""
+(docs/sweeps-and-clusters.md#a-sweep-that-stopped). Imports mlflow only once it asks the store."""
 
 from __future__ import annotations
 

@@ -4,8 +4,7 @@
 Why not Lightning's `MLFlowLogger` (2-core CPU, listing A): a lean Trainer ran ~150 epochs/s, ~75 with
 it on SQLite (~4 ms per synchronous call), and importing mlflow costs ~1 s of start-up. echo's `Tracker`
 writes from a worker process in batches (0.84 s for 10,000 values instead of 20 s), and ends the run
-KILLED even on SIGKILL (docs/performance.md).
-"""
+KILLED even on SIGKILL (docs/performance.md)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 
 Each maps features (batch, n_in, n_features) and a state (None: zeros) to scores (batch, n_out,
 n_classes) and its new state. `variable_length` ones take any window length and `n_out`;
-`teacher_forced` ones also take the target tokens.
-"""
+`teacher_forced` ones also take the target tokens."""
 
 from __future__ import annotations
 

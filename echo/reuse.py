@@ -1,8 +1,7 @@
 """A run's trained network: stored when it finishes, loaded by `echo.load_run` and `evaluate=<run id>`.
 
 A store is untrusted (a shared `mlflow server` has no authentication by default): weights-only loading,
-configs read as data, sizes and tensors checked on torch's meta device first (docs/reproducibility.md).
-"""
+configs read as data, sizes and tensors checked on torch's meta device first (docs/reproducibility.md)."""
 
 from __future__ import annotations
 

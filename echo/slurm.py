@@ -1,6 +1,5 @@
 """SLURM: which job a run is (tags), and a requeued job continuing its own run by itself
-(docs/clusters.md).
-"""
+(docs/clusters.md)."""
 
 from __future__ import annotations
 

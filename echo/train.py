@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import pytorch_lightning as pl
 import torch
@@ -213,18 +213,15 @@ def expected_predicted(module: EchoModule, data: EchoData | CopyMemoryData, task
 @contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM ends a run the way Ctrl-C does (KILLED), in the main thread only."""
-    if sys.platform == "win32" or signal.getsignal(signal.SIGTERM) is None:
-        yield
-        return
-    try:
-        previous = signal.signal(signal.SIGTERM, _interrupt_unless_ending)
-    except ValueError:  # not the main thread
-        yield
-        return
+    previous = None
+    if sys.platform != "win32" and signal.getsignal(signal.SIGTERM) is not None:
+        with suppress(ValueError):  # not the main thread
+            previous = signal.signal(signal.SIGTERM, _interrupt_unless_ending)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt_unless_ending(signum, frame) -> None:

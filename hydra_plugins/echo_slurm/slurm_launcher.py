@@ -1,7 +1,6 @@
 """`hydra/launcher=slurm`: Hydra's submitit launcher, where a job that ends without returning stops the
 sweep (submitit alone waits forever without accounting) and a continued sweep submits only its
-unfinished jobs (docs/sweeps-and-clusters.md#a-sweep-that-stopped).
-"""
+unfinished jobs (docs/sweeps-and-clusters.md#a-sweep-that-stopped)."""
 
 from __future__ import annotations
 
