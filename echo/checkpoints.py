@@ -22,6 +22,7 @@ from echo.population import MEMBER_STATE
 from echo.tracking import PARENT_TAG, mlflow_client, tracking_uri
 
 FOLDER = "checkpoints"
+OPTIMIZER_OF = {"exp_avg": "Adam", "exp_avg_sq": "Adam", "square_avg": "RMSprop"}  # whose moment it is
 
 
 class Checkpointer(pl.Callback):
@@ -117,9 +118,6 @@ def download_checkpoint(run_id: str, cfg: DictConfig | None = None) -> str:
         if why:
             raise ConfigError(f"{what} does not fit the network its config builds: {why}, refused")
     return path
-
-
-OPTIMIZER_OF = {"exp_avg": "Adam", "exp_avg_sq": "Adam", "square_avg": "RMSprop"}  # whose moment it is
 
 
 def _misfit(checkpoint: dict, cfg: DictConfig, member: bool) -> str | None:

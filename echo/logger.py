@@ -57,15 +57,6 @@ class MLflowRunLogger(Logger):
         self.save()
 
 
-def make_logger(cfg, tracker: Tracker | None) -> Logger | None:
-    """The Trainer's logger for `cfg.logger`, or None."""
-    if tracker is not None:
-        return MLflowRunLogger(tracker)
-    if cfg.logger.name == "csv":
-        return CSVLogger(cfg.logger.save_dir, name=cfg.logger.experiment)
-    return None
-
-
 def log_text(logger: Logger | None, text: str, name: str) -> None:
     """A text file of the run: an MLflow artifact, or a file in the CSV logger's folder."""
     if isinstance(logger, MLflowRunLogger):
@@ -95,8 +86,10 @@ class Member:
 
     def start_logging(self) -> None:
         """Its logger, and its config among the params (an MLflow run has it already) and as config.yaml."""
-        self.logger = make_logger(self.cfg, self.tracker)
-        if self.logger is not None and self.tracker is None:
+        if self.tracker is not None:
+            self.logger = MLflowRunLogger(self.tracker)
+        elif self.cfg.logger.name == "csv":
+            self.logger = CSVLogger(self.cfg.logger.save_dir, name=self.cfg.logger.experiment)
             self.logger.log_hyperparams(OmegaConf.to_container(self.cfg, resolve=True))
         log_text(self.logger, OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
 

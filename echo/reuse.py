@@ -21,11 +21,11 @@ EVALUATED_FROM = "echo.evaluated_from"
 GROUPS = ("task", "model", "trainer", "logger", "experiment", "hparams_search")
 CONF = Path(__file__).resolve().parents[1] / "conf"  # the config a stored one is checked against
 MAX_NODES = 10_000  # values and keys of a stored config: echo's have about 50 (this bounds YAML aliases)
-NETWORK_SIZES = (
-    "n_in", "n_features", "hidden_size", "n_classes", "n_out", "d_model", "n_layers", "num_layers", "n_heads",
-    "max_len",
-)  # fmt: skip
+NETWORK_SIZES = ("n_in", "n_features", "hidden_size", "n_classes", "n_out", "d_model", "n_layers", "num_layers")
+NETWORK_SIZES += ("n_heads", "max_len")
 NETWORK_NAMES = {"cell": CELLS, "positional": POSITIONAL}
+# The lines of torch's weights-only error around the unpickler's reason.
+TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
 class LoadError(ConfigError):
@@ -41,10 +41,6 @@ def save_network(net, config_yaml: str, tracker) -> None:
     torch.save(stored, Path(folder) / "weights.pt")
     tracker.log_artifacts(folder, FOLDER, remove=True)
     tracker.log_text(config_yaml, CONFIG)
-
-
-# The lines of torch's weights-only error around the unpickler's reason.
-TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
 def read_weights_only(path: str, what: str):
