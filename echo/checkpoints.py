@@ -1,8 +1,5 @@
-"""Checkpoints in the run's MLflow artifacts (`checkpoints/last.ckpt`, `checkpoints/config.yaml`: saved
-on an interrupt or failure, and every `checkpoint_every` epochs), and `resume=<run id>` from the last one
-(docs/faults-and-resume.md). A checkpoint is read back as tensors and plain values only (weights only),
-before Lightning, or anything else, unpickles it.
-"""
+"""Checkpoints in the run's MLflow artifacts, and `resume=<run id>` from the last one
+(docs/faults-and-resume.md). A checkpoint is read weights-only before Lightning unpickles it."""
 
 from __future__ import annotations
 
@@ -25,18 +22,18 @@ from echo.population import MEMBER_STATE
 from echo.tracking import PARENT_TAG, mlflow_client, tracking_uri
 
 FOLDER = "checkpoints"
+OPTIMIZER_OF = {"exp_avg": "Adam", "exp_avg_sq": "Adam", "square_avg": "RMSprop"}  # whose moment it is
 
 
 class Checkpointer(pl.Callback):
     """Saves the trainer's state into the tracker's run: every `every` epochs, on interrupt or error."""
 
-    def __init__(self, tracker, config_yaml: str, every: int | None = None):
+    def __init__(self, tracker, config_yaml: str, every: int | None):
         self.tracker, self.config_yaml, self.every = tracker, config_yaml, every
         self._epoch_done = False  # whether the checkpoint being saved marks its epoch done
 
     def save(self, trainer: pl.Trainer, epoch_done: bool = False) -> None:
-        """Into the run's artifacts, through its tracking worker (which keeps it locally if the store
-        refuses it, and removes the temporary folder)."""
+        """Into the run's artifacts, through its tracking worker (which removes the folder)."""
         self._epoch_done = epoch_done
         folder = tempfile.mkdtemp(prefix="echo-checkpoint-")
         trainer.save_checkpoint(Path(folder) / "last.ckpt")
@@ -99,9 +96,8 @@ def _download(run_id: str, name: str, folder: str) -> str:
 
 
 def download_checkpoint(run_id: str, cfg: DictConfig | None = None) -> str:
-    """The local path of run `run_id`'s last checkpoint: `last.ckpt`, or a population member's
-    `population.pt` (ConfigError if it has none, if it holds more than tensors and plain values: a
-    store's files are untrusted, echo/reuse.py, or if its tensors do not fit the network `cfg` builds)."""
+    """The local path of run `run_id`'s last checkpoint (`last.ckpt` or a member's `population.pt`);
+    ConfigError if it has none, holds more than tensors and plain values, or does not fit `cfg`'s network."""
     from echo.reuse import read_weights_only
 
     folder = tempfile.mkdtemp(prefix="echo-resume-")
@@ -124,12 +120,9 @@ def download_checkpoint(run_id: str, cfg: DictConfig | None = None) -> str:
     return path
 
 
-OPTIMIZER_OF = {"exp_avg": "Adam", "exp_avg_sq": "Adam", "square_avg": "RMSprop"}  # whose moment it is
-
-
 def _misfit(checkpoint: dict, cfg: DictConfig, member: bool) -> str | None:
-    """How the checkpoint's weights and Adam moments first differ from those of the network `cfg`
-    builds (on torch's meta device: nothing allocated); None if they fit."""
+    """How the checkpoint's weights and moments first differ from `cfg`'s network's (on torch's meta
+    device); None if they fit."""
     import torch
 
     from echo.build import network
@@ -169,9 +162,8 @@ def is_member_checkpoint(path: str) -> bool:
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The config of the run being resumed (data: echo.reuse.read_stored_config), with this command's plain
-    `key=value` overrides on top (e.g. `trainer.max_epochs=2000`). A group or preset on the command line is
-    no change if it composes the run's config (a requeued SLURM job's); one that changes a setting is refused."""
+    """The resumed run's stored config with this command's plain overrides on top. A group on the command
+    line that composes the run's config (a requeued SLURM job's) is no change; one that changes it is refused."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from echo.reuse import CONF, GROUPS, read_stored_config
@@ -201,8 +193,7 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 def _changed_setting(cfg: DictConfig, saved: DictConfig, plain: list[str]) -> tuple[str, object, object] | None:
-    """The first setting that this command's composed config gives another value than the run's
-    (key, here, there), leaving out what a plain override set and what a run fills in."""
+    """(key, here, there) of the first setting this command's config changes, but for plain overrides."""
     from echo.tracking import flatten
 
     here = flatten(OmegaConf.to_container(cfg, resolve=True))

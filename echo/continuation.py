@@ -1,10 +1,5 @@
-"""`python run.py -m resume=<sweep parent run id>`: a sweep that stopped goes on under the same parent
-run (docs/sweeps-and-clusters.md#a-sweep-that-stopped). run.py rebuilds the sweep's recorded command
-line (`continued_argv`); each job then decides by its resolved config (`decide`) whether its child is
-kept, resumed or run again; an Optuna search replays the parent's trials first (`continued_study`).
-
-Imports nothing heavy: mlflow (through echo.tracking) only once a continuation asks the store.
-"""
+"""`python run.py -m resume=<sweep parent run id>`: a stopped sweep goes on under the same parent run
+(docs/sweeps-and-clusters.md#a-sweep-that-stopped). Imports mlflow only once it asks the store."""
 
 from __future__ import annotations
 
@@ -32,13 +27,10 @@ NOT_COMPARED = ("threads", "resume", "evaluate", "progress")
 # Settings a resumed job may take from this command (as `resume=<run id> trainer.max_epochs=...` can).
 RESUMABLE = ("trainer.max_epochs", "trainer.check_val_every_n_epoch", "checkpoint_every", "stop_at")
 CHECKPOINTS = "checkpoints", ("last.ckpt", "population.pt")  # echo.checkpoints.FOLDER, what a run saves there
-# Hydra's options that take a value (the next argument)
 VALUE_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c")
-VALUE_FLAGS += ("--package", "-p", "--info", "--experimental-rerun")
+VALUE_FLAGS += ("--package", "-p", "--info", "--experimental-rerun")  # Hydra's options that take a value
 
-# This launching process's continuation, once run.py rebuilt its command line: the parent run's
-# experiment, and the sweep's arguments to record on it.
-CONTINUING: dict[str, object] = {}
+CONTINUING: dict[str, object] = {}  # this process's continuation: parent, experiment, the sweep's args
 
 
 class Refused(Exception):
@@ -63,8 +55,7 @@ def _split(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def merged(original: list[str], extra: list[str]) -> list[str]:
-    """The recorded arguments with this command's on top: an option given again, or an override of the
-    same key, replaces the recorded one in its place; new ones follow."""
+    """The recorded arguments with this command's on top: one of the same key replaces it in its place."""
     flags, overrides = _split(original)
     more_flags, more = _split(extra)
     for flag in more_flags:
@@ -86,10 +77,8 @@ def _quoted(value: str) -> str:
 
 
 def continued_argv(argv: list[str]) -> list[str]:
-    """`sys.argv` for Hydra: for `run.py -m resume=<sweep parent run id> [overrides]`, the sweep's own
-    command line with these overrides on top (and CONTINUE_ENV naming the parent for the jobs); any
-    other command line as it is. Exits 2 with one line if the parent cannot be continued, before
-    anything is written."""
+    """`sys.argv` for Hydra: for `-m resume=<sweep parent run id>`, the sweep's own command line with these
+    overrides on top; any other as it is. Exits 2 with one line if the parent cannot be continued."""
     args = argv[1:]
     flags, overrides = _split(args)
     given = [o for o in overrides if _key(o) == "resume" and not o.startswith("~")]
@@ -124,7 +113,7 @@ def continued_argv(argv: list[str]) -> list[str]:
 
 
 def _parent(parent: str) -> tuple[dict[str, str], str]:
-    """The tags and experiment of sweep parent run `parent`; Refused if it is none, or its sweep still runs."""
+    """The tags and experiment of sweep parent run `parent`; Refused if it cannot be continued."""
     from echo.tracking.store import run_record
 
     try:
@@ -160,7 +149,6 @@ def _still_running(tags: dict[str, str]) -> str | None:
 
 
 def continued_parent() -> str | None:
-    """The parent run this process's sweep continues, if it does."""
     return os.environ.get(CONTINUE_ENV) or None
 
 
@@ -171,8 +159,8 @@ def recorded_args() -> list[str]:
 
 @dataclass
 class Decision:
-    """What a job of a continued sweep does: `keep` the child `run` (FINISHED with its config), `resume`
-    it from its checkpoint (`checkpoint`: the file's name), or `run` (in the place of `run`, if given)."""
+    """What a job of a continued sweep does: `keep` or `resume` (from file `checkpoint`) the child `run`,
+    or `run` (in the place of `run`, if given)."""
 
     action: str
     run: object | None = None
@@ -183,11 +171,9 @@ class Decision:
         return self.run.info.run_id if self.run is not None else None
 
     def tags(self) -> dict[str, str]:
-        """The tags of the job's new run (echo.train adds `echo.resumed_from` to a resumed one)."""
         return {RERUN_OF: self.run_id} if self.action == "run" and self.run is not None else {}
 
     def line(self, said: str) -> str | None:
-        """A line for the console (none for a job that simply runs)."""
         if self.action == "keep":
             return f"echo: job {said} finished before: kept its run {self.run_id}, not trained again"
         if self.action == "resume":
@@ -197,8 +183,7 @@ class Decision:
 
 @functools.cache
 def _jobs(uri: str, parent: str) -> tuple:
-    """The parent's jobs as runs (echo.tracking.store.sweep_jobs), read once per process: later children
-    are this continuation's own, each with its own config."""
+    """The parent's jobs as runs, read once per process: later children are this continuation's own."""
     from echo.tracking.store import sweep_jobs
 
     return tuple(sweep_jobs(parent))
@@ -219,10 +204,8 @@ def _same(run, wanted: dict[str, str], loose: tuple[str, ...] = ()) -> bool:
 
 
 def decide(parent: str, cfg) -> Decision:
-    """What the job of config `cfg` (its task config: no hydra node) does in the sweep that continues
-    `parent`: keep the child that FINISHED with the same config, else resume the last one that ended
-    KILLED or FAILED with a checkpoint (with the same config, but for the settings of RESUMABLE that
-    this command changes), else run (in the place of the last unfinished one)."""
+    """What the job of config `cfg` (no hydra node) does: keep the child that FINISHED with its config,
+    else resume the last unfinished one with a checkpoint (RESUMABLE settings may differ), else run."""
     flat = flatten(OmegaConf.to_container(cfg, resolve=True))  # as its run's params record it (start_tracker)
     wanted = {k: str(v) for k, v in flat.items() if k.split(".")[0] not in NOT_COMPARED}
     jobs = _jobs(tracking_uri(), parent)
@@ -245,7 +228,7 @@ def tally(decisions: list[Decision]) -> str:
 
 
 def search_tally(parent: str, n_trials: int) -> str:
-    """What a continued search will do with the parent's trials (`continued_study`), as `tally` says it."""
+    """`tally` for a continued search's trials (`continued_study`)."""
     kept = resumed = 0
     for run in replayed(parent):
         if run.info.status == "FINISHED":
@@ -257,8 +240,8 @@ def search_tally(parent: str, n_trials: int) -> str:
 
 
 def replayed(parent: str) -> list:
-    """The parent's trials a continued search asks for again, first (FINISHED ones first): all but those
-    that FAILED with no checkpoint (a diverged run: the sampler's next choice is worth more)."""
+    """The parent's trials a continued search asks for again (FINISHED first): not those that FAILED with
+    no checkpoint (a diverged run: the sampler's next choice is worth more)."""
     runs = [
         run
         for run in _jobs(tracking_uri(), parent)
@@ -268,7 +251,7 @@ def replayed(parent: str) -> list:
 
 
 def _value(text: str):
-    """A param's text as the value Optuna suggested: int, float, bool, None or str."""
+    """A param's text as the value Optuna suggested."""
     for kind in (int, float):
         try:
             return kind(text)
@@ -279,7 +262,7 @@ def _value(text: str):
 
 def continued_study(parent: str, study_name: str, direction):
     """The Optuna storage of a continued search (`hydra.sweeper.storage`): a study in memory whose first
-    trials are the parent's (`replayed`), each kept or resumed by its job, so the search ends at `n_trials`."""
+    trials are the parent's, so the search ends at `n_trials`."""
     import warnings
 
     import optuna

@@ -1,15 +1,8 @@
-"""The networks: plain nn.Modules with explicit sizes; they never see the config.
+"""The networks: plain nn.Modules with explicit sizes; they never see the config (docs/models.md).
 
-Every network maps input features (batch, n_in, n_features) and a recurrent state (None for
-a fresh zero state) to scores (batch, n_out, n_classes) and its new state, so a caller can
-carry the state to the next batch the way a Keras `stateful=True` layer does.
-
-Recurrent networks take `cell="lstm"` or `"gru"` and `num_layers` (stacked recurrent layers, each
-recurrent layer of the network that many deep). Networks with `variable_length = True`
-accept a window of any length L and an `n_out` other than the one they were built with
-(`forward(x, state, mask, n_out)`); those with `teacher_forced = True` also take the target
-tokens (`targets`), fed to their decoder in training.
-"""
+Each maps features (batch, n_in, n_features) and a state (None: zeros) to scores (batch, n_out,
+n_classes) and its new state. `variable_length` ones take any window length and `n_out`;
+`teacher_forced` ones also take the target tokens."""
 
 from __future__ import annotations
 
@@ -25,19 +18,14 @@ CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
 
 
 def rnn(cell: str, input_size: int, hidden_size: int, num_layers: int = 1) -> nn.LSTM | nn.GRU:
-    """A batch-first recurrent layer of kind `cell` ("lstm" or "gru"), `num_layers` stacked."""
     if cell not in CELLS:
         raise ValueError(f"cell={cell!r} is unknown: use one of {', '.join(CELLS)}")
     return CELLS[cell](input_size, hidden_size, num_layers=num_layers, batch_first=True)
 
 
 class Seq2Seq(nn.Module):
-    """Listing A: `LSTM(hidden, return_sequences)` → `TimeDistributed(Dense(n_classes))`.
-
-    One output per input step; the first `n_out` steps are the echo (with `n_out == n_in`,
-    the whole window, as in the tutorial). Any window length: it reads whatever steps it is given
-    and answers at the first `n_out` of them (at most the window's length).
-    """
+    """Listing A: `LSTM(hidden, return_sequences)` → `TimeDistributed(Dense(n_classes))`; the first
+    `n_out` steps are the echo."""
 
     variable_length = True
 
@@ -58,13 +46,8 @@ class Seq2Seq(nn.Module):
 
 
 class EncoderDecoder(nn.Module):
-    """Listing B: `LSTM(hidden)` encoder (last output only) → `RepeatVector(n_out)` →
-    `LSTM(hidden, return_sequences)` decoder → `TimeDistributed(Dense(n_classes))`.
-
-    As in Keras, the decoder starts from its own state, not the encoder's; the encoder's
-    last output is its input at every step. Any window length and any `n_out`: the encoder
-    reads every step, and its last output is repeated `n_out` times.
-    """
+    """Listing B: `LSTM(hidden)` → `RepeatVector(n_out)` → `LSTM(hidden, return_sequences)` →
+    `TimeDistributed(Dense(n_classes))`. As in Keras, the decoder starts from its own state."""
 
     variable_length = True
 
@@ -89,12 +72,8 @@ class EncoderDecoder(nn.Module):
 
 
 class OneToOne(nn.Module):
-    """Extension 5, one-to-one: the whole window as one feature vector (n_in * n_features wide)
-    read in one step by `LSTM(hidden)`, then `Dense(n_out * n_classes)` reshaped to n_out scores.
-
-    An LSTM over one step (not an MLP), so it keeps a state and can be trained statefully like
-    the tutorial's listings. It cannot mask: padded items are inside its single step.
-    """
+    """Extension 5, one-to-one: the flattened window read in one step by `LSTM(hidden)` (so it keeps
+    a state), then `Dense(n_out * n_classes)`. It cannot mask: padding is inside its single step."""
 
     needs_n_in = True
     can_mask = False
@@ -121,8 +100,7 @@ class OneToOne(nn.Module):
 
 
 class ManyToOne(nn.Module):
-    """Extension 5, many-to-one: `LSTM(hidden)` over the window, its last output only →
-    `Dense(n_out * n_classes)`, reshaped to (n_out, n_classes)."""
+    """Extension 5, many-to-one: `LSTM(hidden)`'s last output → `Dense(n_out * n_classes)`."""
 
     def __init__(
         self, n_features: int, hidden_size: int, n_classes: int, n_out: int, cell: str = "lstm", num_layers: int = 1
@@ -139,19 +117,11 @@ class ManyToOne(nn.Module):
 
 
 class Attention(nn.Module):
-    """Encoder-decoder with (Luong, dot) attention: an LSTM/GRU encoder over the window keeps an
-    output per item; at each output step j an LSTM/GRU decoder, started from the encoder's final
-    state and fed a learned embedding of position j, scores every encoder output against its own
-    output, reads their softmax-weighted sum (the context) and predicts from
-    `tanh(W [context; decoder output])`.
+    """Encoder-decoder with (Luong, dot) attention; the decoder is fed a learned embedding of output
+    position j and predicts from `tanh(W [context; decoder output])`, all steps in one call.
 
-    Content alone cannot tell two equal integers apart, so positions are explicit: the same
-    learned position table is the decoder's input at output step j and is added to the encoder's
-    output at input item i where it is scored (the keys; the context reads the outputs alone). Step
-    j can then find item j by position; without the keys' positions the encoder must learn to count,
-    and on windows of 20 it had learned nothing after 100 steps where with them it was at 0.8 token
-    accuracy after 60. The decoder's inputs do not depend on its predictions, so the whole decoder
-    runs in one call. Windows and n_out of any length up to `max_len` (the position table).
+    The same position table is added to the keys: without it, on windows of 20, nothing was learned
+    after 100 steps; with it, 0.8 token accuracy after 60.
     """
 
     variable_length = True
@@ -195,16 +165,9 @@ class Attention(nn.Module):
 
 
 class Autoregressive(nn.Module):
-    """Sequence-to-sequence with an autoregressive decoder (Sutskever et al. 2014): an LSTM/GRU
-    encoder reads the window; the decoder starts from its final state and is fed, at each output
-    step, the previous output token (a start token first): in training the true one with
-    probability `teacher_forcing` (1: teacher forcing; below 1: scheduled sampling, a coin per
-    token), otherwise and in evaluation its own argmax prediction. No attention: the encoder's
-    final state is all the decoder knows of the window.
-
-    `targets` (batch, n_out) are the true tokens; given in evaluation, they are always fed (the
-    teacher-forced metrics). Any input length and n_out.
-    """
+    """Sequence-to-sequence with an autoregressive decoder (Sutskever et al. 2014), no attention. In
+    training it is fed the true previous token with probability `teacher_forcing` (below 1: scheduled
+    sampling), else its own prediction; `targets` given in evaluation are always fed."""
 
     variable_length = True
     teacher_forced = True
@@ -257,16 +220,9 @@ class Autoregressive(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A small Transformer (torch.nn layers): the window's items, embedded, plus n_out query
-    slots, through one stack of bidirectional self-attention layers; output j is read at query
-    slot j. A query slot is a learned "query" vector plus the positional encoding of position j,
-    the same encoding as input item j, which is the one it must echo (the oldest n_out first).
-
-    Non-autoregressive: every output at once, no teacher forcing and no exposure bias.
-    `positional`: "sinusoidal" (Vaswani et al. 2017; any length) or "learned" (a table of
-    `max_len` positions). Pre-norm layers, no dropout (fresh data every epoch: nothing to
-    overfit). The feed-forward width is `hidden_size`. No state: it returns None.
-    """
+    """A small non-autoregressive Transformer: the embedded items plus n_out query slots (a learned
+    query plus position j's encoding, item j's) through pre-norm self-attention layers. No dropout
+    (fresh data every epoch), feed-forward width `hidden_size`, no state."""
 
     variable_length = True
 
@@ -299,7 +255,6 @@ class Transformer(nn.Module):
         self.head = nn.Linear(d_model, n_classes)
 
     def position(self, n: int, device) -> Tensor:
-        """Encodings of positions 0 .. n-1, (n, d_model)."""
         if self.positional == "learned":
             if n > self.max_len:
                 raise ValueError(f"{n} positions are more than max_len={self.max_len}")
@@ -322,7 +277,7 @@ class Transformer(nn.Module):
 
 
 def sinusoidal(n: int, d_model: int, device=None) -> Tensor:
-    """The sinusoidal position encodings of Vaswani et al. (2017) for positions 0 .. n-1."""
+    """Vaswani et al.'s (2017) encodings of positions 0 .. n-1."""
     position = torch.arange(n, device=device, dtype=torch.float32).unsqueeze(1)
     rate = torch.exp(torch.arange(0, d_model, 2, device=device, dtype=torch.float32) * (-math.log(10_000.0) / d_model))
     encoding = torch.zeros(n, d_model, device=device)
@@ -340,16 +295,14 @@ MODELS = {
     "autoregressive": Autoregressive,
     "transformer": Transformer,
 }
-# Network options beyond the sizes every network takes; each goes to the networks that accept it.
 NET_OPTIONS = ("cell", "num_layers", "max_len", "teacher_forcing", "d_model", "n_layers", "n_heads", "positional")
 
 
 def build_net(
     name: str, n_in: int, n_features: int, hidden_size: int, n_classes: int, n_out: int, **options
 ) -> nn.Module:
-    """Network `name` with these sizes; only the topologies that flatten the window get `n_in`.
-    `options` (NET_OPTIONS, e.g. cell="gru") go to the networks that take them; others ignore them.
-    It keeps its arguments as `build_args`, so a stored network can be built again (echo/reuse.py)."""
+    """Network `name`; each of `options` (NET_OPTIONS) goes to the networks that take it. Its arguments
+    are kept as `build_args`, to build a stored network again (echo/reuse.py)."""
     cls = MODELS[name]
     sizes = dict(n_features=n_features, hidden_size=hidden_size, n_classes=n_classes, n_out=n_out)
     accepted = inspect.signature(cls).parameters
@@ -360,7 +313,7 @@ def build_net(
 
 
 def variable_length(name: str) -> bool:
-    """Whether network `name` takes windows of any length and any `n_out` (length generalisation)."""
+    """Whether network `name` takes windows of any length and any `n_out`."""
     return getattr(MODELS[name], "variable_length", False)
 
 
@@ -370,12 +323,8 @@ def can_mask(name: str) -> bool:
 
 
 def masked_lstm(lstm: nn.LSTM | nn.GRU, x: Tensor, state, mask: Tensor | None) -> tuple[Tensor, object]:
-    """`lstm(x, state)`, except that where `mask` (batch, steps) is False the step is skipped,
-    as Keras `Masking` does: the state does not change and the output repeats the last one.
-    Also for a GRU (its state is h alone).
-
-    With no mask this is the plain (fast) LSTM call; with one it runs step by step.
-    """
+    """`lstm(x, state)` skipping the steps where `mask` is False, as Keras `Masking` does (the state
+    stays, the output repeats); step by step with a mask."""
     if mask is None:
         return lstm(x, state)
     if state is None:
@@ -394,10 +343,8 @@ def masked_lstm(lstm: nn.LSTM | nn.GRU, x: Tensor, state, mask: Tensor | None) -
 
 
 def init_like_keras(net: nn.Module) -> None:
-    """Initialise as Keras does, as the tutorial's networks were: Glorot-uniform input
-    kernels, orthogonal recurrent kernels, zero biases but 1 for the forget gate
-    (`unit_forget_bias`), Glorot-uniform dense layers. It learns the echo about twice as fast
-    as PyTorch's default uniform init (README, Performance)."""
+    """Initialise as Keras does (Glorot, orthogonal, forget-gate bias 1): it learns the echo about twice
+    as fast as PyTorch's default init (README, Performance)."""
     for module in net.modules():
         if isinstance(module, (nn.LSTM, nn.GRU)):  # a GRU as Keras': no forget gate
             for name, param in module.named_parameters():
@@ -415,7 +362,7 @@ def init_like_keras(net: nn.Module) -> None:
 
 
 def detach_state(state: State | Tensor | None):
-    """The same state with no gradient history: no gradient flows across batches."""
+    """The state with no gradient history."""
     if state is None:
         return None
     if isinstance(state, Tensor):

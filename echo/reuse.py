@@ -1,10 +1,7 @@
-"""A run's trained network: stored when the run finishes (`model/weights.pt`, `model/config.yaml`),
-loaded back safely by `echo.load_run(run_id)` and `python run.py evaluate=<run id>`.
+"""A run's trained network: stored when it finishes, loaded by `echo.load_run` and `evaluate=<run id>`.
 
-What a store holds is untrusted (a shared `mlflow server` has no authentication by default): files
-are read with `torch.load(weights_only=True)`, a stored config as data (no interpolation, no unknown
-key), and a network's sizes and tensors are checked on torch's meta device before anything is allocated.
-"""
+A store is untrusted (a shared `mlflow server` has no authentication by default): weights-only loading,
+configs read as data, sizes and tensors checked on torch's meta device first (docs/reproducibility.md)."""
 
 from __future__ import annotations
 
@@ -22,42 +19,32 @@ FOLDER = "model"
 WEIGHTS, CONFIG = f"{FOLDER}/weights.pt", f"{FOLDER}/config.yaml"
 EVALUATED_FROM = "echo.evaluated_from"
 GROUPS = ("task", "model", "trainer", "logger", "experiment", "hparams_search")
-# What evaluate= may change besides task.*: not the network, which is the stored one.
-EVALUATE_KEEPS = ("model.",)
-EVALUATE_MAY_SET = ("model.batch_size",)  # a stateful batch must divide another length's windows
 CONF = Path(__file__).resolve().parents[1] / "conf"  # the config a stored one is checked against
 MAX_NODES = 10_000  # values and keys of a stored config: echo's have about 50 (this bounds YAML aliases)
-# A stored network's sizes, by build_net's argument: whole numbers >= 1, or one of these names.
-NETWORK_SIZES = (
-    "n_in", "n_features", "hidden_size", "n_classes", "n_out", "d_model", "n_layers", "num_layers", "n_heads",
-    "max_len",
-)  # fmt: skip
+NETWORK_SIZES = ("n_in", "n_features", "hidden_size", "n_classes", "n_out", "d_model", "n_layers", "num_layers")
+NETWORK_SIZES += ("n_heads", "max_len")
 NETWORK_NAMES = {"cell": CELLS, "positional": POSITIONAL}
+# The lines of torch's weights-only error around the unpickler's reason.
+TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
 class LoadError(ConfigError):
-    """A run whose network cannot be loaded; the message names the run and says why."""
+    """A run whose network cannot be loaded (one line naming the run)."""
 
 
 def save_network(net, config_yaml: str, tracker) -> None:
-    """Store `net` (built by echo.models.build_net) and its run's config in `tracker`'s run: the
-    file is written here (a few hundred kB, milliseconds) and logged by the tracking worker."""
+    """Store `net` (from build_net) and its run's config in `tracker`'s run, through its worker."""
     import torch
 
     folder = tempfile.mkdtemp(prefix="echo-network-")
     stored = {"network": dict(net.build_args), "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
     torch.save(stored, Path(folder) / "weights.pt")
-    tracker.log_artifacts(folder, FOLDER, remove=True)  # the worker removes the folder once logged
+    tracker.log_artifacts(folder, FOLDER, remove=True)
     tracker.log_text(config_yaml, CONFIG)
 
 
-# The lines of torch's weights-only error around the unpickler's reason.
-TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
-
-
 def read_weights_only(path: str, what: str):
-    """`torch.load(path, weights_only=True)`: tensors and plain values. A file that needs more (its
-    unpickling could run code) or is malformed raises LoadError, saying `what` it is."""
+    """`torch.load(path, weights_only=True)`; LoadError, saying `what` it is, if it holds more or is malformed."""
     import warnings
 
     import torch
@@ -81,9 +68,8 @@ def read_weights_only(path: str, what: str):
 
 
 def read_stored_config(path: str, what: str, cfg: DictConfig | None = None) -> DictConfig:
-    """The config at `path`, read back from a store (`what` names it, e.g. `resume=<id>`), as data:
-    plain YAML values, no interpolation (`${...}`, refused: never resolved) and no key that neither
-    `cfg` (this command's config) nor conf/'s presets have. LoadError, in one line, otherwise."""
+    """The stored config at `path` as data: plain YAML, no interpolation, no key unknown to `cfg` (this
+    command's) or conf/; LoadError otherwise."""
     import yaml
 
     try:
@@ -92,7 +78,7 @@ def read_stored_config(path: str, what: str, cfg: DictConfig | None = None) -> D
         raise LoadError(f"{what}: the stored config is not readable YAML, refused ({first_line(error)})") from None
     if not isinstance(data, dict):
         raise LoadError(f"{what}: the stored config is not a mapping of settings, refused")
-    leaves = _leaves(data, what)  # every key and value, each checked for `${`
+    leaves = _leaves(data, what)
     known = known_keys(cfg)  # None: an installed echo without conf/ and no command line to compare with
     unknown = next((_first_unknown(key, known) for key in leaves if key not in known), None) if known else None
     if unknown is not None:
@@ -110,8 +96,7 @@ def read_stored_config(path: str, what: str, cfg: DictConfig | None = None) -> D
 
 
 def _leaves(data: dict, what: str) -> list[str]:
-    """The dotted keys of `data`'s settings (a list is one setting), in order; LoadError at the first
-    `${` in a key or value (lists included), or past MAX_NODES nodes (YAML aliases repeat a node)."""
+    """The dotted keys of `data` (a list is one setting); LoadError at a `${` or past MAX_NODES nodes."""
     leaves, seen, todo = [], 0, [("", data, False)]
     while todo:
         path, node, in_list = todo.pop()
@@ -143,10 +128,9 @@ def _first_unknown(key: str, known: set[str]) -> str:
     return key
 
 
-def known_keys(cfg: DictConfig | None = None) -> set[str] | None:
-    """The dotted keys a config of this checkout may hold: `cfg`'s (the command line's composition)
-    and those conf/ sets: its top level, the task, trainer and logger defaults, and every model
-    preset's (a stored run may have used another network than this command's)."""
+def known_keys(cfg: DictConfig | None) -> set[str] | None:
+    """The dotted keys a config of this checkout may hold: `cfg`'s and conf/'s, every model preset's
+    included (a stored run may have used another network)."""
     import yaml
 
     from echo.tracking.naming import flatten  # dotted keys: a list is one setting
@@ -156,11 +140,9 @@ def known_keys(cfg: DictConfig | None = None) -> set[str] | None:
         return known or None
     top = yaml.safe_load((CONF / "config.yaml").read_text())
     known |= {key for key in top if key not in ("defaults", "hydra")}
-    for group in ("task", "trainer", "logger"):
-        for file in sorted((CONF / group).glob("*.yaml")):
-            known |= {f"{group}.{key}" for key in flatten(yaml.safe_load(file.read_text()) or {}) if key != "defaults"}
-    for file in sorted((CONF / "model").glob("*.yaml")):  # `# @package _global_`
-        known |= {key for key in flatten(yaml.safe_load(file.read_text()) or {}) if key != "defaults"}
+    for group, prefix in (("task", "task."), ("trainer", "trainer."), ("logger", "logger."), ("model", "")):
+        for file in sorted((CONF / group).glob("*.yaml")):  # model presets are `# @package _global_`
+            known |= {prefix + key for key in flatten(yaml.safe_load(file.read_text()) or {}) if key != "defaults"}
     return known | {f"trainer.{key}" for key in TRAINER_SUPPORTED}  # (a preset or +trainer.key=... sets them)
 
 
@@ -186,7 +168,6 @@ def _download(run_id: str, path: str, folder: str, tags: dict[str, str], key: st
 
 
 def _stored(run_id: str, key: str) -> tuple[dict, DictConfig, dict[str, str]]:
-    """Run `run_id`'s stored network (checked, not yet built), its config and its tags."""
     tags = _run_tags(run_id, key)
     folder = tempfile.mkdtemp(prefix="echo-load-")
     try:
@@ -206,9 +187,7 @@ def _stored(run_id: str, key: str) -> tuple[dict, DictConfig, dict[str, str]]:
 
 
 def _build(stored: dict, run_id: str, key: str):
-    """The stored network, built with its own sizes and its weights loaded: its sizes are checked, and
-    its tensors compared with the network they describe built on torch's meta device (nothing
-    allocated), first (LoadError if they differ or it cannot fit in memory)."""
+    """The stored network with its weights, its sizes and tensors checked first on torch's meta device."""
     import torch
 
     from echo.models import MODELS, build_net
@@ -242,14 +221,13 @@ def _build(stored: dict, run_id: str, key: str):
         net = build_net(name, **args)
         net.load_state_dict(stored["state_dict"])
     except (TypeError, RuntimeError, KeyError) as error:
-        first = str(error).strip().splitlines()[0]
+        first = first_line(error)
         raise LoadError(f"{key}={run_id}: the stored {name} network does not fit this checkout's ({first})") from None
     return net.eval()
 
 
 def _check_sizes(args: dict, state_dict: dict, what: str) -> None:
-    """A stored network's arguments are build_net's, its sizes whole numbers >= 1, and no more layers
-    than it has tensors (each layer costs time to build, even on the meta device)."""
+    """build_net's arguments, sizes >= 1, no more layers than tensors (each costs time to build, even on meta)."""
     for arg, value in args.items():
         if arg in NETWORK_SIZES:
             ok = not isinstance(value, bool) and isinstance(value, int) and value >= 1
@@ -267,8 +245,7 @@ def _check_sizes(args: dict, state_dict: dict, what: str) -> None:
 
 
 def misfit(stored: dict, expected: dict) -> str | None:
-    """How tensors `stored` (name -> tensor) first differ from `expected` (name -> tensor, e.g. a
-    state_dict on the meta device): a missing or unexpected key, or a shape; None if they fit."""
+    """How tensors `stored` first differ from `expected` (both name -> tensor); None if they fit."""
     import torch
 
     for key, tensor in expected.items():
@@ -292,11 +269,8 @@ def _say_code_version(run_id: str, tags: dict[str, str]) -> None:
 
 
 def load_run(run_id: str):
-    """The trained network of run `run_id` (in eval mode, on the CPU) and the run's config, from the store
-    `MLFLOW_TRACKING_URI` (else ./mlflow.db). The network maps input features (batch, n_in, n_features) to
-    scores (batch, n_out, n_classes) and a recurrent state; the config says how tokens were encoded
-    (`task.representation`, `task.n_unique`). LoadError, one line naming the run, if it cannot be loaded;
-    a line on stderr if the run's code version is not this checkout's."""
+    """(network in eval mode on the CPU, config) of run `run_id` (echo.load_run); LoadError if it cannot be
+    loaded, a line on stderr if its code version is not this checkout's."""
     run_id = str(run_id)
     stored, config, tags = _stored(run_id, "run")
     _say_code_version(run_id, tags)
@@ -304,10 +278,8 @@ def load_run(run_id: str):
 
 
 def evaluated_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The config of `evaluate=<run id>`: the run's stored config (on top of this checkout's
-    defaults, for settings it predates), with this command's plain `key=value` overrides on top
-    (e.g. task.test_seed=7, task.length=40). The network is the stored one: model settings other
-    than model.batch_size, and config groups, cannot change."""
+    """The config of `evaluate=<run id>`: the run's stored one over this checkout's defaults, with this
+    command's plain overrides on top; the network's settings (but model.batch_size) cannot change."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     run_id = str(cfg.evaluate)
@@ -323,7 +295,8 @@ def evaluated_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         key = override.key_or_group
         if key == "evaluate" or key.startswith("hydra"):
             continue
-        if key in GROUPS or (key.startswith(EVALUATE_KEEPS) and key not in EVALUATE_MAY_SET):
+        # The network is the stored one; model.batch_size may change (a stateful batch must divide the windows).
+        if key in GROUPS or (key.startswith("model.") and key != "model.batch_size"):
             raise ConfigError(
                 f"{override.input_line}: evaluate= tests the stored network of run {run_id}, which cannot change; "
                 f"settings like task.test_seed=... or task.length=... can (train a new run to change {key})"
@@ -341,22 +314,15 @@ def evaluated_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 def network_to_evaluate(cfg: DictConfig):
-    """The stored network of run `cfg.evaluate`, loaded and checked against `cfg`'s task: LoadError
-    (before anything is tracked) if it is missing, unsafe, or its shapes do not fit the windows."""
-    run_id = str(cfg.evaluate)
-    stored, _, tags = _stored(run_id, "evaluate")
-    net = _build(stored, run_id, "evaluate")
-    _check_fits(net, cfg, run_id)
-    _say_code_version(run_id, tags)
-    return net
-
-
-def _check_fits(net, cfg: DictConfig, run_id: str) -> None:
-    """Run the network on two windows of `cfg`'s task: it must give n_out items of the right width."""
+    """The stored network of run `cfg.evaluate`; LoadError unless it gives n_out items of the right width
+    for two windows of `cfg`'s task."""
     import torch
 
     from echo.encoding import representation
 
+    run_id = str(cfg.evaluate)
+    stored, _, tags = _stored(run_id, "evaluate")
+    net = _build(stored, run_id, "evaluate")
     task = cfg.task
     rep = representation(task)
     tokens = torch.zeros(2, task.n_in, dtype=torch.long)
@@ -370,9 +336,11 @@ def _check_fits(net, cfg: DictConfig, run_id: str) -> None:
         fits = tuple(scores.shape) == (2, task.n_out, rep.n_outputs)
         why = f"it gives {tuple(scores.shape[1:])} scores per window, the task needs {(task.n_out, rep.n_outputs)}"
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
-        fits, why = False, str(error).strip().splitlines()[0]
+        fits, why = False, first_line(error)
     if not fits:
         raise LoadError(
             f"evaluate={run_id}: the stored network ({built}) does not fit windows of task.n_in={task.n_in}, "
             f"task.n_out={task.n_out}, task.n_unique={task.n_unique} ({why})"
         )
+    _say_code_version(run_id, tags)
+    return net

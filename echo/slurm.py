@@ -1,12 +1,5 @@
-"""SLURM: which job a run is, and a requeued job continuing its own run by itself.
-
-A run inside a SLURM job is tagged `echo.slurm_job_id` (as `squeue` shows it: `<array>_<task>`
-for a job array's task, as submitit submits a sweep) and `echo.slurm_node`. When SLURM reruns a
-job (after `scontrol requeue`, a preemption, or a time limit that submitit turned into a requeue),
-the rerun has `SLURM_RESTART_COUNT` set: it finds the run its last attempt left (KILLED, with a
-checkpoint saved on SIGTERM) and continues it as `resume=<that run>` would, as a new run tagged
-`echo.resumed_from`; echo.sweeps counts the chain as one job.
-"""
+"""SLURM: which job a run is (tags), and a requeued job continuing its own run by itself
+(docs/clusters.md)."""
 
 from __future__ import annotations
 
@@ -26,7 +19,6 @@ def slurm_job_id() -> str | None:
 
 
 def slurm_tags() -> dict[str, str]:
-    """`echo.slurm_job_id` and `echo.slurm_node` inside a SLURM job; nothing outside."""
     job = slurm_job_id()
     if job is None:
         return {}
@@ -42,9 +34,8 @@ def restart_count() -> int:
 
 
 def requeued_from(experiment: str, run_name: str) -> str | None:
-    """In a rerun of a requeued SLURM job: the run id of its last attempt, if that left a checkpoint
-    to continue from. None on a job's first run, outside SLURM, or with nothing to continue; exits (0)
-    if that attempt had finished its run."""
+    """In a rerun of a requeued SLURM job: the run id of its last attempt if that left a checkpoint, else
+    None; exits (0) if that attempt had finished its run."""
     job = slurm_job_id()
     if job is None or restart_count() == 0:
         return None
@@ -68,8 +59,7 @@ def requeued_from(experiment: str, run_name: str) -> str | None:
     if last.info.status == "RUNNING":  # its attempt was killed before it could say so
         client.set_terminated(last.info.run_id, "KILLED")
     if last.info.status == "FINISHED":
-        # The job's work was done: SLURM's time-limit signal can come after (it may come up to a minute
-        # early), and submitit requeues the job all the same. Training again would duplicate the run.
+        # SLURM's time-limit signal can come after the work was done, and submitit requeues the job all the same.
         print(f"echo: SLURM job {job} restarted, but its run {last.info.run_id} had finished", file=sys.stderr)
         sys.exit(0)
     if "last.ckpt" not in {os.path.basename(a.path) for a in client.list_artifacts(last.info.run_id, FOLDER)}:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import pytorch_lightning as pl
 import torch
@@ -39,16 +39,9 @@ from echo.tracking import Tracker, start_tracker, tracking_uri
 from echo.tracking.outbox import TrackingStartError, cannot_write, unreachable
 
 
-def train(
-    cfg: DictConfig, run_name: str = "default", tags: dict[str, str] | None = None, tracker: Tracker | None = None
-) -> dict[str, float]:
-    """Train one echo model as `cfg` says; return its final metrics.
-
-    Raises `echo.config.ConfigError` before anything is built or tracked if `cfg` cannot run.
-    With `logger=mlflow` the run is tracked by `tracker`, or by a new one named `run_name`, and a
-    finished run keeps its trained network (echo/reuse.py). With `evaluate=<run id>` nothing is
-    trained: the stored network of that run is tested (`cfg` from `echo.reuse.evaluated_config`).
-    """
+def train(cfg: DictConfig, run_name: str = "default", tags: dict[str, str] | None = None) -> dict[str, float]:
+    """Train one echo model as `cfg` says; return its final metrics. ConfigError before anything is built
+    or tracked if `cfg` cannot run; with `evaluate=<run id>`, that run's stored network is tested instead."""
     validate(cfg)
     resolve_threads(cfg)
     preflight(cfg)  # Lightning takes the trainer settings, and the run fits in memory
@@ -74,7 +67,8 @@ def train(
     if evaluate := cfg.get("evaluate"):  # a new run, testing the network another one stored
         stored_net = network_to_evaluate(cfg)  # ConfigError if missing, unsafe or misfit: before tracking
         tags = {**(tags or {}), EVALUATED_FROM: str(evaluate)}
-    if tracker is None and cfg.logger.name == "mlflow":
+    tracker = None
+    if cfg.logger.name == "mlflow":
         tracker = start_tracker(cfg, run_name, tags)
     status, error = "FAILED", None
     try:
@@ -94,16 +88,16 @@ def train(
         if tracker:
             tracker.end(status, error)  # TrackingFailed if the store refused writes (kept locally)
     if tracker:
-        print(_run_line(tracker, page))
+        line = f"MLflow run '{tracker.run_name}' ({tracker.run_id}) in {tracking_uri()}"
+        if page is None:
+            print(f"{line}: see it with `mlflow ui`")
+        else:
+            print(f"{line}: {page}" + ("" if tracking_uri().startswith("http") else " (with `mlflow ui` running here)"))
     return summary
 
 
-def _fit_and_test(
-    cfg: DictConfig, tracker: Tracker | None, checkpoint: str | None, stored_net=None
-) -> dict[str, float]:
-    """Build, fit, test and report; returns the summary. An interrupt propagates from `fit`
-    (Lightning turns Ctrl-C into sys.exit(1)) after the callbacks kept the metrics so far.
-    With `stored_net` (evaluate=) that network is tested, and nothing trained."""
+def _fit_and_test(cfg: DictConfig, tracker: Tracker | None, checkpoint: str | None, stored_net) -> dict[str, float]:
+    """Build, fit (or, with `stored_net`, only test), test and report; returns the summary."""
     quiet_lightning()
     torch.set_num_threads(cfg.threads)
     reuse_freed_memory()
@@ -152,8 +146,12 @@ def _fit_and_test(
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    if tracker:
-        tracker.log_tags(_device_tags(trainer.strategy.root_device))
+    if tracker:  # what it trained on (the CPU's name is the tracking worker's to find)
+        device = trainer.strategy.root_device
+        tags = {"echo.device": str(device), "echo.device.threads": str(torch.get_num_threads())}
+        if device.type == "cuda":
+            tags["echo.device.gpu"] = torch.cuda.get_device_name(device)
+        tracker.log_tags(tags)
     if stored_net is not None:
         return _test_stored(cfg, logger, trainer, module, data)
     trainer.fit(module, data, ckpt_path=checkpoint, weights_only=True)  # download_checkpoint checked it
@@ -186,7 +184,7 @@ def _fit_and_test(
 
 
 def _test_stored(cfg: DictConfig, logger, trainer, module: EchoModule, data: EchoData) -> dict:
-    """evaluate=: test the stored network, print and log the tutorial's table and the test metrics."""
+    """evaluate=: test the stored network; print and log the table and the test metrics."""
     trainer.test(module, data, verbose=False)
     summary = dict(module.summary)
     table = expected_predicted(module, data, cfg.task, seed=cfg.seed)
@@ -198,27 +196,9 @@ def _test_stored(cfg: DictConfig, logger, trainer, module: EchoModule, data: Ech
     return summary
 
 
-def _device_tags(device: torch.device) -> dict[str, str]:
-    """What the run trained on: the device, torch's CPU threads, the GPU's name (the CPU's is the
-    tracking worker's to find, echo/tracking/provenance.py)."""
-    tags = {"echo.device": str(device), "echo.device.threads": str(torch.get_num_threads())}
-    if device.type == "cuda":
-        tags["echo.device.gpu"] = torch.cuda.get_device_name(device)
-    return tags
-
-
-def _run_line(tracker: Tracker, page: str | None) -> str:
-    """The line a tracked run ends with: where it is, and the address of its page."""
-    line = f"MLflow run '{tracker.run_name}' ({tracker.run_id}) in {tracking_uri()}"
-    if page is None:
-        return f"{line}: see it with `mlflow ui`"
-    return f"{line}: {page}" + ("" if tracking_uri().startswith("http") else " (with `mlflow ui` running here)")
-
-
 def expected_predicted(module: EchoModule, data: EchoData | CopyMemoryData, task, seed: int) -> str:
-    """The tutorial's evaluation: one fresh sequence, one `Expected: [...] Predicted [...]` per window
-    (with task.train_lengths, windows of the longest trained length). Copy memory: ten fresh sequences,
-    the recalled symbols of each."""
+    """The tutorial's `Expected: [...] Predicted [...]` per window of one fresh sequence (of the longest
+    trained length); copy memory: the recalled symbols of ten."""
     if is_copy_memory(task):
         x, y = data.held_out(10_000 + seed, module.device, n=10)
         pred = module.predict_windows(data.eval_batches(x, y))[:, -RECALL:]
@@ -233,23 +213,19 @@ def expected_predicted(module: EchoModule, data: EchoData | CopyMemoryData, task
 @contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM ends a run the way Ctrl-C does (KILLED), in the main thread only."""
-    if sys.platform == "win32" or signal.getsignal(signal.SIGTERM) is None:
-        yield
-        return
-    try:
-        previous = signal.signal(signal.SIGTERM, _interrupt_unless_ending)
-    except ValueError:  # not the main thread
-        yield
-        return
+    previous = None
+    if sys.platform != "win32" and signal.getsignal(signal.SIGTERM) is not None:
+        with suppress(ValueError):  # not the main thread
+            previous = signal.signal(signal.SIGTERM, _interrupt_unless_ending)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt_unless_ending(signum, frame) -> None:
-    """Ctrl-C's KeyboardInterrupt, unless the run is already ending on an exception: a SLURM job at its
-    time limit gets submitit's SIGUSR2 (which requeues the job and exits) and then SLURM's SIGTERM, which
-    must not cut short the checkpoint being saved."""
+    """Ctrl-C's KeyboardInterrupt, unless the run is already ending on an exception: SLURM's SIGTERM after
+    submitit's SIGUSR2 at a time limit must not cut short the checkpoint being saved."""
     if sys.exc_info()[1] is None:
         signal.default_int_handler(signal.SIGINT, frame)

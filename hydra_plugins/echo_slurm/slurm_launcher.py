@@ -1,14 +1,6 @@
-"""`hydra/launcher=slurm` (conf/hydra/launcher/slurm.yaml): Hydra's submitit launcher for SLURM, with what a
-sweep that stops and goes on needs of it (docs/sweeps-and-clusters.md#a-sweep-that-stopped):
-- a job that ends without returning (`scancel`, a node lost, a job killed outright) stops the sweep once
-  its other jobs have ended, in one line; its parent ends KILLED (echo.compat.end_slurm_jobs_without_a_result:
-  submitit alone waits for such a job forever where the cluster keeps no accounting);
-- a continued sweep (echo/continuation.py) submits only its unfinished jobs: those that finished before
-  are kept here, in the launching process, their objective read from their runs.
-
-Hydra imports this module whenever it starts (it looks for plugins in `hydra_plugins`): without the
-submitit extra it defines nothing.
-"""
+"""`hydra/launcher=slurm`: Hydra's submitit launcher, where a job that ends without returning stops the
+sweep (submitit alone waits forever without accounting) and a continued sweep submits only its
+unfinished jobs (docs/sweeps-and-clusters.md#a-sweep-that-stopped)."""
 
 from __future__ import annotations
 
