@@ -50,6 +50,5 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
     warnings.filterwarnings("ignore", ".*configure_optimizers` returned `None`.*")  # a population steps its own
-    warnings.filterwarnings("ignore", ".*`validation_step` but have no `val_dataloader`.*")  # ... and validates
     # On a machine with SLURM installed (a login node, a job): echo runs one process per job, no srun needed
     warnings.filterwarnings("ignore", ".*`srun` command is available on your system but is not used.*")

@@ -155,7 +155,7 @@ TRAINER_REFUSED = {
     "enable_checkpointing": f"{ECHO_SETS}; use checkpoint_every=<epochs>",
     "enable_progress_bar": f"{ECHO_SETS}; use progress=true or progress=false",
     "enable_model_summary": f"{ECHO_SETS} (off)",
-    "inference_mode": "echo evaluates without gradients itself (a population in its own steps)",
+    "inference_mode": "echo evaluates without gradients itself",
     "profiler": "Lightning's profiler reports to its info log, which echo keeps quiet; benchmarks/speed.py times a run",
     "use_distributed_sampler": ONE_DEVICE,
     "sync_batchnorm": ONE_DEVICE,

@@ -179,6 +179,9 @@ class PopulationData(pl.LightningDataModule):
     def train_dataloader(self) -> Epochs:
         return Epochs(self.draw)
 
+    def val_dataloader(self) -> Epochs:
+        return Epochs(_fixed(self.val))
+
     def held_out(self, n_seq: int, seeds: list[int]) -> tuple[Tensor, Tensor]:
         """`held_out` for each member, member k's drawn with seeds[k]."""
         xs, ys = zip(*(held_out(self.task, n_seq, seed, self.device) for seed in seeds))

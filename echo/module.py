@@ -447,10 +447,18 @@ class PopulationModule(EchoModule):
             training = [m.status == "RUNNING" for m in self.members]
             self._train_sums.append((epoch, self.train_epoch(draw)[None], training))
             self.epochs_done = epoch
-        if self.epochs_done % self.every == 0 and self._running():
-            self._validate(self.epochs_done)
-        if not self._running() or self.epochs_done >= self.max_epochs:
-            self.trainer.should_stop = True
+
+    def validation_step(self, draw: Draw, batch_idx: int) -> None:
+        """Lightning's validation after each step: the members still training, as a run validates (not
+        after a last step shorter than `every`)."""
+        if self.epochs_done % self.every == 0:
+            self._validate(self.epochs_done, draw())
+
+    def on_validation_epoch_end(self) -> None:
+        pass  # each member's own, in `_validate`
+
+    def on_validation_end(self) -> None:
+        pass
 
     def on_train_epoch_end(self) -> None:
         pass
@@ -487,11 +495,11 @@ class PopulationModule(EchoModule):
         if self.compact:
             self._training = self._indices(self._running())
 
-    def _validate(self, epoch: int) -> None:
+    def _validate(self, epoch: int, batches: list[tuple[Tensor, Tensor]]) -> None:
         """Validate the members still training as a run validates; test those that stopped."""
         running = self._running()
         checked = self.log_train_metrics()
-        sums, _ = self.eval_sums(self.trainer.datamodule.val, self._indices(running))
+        sums, _ = self.eval_sums(batches, self._indices(running))
         stopped = []
         for member, member_sums in zip(running, sums.T.tolist()):
             metrics = eval_metrics(member_sums, "val")
@@ -503,6 +511,8 @@ class PopulationModule(EchoModule):
                 stopped.append(member)
         self._check_finite(running, checked)
         self._finish([m for m in stopped if m.status == "STOPPED"])
+        if not self._running():
+            self.trainer.should_stop = True
 
     def _check_finite(self, members: list, rows: list[list[tuple[str, int, float]]]) -> None:
         """A member whose loss became NaN or infinite among its `rows` ends FAILED; the others go on."""

@@ -128,7 +128,7 @@ def build_population(members: list[Member], restore: dict | list[dict] | None = 
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
+        inference_mode=False,  # members stop and freeze in validation, then train on with what it made
     )
     rep = representation(cfg.task)
     nets = []
