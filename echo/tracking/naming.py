@@ -22,8 +22,7 @@ def parent_run_id() -> str | None:
 
 
 def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` when set, else `mlflow.db` (SQLite) in the current directory,
-    where a plain `mlflow ui` finds it."""
+    """`MLFLOW_TRACKING_URI` when set, else `mlflow.db` in the current directory (where `mlflow ui` looks)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
@@ -54,8 +53,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def run_name_and_tags(hydra_cfg) -> tuple[str, dict[str, str]]:
-    """A run is named by its command-line overrides ("model=encdec,task.n_out=2"); a sweep's
-    jobs share the sweep's tag."""
+    """A run is named by its command-line overrides ("model=encdec,task.n_out=2"); a sweep's jobs share its tag."""
     name = hydra_cfg.job.override_dirname or "default"
     tags = {}
     if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":

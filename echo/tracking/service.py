@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,15 +14,14 @@ from echo.tracking.worker import ANSWER
 
 
 class TrackingService:
-    """A tracking worker writing the runs of all a parallel sweep's local jobs at once (`worker.py
-    --serve`), started by the launching process before the jobs (echo/sweeps.py). Jobs find it through
-    SERVICE_ENV; one whose directory differs, or that runs elsewhere, starts its own worker."""
+    """`worker.py --serve`, started by the launching process before the jobs (echo/sweeps.py). Jobs find
+    it through SERVICE_ENV; one whose directory differs, or that runs elsewhere, starts its own worker."""
 
     def __init__(self):
         self.folder = tempfile.mkdtemp(prefix="echo-tracking-")
         path = os.path.join(self.folder, "socket")
         self.process = start_worker("--serve", path)
-        self.socket = None  # its socket, once it listens
+        self.socket = None  # once it listens
         try:
             ready = self.process.stdout.readline().strip() == ANSWER + "ready"
         except BaseException:  # Ctrl-C as it starts
@@ -43,8 +43,6 @@ class TrackingService:
         if self.process.stdin.closed:
             return
         self.process.stdin.close()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(wait)
-        except subprocess.TimeoutExpired:
-            pass
         shutil.rmtree(self.folder, ignore_errors=True)
