@@ -35,14 +35,14 @@ class TrackingFailed(TrackingError):
     """The store failed during the run: what it could not write is in a local folder."""
 
 
-def unreachable(uri: str, timeout: float = 5.0) -> str | None:
+def unreachable(uri: str) -> str | None:
     """Why the tracking server at `uri` cannot be reached (None for a reachable one, or a local store)."""
     parsed = urlparse(uri)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         return None
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+        with socket.create_connection((parsed.hostname, port), timeout=5.0):
             return None
     except OSError as error:
         return error.strerror or str(error) or type(error).__name__

@@ -8,10 +8,10 @@ from echo.tracking.naming import tracking_uri
 from echo.tracking.worker import new_client
 
 
-def mlflow_client(uri: str | None = None):
-    """An `MlflowClient` on the tracking store (`uri`, else `tracking_uri()`)."""
+def mlflow_client():
+    """An `MlflowClient` on the tracking store."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for a file or two: noise
-    return new_client(uri or tracking_uri())
+    return new_client(tracking_uri())
 
 
 def run_tags(run_id: str) -> dict[str, str] | None:

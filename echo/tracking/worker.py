@@ -589,8 +589,7 @@ def upload(folder: str, uri: str) -> str:
     store.params(kept["params"])  # params sent after the run started (e.g. n_params)
     if kept["tags"]:
         store.tags(kept["tags"])
-    store.metrics(kept["metrics"])
-    store.flush()
+    store.metrics(kept["metrics"])  # written as it ends
     if kept["artifacts"] is not None:
         store.artifacts(str(kept["artifacts"]), None)
     store.end(kept["status"] or "KILLED")  # no end recorded: the process died
