@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 
 # Objectives where lower is better; every other metric is maximised.
 LOWER_IS_BETTER = ("time_to_target_s", "epochs_to_target", "samples_to_target", "train_time_s", "val/loss")
-# Params that differ between a sweep's jobs without making them different settings: the seed, and
-# what conf/config.yaml leaves out of run names because it does not change results.
+# Params that differ between a sweep's jobs without making them different settings (nor run names).
 NOT_A_SETTING = ("seed", "progress", "threads", "cuda_graph")
 # What the per-setting table aggregates over seeds, besides the objective (*_to_target: seeds that reached it).
 SEED_METRICS = ("test/exact_match", "test/token_acc", "test/prefix_acc", "time_to_target_s", "epochs_to_target")

@@ -33,13 +33,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import logging
 import os
+import selectors
 import shutil
 import signal
+import socket
 import sys
 import time
+import traceback
 
 if __name__ == "__main__":  # run as a script: its sibling modules, without importing the echo package
     import provenance
@@ -200,8 +204,7 @@ def open_store(uri: str) -> None:
 
 
 class StoreRun:
-    """A run in the store, written through the calls an Outbox takes; metrics in batches of
-    `flush_rows`, or every 10 s."""
+    """A run in the store, taking an Outbox's calls; metrics are written in batches of `flush_rows`, or every 10 s."""
 
     def __init__(self, client, run_id: str, flush_rows: int = 1000):
         from mlflow.entities import Metric, Param, RunTag
@@ -267,8 +270,6 @@ def write(run, op: str, message: dict) -> None:
         try:
             tags, diff = provenance.source_tags(message["argv"])
         except Exception:  # collected off the training process; none if it cannot be (the run goes on)
-            import traceback
-
             traceback.print_exc()
             tags, diff = {}, ""
         run.tags(tags)
@@ -293,7 +294,7 @@ class RunWriter:
         # once (a population's), and what each has not written by then is written while the sweep waits.
         self.reply, self.warm_up, self.flush_rows = reply, not service, 250 if service else 1000
         self.client, self.uri = None, None
-        self.run, self.store, self.outbox, self.failed_start = None, None, None, None
+        self.run, self.store, self.outbox = None, None, None  # no store: no run, or one the store could not create
 
     def handle(self, line: str) -> None:
         """Act on one message; `end` is answered once the run is written or kept."""
@@ -310,29 +311,27 @@ class RunWriter:
                 self.reply("")
         elif op == "open":  # while the training process imports torch
             open_store(message["uri"])
-        elif self.failed_start is not None or self.run is None:  # nothing of it can be tracked
+        elif self.store is None:  # nothing of it can be tracked
             if op == "artifacts" and message.get("remove"):
                 shutil.rmtree(message["folder"], ignore_errors=True)
         else:
             self.write_or_keep(op, message)
         if op == "end":
-            outbox, self.outbox, self.run, self.store, self.failed_start = self.outbox, None, None, None, None
+            outbox, self.outbox, self.run, self.store = self.outbox, None, None, None
             self.reply("ended" if outbox is None else "unsent " + json.dumps(outbox.summary()))
 
     def start(self, uri, experiment, run_name, tags, params) -> None:
-        self.run = dict(uri=uri, experiment=experiment, run_name=run_name, tags=tags, params=params)
-        self.run.update(run_id=None, params_written=False)
-        self.store, self.outbox, self.failed_start = None, None, None
+        self.store, self.outbox = None, None
         try:
             if uri != self.uri:
                 self.client, self.uri = client(uri), uri
             created = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name, tags=tags)
             self.store = StoreRun(self.client, created.info.run_id, self.flush_rows)
         except Exception as error:
-            self.failed_start = reason(error)
-            self.reply("failed " + self.failed_start)
+            self.reply("failed " + reason(error))
             return
-        self.run["run_id"] = self.store.run_id
+        self.run = dict(uri=uri, experiment=experiment, run_name=run_name, tags=tags, params=params)
+        self.run.update(run_id=self.store.run_id, params_written=False)
         self.reply(self.store.run_id)
         try:
             self.store.params(params)
@@ -344,7 +343,7 @@ class RunWriter:
 
     def abandon(self) -> None:
         """The training process went away without a word: end its run KILLED (or keep that locally)."""
-        if self.run is not None and self.failed_start is None:
+        if self.store is not None:
             self.write_or_keep("end", {"status": "KILLED"})
 
     def write_or_keep(self, op: str, message: dict) -> None:
@@ -368,7 +367,7 @@ class RunWriter:
     def end_in_store(self, status: str) -> None:
         """End a run kept locally in the store too, where it can be reached, so that it does not stay
         RUNNING: FAILED, tagged with its folder; `python -m echo.upload` then gives it `status`."""
-        if self.store is None or unreachable(self.uri):  # a server that is gone: no minutes of retries
+        if unreachable(self.uri):  # a server that is gone: no minutes of retries
             return
         logging.disable(logging.CRITICAL)  # a store that refuses it again (a full disk): the run's line said why
         try:
@@ -491,11 +490,6 @@ class Connection:
 def serve(path: str) -> None:
     """The service on Unix socket `path`, until stdin closes (the sweep is over, or its process died)
     and then every connection has."""
-    import io
-    import selectors
-    import socket
-    import traceback
-
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
@@ -509,8 +503,7 @@ def serve(path: str) -> None:
     accepting, connections, cold = True, 0, True
     while accepting or connections:
         events = selector.select(timeout=0 if cold else None)
-        if cold and not events:  # matplotlib once nothing waits: the sweep's first requests come first
-            # a process's first figure costs about 0.2 s more than the next (fonts, text and tick caches)
+        if cold and not events:  # a process's first figure costs ~0.2 s more than the next: drawn once idle
             learning_curve([["train/loss", 1, 1.0], ["train/loss", 2, 0.5]], 0.99).savefig(io.BytesIO(), format="png")
             cold = False
         for key, _ in events:
