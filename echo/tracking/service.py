@@ -37,12 +37,12 @@ class TrackingService:
         self.process.kill()
         self.close()
 
-    def close(self, wait: float = 30) -> None:
-        """No more jobs: it exits once every job's connection has closed (waited for up to `wait` s)."""
+    def close(self) -> None:
+        """No more jobs: it exits once every job's connection has closed (waited for up to 30 s)."""
         os.environ.pop(SERVICE_ENV, None)
         if self.process.stdin.closed:
             return
         self.process.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(wait)
+            self.process.wait(30)
         shutil.rmtree(self.folder, ignore_errors=True)

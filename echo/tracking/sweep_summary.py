@@ -41,11 +41,8 @@ def summarize_sweep(
     lower = objective in LOWER_IS_BETTER
     worst = math.inf if lower else -math.inf
     runs.sort(key=lambda r: (r.data.metrics.get(objective, worst) * (1 if lower else -1), r.info.run_name))
-    swept = []  # what the sweep varied: the params whose values differ between runs
-    if len(runs) > 1:
-        names = set().union(*(run.data.params for run in runs)) - set(NOT_SWEPT)
-        swept = sorted(k for k in names if len({run.data.params.get(k) for run in runs}) > 1)
-    ignored = set(ignored)
+    names = set().union(*(run.data.params for run in runs)) - set(NOT_SWEPT)
+    swept = sorted(k for k in names if len({run.data.params.get(k) for run in runs}) > 1)  # what the sweep varied
     keys = [k for k in swept if k not in ignored]
     settings = seed_statistics(runs, keys, objective)
     client.log_text(parent_run_id, sweep_table(runs, swept, objective, settings, keys), "sweep.md")

@@ -82,7 +82,7 @@ def pyplot():
 
 
 # Figures drawn, by layout: the next run's figure of a layout, drawn with new data, takes about half
-# the time. The last KEPT_FIGURES layouts stay open (pyplot warns past 20).
+# the time. The last KEPT_FIGURES layouts stay open (pyplot warns past 20); a range set in `make` stays.
 _figures: dict[tuple, tuple] = {}
 KEPT_FIGURES = 8
 
