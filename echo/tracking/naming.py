@@ -30,13 +30,10 @@ def tracking_uri() -> str:
 OmegaConf.register_new_resolver("tracking_uri", tracking_uri, replace=True)
 
 
-UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves with its defaults
-
-
 def run_page(experiment_id: str, run_id: str) -> str:
-    """The address of a run's page: on the tracking server if the store is one, else on `mlflow ui`."""
+    """The address of a run's page: on the tracking server if the store is one, else on `mlflow ui`'s default."""
     uri = tracking_uri()
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 

@@ -247,13 +247,8 @@ def sweep_plot(settings: list[Setting], keys: list[str], objective: str):
 
     shown = [m for m in dict.fromkeys([objective, "test/exact_match"]) if any(m in s.stats for s in settings)]
     order = sorted(settings, key=lambda s: [sortable(v) for v in s.values.values()])
-    try:
-        x = [float(s.values[keys[0]]) for s in order] if len(keys) == 1 else None
-    except ValueError:
-        x = None
-    numeric = x is not None
-    if not numeric:
-        x = list(range(len(order)))
+    numeric = len(keys) == 1 and all(sortable(s.values[keys[0]])[0] == 0 for s in order)  # one numeric param swept
+    x = [float(s.values[keys[0]]) for s in order] if numeric else list(range(len(order)))
     spacing = (max(x) - min(x)) / (len(x) - 1) if len(x) > 1 else 1.0
     logx = numeric and min(x) > 0 and max(x) / min(x) > 50
     fig, axes = plt.subplots(1, len(shown), figsize=(max(4.5, 0.6 * len(order) + 2) * len(shown), 4), squeeze=False)
