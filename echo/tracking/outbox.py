@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -126,17 +127,13 @@ class Outbox:
         """Params sent after the run started (its first ones are in run.json)."""
         self._update("params.json", params)
 
-    def text(self, text: str, name: str) -> None:
+    def text(self, text: str | bytes, name: str) -> None:
         self._guard(lambda: _write(self.folder / "artifacts" / name, text))
 
     def figure(self, figure, name: str) -> None:
-        def save():
-            path = self.folder / "artifacts" / name
-            _mkdirs(path.parent)
-            with os.fdopen(_open(path), "wb") as file:
-                figure.savefig(file, format=path.suffix.lstrip(".") or "png")
-
-        self._guard(save)
+        image = io.BytesIO()
+        figure.savefig(image, format=Path(name).suffix.lstrip(".") or "png")
+        self.text(image.getvalue(), name)
 
     def artifacts(self, folder: str, path: str) -> None:
         self._guard(lambda: _copy_tree(Path(folder), self.folder / "artifacts" / path))
@@ -178,10 +175,10 @@ def _open(path: Path, append: bool = False) -> int:
     return os.open(path, flags, 0o600)
 
 
-def _write(path: Path, text: str, append: bool = False) -> None:
+def _write(path: Path, data: str | bytes, append: bool = False) -> None:
     _mkdirs(path.parent)
-    with os.fdopen(_open(path, append), "a" if append else "w") as file:
-        file.write(text)
+    with os.fdopen(_open(path, append), "ab" if append else "wb") as file:
+        file.write(data.encode() if isinstance(data, str) else data)
 
 
 def _copy_tree(source: Path, target: Path) -> None:
