@@ -191,7 +191,7 @@ def _copy_tree(source: Path, target: Path) -> None:
                 shutil.copyfileobj(src, dst)
 
 
-def _read_json(path: Path | None, default):
+def _read_json(path: Path, default):
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
