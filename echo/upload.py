@@ -1,11 +1,8 @@
 """Upload what runs could not write to their tracking store: `python -m echo.upload <folder>...`.
 
-A run whose store refused its writes (a server gone, a full disk) keeps them in
-`./echo-unsent/<run>/` (echo/tracking/outbox.py) and names that folder in its last line. This writes
-each folder given (or each one inside a folder given, e.g. `echo-unsent`) into the store `--to URI`
-names, else the one `MLFLOW_TRACKING_URI` names, then removes it. It never writes to the store a
-folder's run.json names (a folder is data: anyone could have written it); without a store given it
-stops with one line, exit 2. Exit status 0 if every folder was uploaded, else 1.
+Writes each folder kept in ./echo-unsent (docs/bad-input.md) into the store `--to URI` names, else
+MLFLOW_TRACKING_URI's, then removes it. Never to the store a folder's run.json names (anyone could
+have written it). Exit status 0 if every folder was uploaded, 2 without a store, else 1.
 """
 
 from __future__ import annotations

@@ -1,13 +1,5 @@
-"""Tracking in MLflow: the only package of echo that imports mlflow.
-
-    naming.py   where runs go (`tracking_uri`), run names, the tags a sweep's runs share
-    client.py   `Tracker`: one run, as messages to a worker process; `start_tracker(cfg, ...)`
-    worker.py   the worker process that writes runs (its messages are tabled at its top)
-    outbox.py   what the store refused, kept in ./echo-unsent/<run>/ to upload later (echo/upload.py)
-    service.py  one worker for all the local jobs of a parallel sweep
-    store.py    direct reads and writes: sweep parents, checkpoints, reports, stored networks
-    sweep_summary.py  a sweep's summary on its parent run: table, seed statistics, plot, best child
-    provenance.py  where a run came from: git commit and diff, command, versions, machine
+"""Tracking in MLflow: the only package of echo that imports mlflow. A `Tracker` (client.py) sends a
+run's writes to a worker process (worker.py); what the store refuses is kept locally (outbox.py).
 
 Why not Lightning's `MLFlowLogger` (docs/tracking.md): it writes synchronously from the training
 process (on a 2-core CPU, ~150 epochs/s became ~75 on SQLite; batching 10,000 values takes 0.84 s
@@ -15,14 +7,7 @@ instead of 20 s) and cannot end a run KILLED when that process dies.
 """
 
 from echo.tracking.client import SERVICE_ENV, Tracker, close_service_connections, start_tracker, warm_up
-from echo.tracking.naming import (
-    PARENT_RUN_ENV,
-    PARENT_TAG,
-    SWEEP_TAG,
-    flatten,
-    run_name_and_tags,
-    tracking_uri,
-)
+from echo.tracking.naming import PARENT_RUN_ENV, PARENT_TAG, SWEEP_TAG, flatten, run_name_and_tags, tracking_uri
 from echo.tracking.service import TrackingService
 from echo.tracking.store import download_artifact, mlflow_client, run_tags
 

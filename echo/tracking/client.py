@@ -24,16 +24,14 @@ SERVICE_ENV = "ECHO_TRACKING_SERVICE"  # a parallel sweep's tracking service, fo
 
 
 def start_worker(*args: str) -> subprocess.Popen:
-    """`worker.py *args`, its stdin and stdout piped, in a session of its own: Ctrl-C reaches the
-    training processes, which end their runs (KILLED)."""
+    """`worker.py *args` in a session of its own: Ctrl-C reaches the training processes, which end their runs."""
     command = [sys.executable, WORKER, *args]
     return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
 
 
 class _Worker:
-    """A tracking worker process (`echo/tracking/worker.py`), writing one run after another. Starting
-    one costs seconds of CPU (an interpreter, an mlflow import), so a process keeps it between runs,
-    reusing it only from the process, directory and environment it was started in."""
+    """A tracking worker process, writing one run after another. Starting one costs seconds of CPU, so
+    a process keeps it between runs, reused only from the process, directory and environment it started in."""
 
     def __init__(self):
         self.owner = _owner()
@@ -42,44 +40,35 @@ class _Worker:
         self._read_answers_from(self.process.stdout)
 
     def _read_answers_from(self, stream) -> None:
-        """Queue the worker's answers (lines it marks as such; MLflow may print others); None at its end."""
+        """Queue the worker's answers; None at its end."""
         self.answers: queue.Queue[str | None] = queue.Queue()
         self.gone = threading.Event()
 
         def read() -> None:
-            try:
+            with contextlib.suppress(OSError):
                 for line in stream:
                     if line.startswith(ANSWER):
                         self.answers.put(line[len(ANSWER) :].strip())
-            except OSError:
-                pass
             self.gone.set()
             self.answers.put(None)
 
         threading.Thread(target=read, daemon=True).start()
 
     def send(self, message: dict) -> None:
-        try:
+        with contextlib.suppress(OSError, ValueError):  # the worker died; it said why on stderr
             self.stream.write(json.dumps(message) + "\n")
             self.stream.flush()
-        except (OSError, ValueError):  # the worker died; it said why on stderr
-            pass
 
     def close(self, wait: float = 300) -> None:
         """No more runs: the worker ends a run still open as KILLED, then exits (waited for up to `wait` s)."""
-        try:
+        with contextlib.suppress(OSError):
             self.stream.close()
-        except OSError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(wait)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 class _ServiceConnection(_Worker):
-    """A connection to a parallel sweep's tracking service (`worker.py --serve`), used as a worker of
-    this process's own."""
+    """A connection to a parallel sweep's tracking service (`worker.py --serve`), used as a worker."""
 
     def __init__(self, path: str):
         self.owner = _owner()
@@ -93,12 +82,9 @@ class _ServiceConnection(_Worker):
         self._read_answers_from(self.sock.makefile("r", encoding="utf-8"))
 
     def close(self, wait: float = 300) -> None:
-        """No more runs: the service ends a run still open as KILLED (waited for up to `wait` s)."""
-        try:
+        with contextlib.suppress(OSError):
             self.stream.close()
             self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
         self.gone.wait(wait)
         self.sock.close()
 
@@ -108,7 +94,7 @@ _NOT_FOR_MLFLOW = ("TORCH", "PYTORCH_", "PL_", "CUDA_", PARENT_RUN_ENV)  # the w
 
 
 def _owner() -> tuple:
-    """What a tracking worker inherits from the process starting it: its id, directory, environment."""
+    """What a tracking worker inherits from the process starting it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_FOR_MLFLOW)}
     return os.getpid(), os.getcwd(), env
 
@@ -141,8 +127,8 @@ def _close(worker: _Worker, wait: float = 300) -> None:
 
 
 def close_service_connections() -> None:
-    """Close this process's idle connections to the sweep's tracking service, which an in-process
-    launcher's jobs (a population's members) keep as a worker is kept, so that the service can exit."""
+    """Close this process's idle connections to the sweep's tracking service (an in-process launcher's
+    jobs keep them), so that the service can exit."""
     for worker in [w for w in _idle if isinstance(w, _ServiceConnection)]:
         _idle.remove(worker)
         _close(worker)
@@ -157,15 +143,13 @@ def _close_all() -> None:
 
 
 class Tracker:
-    """One MLflow run, written by a worker process (`echo/tracking/worker.py`): calls return at once,
-    `end` waits until the run is complete."""
+    """One MLflow run, written by a worker process: calls return at once, `end` waits until it is written."""
 
     def __init__(self, experiment: str, run_name: str, tags: dict[str, str] | None = None):
         self.experiment, self.run_name, self.tags = experiment, run_name, dict(tags or {})
         self._run_id: str | None = None
         self._worker: _Worker | None = None
-        self._answered = False
-        self._end_sent = False
+        self._answered, self._end_sent = False, False
         self.start_error: str | None = None  # why the store could not create the run
 
     def start(self, params: dict[str, object]) -> None:
@@ -185,7 +169,6 @@ class Tracker:
         return self._run_id
 
     def _take_start_answer(self, answer: str | None) -> None:
-        """The worker answers `start` with the run id, or `failed <why>`; None if it exited."""
         self._answered = True
         if answer is None:
             self.start_error = "the tracking worker exited (see its error above)"
@@ -209,7 +192,7 @@ class Tracker:
         self._worker.send(message)
 
     def log_metrics(self, rows: list[tuple[str, int, float]]) -> None:
-        """(name, step, value) rows; the worker writes them in batches."""
+        """(name, step, value) rows."""
         if rows:
             self._send(op="metrics", rows=rows, ms=int(time.time() * 1000))
 
@@ -219,24 +202,18 @@ class Tracker:
     def log_learning_curve(
         self, history: list[tuple[str, int, float]], target: float, baseline: float | None = None
     ) -> None:
-        """`learning_curve.png`, drawn by the worker; `baseline`: a loss to draw across it (chance/loss)."""
+        """`learning_curve.png`; `baseline`: a loss to draw across it (chance/loss)."""
         self._send(op="curve", history=history, target=target, baseline=baseline)
 
     def log_artifacts(self, folder: str, path: str, remove: bool = False) -> None:
-        """The files in local `folder` under `path` in the run's artifacts; the worker removes the
-        folder afterwards if `remove` (so it must not change meanwhile)."""
+        """The files in `folder` under `path`; `remove`: the worker removes the folder afterwards."""
         self._send(op="artifacts", folder=folder, path=path, remove=remove)
 
     def log_tags(self, tags: dict[str, str]) -> None:
         self._send(op="tags", tags=tags)
 
-    def log_provenance(self) -> None:
-        """Tag where the run came from (echo/tracking/provenance.py), collected by the worker."""
-        self._send(op="provenance", argv=list(sys.argv))
-
     def page(self, timeout: float = 300) -> str | None:
-        """The address of the run's page in the MLflow UI, once the worker has written what was sent
-        so far (None if it cannot say). `end` waits as long for the rest."""
+        """The address of the run's page in the MLflow UI, once what was sent so far is written (None if unknown)."""
         if self._worker is None or self.run_id is None:
             return None
         self._send(op="where")
@@ -249,29 +226,28 @@ class Tracker:
     def log_length_generalisation(
         self, by_length: dict[int, tuple[float, ...]], trained: tuple[int, int], chance: float
     ) -> None:
-        """`length_generalisation.png`: {length: (token acc, exact match)} against length, drawn by the worker."""
+        """`length_generalisation.png` of {length: (token acc, exact match)}."""
         rows = [[n, token, exact] for n, (token, exact, *_) in sorted(by_length.items())]
         self._send(op="lengths", rows=rows, trained=list(trained), chance=chance)
 
     def log_params(self, params: dict[str, object]) -> None:
-        """More params, known only once training is set up (e.g. `n_params`)."""
+        """More params, known once training is set up (e.g. `n_params`)."""
         self._send(op="params", params={k: str(v) for k, v in params.items()})
 
     def log_by_position_plot(self, accuracy: list[float], chance: float) -> None:
-        """The plot of `test/token_acc_by_position` (accuracy at output positions 1, 2, ...), drawn by the worker."""
+        """The plot of `test/token_acc_by_position` (accuracy at output positions 1, 2, ...)."""
         self._send(op="positions", accuracy=accuracy, chance=chance)
 
     def end_soon(self, status: str = "FINISHED", error: str | None = None) -> None:
-        """Ask for the run's end now (nothing more will be sent) without waiting, as a population's
-        finished member does; `end` then only waits until it is written. Its status stands."""
+        """Ask for the run's end now without waiting (a population's finished member); `end` then only
+        waits for it. Its status stands."""
         if self._worker is not None and not self._end_sent:
             self._worker.send({"op": "end", "status": status, "error": error})
             self._end_sent = True
 
     def end(self, status: str = "FINISHED", error: str | None = None, timeout: float = 300) -> None:
-        """Close the run as FINISHED, FAILED or KILLED (unless `end_soon` did) once everything sent is
-        written. TrackingStartError if the store never created the run; TrackingFailed if it refused
-        writes on the way (kept in the local folder the message names)."""
+        """Close the run (unless `end_soon` did) once everything sent is written. TrackingStartError if the
+        store never created the run; TrackingFailed if it refused writes (kept in a local folder)."""
         if self._worker is None:
             return
         self.end_soon(status, error)
@@ -296,19 +272,19 @@ class Tracker:
 
 
 def warm_up() -> None:
-    """Start this process's tracking worker now, to import mlflow while the training process imports
-    torch; the next run's Tracker takes it."""
+    """Start this process's tracking worker now, to import mlflow and open the store while the
+    training process imports torch; the next run's Tracker takes it."""
     if not _idle:
         _idle.append(_take_worker())
-    _idle[-1].send({"op": "open", "uri": tracking_uri()})  # the store opens meanwhile too
+    _idle[-1].send({"op": "open", "uri": tracking_uri()})
 
 
 def start_tracker(cfg, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
-    """Start tracking a run of `cfg`: its params are the resolved config, flattened with dots; its
-    tags say where it came from (echo/tracking/provenance.py)."""
+    """Start tracking a run of `cfg`: its params are the resolved config, flattened with dots; the
+    worker tags where it came from (provenance.py)."""
     from omegaconf import OmegaConf
 
     tracker = Tracker(cfg.logger.experiment, run_name, tags)
     tracker.start(flatten(OmegaConf.to_container(cfg, resolve=True)))
-    tracker.log_provenance()
+    tracker._send(op="provenance", argv=list(sys.argv))
     return tracker

@@ -22,8 +22,7 @@ def parent_run_id() -> str | None:
 
 
 def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` when set, else `mlflow.db` (SQLite) in the current directory,
-    where a plain `mlflow ui` finds it."""
+    """`MLFLOW_TRACKING_URI` when set, else `mlflow.db` in the current directory (where `mlflow ui` looks)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
@@ -31,13 +30,10 @@ def tracking_uri() -> str:
 OmegaConf.register_new_resolver("tracking_uri", tracking_uri, replace=True)
 
 
-UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves with its defaults
-
-
 def run_page(experiment_id: str, run_id: str) -> str:
-    """The address of a run's page: on the tracking server if the store is one, else on `mlflow ui`."""
+    """The address of a run's page: on the tracking server if the store is one, else on `mlflow ui`'s default."""
     uri = tracking_uri()
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
@@ -54,8 +50,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def run_name_and_tags(hydra_cfg) -> tuple[str, dict[str, str]]:
-    """A run is named by its command-line overrides ("model=encdec,task.n_out=2"); a sweep's
-    jobs share the sweep's tag."""
+    """A run is named by its command-line overrides ("model=encdec,task.n_out=2"); a sweep's jobs share its tag."""
     name = hydra_cfg.job.override_dirname or "default"
     tags = {}
     if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":

@@ -1,14 +1,10 @@
-"""What a run could not write to its tracking store, kept in a local folder to upload later.
-
-When the store refuses a write, the tracking worker keeps it, and every later one of the run, in
-`./echo-unsent/<run name>.<run id>/`, this user's alone; the folder's files and how to upload them
-(`python -m echo.upload`, with worker.upload): docs/bad-input.md. The run exits non-zero with one
-line naming the folder (TrackingFailed).
-"""
+"""What a run could not write to its tracking store, kept in `./echo-unsent/<run name>.<run id>/`
+(this user's alone) to upload later with `python -m echo.upload`: docs/bad-input.md."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -40,14 +36,14 @@ class TrackingFailed(TrackingError):
     """The store failed during the run: what it could not write is in a local folder."""
 
 
-def unreachable(uri: str, timeout: float = 5.0) -> str | None:
+def unreachable(uri: str) -> str | None:
     """Why the tracking server at `uri` cannot be reached (None for a reachable one, or a local store)."""
     parsed = urlparse(uri)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         return None
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+        with socket.create_connection((parsed.hostname, port), timeout=5.0):
             return None
     except OSError as error:
         return error.strerror or str(error) or type(error).__name__
@@ -55,7 +51,7 @@ def unreachable(uri: str, timeout: float = 5.0) -> str | None:
 
 def cannot_write(uri: str) -> str | None:
     """Why the SQLite store at `uri` cannot be written, with the fix, in one line (None if it can be, or
-    if the store is not a SQLite file). Checked before the run: MLflow would retry for about 100 s."""
+    is not SQLite). Checked before the run: MLflow would retry for about 100 s."""
     if not uri.startswith("sqlite:///"):
         return None
     path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
@@ -86,8 +82,8 @@ def reason(error: BaseException) -> str:
 
 
 class Outbox:
-    """The folder keeping one run's unwritten metrics, params, tags and artifacts: this user's alone
-    (folders 0700, files 0600), never reached through a link that was there before (`private_folder`)."""
+    """The folder keeping one run's unwritten writes: folders 0700, files 0600, never reached through
+    a link that was there before (`private_folder`)."""
 
     def __init__(self, run: dict, why: str, root: str | os.PathLike | None = None):
         suffix = (run.get("run_id") or "")[:8] or time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
@@ -121,26 +117,23 @@ class Outbox:
             text = "".join(json.dumps(list(row)) + "\n" for row in rows)
             self._guard(lambda: _write(self.folder / "metrics.jsonl", text, append=True))
 
+    def _update(self, name: str, values: dict[str, str]) -> None:
+        self._guard(lambda: self._write_json(name, {**_read_json(self.folder / name, {}), **values}))
+
     def tags(self, tags: dict[str, str]) -> None:
-        path = self.folder / "tags.json" if self.folder else None
-        self._guard(lambda: self._write_json("tags.json", {**_read_json(path, {}), **tags}))
+        self._update("tags.json", tags)
 
     def params(self, params: dict[str, str]) -> None:
         """Params sent after the run started (its first ones are in run.json)."""
-        path = self.folder / "params.json" if self.folder else None
-        self._guard(lambda: self._write_json("params.json", {**_read_json(path, {}), **params}))
+        self._update("params.json", params)
 
-    def text(self, text: str, name: str) -> None:
+    def text(self, text: str | bytes, name: str) -> None:
         self._guard(lambda: _write(self.folder / "artifacts" / name, text))
 
     def figure(self, figure, name: str) -> None:
-        def save():
-            path = self.folder / "artifacts" / name
-            _mkdirs(path.parent)
-            with os.fdopen(_open(path), "wb") as file:
-                figure.savefig(file, format=path.suffix.lstrip(".") or "png")
-
-        self._guard(save)
+        image = io.BytesIO()
+        figure.savefig(image, format=Path(name).suffix.lstrip(".") or "png")
+        self.text(image.getvalue(), name)
 
     def artifacts(self, folder: str, path: str) -> None:
         self._guard(lambda: _copy_tree(Path(folder), self.folder / "artifacts" / path))
@@ -149,13 +142,12 @@ class Outbox:
         self._guard(lambda: self._write_json("end.json", {"status": status}))
 
     def summary(self) -> dict:
-        """What the training process is told: where the folder is, why, and what could not be kept."""
         return {"folder": str(self.folder) if self.folder else None, "why": self.why, "lost": self.lost}
 
 
 def private_folder(path: Path) -> Path:
-    """`path` as a folder of this user's alone (0700): made so, or taken if it is one already; where
-    something else is there (a link, another user's folder, a file), a new folder beside it instead."""
+    """`path` as a folder of this user's alone (0700); where something else is there (a link, another
+    user's folder, a file), a new folder beside it instead."""
     try:
         os.mkdir(path, 0o700)
         return path
@@ -170,7 +162,7 @@ def private_folder(path: Path) -> Path:
 
 
 def _mkdirs(path: Path) -> None:
-    """`path` and the folders above it inside a private folder, each 0700."""
+    """`path` and the folders above it, each 0700."""
     if not path.is_dir():
         _mkdirs(path.parent)
         with contextlib.suppress(FileExistsError):
@@ -178,19 +170,19 @@ def _mkdirs(path: Path) -> None:
 
 
 def _open(path: Path, append: bool = False) -> int:
-    """A file of the outbox opened for writing: 0600 if new, never through a link."""
+    """A file opened for writing: 0600 if new, never through a link."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
     return os.open(path, flags, 0o600)
 
 
-def _write(path: Path, text: str, append: bool = False) -> None:
+def _write(path: Path, data: str | bytes, append: bool = False) -> None:
     _mkdirs(path.parent)
-    with os.fdopen(_open(path, append), "a" if append else "w") as file:
-        file.write(text)
+    with os.fdopen(_open(path, append), "ab" if append else "wb") as file:
+        file.write(data.encode() if isinstance(data, str) else data)
 
 
 def _copy_tree(source: Path, target: Path) -> None:
-    """The files under `source` into `target` (folders 0700, files 0600: not the source's modes)."""
+    """The files under `source` into `target`, with the outbox's modes, not the source's."""
     for folder, _, files in os.walk(source):
         into = target / Path(folder).relative_to(source)
         _mkdirs(into)
@@ -199,15 +191,15 @@ def _copy_tree(source: Path, target: Path) -> None:
                 shutil.copyfileobj(src, dst)
 
 
-def _read_json(path: Path | None, default):
+def _read_json(path: Path, default):
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
         return default
 
 
 def read(folder: str | os.PathLike) -> dict:
-    """An outbox folder's contents: run (run.json), metrics rows, tags, later params, end status, artifacts folder."""
+    """An outbox folder's contents."""
     folder = Path(folder)
     run = json.loads((folder / "run.json").read_text())
     metrics = []
@@ -221,7 +213,7 @@ def read(folder: str | os.PathLike) -> dict:
         "run": run,
         "metrics": metrics,
         "tags": _read_json(folder / "tags.json", {}),
-        "params": _read_json(folder / "params.json", {}),  # those sent after the run started (`Outbox.params`)
+        "params": _read_json(folder / "params.json", {}),  # those sent after the run started
         "status": _read_json(folder / "end.json", {}).get("status"),
         "artifacts": artifacts if artifacts.is_dir() and any(artifacts.iterdir()) else None,
     }

@@ -1,12 +1,9 @@
 """Where a run came from: the code version (git), the command, the packages and the machine.
-
-Plain standard library (no torch, no mlflow): the tracking worker collects these facts in its own
-process, next to training rather than in its way, and a process loading a stored network compares
-its own code version with the run's.
-"""
+Standard library only: the tracking worker collects these in its own process, off training's way."""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import importlib.metadata
 import os
@@ -35,8 +32,7 @@ def _git(repo: Path, *args: str) -> str | None:
 
 def git_state() -> dict | None:
     """{"root", "commit", "dirty", "diff"} of the git checkout holding this echo, or None if it is not one.
-    Dirty: a tracked file differs from the commit, or a file git does not ignore is untracked; `diff` is
-    then `git diff HEAD` and the list of untracked files, at most DIFF_LIMIT characters."""
+    Untracked files make it dirty too, and are listed after `git diff HEAD` in `diff`."""
     top = _git(CODE, "rev-parse", "--show-toplevel", "HEAD")
     if top is None or len(top.split()) != 2:
         return None
@@ -56,27 +52,23 @@ def git_state() -> dict | None:
 
 def cpu_model() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` says."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "unknown"
 
 
 def cores() -> int:
     """The CPU cores this process may run on."""
-    try:
+    if hasattr(os, "sched_getaffinity"):  # Linux
         return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    return os.cpu_count() or 1
 
 
 def source_tags(argv: list[str]) -> tuple[dict[str, str], str]:
-    """The tags that say where a run of `argv` (its sys.argv) came from, and the diff of a dirty tree
-    ("" when clean): MLflow's own tags where they exist (its UI shows Source and Created by), else echo's."""
+    """The tags that say where a run of `argv` (its sys.argv) came from, MLflow's own where they exist
+    (its UI shows them), and the diff of a dirty tree ("" when clean)."""
     script = Path(argv[0]).resolve() if argv and argv[0] else None
     state = git_state()
     name = str(argv[0]) if argv else "python"
@@ -102,7 +94,7 @@ def source_tags(argv: list[str]) -> tuple[dict[str, str], str]:
 
 def code_version_note(run_id: str, tags: dict[str, str]) -> str | None:
     """One line when the run's code version is not this checkout's (None when they agree or this is
-    not a git checkout): the network still loads if its shapes match."""
+    not a git checkout)."""
     here = _git(CODE, "rev-parse", "HEAD")
     if not here:
         return None

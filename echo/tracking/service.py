@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,15 +14,14 @@ from echo.tracking.worker import ANSWER
 
 
 class TrackingService:
-    """A tracking worker writing the runs of all a parallel sweep's local jobs at once (`worker.py
-    --serve`), started by the launching process before the jobs (echo/sweeps.py). Jobs find it through
-    SERVICE_ENV; one whose directory differs, or that runs elsewhere, starts its own worker."""
+    """`worker.py --serve`, started by the launching process before the jobs (echo/sweeps.py). Jobs find
+    it through SERVICE_ENV; one whose directory differs, or that runs elsewhere, starts its own worker."""
 
     def __init__(self):
         self.folder = tempfile.mkdtemp(prefix="echo-tracking-")
         path = os.path.join(self.folder, "socket")
         self.process = start_worker("--serve", path)
-        self.socket = None  # its socket, once it listens
+        self.socket = None  # once it listens
         try:
             ready = self.process.stdout.readline().strip() == ANSWER + "ready"
         except BaseException:  # Ctrl-C as it starts
@@ -37,14 +37,12 @@ class TrackingService:
         self.process.kill()
         self.close()
 
-    def close(self, wait: float = 30) -> None:
-        """No more jobs: it exits once every job's connection has closed (waited for up to `wait` s)."""
+    def close(self) -> None:
+        """No more jobs: it exits once every job's connection has closed (waited for up to 30 s)."""
         os.environ.pop(SERVICE_ENV, None)
         if self.process.stdin.closed:
             return
         self.process.stdin.close()
-        try:
-            self.process.wait(wait)
-        except subprocess.TimeoutExpired:
-            pass
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(30)
         shutil.rmtree(self.folder, ignore_errors=True)

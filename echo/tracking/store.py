@@ -1,5 +1,4 @@
-"""Reading and writing the store directly, for what is not one run's stream of metrics: sweep parents,
-checkpoints, reports. Only the tracking package imports mlflow; everything else comes here."""
+"""Reading the store directly, for what is not one run's stream of writes: sweeps, checkpoints, reports."""
 
 from __future__ import annotations
 
@@ -9,14 +8,14 @@ from echo.tracking.naming import tracking_uri
 from echo.tracking.worker import new_client
 
 
-def mlflow_client(uri: str | None = None):
-    """An `MlflowClient` on the tracking store (`uri`, else `tracking_uri()`), for reading runs and artifacts."""
+def mlflow_client():
+    """An `MlflowClient` on the tracking store."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for a file or two: noise
-    return new_client(uri or tracking_uri())
+    return new_client(tracking_uri())
 
 
 def run_tags(run_id: str) -> dict[str, str] | None:
-    """The tags of run `run_id` in the tracking store; None if there is no such run."""
+    """The tags of run `run_id`; None if there is no such run."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -34,7 +33,7 @@ def download_artifact(run_id: str, path: str, folder: str) -> str | None:
 
 
 def run_record(run_id: str) -> dict | None:
-    """Run `run_id`'s status, experiment name and tags in the tracking store; None if there is no such run."""
+    """Run `run_id`'s status, experiment name and tags; None if there is no such run."""
     from mlflow.exceptions import MlflowException
 
     client = mlflow_client()
@@ -47,15 +46,14 @@ def run_record(run_id: str) -> dict | None:
 
 
 def sweep_jobs(parent_run_id: str) -> list:
-    """A sweep's jobs as MLflow runs, oldest first: its children, each chain of runs that continued
-    another (resumed, or run again in its place) as its last run (echo.tracking.sweep_summary.children)."""
+    """A sweep's jobs, each as its last run, oldest first (sweep_summary.children)."""
     from echo.tracking.sweep_summary import children
 
     return sorted(children(mlflow_client(), parent_run_id), key=lambda run: run.info.start_time or 0)
 
 
 def saved_files(run_id: str, folder: str) -> set[str]:
-    """The names of the files in run `run_id`'s artifacts under `folder` (none if it has no such folder)."""
+    """The names of the files in run `run_id`'s artifacts under `folder`."""
     try:
         return {os.path.basename(a.path) for a in mlflow_client().list_artifacts(run_id, folder)}
     except Exception:  # MlflowException, OSError: nothing there

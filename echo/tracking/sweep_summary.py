@@ -1,6 +1,5 @@
-"""A sweep's summary on its parent run: seed statistics per setting and every child (`sweep.md`),
-the spread over seeds (`sweep.png`), the best child (docs/sweeps-seed-statistics.md). Plain Python:
-the tracking worker, run as a script, imports it as its sibling."""
+"""A sweep's summary on its parent run: `sweep.md`, `sweep.png`, the best child
+(docs/sweeps-seed-statistics.md). Plain Python: the tracking worker, a script, imports it."""
 
 from __future__ import annotations
 
@@ -12,20 +11,19 @@ from dataclasses import dataclass, field
 
 # Objectives where lower is better; every other metric is maximised.
 LOWER_IS_BETTER = ("time_to_target_s", "epochs_to_target", "samples_to_target", "train_time_s", "val/loss")
-# Params that differ between a sweep's jobs without making them different settings: the seed, and
-# what conf/config.yaml leaves out of run names because it does not change results.
+# Params that differ between a sweep's jobs without making them different settings (nor run names).
 NOT_A_SETTING = ("seed", "progress", "threads", "cuda_graph")
 # What the per-setting table aggregates over seeds, besides the objective (*_to_target: seeds that reached it).
 SEED_METRICS = ("test/exact_match", "test/token_acc", "test/prefix_acc", "time_to_target_s", "epochs_to_target")
 REACHED = "epochs_to_target"  # a run has it when its val/exact_match reached its `target`
-
-# Tags of a child that continues another child of its sweep: resumed from its checkpoint (a requeued
-# SLURM job, a continued sweep), or run again in its place (a continued sweep's job with no checkpoint).
+# Tags of a child that continues another child of its sweep: resumed from its checkpoint, or run again in its place.
 CONTINUES = ("echo.resumed_from", "echo.rerun_of")
+# Params that differ between a sweep's jobs without the sweep varying them: a resumed run's `resume`.
+NOT_SWEPT = ("resume",)
 
 
 def children(client, parent_run_id: str) -> list:
-    """The sweep's jobs: its child runs, less those another child continued (a job counts as its last run)."""
+    """The sweep's child runs, less those another child continued (a job counts as its last run)."""
     parent = client.get_run(parent_run_id)
     runs = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10_000
@@ -34,25 +32,17 @@ def children(client, parent_run_id: str) -> list:
     return [run for run in runs if run.info.run_id not in continued]
 
 
-# Params that differ between a sweep's jobs without the sweep varying them: a resumed run's `resume`.
-NOT_SWEPT = ("resume",)
-
-
 def summarize_sweep(
     client, parent_run_id: str, objective: str = "val/exact_match", ignored: Iterable[str] = NOT_A_SETTING
 ) -> dict[str, object]:
     """Write the sweep's table, plot and best child onto its parent run; return the summary. Children
-    that differ only in the `ignored` params are one setting; a sweep of one setting also logs
-    `mean/`, `std/`, `max/<metric>` (the best seed) and `success_rate` on the parent."""
+    that differ only in the `ignored` params are one setting."""
     runs = children(client, parent_run_id)
     lower = objective in LOWER_IS_BETTER
     worst = math.inf if lower else -math.inf
     runs.sort(key=lambda r: (r.data.metrics.get(objective, worst) * (1 if lower else -1), r.info.run_name))
-    swept = []  # what the sweep varied: the params whose values differ between runs
-    if len(runs) > 1:
-        names = set().union(*(run.data.params for run in runs)) - set(NOT_SWEPT)
-        swept = sorted(k for k in names if len({run.data.params.get(k) for run in runs}) > 1)
-    ignored = set(ignored)
+    names = set().union(*(run.data.params for run in runs)) - set(NOT_SWEPT)
+    swept = sorted(k for k in names if len({run.data.params.get(k) for run in runs}) > 1)  # what the sweep varied
     keys = [k for k in swept if k not in ignored]
     settings = seed_statistics(runs, keys, objective)
     client.log_text(parent_run_id, sweep_table(runs, swept, objective, settings, keys), "sweep.md")
@@ -81,7 +71,7 @@ def summarize_sweep(
 
 @dataclass
 class Spread:
-    """A metric over a setting's finished seeds: mean, sample standard deviation (n-1), min and max."""
+    """A metric over a setting's finished seeds."""
 
     values: list[float]
 
@@ -94,7 +84,6 @@ class Spread:
 
     @property
     def std(self) -> float | None:
-        """Sample standard deviation (n-1); None for a single seed."""
         return statistics.stdev(self.values) if len(self.values) > 1 else None
 
     def cell(self, fmt: str) -> str:
@@ -106,7 +95,7 @@ class Spread:
 
 
 def spread(values: Iterable[float], fmt: str) -> str:
-    """A metric's cell over seeds in sweep.md and experiments/report.py's tables; `–` for none."""
+    """A metric's cell over seeds (also in experiments/report.py's tables); `–` for none."""
     values = list(values)
     return Spread(values).cell(fmt) if values else "–"
 
@@ -122,7 +111,6 @@ class Setting:
 
     @property
     def reached(self) -> int:
-        """Finished seeds whose val/exact_match reached their run's `target`."""
         return sum(REACHED in run.data.metrics for run in self.finished)
 
     @property
@@ -130,7 +118,6 @@ class Setting:
         return self.reached / len(self.finished) if self.finished else None
 
     def as_dict(self) -> dict[str, object]:
-        """The setting's statistics as plain values (what summarize_sweep returns)."""
         return {
             "setting": dict(self.values),
             "seeds": [run.data.params.get("seed", "") for run in sorted(self.finished, key=_seed)],
@@ -145,8 +132,7 @@ class Setting:
 
 
 def seed_statistics(runs: list, keys: list[str], objective: str) -> list[Setting]:
-    """Children grouped by the params in `keys`, with each setting's spread of the objective and the
-    test metrics over its finished seeds; best setting first."""
+    """Children grouped by the params in `keys`, with their spreads over finished seeds; best setting first."""
     settings: dict[tuple, Setting] = {}
     for run in runs:
         values = {k: run.data.params.get(k, "") for k in keys}
@@ -192,7 +178,7 @@ def _fmt(metric: str) -> str:
 
 
 def sweep_table(runs: list, swept: list[str], objective: str, settings: list[Setting], keys: list[str]) -> str:
-    """`sweep.md`: a row per setting (seed statistics), best first, then every child run, best first."""
+    """`sweep.md`: a row per setting, then every child run, best first."""
     targets = sorted({run.data.params.get("target", "") for run in runs} - {""})
     target = f"`target`={targets[0]}" if len(targets) == 1 else "its run's `target`"
     metrics = [m for m in dict.fromkeys([objective, *SEED_METRICS]) if any(m in s.stats for s in settings)]
@@ -217,10 +203,11 @@ def sweep_table(runs: list, swept: list[str], objective: str, settings: list[Set
     for setting in settings:
         seeds = ",".join(run.data.params.get("seed", "?") for run in sorted(setting.finished, key=_seed))
         rate = setting.success_rate
+        unfinished = Counter(run.info.status for run in setting.unfinished)
         row = [
             *(setting.values.values() if keys else ["all runs"]),
             f"{len(setting.finished)} ({seeds})" if seeds else "0",
-            _unfinished(setting.unfinished),
+            ", ".join(f"{n} {status}" for status, n in sorted(unfinished.items())) or "0",
             f"{setting.reached}/{len(setting.finished)} ({rate:.2f})" if rate is not None else "–",
             *(setting.stats[m].cell(_fmt(m)) if m in setting.stats else "–" for m in metrics),
             format(max(setting.stats[objective].values), _fmt(objective)) if objective in setting.stats else "–",
@@ -234,13 +221,8 @@ def _seed(run) -> tuple:
     return sortable(run.data.params.get("seed", ""))
 
 
-def _unfinished(runs: list) -> str:
-    counts = Counter(run.info.status for run in runs)
-    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "0"
-
-
 def runs_table(runs: list, swept: list[str], objective: str) -> str:
-    """A Markdown table of a sweep's runs in the order given (best first)."""
+    """A Markdown table of a sweep's runs in the order given."""
     metrics = list(
         dict.fromkeys([objective, "val/exact_match", "test/exact_match", "time_to_target_s", "train_time_s"])
     )
@@ -253,9 +235,11 @@ def runs_table(runs: list, swept: list[str], objective: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+MEAN_STYLE = dict(fmt="_", ms=18, mew=2, color="C3", capsize=6)  # a setting's mean ± std in sweep.png
+
+
 def sweep_plot(settings: list[Setting], keys: list[str], objective: str):
-    """Per setting, a point per finished seed and the mean ± std, for the objective and test/exact_match
-    (a numeric axis when one numeric setting is swept)."""
+    """Per setting, a point per finished seed and the mean ± std, for the objective and test/exact_match."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,13 +247,8 @@ def sweep_plot(settings: list[Setting], keys: list[str], objective: str):
 
     shown = [m for m in dict.fromkeys([objective, "test/exact_match"]) if any(m in s.stats for s in settings)]
     order = sorted(settings, key=lambda s: [sortable(v) for v in s.values.values()])
-    try:
-        x = [float(s.values[keys[0]]) for s in order] if len(keys) == 1 else None
-    except ValueError:
-        x = None
-    numeric = x is not None
-    if not numeric:
-        x = list(range(len(order)))
+    numeric = len(keys) == 1 and all(sortable(s.values[keys[0]])[0] == 0 for s in order)  # one numeric param swept
+    x = [float(s.values[keys[0]]) for s in order] if numeric else list(range(len(order)))
     spacing = (max(x) - min(x)) / (len(x) - 1) if len(x) > 1 else 1.0
     logx = numeric and min(x) > 0 and max(x) / min(x) > 50
     fig, axes = plt.subplots(1, len(shown), figsize=(max(4.5, 0.6 * len(order) + 2) * len(shown), 4), squeeze=False)
@@ -281,17 +260,8 @@ def sweep_plot(settings: list[Setting], keys: list[str], objective: str):
                 continue
             offsets = [(j - (len(spread) - 1) / 2) / len(spread) for j in range(len(spread))]  # within ±0.5
             xs = [at * 1.05**o if logx else at + (0.12 if numeric else 0.3) * spacing * o for o in offsets]
-            ax.errorbar(
-                [at],
-                [spread.mean],
-                yerr=[[spread.std or 0.0]],
-                fmt="_",
-                ms=18,
-                mew=2,
-                color="C3",
-                capsize=6,
-                label=None if labelled else "mean ± std",
-            )
+            label = None if labelled else "mean ± std"
+            ax.errorbar([at], [spread.mean], yerr=[[spread.std or 0.0]], label=label, **MEAN_STYLE)
             ax.scatter(xs, spread.values, s=16, color="C0", alpha=0.7, zorder=3, label=None if labelled else "seeds")
             labelled = True
         if logx:

@@ -1,10 +1,8 @@
 """The process that writes runs to MLflow: `python echo/tracking/worker.py [--serve SOCKET]`.
 
-The training process starts it first thing, keeps it for its next runs (echo/tracking/client.py)
-and sends it JSON lines on stdin; why a process of its own: docs/tracking.md. If the training
-process dies without saying how the run ended (even by SIGKILL), stdin closes and the run ends KILLED.
-
-Messages, one JSON object per line, `op` naming it (`RunWriter.OPS`):
+Why a process of its own: docs/tracking.md. The training process (client.py) sends it one JSON
+object per line on stdin, `op` naming it; when stdin closes with a run open (even by SIGKILL), the
+run ends KILLED.
 
 | op | fields | what the worker does | answer |
 |---|---|---|---|
@@ -22,34 +20,37 @@ Messages, one JSON object per line, `op` naming it (`RunWriter.OPS`):
 | open | uri | opens the store before a run starts (the warm-up) |  |
 | end | status, error | flushes, ends the run FINISHED/FAILED/KILLED | ended/unsent |
 
-Answers are lines of stdout starting with ANSWER (MLflow may print other lines there). A run the
-store cannot create is answered `failed <why>`. A write the store refuses is kept, with the rest
-of the run, in ./echo-unsent/<run>/ (outbox.py), and `end` answers
+Answers are stdout lines starting with ANSWER (MLflow may print others there). A write the store
+refuses is kept, with the rest of the run, in ./echo-unsent/<run>/ (outbox.py), and `end` answers
 `unsent {"folder": ..., "why": ..., "lost": ...}`.
 
-With `--serve SOCKET` it is a parallel sweep's tracking service (echo/tracking/service.py): one
-connection per training process, the same messages and answers; a connection closed with its run
-open ends that run KILLED. A connection whose first message is a `sweep.` one carries the sweep's
-own requests (echo.sweeps.SweepStore, answered by SweepRequests); closed with the parent open, it
-ends it KILLED.
+With `--serve SOCKET` it is a parallel sweep's tracking service (service.py): one connection per
+training process, the same messages; a connection whose first message is a `sweep.` one carries
+echo.sweeps.SweepStore's requests instead. One closed with its run (or sweep parent) open ends it KILLED.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
+import io
 import json
 import logging
 import os
+import selectors
 import shutil
 import signal
+import socket
 import sys
 import time
+import traceback
 
 if __name__ == "__main__":  # run as a script: its sibling modules, without importing the echo package
+    import provenance
+    import sweep_summary
     from outbox import Outbox, read, reason, unreachable
 else:
+    from echo.tracking import provenance, sweep_summary
     from echo.tracking.outbox import Outbox, read, reason, unreachable
 
 ANSWER = "echo-tracking: "  # marks the answers on stdout
@@ -57,7 +58,6 @@ KEPT_TAGS = ("echo.kept_in", "echo.status")  # on a run ended FAILED, its rest k
 
 
 def answer(text: str) -> None:
-    """Answer the training process that started this worker (on stdout)."""
     print(ANSWER + text, flush=True)
 
 
@@ -73,7 +73,6 @@ def experiment_id(client, name: str) -> str:
 
 
 def pyplot():
-    """matplotlib.pyplot, drawing to files only."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,16 +81,14 @@ def pyplot():
     return plt
 
 
-# Figures this process has drawn, by layout, with their data lines: the next run's figure of the same
-# layout is drawn with new data in about half the time (axes, ticks and legend made once). The last
-# KEPT_FIGURES layouts stay open (pyplot warns past 20); a fixed axis range (set in `make`) stays.
+# Figures drawn, by layout: the next run's figure of a layout, drawn with new data, takes about half
+# the time. The last KEPT_FIGURES layouts stay open (pyplot warns past 20); a range set in `make` stays.
 _figures: dict[tuple, tuple] = {}
 KEPT_FIGURES = 8
 
 
 def _with_data(key: tuple, make, data: list[tuple[list, list]]):
-    """The figure `make()` (figure, lines) builds for `key`, its lines holding `data` and its axes
-    scaled to them, as if plotted fresh."""
+    """The figure `make()` (figure, lines) builds for `key`, its lines holding `data`, axes rescaled."""
     if key not in _figures:
         if len(_figures) >= KEPT_FIGURES:
             pyplot().close(_figures.pop(next(iter(_figures)))[0])
@@ -106,7 +103,7 @@ def _with_data(key: tuple, make, data: list[tuple[list, list]]):
 
 
 def learning_curve(history: list[list], target: float, baseline: float | None = None):
-    """Loss and accuracy against epochs, as a matplotlib figure; `baseline`: a loss drawn across (chance/loss)."""
+    """Loss and accuracy against epochs; `baseline`: a loss drawn across (chance/loss)."""
     series: dict[str, tuple[list, list]] = {}
     for name, epoch, value in history:
         epochs, values = series.setdefault(name, ([], []))
@@ -132,8 +129,7 @@ def learning_curve(history: list[list], target: float, baseline: float | None = 
 
 
 def length_generalisation(rows: list[list], trained: list[int], chance: float):
-    """Token accuracy and exact match against window length, the trained lengths shaded, chance
-    dotted (a token: `chance`; a whole window of L: chance ** L), as a matplotlib figure."""
+    """Token accuracy and exact match against window length, the trained lengths shaded, chance dotted."""
     lengths = [n for n, _, _ in rows]
     fig, ax = pyplot().subplots(figsize=(7, 4))
     ax.axvspan(trained[0] - 0.5, trained[1] + 0.5, color="C2", alpha=0.15, label=f"trained {trained[0]}-{trained[1]}")
@@ -149,7 +145,7 @@ def length_generalisation(rows: list[list], trained: list[int], chance: float):
 
 
 def by_position(accuracy: list[float], chance: float):
-    """Test token accuracy against output position, as a matplotlib figure."""
+    """Test token accuracy against output position."""
 
     def make():
         fig, ax = pyplot().subplots(figsize=(6, 3.5))
@@ -163,65 +159,52 @@ def by_position(accuracy: list[float], chance: float):
     return _with_data(("positions", len(accuracy), chance), make, [(range(1, len(accuracy) + 1), accuracy)])
 
 
+def _sqlite_path(uri: str) -> str | None:
+    return uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+
+
 def new_client(uri: str):
-    """An MLflow client for store `uri`. The first client of a new SQLite store creates its schema
-    (seconds of migrations), and two processes doing so at once crash (`table ... already exists`):
-    until the store is complete, clients are made one at a time, under a lock on its folder."""
+    """An MLflow client for store `uri`. Two processes creating a new SQLite store's schema at once
+    crash (`table ... already exists`): until it is complete, clients are made under a lock on its folder."""
+    import fcntl
+    import sqlite3
+
     from mlflow import MlflowClient
 
     path = _sqlite_path(uri)
-    if path is None or _complete(path):
+    if path is None:
         return MlflowClient(uri)
+    with (
+        contextlib.suppress(sqlite3.Error),
+        contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db,
+    ):
+        if db.execute("SELECT 1 FROM experiments WHERE experiment_id = 0").fetchone():  # MLflow creates it last
+            return MlflowClient(uri)
     try:
         folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     except OSError:  # no such folder: MLflow says so
         return MlflowClient(uri)
     try:
-        import fcntl
-
         fcntl.flock(folder, fcntl.LOCK_EX)  # released as it closes
         return MlflowClient(uri)
     finally:
         os.close(folder)
 
 
-# This process's client per store, shared by a service's connections: opening one costs ~0.2 s.
-client = functools.cache(new_client)
-
-
-def _sqlite_path(uri: str) -> str | None:
-    """The file of a SQLite store's `uri`; None for another store (a server)."""
-    return uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
-
-
-def _complete(path: str) -> bool:
-    """Whether the SQLite store at `path` has its schema: MLflow creates its Default experiment last."""
-    import sqlite3
-
-    if not os.path.exists(path):
-        return False
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            return db.execute("SELECT 1 FROM experiments WHERE experiment_id = 0").fetchone() is not None
-    except sqlite3.Error:  # no such table yet, or locked
-        return False
+client = functools.cache(new_client)  # shared by a service's connections: opening one costs ~0.2 s
 
 
 def open_store(uri: str) -> None:
-    """Open an existing SQLite store now (engine, schema check: about 1.5 s), ahead of the requests
-    that need it; a store that fails here fails again, saying so, when a request uses it."""
+    """Open an existing SQLite store now (about 1.5 s), ahead of the requests that need it."""
     path = _sqlite_path(uri)
     if path is None or not os.path.exists(path):
         return
-    try:  # a client is kept only once made: one whose first query failed is as good as a new one
+    with contextlib.suppress(Exception):  # it fails again, saying so, when a request uses it
         client(uri).search_experiments(max_results=1)
-    except Exception:
-        pass
 
 
 class StoreRun:
-    """A run in the store, written through the calls an Outbox takes; metrics in batches of
-    `flush_rows`, or every 10 s."""
+    """A run in the store, taking an Outbox's calls; metrics are written in batches of `flush_rows`, or every 10 s."""
 
     def __init__(self, client, run_id: str, flush_rows: int = 1000):
         from mlflow.entities import Metric, Param, RunTag
@@ -283,13 +266,10 @@ def write(run, op: str, message: dict) -> None:
         run.artifacts(message["folder"], message["path"])
         if message.get("remove"):
             shutil.rmtree(message["folder"], ignore_errors=True)
-    elif op == "provenance":  # collected here, off the training process; none if it cannot be (the run goes on)
-        provenance = sibling("provenance")
+    elif op == "provenance":
         try:
             tags, diff = provenance.source_tags(message["argv"])
-        except Exception:
-            import traceback
-
+        except Exception:  # collected off the training process; none if it cannot be (the run goes on)
             traceback.print_exc()
             tags, diff = {}, ""
         run.tags(tags)
@@ -303,62 +283,55 @@ def write(run, op: str, message: dict) -> None:
 
 
 class RunWriter:
-    """Writes runs, one at a time. A write the store refuses is kept instead, with every later write
-    of the run, in a local folder (outbox.py); a run the store cannot even create is answered
-    `failed <why>`, and nothing of it is kept (the training process stops before training)."""
+    """Writes runs, one at a time. Once the store refuses a write, it and the run's later writes are
+    kept locally (outbox.py); a run the store cannot create is answered `failed <why>`, nothing kept."""
 
-    OPS = frozenset(  # the messages (table above)
-        {"start", "metrics", "text", "tags", "params", "curve", "positions", "lengths", "artifacts", "provenance"}
-        | {"where", "open", "end"}
-    )
+    OPS = {"start", "metrics", "text", "tags", "params", "curve", "positions", "lengths", "artifacts", "provenance"}
+    OPS |= {"where", "open", "end"}
 
     def __init__(self, reply=answer, service: bool = False):
-        # A service loads matplotlib when it is idle, not as a run starts. It writes metrics in
-        # smaller batches: many runs end at once (a population's), and what each has not written
-        # by then is written after training, while the sweep waits.
+        # A service loads matplotlib when idle, and writes metrics in smaller batches: many runs end at
+        # once (a population's), and what each has not written by then is written while the sweep waits.
         self.reply, self.warm_up, self.flush_rows = reply, not service, 250 if service else 1000
         self.client, self.uri = None, None
-        self.run, self.store, self.outbox, self.failed_start = None, None, None, None
+        self.run, self.store, self.outbox = None, None, None  # no store: no run, or one the store could not create
 
     def handle(self, line: str) -> None:
-        """Act on one message; answer `end` (`ended`, or `unsent <where it is kept>`) once the run is
-        written or kept (`start` is answered early)."""
+        """Act on one message; `end` is answered once the run is written or kept."""
         message = json.loads(line)
         op = message.pop("op")
         if op not in self.OPS:
             raise ValueError(f"unknown tracking message {op!r}")
         if op == "start":
             self.start(**message)
-        elif op == "where":  # the run's experiment id, for its page's address; empty if unknown
+        elif op == "where":  # for the run's page's address
             try:
                 self.reply(self.client.get_run(self.store.run_id).info.experiment_id)
-            except Exception:  # no run, or the store is gone: the training process prints no address
+            except Exception:  # no run, or the store is gone: no address
                 self.reply("")
-        elif op == "open":  # while the training process imports torch: the run's `start` then costs little
+        elif op == "open":  # while the training process imports torch
             open_store(message["uri"])
-        elif self.failed_start is not None or self.run is None:  # nothing of it can be tracked
+        elif self.store is None:  # nothing of it can be tracked
             if op == "artifacts" and message.get("remove"):
                 shutil.rmtree(message["folder"], ignore_errors=True)
         else:
             self.write_or_keep(op, message)
         if op == "end":
-            outbox, self.outbox, self.run, self.store, self.failed_start = self.outbox, None, None, None, None
+            outbox, self.outbox, self.run, self.store = self.outbox, None, None, None
             self.reply("ended" if outbox is None else "unsent " + json.dumps(outbox.summary()))
 
     def start(self, uri, experiment, run_name, tags, params) -> None:
-        self.run = dict(uri=uri, experiment=experiment, run_name=run_name, tags=tags, params=params)
-        self.run.update(run_id=None, params_written=False)
-        self.store, self.outbox, self.failed_start = None, None, None
+        self.store, self.outbox = None, None
         try:
             if uri != self.uri:
                 self.client, self.uri = client(uri), uri
             created = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name, tags=tags)
             self.store = StoreRun(self.client, created.info.run_id, self.flush_rows)
         except Exception as error:
-            self.failed_start = reason(error)
-            self.reply("failed " + self.failed_start)
+            self.reply("failed " + reason(error))
             return
-        self.run["run_id"] = self.store.run_id
+        self.run = dict(uri=uri, experiment=experiment, run_name=run_name, tags=tags, params=params)
+        self.run.update(run_id=self.store.run_id, params_written=False)
         self.reply(self.store.run_id)
         try:
             self.store.params(params)
@@ -370,11 +343,10 @@ class RunWriter:
 
     def abandon(self) -> None:
         """The training process went away without a word: end its run KILLED (or keep that locally)."""
-        if self.run is not None and self.failed_start is None:
+        if self.store is not None:
             self.write_or_keep("end", {"status": "KILLED"})
 
     def write_or_keep(self, op: str, message: dict) -> None:
-        """Write message `op` into the store; once it has refused a write, keep this and the rest locally."""
         if self.outbox is None:
             try:
                 write(self.store, op, message)
@@ -388,16 +360,14 @@ class RunWriter:
             self.end_in_store(message["status"])
 
     def open_outbox(self, error: BaseException) -> None:
-        """Keep this run's writes locally from now on, starting with the metrics not yet written."""
         self.outbox = Outbox(self.run, reason(error))
         self.outbox.metrics([(m.key, m.value, m.timestamp, m.step) for m in self.store.pending])
         self.store.pending = []
 
     def end_in_store(self, status: str) -> None:
         """End a run kept locally in the store too, where it can be reached, so that it does not stay
-        RUNNING: FAILED (incomplete), tagged with the folder keeping the rest; `python -m echo.upload`
-        then completes it and gives it `status`."""
-        if self.store is None or unreachable(self.uri):  # a server that is gone: no minutes of retries
+        RUNNING: FAILED, tagged with its folder; `python -m echo.upload` then gives it `status`."""
+        if unreachable(self.uri):  # a server that is gone: no minutes of retries
             return
         logging.disable(logging.CRITICAL)  # a store that refuses it again (a full disk): the run's line said why
         try:
@@ -410,18 +380,61 @@ class RunWriter:
             logging.disable(logging.NOTSET)
 
 
-def sibling(name: str):
-    """Module `name` of this package, imported when needed (run as a script, this worker imports its siblings)."""
-    return importlib.import_module(name if __name__ == "__main__" else f"echo.tracking.{name}")
+def create_parent(client, experiment: str, run_name: str, tags: dict[str, str]) -> str:
+    """A sweep's parent run, tagged with the command that continues the sweep; its id."""
+    run_id = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags).info.run_id
+    client.set_tag(run_id, "echo.continue_with", f"python run.py -m resume={run_id}")
+    return run_id
+
+
+def reopen_parent(client, parent: str, tags: dict[str, str]) -> str:
+    """A sweep's parent run RUNNING again with `tags`, its children left RUNNING ended KILLED; its id."""
+    for run in sweep_summary.children(client, parent):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
+    client.update_run(parent, status="RUNNING")
+    StoreRun(client, parent).tags(tags)
+    return parent
+
+
+def finish_sweep(client, parent: str, objective: str, ignored: list[str], argv: list[str]) -> None:
+    """Tag the sweep's parent with its provenance and summary, and end it FINISHED, or FAILED if one
+    of its jobs failed (a diverged job: the sweep went on)."""
+    status = "FINISHED"
+    try:
+        tags, diff = provenance.source_tags(argv)
+        parent_run = StoreRun(client, parent)
+        parent_run.tags(tags)
+        if diff:
+            parent_run.text(diff, provenance.DIFF_ARTIFACT)
+        if sweep_summary.summarize_sweep(client, parent, objective, ignored)["failed"]:
+            status = "FAILED"
+    finally:
+        client.set_terminated(parent, status)
+
+
+def end_sweep(client, parent: str, status: str | None) -> str:
+    """End a sweep's parent and its children still RUNNING with `status`, or, if None, as its children
+    tell: KILLED if one ended KILLED, else FAILED if one ended FAILED, else KILLED."""
+    runs = sweep_summary.children(client, parent)
+    if status is None:
+        statuses = {run.info.status for run in runs}
+        status = "FAILED" if "FAILED" in statuses and "KILLED" not in statuses else "KILLED"
+    for run in runs:
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+    client.set_terminated(parent, status)
+    return status
 
 
 class SweepRequests:
-    """Does what echo.sweeps.SweepStore asks, in a store process of its own (echo.sweeps.serve) or in
-    the sweep's tracking service; `reply(text)` answers one request. A parent created and not ended
-    when the requests stop (the launching process died) ends KILLED (`abandon`)."""
+    """Does what echo.sweeps.SweepStore asks, in a store process (echo.sweeps.serve) or the sweep's
+    tracking service. A parent created and not ended when the requests stop ends KILLED (`abandon`)."""
 
     def __init__(self, reply):
         self.reply, self.open_parent, self.uri = reply, None, None
+        self.ops = {"sweep.create": create_parent, "sweep.reopen": reopen_parent}
+        self.ops |= {"sweep.finish": finish_sweep, "sweep.end": end_sweep}
 
     def handle(self, line: str) -> None:
         request = json.loads(line)
@@ -433,74 +446,16 @@ class SweepRequests:
             return
         store = client(self.uri)
         try:
-            if op == "sweep.create":
-                value = self.open_parent = create_parent(store, **request)
-            elif op == "sweep.reopen":
-                value = self.open_parent = reopen_parent(store, **request)
-            elif op == "sweep.finish":
-                value, self.open_parent = finish_sweep(store, **request), None
-            else:  # "sweep.end"
-                value, self.open_parent = end_sweep(store, **request), None
+            value = self.ops[op](store, **request)
+            self.open_parent = value if op in ("sweep.create", "sweep.reopen") else None
             self.reply(json.dumps({"value": value}))
         except Exception as error:
             self.reply(json.dumps({"error": reason(error)}))
 
     def abandon(self) -> None:
-        if self.open_parent is None:
-            return
-        try:
-            end_sweep(client(self.uri), self.open_parent, "KILLED")
-        except Exception:  # the store is gone: the launching process has said so
-            pass
-
-
-def create_parent(client, experiment: str, run_name: str, tags: dict[str, str]) -> str:
-    """A sweep's parent run, tagged with the command that continues the sweep; its id."""
-    run_id = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags).info.run_id
-    client.set_tag(run_id, "echo.continue_with", f"python run.py -m resume={run_id}")
-    return run_id
-
-
-def reopen_parent(client, parent: str, tags: dict[str, str]) -> str:
-    """A sweep's parent run again, for the sweep that continues it: RUNNING, with `tags`; its children
-    left RUNNING by a sweep that died outright ended KILLED. Its id."""
-    for run in sibling("sweep_summary").children(client, parent):
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, "KILLED")
-    client.update_run(parent, status="RUNNING")
-    StoreRun(client, parent).tags(tags)
-    return parent
-
-
-def finish_sweep(client, parent: str, objective: str, ignored: list[str], argv: list[str]) -> None:
-    """The sweep's end: its parent tagged with where it came from (`argv`, as its jobs are), its
-    summary, FINISHED, or FAILED if one of its jobs failed (a diverged job: the sweep went on)."""
-    summarize_sweep, status = sibling("sweep_summary").summarize_sweep, "FINISHED"
-    try:
-        provenance, parent_run = sibling("provenance"), StoreRun(client, parent)
-        tags, diff = provenance.source_tags(argv)
-        parent_run.tags(tags)
-        if diff:
-            parent_run.text(diff, provenance.DIFF_ARTIFACT)
-        if summarize_sweep(client, parent, objective, ignored)["failed"]:
-            status = "FAILED"
-    finally:
-        client.set_terminated(parent, status)
-
-
-def end_sweep(client, parent: str, status: str | None) -> str:
-    """End a sweep's parent run, and its children still RUNNING, with `status` (KILLED, FAILED), or, if
-    None (a job raised, or its handler took an interrupt), as its children tell: KILLED if one ended
-    KILLED, else FAILED if one ended FAILED, else KILLED."""
-    runs = sibling("sweep_summary").children(client, parent)
-    if status is None:
-        statuses = {run.info.status for run in runs}
-        status = "FAILED" if "FAILED" in statuses and "KILLED" not in statuses else "KILLED"
-    for run in runs:
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status)
-    client.set_terminated(parent, status)
-    return status
+        if self.open_parent is not None:
+            with contextlib.suppress(Exception):  # the store is gone: the launching process has said so
+                end_sweep(client(self.uri), self.open_parent, "KILLED")
 
 
 class Connection:
@@ -511,10 +466,8 @@ class Connection:
         self.writer = None  # a RunWriter; for the sweep's own requests (echo.sweeps.SweepStore), a SweepRequests
 
     def reply(self, text: str) -> None:
-        try:
+        with contextlib.suppress(OSError):  # it went away; its next read says so
             self.sock.sendall(f"{ANSWER}{text}\n".encode())
-        except OSError:  # it went away; its next read says so
-            pass
 
     def receive(self) -> bool:
         """Handle what arrived; False once the training process has closed the connection."""
@@ -535,13 +488,8 @@ class Connection:
 
 
 def serve(path: str) -> None:
-    """The service: runs from every connection to the Unix socket `path`, until stdin closes (the
-    sweep is over, or its process died) and then every connection has."""
-    import io
-    import selectors
-    import socket
-    import traceback
-
+    """The service on Unix socket `path`, until stdin closes (the sweep is over, or its process died)
+    and then every connection has."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
@@ -555,8 +503,7 @@ def serve(path: str) -> None:
     accepting, connections, cold = True, 0, True
     while accepting or connections:
         events = selector.select(timeout=0 if cold else None)
-        if cold and not events:  # matplotlib once nothing waits: the sweep's first requests come first
-            # a process's first figure costs about 0.2 s more than the next (fonts, text and tick caches)
+        if cold and not events:  # a process's first figure costs ~0.2 s more than the next: drawn once idle
             learning_curve([["train/loss", 1, 1.0], ["train/loss", 2, 0.5]], 0.99).savefig(io.BytesIO(), format="png")
             cold = False
         for key, _ in events:
@@ -587,13 +534,11 @@ def serve(path: str) -> None:
 
 
 def main() -> None:
-    # The training process decides how the run ends, then closes this one's input. Ctrl-C reaches both,
-    # and so do SLURM's signals to every process of a job (SIGTERM, SIGUSR1/SIGUSR2 before its time limit).
+    # The training process decides how the run ends: Ctrl-C and SLURM's signals to a job's processes are its.
     for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
-    # A store that stops answering: a few retries, then the run's writes are kept locally (outbox.py)
-    # rather than retried for minutes; MLflow's settings win where the user made them.
+    # A store that stops answering: a few retries, then the run's writes are kept locally, not minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # each retry's warning: the run's last line says it
@@ -615,8 +560,8 @@ if __name__ == "__main__":
 
 
 def upload(folder: str, uri: str) -> str:
-    """Write an outbox folder into the store at `uri`; the run id written to: the run it was kept from
-    where it exists in this store, else a new run with the kept params and tags."""
+    """Write an outbox folder into the store at `uri`: into the run it was kept from where this store
+    has it, else a new run; its id."""
     kept = read(folder)
     run, client = kept["run"], new_client(uri)
     run_id, params = run.get("run_id"), not run.get("params_written")
@@ -637,8 +582,7 @@ def upload(folder: str, uri: str) -> str:
     store.params(kept["params"])  # params sent after the run started (e.g. n_params)
     if kept["tags"]:
         store.tags(kept["tags"])
-    store.metrics(kept["metrics"])
-    store.flush()
+    store.metrics(kept["metrics"])  # written as it ends
     if kept["artifacts"] is not None:
         store.artifacts(str(kept["artifacts"]), None)
     store.end(kept["status"] or "KILLED")  # no end recorded: the process died
