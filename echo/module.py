@@ -451,7 +451,7 @@ class PopulationModule(EchoModule):
     def validation_step(self, draw: Draw, batch_idx: int) -> None:
         """Lightning's validation after each step: the members still training, as a run validates (not
         after a last step shorter than `every`)."""
-        if self.epochs_done % self.every == 0:
+        if self.epochs_done % self.every == 0 and self._running():
             self._validate(self.epochs_done, draw())
 
     def on_validation_epoch_end(self) -> None:
@@ -461,7 +461,7 @@ class PopulationModule(EchoModule):
         pass
 
     def on_train_epoch_end(self) -> None:
-        pass
+        pass  # `training_step` keeps each epoch's sums itself
 
     def on_train_end(self) -> None:
         """trainer.max_epochs or max_time: the members still training end here."""
