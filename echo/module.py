@@ -263,14 +263,17 @@ class EchoModule(pl.LightningModule):
         return eval_metrics(self._eval_sums[:, 0].tolist(), prefix, forced)
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
-            return
         metrics = self._metrics("val")
         epoch = self.epochs_at_step_end()
         self._unchecked = self.log_train_metrics()[0] + [(name, epoch, value) for name, value in metrics.items()]
         self.log_dict({**metrics, "step": float(epoch)})  # `step`: Lightning's x-axis
         if self._reached(self.summary, metrics, epoch, self.target, self.stop_at):
             self.trainer.should_stop = True
+
+    def progress(self) -> dict[str, str]:
+        """What the progress bar shows beside the epochs."""
+        exact = self.summary.get("val/exact_match")
+        return {} if exact is None else {"val/exact_match": f"{exact:.3f}"}
 
     def _reached(self, summary: dict, metrics: dict, epoch: int, target: float, stop_at: float | None) -> bool:
         """Put `metrics` into `summary`, with time, epochs and samples the first time val/exact_match
@@ -330,8 +333,8 @@ class EpochProgress(pl.Callback):
         self.bar.update(module.epochs_at_step_end() - self.bar.n)
 
     def on_validation_end(self, trainer, module) -> None:
-        if "val/exact_match" in module.summary:
-            self.bar.set_postfix({"val/exact_match": f"{module.summary['val/exact_match']:.3f}"}, refresh=False)
+        if postfix := module.progress():
+            self.bar.set_postfix(postfix, refresh=False)
 
     def on_train_end(self, trainer, module) -> None:
         self.bar.close()
@@ -462,6 +465,13 @@ class PopulationModule(EchoModule):
 
     def on_train_epoch_end(self) -> None:
         pass  # `training_step` keeps each epoch's sums itself
+
+    def progress(self) -> dict[str, str]:
+        """The members still training, and the best last val/exact_match of any member."""
+        exact = [m.summary["val/exact_match"] for m in self.members if "val/exact_match" in m.summary]
+        if not exact:
+            return {}
+        return {"training": f"{len(self._running())}/{len(self.members)}", "best val/exact_match": f"{max(exact):.3f}"}
 
     def on_train_end(self) -> None:
         """trainer.max_epochs or max_time: the members still training end here."""

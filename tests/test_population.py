@@ -478,3 +478,13 @@ def test_lightnings_own_trainer_settings_reach_a_run_and_a_population(launcher, 
     for run in runs:
         assert run.info.status == "FINISHED" and "test/exact_match" in run.data.metrics
         assert 0 < run.data.metrics["epochs"] < 100000 and run.data.params["trainer.max_time"] == "00:00:00:03"
+
+
+def test_a_populations_progress_bar_counts_the_tutorials_epochs(capsys):
+    """progress=true (the default): one bar over the population's tutorial epochs, as a run has, ending
+    at trainer.max_epochs with the last val/exact_match beside it."""
+    settings = ["logger=none", "stop_at=null", "trainer.max_epochs=6", "trainer.check_val_every_n_epoch=2"]
+    members = [Member(make_cfg(*settings, "progress=true", f"seed={seed}"), f"m{seed}", {}) for seed in (0, 1)]
+    fit_population(*build_population(members), threads=1)
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert "6/6" in bar and "training=2/2" in bar and "best val/exact_match=0." in bar, bar
