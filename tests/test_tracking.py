@@ -300,3 +300,35 @@ def test_an_outbox_is_private_and_never_written_through_a_link_that_was_there(tm
         other = Outbox({"run_name": "r", "run_id": "5555555555"}, "why")
         assert other.folder.parent.parent == work and other.folder.parent.name.startswith(f"{ROOT}-")
         assert list((work / ROOT).iterdir()) == []
+
+
+def test_a_lightning_module_logs_its_hyperparameters_and_metrics_into_the_run_as_lightnings_docs_show(store):
+    """A module a researcher adds logs through echo's Lightning logger with `save_hyperparameters` and
+    `self.log`, as with any Lightning logger: its params and metrics land in the run."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.demos.boring_classes import BoringModel
+
+    from echo.logger import MLflowRunLogger
+
+    class Logged(BoringModel):
+        def __init__(self, lr: float = 0.1, sizes: dict | None = None):
+            super().__init__()
+            self.save_hyperparameters()
+
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            self.log("train/extra", out["loss"])
+            return out
+
+    tracker = Tracker("echo", "researcher")
+    tracker.start({"name": "researcher"})
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=3, limit_val_batches=0, log_every_n_steps=1, logger=MLflowRunLogger(tracker),
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(Logged(sizes={"hidden": 20}))
+    tracker.end()
+    client = MlflowClient(store)
+    params = client.get_run(tracker.run_id).data.params
+    assert params == {"name": "researcher", "lr": "0.1", "sizes.hidden": "20"}
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "train/extra")] == [0, 1, 2]

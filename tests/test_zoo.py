@@ -89,8 +89,9 @@ def test_masked_gru_keeps_its_state_on_masked_steps():
     torch.testing.assert_close(h_masked[:, :1], h_real)
 
 
-def test_attention_over_padded_items_is_zero():
-    net = small("attention", n_out=2)
+@pytest.mark.parametrize("name", ["attention", "transformer"])
+def test_attention_over_padded_items_is_zero(name):
+    net = small(name, n_out=2)
     x, mask = one_hot(torch.randint(0, 10, (3, 5))), torch.ones(3, 5, dtype=torch.bool)
     mask[:, :2] = False
     garbage = x.clone()
@@ -126,6 +127,23 @@ def test_scheduled_sampling_at_zero_is_free_running_in_training():
     net = small("autoregressive", teacher_forcing=0.0).train()
     x = one_hot(torch.randint(0, 10, (4, 5)))
     torch.testing.assert_close(net(x, targets=torch.randint(0, 10, (4, 3)))[0], net(x)[0])
+
+
+def test_scheduled_sampling_feeds_the_true_token_with_its_probability_and_its_own_otherwise():
+    """model.teacher_forcing=0.3 in training: each decoder step after the first is fed the true
+    previous token with probability 0.3, else the network's own prediction."""
+    torch.manual_seed(0)
+    net = small("autoregressive", teacher_forcing=0.3).train()
+    fed = []
+    net.tokens.register_forward_hook(lambda embedding, inputs, output: fed.append(inputs[0]))
+    x, targets = one_hot(torch.randint(0, 10, (4000, 5))), torch.randint(0, 10, (4000, 3))
+    with torch.no_grad():
+        own = net(x, targets=targets)[0].argmax(-1)
+    fed = torch.cat(fed[1:], 1)  # after the start token: the inputs of steps 2 and 3
+    true, predicted = targets[:, :2], own[:, :2]
+    assert ((fed == true) | (fed == predicted)).all()
+    telling = true != predicted  # where the two differ, which was fed tells
+    assert abs((fed == true)[telling].float().mean().item() - 0.3) < 0.02
 
 
 # -- learning on a tiny case ----------------------------------------------------------------------
