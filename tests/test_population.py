@@ -482,7 +482,7 @@ def test_lightnings_own_trainer_settings_reach_a_run_and_a_population(launcher, 
 
 def test_a_populations_progress_bar_counts_the_tutorials_epochs(capsys):
     """progress=true (the default): one bar over the population's tutorial epochs, as a run has, ending
-    at trainer.max_epochs with the last val/exact_match beside it."""
+    at trainer.max_epochs with the members still training and the best member's val/exact_match."""
     settings = ["logger=none", "stop_at=null", "trainer.max_epochs=6", "trainer.check_val_every_n_epoch=2"]
     members = [Member(make_cfg(*settings, "progress=true", f"seed={seed}"), f"m{seed}", {}) for seed in (0, 1)]
     fit_population(*build_population(members), threads=1)
