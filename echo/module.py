@@ -444,6 +444,11 @@ class PopulationModule(EchoModule):
     def epochs_at_step_end(self) -> int:
         return self.epochs_done
 
+    def log_train_metrics(self) -> list[list[tuple[str, int, float]]]:
+        if self._train_sums:  # an interrupt can land between an epoch's sums and its count: it is done
+            self.epochs_done = max(self.epochs_done, self._train_sums[-1][0])
+        return super().log_train_metrics()
+
     def training_step(self, draw: Draw, batch_idx: int) -> None:
         last = min(self.max_epochs, (self.epochs_done // self.every + 1) * self.every)
         for epoch in range(self.epochs_done + 1, last + 1):

@@ -226,6 +226,31 @@ def test_a_member_resumed_from_its_checkpoint_trains_on_as_if_never_stopped():
     assert [value for _, value in alone] == pytest.approx([value for _, value in together[6:]], rel=1e-5)
 
 
+def test_an_interrupt_between_an_epochs_sums_and_its_count_checkpoints_the_epochs_it_logged(monkeypatch):
+    """Ctrl-C or SIGTERM lands wherever Python checks for signals, also between an epoch's training
+    sums and its count: the checkpoint then counts the epochs its member logged, and the epoch trained
+    is neither lost nor trained again on resume."""
+    settings = ["logger=none", "stop_at=null", "trainer.max_epochs=8", "trainer.check_val_every_n_epoch=4"]
+    members = [Member(make_cfg(*settings, f"seed={seed}"), f"m{seed}", {}, logger=Rows()) for seed in (0, 1)]
+    trainer, module, data = build_population(members)
+    count, signals = type(module).__setattr__, [signal.SIGTERM]
+
+    def interrupt_the_third_count(self, name, value):
+        if name == "epochs_done" and value == 3 and signals:
+            raise KeyboardInterrupt(signals.pop())
+        count(self, name, value)
+
+    monkeypatch.setattr(type(module), "__setattr__", interrupt_the_third_count)
+    with pytest.raises(SystemExit):  # Lightning's, after a KeyboardInterrupt
+        fit_population(trainer, module, data, threads=1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C after one
+    monkeypatch.undo()
+    module.log_train_metrics()  # as the population does on an interrupt, before saving checkpoints
+    for k, member in enumerate(members):
+        logged = [step for name, step, _ in member.logger.rows if name == "train/loss"]
+        assert logged == [1, 2, 3] and module.member_state(k, data.generators[k])["epochs_done"] == 3
+
+
 class Rows(Logger):
     """A Lightning logger that keeps the rows it is given, (name, step, value)."""
 
