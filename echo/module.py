@@ -227,10 +227,13 @@ class EchoModule(pl.LightningModule):
     def member_loggers(self, k: int) -> list:
         return self.loggers
 
-    def log_train_metrics(self) -> list[list[tuple[str, int, float]]]:
-        """Log each member's per-epoch training metrics for the epochs it trained; return its rows."""
+    def log_train_metrics(self, through: int | None = None) -> list[list[tuple[str, int, float]]]:
+        """Log each member's per-epoch training metrics for the epochs it trained (of the steps that end
+        by epoch `through`); return its rows."""
         rows = [[] for _ in range(self.n_members)]
         for first, sums, training in self._train_sums:
+            if through is not None and first > through:
+                continue
             for epoch, member_sums in enumerate(sums.tolist(), first):
                 for k, (loss_sum, tokens, correct, scored) in enumerate(zip(*member_sums)):
                     if training is None or training[k]:
@@ -345,10 +348,11 @@ class EpochProgress(pl.Callback):
 
 
 class _KeepMetricsOnException(pl.Callback):
-    """A run that crashes or is interrupted keeps its training metrics so far."""
+    """A run that crashes or is interrupted keeps the training metrics of the steps Lightning completed.
+    A step interrupted after its end hook recorded them is not complete: its checkpoint restarts it."""
 
     def on_exception(self, trainer, module: EchoModule, exception: BaseException) -> None:
-        module.log_train_metrics()
+        module.log_train_metrics(through=module.epochs_completed())
 
 
 def log_rows(loggers, rows: list[tuple[str, int, float]]) -> None:
@@ -444,8 +448,10 @@ class PopulationModule(EchoModule):
     def epochs_at_step_end(self) -> int:
         return self.epochs_done
 
-    def log_train_metrics(self) -> list[list[tuple[str, int, float]]]:
-        if self._train_sums:  # an interrupt can land between an epoch's sums and its count: it is done
+    def log_train_metrics(self, through: int | None = None) -> list[list[tuple[str, int, float]]]:
+        """Every epoch trained (`through` is for a run, whose steps Lightning counts). An interrupt can
+        land between an epoch's sums and its count: the epoch is done, and its checkpoint counts it."""
+        if self._train_sums:
             self.epochs_done = max(self.epochs_done, self._train_sums[-1][0])
         return super().log_train_metrics()
 

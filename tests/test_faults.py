@@ -123,24 +123,31 @@ def _fresh_store(uri):
 
 
 @pytest.mark.slow
-def test_an_interrupt_as_an_epoch_ends_loses_none_of_its_metrics(store, monkeypatch):
-    """Lightning counts an epoch processed before its end hooks run, and the module records the
-    epoch's training metrics in one of them: interrupted in between, the run resumes at that
-    epoch, not after it, so the killed and the resumed run together hold every epoch once."""
+@pytest.mark.parametrize("record", ["before", "after"])
+def test_an_interrupt_as_an_epoch_ends_loses_none_of_its_metrics(store, monkeypatch, record):
+    """Lightning counts an epoch processed before its end hooks run and completed after them, and
+    the module records the epoch's training metrics in one of them: interrupted in between, before
+    or after that record, the run resumes at that epoch, not after it, so the killed and the resumed
+    run together hold every epoch once."""
     settings = ["trainer.max_epochs=100", "stop_at=null", "trainer.check_val_every_n_epoch=5", "progress=true"]
-    progress = EpochProgress.on_train_epoch_end
+    owner = EpochProgress if record == "before" else EchoModule  # a callback's hook runs before the module's
+    hook = owner.on_train_epoch_end
 
-    def interrupt_at_epoch_10(self, trainer, module):  # a callback hook that runs before the module's
-        if module.epochs_at_step_end() == 10:  # the second Lightning epoch, of 5 epochs (one validation's)
+    def interrupt_at_epoch_10(self, *args):  # the second Lightning epoch, of 5 epochs (one validation's)
+        module = args[-1] if args else self
+        if record == "after":
+            hook(self, *args)
+        if module.epochs_at_step_end() == 10:
             raise KeyboardInterrupt
-        progress(self, trainer, module)
+        if record == "before":
+            hook(self, *args)
 
-    monkeypatch.setattr(EpochProgress, "on_train_epoch_end", interrupt_at_epoch_10)
+    monkeypatch.setattr(owner, "on_train_epoch_end", interrupt_at_epoch_10)
     with pytest.raises(SystemExit):
         train(make_cfg(*settings))
     killed = _only_run(store)
     assert killed.info.status == "KILLED"
-    monkeypatch.setattr(EpochProgress, "on_train_epoch_end", progress)
+    monkeypatch.setattr(owner, "on_train_epoch_end", hook)
     train(make_cfg(*settings[:-1], "trainer.max_epochs=15", f"resume={killed.info.run_id}"))
     resumed = next(r for r in all_runs(store) if r.info.run_id != killed.info.run_id)
     assert _steps(store, killed.info.run_id) == [1, 2, 3, 4, 5]
