@@ -238,9 +238,9 @@ class EchoModule(pl.LightningModule):
                 for k, (loss_sum, tokens, correct, scored) in enumerate(zip(*member_sums)):
                     if training is None or training[k]:
                         rows[k] += [("train/loss", epoch, loss_sum / tokens), ("train/acc", epoch, correct / scored)]
-        self._train_sums = []
         for k, member_rows in enumerate(rows):
             log_rows(self.member_loggers(k), member_rows)
+        self._train_sums = []  # after logging: an interrupt meanwhile logs them again rather than never
         return rows
 
     def configure_callbacks(self) -> list[pl.Callback]:

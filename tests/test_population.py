@@ -251,6 +251,30 @@ def test_an_interrupt_between_an_epochs_sums_and_its_count_checkpoints_the_epoch
         assert logged == [1, 2, 3] and module.member_state(k, data.generators[k])["epochs_done"] == 3
 
 
+def test_an_interrupt_while_a_population_logs_its_epochs_loses_none_of_them():
+    """Ctrl-C or SIGTERM while the members' training metrics are being logged: those not logged yet
+    are logged as the population stops, so each member's metrics reach the epoch its checkpoint counts."""
+
+    class InterruptedOnce(Rows):
+        interrupts = [signal.SIGTERM]
+
+        def log_metrics(self, metrics, step=None):
+            if step == 3 and self.interrupts:
+                raise KeyboardInterrupt(self.interrupts.pop())
+            super().log_metrics(metrics, step)
+
+    settings = ["logger=none", "stop_at=null", "trainer.max_epochs=8", "trainer.check_val_every_n_epoch=4"]
+    members = [Member(make_cfg(*settings, "seed=0"), "m0", {}, logger=Rows())]
+    members.append(Member(make_cfg(*settings, "seed=1"), "m1", {}, logger=InterruptedOnce()))
+    trainer, module, data = build_population(members)
+    with pytest.raises(SystemExit):  # Lightning's, after a KeyboardInterrupt
+        fit_population(trainer, module, data, threads=1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C after one
+    for k, member in enumerate(members):
+        logged = {step for name, step, _ in member.logger.rows if name == "train/loss"}
+        assert logged == {1, 2, 3, 4} and module.member_state(k, data.generators[k])["epochs_done"] == 4
+
+
 class Rows(Logger):
     """A Lightning logger that keeps the rows it is given, (name, step, value)."""
 
