@@ -137,6 +137,27 @@ def test_a_bad_value_is_refused_in_one_line_before_anything_is_built(override):
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("accelerator", "says"),
+    [
+        (
+            "gpu",
+            "trainer.accelerator=gpu: torch sees no CUDA GPU on this machine: "
+            "use trainer.accelerator=cpu or trainer.accelerator=auto",
+        ),
+        ("mps", "trainer.accelerator=mps: this machine has no Apple GPU: use trainer.accelerator=auto"),
+    ],
+)
+def test_an_accelerator_this_machine_lacks_is_refused_in_one_line(accelerator, says):
+    import torch
+
+    if torch.cuda.is_available() if accelerator == "gpu" else torch.backends.mps.is_available():
+        pytest.skip(f"this machine has trainer.accelerator={accelerator}")
+    with pytest.raises(ConfigError) as raised:
+        checked(make_cfg(f"trainer.accelerator={accelerator}"))
+    assert str(raised.value) == says
+
+
 def test_good_values_pass():
     for overrides in ([], ["model=encdec", "task.n_out=2"], ["seed=-3", "threads=1", "logger.experiment=x y"]):
         checked(make_cfg(*overrides))

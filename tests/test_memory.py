@@ -113,6 +113,8 @@ BAD = {
     "model=transformer": "model=transformer cannot read task=copy_memory",
     "model.stateful=true": "task=copy_memory trains on independent sequences: set model.stateful=false",
     "task.n_in=30": "task.n_in=30 is set by task.delay for task=copy_memory",
+    "task.framing=mask": "task=copy_memory frames nothing \\(whole sequences\\): set task.framing=drop",
+    "+task.train_lengths=[1,10]": "task.train_lengths varies echo windows; task=copy_memory has none",
     "model.num_layers=0": "model.num_layers=0 must be a whole number >= 1",
     "model.optimizer=adagrad": "model.optimizer='adagrad' is unknown",
 }

@@ -249,6 +249,12 @@ MISFITS = [  # (entry, changes to the run's artifacts, what the refusal says)
         {f"{CHECKPOINT} as checkpoints/population.pt": _as_member(_in("adam", _in("exp_avg", _without(WEIGHT))))},
         f"checkpoints/population.pt does not fit the network its config builds: Adam's exp_avg: missing key {WEIGHT}",
     ),
+    ("resume", {CHECKPOINT: lambda checkpoint: {"weights": checkpoint["state_dict"]}}, "last.ckpt is not a checkpoint"),
+    (
+        "resume",
+        {CHECKPOINT: _in("optimizer_states", lambda o: [{"state": o[0]["state"]}])},
+        "last.ckpt is not a checkpoint of this network, refused (KeyError: 'param_groups')",
+    ),
 ]
 
 
