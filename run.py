@@ -28,6 +28,8 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     decision = None
     try:
+        if cfg.get("resume") and cfg.get("evaluate"):  # before either reads the store
+            raise ConfigError(f"resume={cfg.resume} and evaluate={cfg.evaluate}: choose one")
         if hydra_cfg.mode.name == "MULTIRUN" and (parent := continued_parent()):  # a continued sweep's job
             decision = decide(parent, cfg)
             if line := decision.line(f"#{hydra_cfg.job.num}"):

@@ -283,8 +283,6 @@ def evaluated_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     run_id = str(cfg.evaluate)
-    if cfg.get("resume"):
-        raise ConfigError(f"resume={cfg.resume} and evaluate={run_id}: choose one")
     tags = _run_tags(run_id, "evaluate")
     with tempfile.TemporaryDirectory() as folder:
         saved = read_stored_config(_download(run_id, CONFIG, folder, tags, "evaluate"), f"evaluate={run_id}", cfg)

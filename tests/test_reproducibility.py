@@ -187,6 +187,8 @@ def test_evaluate_refuses_a_bad_id_a_run_without_network_and_shapes_that_do_not_
     _one_line_refusal(wider, "does not fit windows", "task.n_unique=7")
     network = run_py(f"evaluate={run.info.run_id}", "model.hidden_size=30", cwd=tmp_path, uri=uri)
     _one_line_refusal(network, "model.hidden_size=30: evaluate= tests the stored network")
+    both = run_py(f"evaluate={run.info.run_id}", f"resume={empty}", cwd=tmp_path, uri=uri)
+    _one_line_refusal(both, f"resume={empty} and evaluate={run.info.run_id}: choose one")
     assert len(all_runs(uri)) == before + 1  # the empty run; no evaluation was tracked
 
     with pytest.raises(LoadError, match="run=0123456789abcdef: no such MLflow run"):
