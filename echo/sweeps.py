@@ -47,7 +47,7 @@ from echo.tracking import (
     run_name_and_tags,
     tracking_uri,
 )
-from echo.tracking.naming import PENDING_PARENT
+from echo.tracking.naming import PENDING_PARENT, run_page, where_line
 from echo.tracking.outbox import ROOT, UPLOAD, cannot_write, outboxes, read, reason, unreachable
 from echo.tracking.sweep_summary import LOWER_IS_BETTER
 from echo.tracking.worker import ANSWER, SweepRequests
@@ -178,7 +178,9 @@ class SweepCallback(Callback):
                 os.environ.pop(PARENT_RUN_ENV, None)
                 ignored = list(self.ignored)
                 argv = [sys.argv[0], *recorded_args()]  # a continued sweep's: its command line, rebuilt
-                self.store.call("finish", parent=parent, objective=self.objective, ignored=ignored, argv=argv)()
+                done = self.store.call("finish", parent=parent, objective=self.objective, ignored=ignored, argv=argv)()
+                print(_outcome(done, self.objective))
+                print(where_line("sweep", done["name"], parent, run_page(done["experiment"], parent)))
             except Exception as error:  # the store went away: the jobs' runs say where theirs are kept
                 problem = f"could not write the sweep's summary to {tracking_uri()} ({reason(error)})"
         if self.store is not None:
@@ -213,6 +215,14 @@ class SweepCallback(Callback):
             )
         except Exception as error:  # the store is gone: the jobs' lines said where their runs are kept
             print(f"echo: tracking failed: could not end the sweep's parent run ({reason(error)})", file=sys.stderr)
+
+
+def _outcome(done: dict, objective: str) -> str:
+    """How the sweep ended and its best child (`echo.tracking.worker.finish_sweep`'s answer)."""
+    line = f"sweep ended {done['status']}"
+    if done["best_run"] is None:
+        return f"{line}: none of its {done['children']} runs has {objective}"
+    return f"{line}: best of {done['children']} runs '{done['best_run']}', {objective} {done['best']:.4f}"
 
 
 def _check_continuation(config, tracked: bool) -> str | None:

@@ -36,6 +36,7 @@ from echo.steps import StepSettings
 from echo.summary import summary_line
 from echo.task import is_copy_memory, length_range, trained_lengths
 from echo.tracking import Tracker, start_tracker, tracking_uri
+from echo.tracking.naming import where_line
 from echo.tracking.outbox import TrackingStartError, cannot_write, unreachable
 
 
@@ -88,11 +89,7 @@ def train(cfg: DictConfig, run_name: str = "default", tags: dict[str, str] | Non
         if tracker:
             tracker.end(status, error)  # TrackingFailed if the store refused writes (kept locally)
     if tracker:
-        line = f"MLflow run '{tracker.run_name}' ({tracker.run_id}) in {tracking_uri()}"
-        if page is None:
-            print(f"{line}: see it with `mlflow ui`")
-        else:
-            print(f"{line}: {page}" + ("" if tracking_uri().startswith("http") else " (with `mlflow ui` running here)"))
+        print(where_line("run", tracker.run_name, tracker.run_id, page))
     return summary
 
 

@@ -310,6 +310,7 @@ def test_members_are_ordinary_children_of_the_sweep_and_match_independent_runs(s
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train as one stacked model" in result.stderr
     parent = next(r for r in all_runs(store) if r.data.tags.get("echo.sweep_parent") == "true")
+    assert f"MLflow sweep '{parent.info.run_name}' ({parent.info.run_id})" in result.stdout.splitlines()[-1]
     members = _by_tag(all_runs(store), "echo.population")
     assert len(members) == 4 and len({m.data.tags["echo.population"] for m in members}) == 1
     for member in members:

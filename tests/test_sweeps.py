@@ -143,6 +143,7 @@ def test_a_sweep_whose_job_diverged_goes_on_and_ends_its_parent_failed(tmp_path)
     parent, children = sweep_runs(uri)
     assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
     assert parent.info.status == "FAILED" and "sweep.md" in artifacts(uri, parent.info.run_id)  # summarised
+    assert "sweep ended FAILED: best of 2 runs 'model.lr=0.001," in result.stdout
 
 
 @pytest.mark.slow
@@ -198,6 +199,11 @@ def _sweep_finishes(tmp_path, launcher: list[str], hidden_sizes: list[str]) -> N
     )
     best = max(children, key=lambda c: (c.data.metrics["val/exact_match"], c.info.run_name))
     assert parent.data.metrics["best/val/exact_match"] == best.data.metrics["val/exact_match"]
+    *_, outcome, where = result.stdout.strip().splitlines()  # its last lines: how it ended, and where it is
+    best = parent.data.tags["echo.best_run"]
+    value = parent.data.metrics["best/val/exact_match"]
+    assert outcome == f"sweep ended FINISHED: best of {len(children)} runs '{best}', val/exact_match {value:.4f}"
+    assert where.startswith(f"MLflow sweep '{parent.info.run_name}' ({parent.info.run_id}) in {uri}: http://")
 
 
 @pytest.mark.slow

@@ -37,6 +37,14 @@ def run_page(experiment_id: str, run_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+def where_line(what: str, name: str, run_id: str, page: str | None) -> str:
+    """The line that says where a run is kept and, where known, its page in the MLflow UI."""
+    line = f"MLflow {what} '{name}' ({run_id}) in {tracking_uri()}"
+    if page is None:
+        return f"{line}: see it with `mlflow ui`"
+    return f"{line}: {page}" + ("" if tracking_uri().startswith("http") else " (with `mlflow ui` running here)")
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     """{"a": {"b": 1}} -> {"a.b": 1}."""
     flat = {}

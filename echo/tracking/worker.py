@@ -397,9 +397,9 @@ def reopen_parent(client, parent: str, tags: dict[str, str]) -> str:
     return parent
 
 
-def finish_sweep(client, parent: str, objective: str, ignored: list[str], argv: list[str]) -> None:
+def finish_sweep(client, parent: str, objective: str, ignored: list[str], argv: list[str]) -> dict:
     """Tag the sweep's parent with its provenance and summary, and end it FINISHED, or FAILED if one
-    of its jobs failed (a diverged job: the sweep went on)."""
+    of its jobs failed (a diverged job: the sweep went on); return its name, experiment and best child."""
     status = "FINISHED"
     try:
         tags, diff = provenance.source_tags(argv)
@@ -407,10 +407,14 @@ def finish_sweep(client, parent: str, objective: str, ignored: list[str], argv: 
         parent_run.tags(tags)
         if diff:
             parent_run.text(diff, provenance.DIFF_ARTIFACT)
-        if sweep_summary.summarize_sweep(client, parent, objective, ignored)["failed"]:
+        summary = sweep_summary.summarize_sweep(client, parent, objective, ignored)
+        if summary["failed"]:
             status = "FAILED"
     finally:
         client.set_terminated(parent, status)
+    run = client.get_run(parent).info
+    best = {key: summary.get(key) for key in ("children", "best_run", "best")}
+    return {"name": run.run_name, "experiment": run.experiment_id, "status": status, **best}
 
 
 def end_sweep(client, parent: str, status: str | None) -> str:
