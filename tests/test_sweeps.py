@@ -199,7 +199,8 @@ def _sweep_finishes(tmp_path, launcher: list[str], hidden_sizes: list[str]) -> N
     )
     best = max(children, key=lambda c: (c.data.metrics["val/exact_match"], c.info.run_name))
     assert parent.data.metrics["best/val/exact_match"] == best.data.metrics["val/exact_match"]
-    *_, outcome, where = result.stdout.strip().splitlines()  # its last lines: how it ended, and where it is
+    lines = result.stdout.splitlines()  # (Ray forwards its workers' output whenever it comes)
+    outcome, where = (next(line for line in lines if line.startswith(s)) for s in ("sweep ended", "MLflow sweep"))
     best = parent.data.tags["echo.best_run"]
     value = parent.data.metrics["best/val/exact_match"]
     assert outcome == f"sweep ended FINISHED: best of {len(children)} runs '{best}', val/exact_match {value:.4f}"
