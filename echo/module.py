@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from echo.encoding import PAD, LinearScale, OneHot, representation
-from echo.faults import TrainingError, check_finite
+from echo.faults import TrainingError, check_finite, interrupted
 from echo.models import detach_state
 from echo.policy import windows_per_epoch
 from echo.speedups import EpochGraph
@@ -246,6 +246,9 @@ class EchoModule(pl.LightningModule):
     def configure_callbacks(self) -> list[pl.Callback]:
         return [_KeepMetricsOnException()]
 
+    def stopped_by(self, exception: BaseException) -> None:
+        self.log_train_metrics(through=self.epochs_completed())
+
     def _eval_step(self, draw: Draw, batch_idx: int) -> None:
         """Sums over the set: one draw per window length (batch_idx 0, 1, ...)."""
         batches = draw()
@@ -352,7 +355,7 @@ class _KeepMetricsOnException(pl.Callback):
     A step interrupted after its end hook recorded them is not complete: its checkpoint restarts it."""
 
     def on_exception(self, trainer, module: EchoModule, exception: BaseException) -> None:
-        module.log_train_metrics(through=module.epochs_completed())
+        module.stopped_by(exception)
 
 
 def log_rows(loggers, rows: list[tuple[str, int, float]]) -> None:
@@ -435,6 +438,7 @@ class PopulationModule(EchoModule):
             members[k].summary.update(state["summary"])
             self.epochs_done = int(state["epochs_done"])
             self._trained_s = float(state["summary"].get("train_time_s", 0.0))
+        self._validated = [self.epochs_done] * len(members)  # each member's last validated epoch
 
     def configure_optimizers(self) -> None:
         return None  # the members' own (`_optimizer`)
@@ -448,12 +452,21 @@ class PopulationModule(EchoModule):
     def epochs_at_step_end(self) -> int:
         return self.epochs_done
 
-    def log_train_metrics(self, through: int | None = None) -> list[list[tuple[str, int, float]]]:
-        """Every epoch trained (`through` is for a run, whose steps Lightning counts). An interrupt can
-        land between an epoch's sums and its count: the epoch is done, and its checkpoint counts it."""
+    def log_train_metrics(self) -> list[list[tuple[str, int, float]]]:
+        """Every epoch trained. An interrupt can land between an epoch's sums and its count: the epoch is
+        done, and its checkpoint counts it."""
         if self._train_sums:
             self.epochs_done = max(self.epochs_done, self._train_sums[-1][0])
         return super().log_train_metrics()
+
+    def stopped_by(self, exception: BaseException) -> None:
+        """Every epoch trained is logged. An interrupt may cut a validation short (or land just before it):
+        the members left validate now, and those it stopped are tested, as the step would have done."""
+        self.log_train_metrics()
+        if interrupted(exception):
+            if self.epochs_done % self.every == 0:
+                self._validate(self.epochs_done, self.trainer.datamodule.val)
+            self._finish([m for m in self.members if m.status == "STOPPED"])
 
     def training_step(self, draw: Draw, batch_idx: int) -> None:
         last = min(self.max_epochs, (self.epochs_done // self.every + 1) * self.every)
@@ -517,17 +530,22 @@ class PopulationModule(EchoModule):
             self._training = self._indices(self._running())
 
     def _validate(self, epoch: int, batches: list[tuple[Tensor, Tensor]]) -> None:
-        """Validate the members still training as a run validates; test those that stopped."""
-        running = self._running()
+        """Validate the members still training (those not yet validated at `epoch`) as a run validates;
+        test those that stopped."""
+        running = [m for m, last in zip(self.members, self._validated) if m.status == "RUNNING" and last < epoch]
+        if not running:
+            return
         checked = self.log_train_metrics()
         sums, _ = self.eval_sums(batches, self._indices(running))
         stopped = []
         for member, member_sums in zip(running, sums.T.tolist()):
-            metrics = eval_metrics(member_sums, "val")
+            k, metrics = self.members.index(member), eval_metrics(member_sums, "val")
+            stop = self._reached(member.summary, metrics, epoch, member.cfg.target, member.cfg.stop_at)
             rows = [(name, epoch, value) for name, value in metrics.items()]
             log_rows(member.loggers, rows)
-            checked[self.members.index(member)] += rows
-            if self._reached(member.summary, metrics, epoch, member.cfg.target, member.cfg.stop_at):
+            checked[k] += rows
+            self._validated[k] = epoch
+            if stop:
                 self._stop(member, epoch)
                 stopped.append(member)
         self._check_finite(running, checked)

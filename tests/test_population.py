@@ -275,6 +275,33 @@ def test_an_interrupt_while_a_population_logs_its_epochs_loses_none_of_them():
         assert logged == {1, 2, 3, 4} and module.member_state(k, data.generators[k])["epochs_done"] == 4
 
 
+def test_an_interrupt_in_a_validation_finishes_it_and_tests_the_members_it_stopped():
+    """Ctrl-C or SIGTERM after a validation epoch's training and before its validation is done (here,
+    while m1 logs it): each member still training validates before its checkpoint is saved, once, and
+    a member the validation stopped (m0, stop_at=0) is tested and ends FINISHED, as the step would have."""
+
+    class InterruptedOnce(Rows):
+        interrupts = [signal.SIGTERM]
+
+        def log_metrics(self, metrics, step=None):
+            if "val/exact_match" in metrics and self.interrupts:
+                raise KeyboardInterrupt(self.interrupts.pop())
+            super().log_metrics(metrics, step)
+
+    settings = ["logger=none", "trainer.max_epochs=8", "trainer.check_val_every_n_epoch=4"]
+    members = [Member(make_cfg(*settings, "stop_at=0.0", "seed=0"), "m0", {}, logger=Rows())]
+    members.append(Member(make_cfg(*settings, "stop_at=null", "seed=1"), "m1", {}, logger=InterruptedOnce()))
+    trainer, module, data = build_population(members)
+    with pytest.raises(SystemExit):  # Lightning's, after a KeyboardInterrupt
+        fit_population(trainer, module, data, threads=1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C after one
+    m0, m1 = members
+    assert m0.status == "FINISHED" and "test/exact_match" in m0.summary and m0.summary["epochs"] == 4
+    assert [step for name, step, _ in m0.logger.rows if name == "val/exact_match"] == [4]
+    assert [step for name, step, _ in m1.logger.rows if name == "val/exact_match"] == [4]
+    assert m1.status == "RUNNING" and module.member_state(1, data.generators[1])["epochs_done"] == 4
+
+
 class Rows(Logger):
     """A Lightning logger that keeps the rows it is given, (name, step, value)."""
 
