@@ -247,6 +247,8 @@ class EchoModule(pl.LightningModule):
         return [_KeepMetricsOnException()]
 
     def stopped_by(self, exception: BaseException) -> None:
+        """A crash or an interrupt: the training metrics of the steps Lightning completed are logged. A
+        step interrupted after its end hook recorded them is not complete: its checkpoint restarts it."""
         self.log_train_metrics(through=self.epochs_completed())
 
     def _eval_step(self, draw: Draw, batch_idx: int) -> None:
@@ -351,8 +353,8 @@ class EpochProgress(pl.Callback):
 
 
 class _KeepMetricsOnException(pl.Callback):
-    """A run that crashes or is interrupted keeps the training metrics of the steps Lightning completed.
-    A step interrupted after its end hook recorded them is not complete: its checkpoint restarts it."""
+    """Lightning's `on_exception` (a crash or an interrupt, before the Trainer is torn down): the module
+    keeps what it trained (`stopped_by`)."""
 
     def on_exception(self, trainer, module: EchoModule, exception: BaseException) -> None:
         module.stopped_by(exception)
